@@ -1,0 +1,152 @@
+"""Bit packing of quantized weight codes into ONNX Runtime's `com.microsoft.MatMulNBits` layout.
+
+MatMulNBits only has 2-, 4- and 8-bit kernels. Other widths are split into bit planes (the ABQ-LLM
+decomposition): a b-bit code q = sum_j plane_j * 2**shift_j, so A @ W = sum_j 2**shift_j * (A @ W_j),
+and each plane runs as its own MatMulNBits node with its scales multiplied by 2**shift_j.
+
+Conventions: codes are uint8 (N, K) in [0, 2**bits), scales float32 (N, k_groups) and zero points uint8
+(N, k_groups), k_groups = ceil(K / group_size), dequantized as W[n, k] = (q - z) * s per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+STORAGE_BITS = (2, 4, 8)
+
+# Logical bits of each plane, most significant plane first; a 1-bit plane is stored as a 2-bit one.
+PLANE_BITS: dict[int, tuple[int, ...]] = {
+    2: (2,),
+    3: (2, 1),
+    4: (4,),
+    5: (4, 1),
+    6: (4, 2),
+    7: (4, 2, 1),
+    8: (8,),
+}
+
+
+def _check_storage_bits(bits: int) -> None:
+    if bits not in STORAGE_BITS:
+        raise ValueError(f"MatMulNBits stores 2, 4 or 8 bits per weight, got bits={bits}")
+
+
+def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the last axis of uint8 `values` (length a multiple of 8 // bits) little-endian into bytes."""
+    per_byte = 8 // bits
+    grouped = values.astype(np.uint8).reshape(*values.shape[:-1], -1, per_byte)  # (..., L/per_byte, per_byte)
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+
+
+def _unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of `_pack_rows`: every byte of the last axis gives 8 // bits values, low bits first."""
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+    values = (packed[..., None] >> shifts) & mask  # (..., L, per_byte)
+    return values.reshape(*packed.shape[:-1], -1)
+
+
+def pack_nbits(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Pack codes (N, K) into MatMulNBits input B, uint8 (N, k_blocks, block_size * bits // 8).
+
+    K is padded with zero codes up to k_blocks * block_size; within a byte, element order is low bits first.
+    """
+    _check_storage_bits(bits)
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"MatMulNBits block_size must be a power of 2 >= 16, got {block_size}")
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise ValueError(f"codes must be 2-D (N, K), got shape {codes.shape}")
+    if codes.size and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"codes exceed {bits} bits (max {int(codes.max())})")
+    n, k = codes.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((n, k_blocks * block_size), dtype=np.uint8)  # (N, k_blocks * block_size)
+    padded[:, :k] = codes
+    return _pack_rows(padded, bits).reshape(n, k_blocks, block_size * bits // 8)
+
+
+def unpack_nbits(packed: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """Inverse of `pack_nbits`: MatMulNBits B (N, k_blocks, blob) back to codes uint8 (N, K)."""
+    _check_storage_bits(bits)
+    n = packed.shape[0]
+    return _unpack_rows(packed.reshape(n, -1), bits)[:, :k]
+
+
+def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
+    """Pack zero points (N, k_blocks) into the MatMulNBits zero_points input.
+
+    Layout (ONNX Runtime contrib op spec): uint8 1-D of N * ceil(k_blocks * bits / 8); every row starts on a
+    byte boundary and is packed low bits first, like B.
+    """
+    _check_storage_bits(bits)
+    zero_points = np.asarray(zero_points)
+    if zero_points.size and int(zero_points.max()) >= 1 << bits:
+        raise ValueError(f"zero points exceed {bits} bits (max {int(zero_points.max())})")
+    n, k_blocks = zero_points.shape
+    per_byte = 8 // bits
+    padded = np.zeros((n, -(-k_blocks // per_byte) * per_byte), dtype=np.uint8)  # (N, padded k_blocks)
+    padded[:, :k_blocks] = zero_points
+    return _pack_rows(padded, bits).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Plane:
+    """One bit plane of a quantized weight: its value counts `2**shift` times in the full code."""
+
+    codes: np.ndarray  # (N, K) uint8 in [0, 2**bits)
+    zero_points: np.ndarray  # (N, k_groups) uint8 in [0, 2**bits)
+    shift: int
+    bits: int
+    storage_bits: int
+
+
+def split_planes(codes: np.ndarray, zero_points: np.ndarray, bits: int) -> list[Plane]:
+    """Split `bits`-bit codes and zero points into the planes of `PLANE_BITS[bits]`, most significant first.
+
+    With z_j = (z >> shift_j) & mask_j, (q - z) * s == sum_j (plane_j - z_j) * (s * 2**shift_j) exactly.
+    """
+    if bits not in PLANE_BITS:
+        raise ValueError(f"bits must be one of {sorted(PLANE_BITS)}, got {bits}")
+    codes = np.asarray(codes, dtype=np.uint8)
+    zero_points = np.asarray(zero_points, dtype=np.uint8)
+    planes = []
+    shift = bits
+    for plane_bits in PLANE_BITS[bits]:
+        shift -= plane_bits
+        mask = np.uint8((1 << plane_bits) - 1)
+        planes.append(
+            Plane(
+                codes=(codes >> np.uint8(shift)) & mask,
+                zero_points=(zero_points >> np.uint8(shift)) & mask,
+                shift=shift,
+                bits=plane_bits,
+                storage_bits=max(plane_bits, 2),
+            )
+        )
+    return planes
+
+
+def stored_bits_per_weight(
+    bits: int, group_size: int, scale_bytes: int = 4, asymmetric: bool = True
+) -> float:
+    """Storage per weight in bits of a MatMulNBits lowering, summed over planes, incl. scales and zero points.
+
+    Every plane carries its own scales and packed zero points (row padding of the zero points to a whole byte
+    is ignored, i.e. the large-K limit). Symmetric codes need no zero points in the most significant plane
+    (its zero point is the MatMulNBits default 2**(storage_bits - 1)), but the lower planes have zero point 0
+    and must store it.
+    """
+    if bits not in PLANE_BITS:
+        raise ValueError(f"bits must be one of {sorted(PLANE_BITS)}, got {bits}")
+    total = 0.0
+    for index, plane_bits in enumerate(PLANE_BITS[bits]):
+        storage = max(plane_bits, 2)
+        total += storage + 8 * scale_bytes / group_size
+        if asymmetric or index > 0:
+            total += storage / group_size
+    return total
