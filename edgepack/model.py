@@ -81,16 +81,22 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
     """Validate a model folder and return its raw config and architecture spec, or raise EdgepackError."""
     path = Path(model_dir)
     if not path.exists():
-        raise EdgepackError(f"model folder {path} does not exist; pass --model with a local Hugging Face model folder")
+        raise EdgepackError(
+            f"model folder {path} does not exist; pass --model with a local Hugging Face model folder"
+        )
     if not path.is_dir():
         raise EdgepackError(f"{path} is not a folder; pass --model with a local Hugging Face model folder")
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
-        raise EdgepackError(f"{path} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors)")
+        raise EdgepackError(
+            f"{path} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors)"
+        )
     try:
         raw = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
-        raise EdgepackError(f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it") from e
+        raise EdgepackError(
+            f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it"
+        ) from e
     archs = raw.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:

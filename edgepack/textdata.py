@@ -13,7 +13,9 @@ def read_text(path: str | Path) -> str:
     """Read a UTF-8 text file, with a clear error when it is missing or empty."""
     p = Path(path)
     if not p.is_file():
-        raise EdgepackError(f"text file {p} does not exist; pass a local UTF-8 text file (e.g. --calib data.txt)")
+        raise EdgepackError(
+            f"text file {p} does not exist; pass a local UTF-8 text file (e.g. --calib data.txt)"
+        )
     text = p.read_text(encoding="utf-8", errors="replace")
     if not text.strip():
         raise EdgepackError(f"text file {p} is empty; pass a file with calibration text")
@@ -45,9 +47,7 @@ def tokenize(tokenizer, text: str, max_tokens: int | None = None) -> torch.Tenso
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
 
 
-def calibration_samples(
-    tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0
-) -> torch.Tensor:
+def calibration_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """``n_samples`` random windows of ``seq_len`` tokens from ``text``: a LongTensor (n_samples, seq_len)."""
     ids = tokenize(tokenizer, text, max_tokens=max(200_000, n_samples * seq_len * 4))
     if len(ids) < seq_len + 1:

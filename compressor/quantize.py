@@ -1,0 +1,353 @@
+"""Weight quantization: format config, pure quantizer math, the fake-quant ``QuantLinear`` and ``quantize``.
+
+A quantized weight is integer ``codes`` (N, K) in [0, 2**bits) with per-group ``scales`` and ``zero_points``
+(N, ceil(K / group)), dequantized as ``(codes - zero_point) * scale``. The PyTorch model keeps exactly these
+codes (``QuantLinear``), so the ONNX lowering and the PyTorch model compute the same function.
+
+Quantizers ("methods") are registered in ``METHODS``; RTN lives here, calibrated ones register themselves
+from their own modules and receive calibration token ids.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+from torch import nn
+
+from edgepack.errors import EdgepackError
+
+log = logging.getLogger(__name__)
+
+VALID_BITS = range(2, 9)
+VALID_GROUPS = (16, 32, 64, 128, 256, -1)  # -1 = one group per output channel
+VALID_ABITS = (16, 8)
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How one linear layer is stored: bit width, group size (-1 = per channel), symmetric or not."""
+
+    wbits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+
+    def validate(self, where: str = "") -> None:
+        at = f" for {where}" if where else ""
+        if self.wbits not in VALID_BITS:
+            raise EdgepackError(f"wbits={self.wbits}{at} is not supported; choose an integer from 2 to 8")
+        if self.group_size not in VALID_GROUPS:
+            raise EdgepackError(
+                f"group_size={self.group_size}{at} is not supported; choose one of 16, 32, 64, 128, 256 or -1 (per channel)"
+            )
+
+
+@dataclass
+class QuantConfig:
+    """Recipe step: quantize the decoder's linear weights (and by default the tied lm_head/embedding)."""
+
+    wbits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    abits: int = 16
+    method: str = "rtn"
+    skip: list[str] = field(default_factory=list)  # fnmatch patterns over module names, e.g. "lm_head"
+    overrides: dict[str, dict] = field(
+        default_factory=dict
+    )  # pattern -> {"wbits":..,"group_size":..,"symmetric":..}
+    options: dict = field(default_factory=dict)  # method-specific settings (calibration steps, ...)
+    version: int = 1
+
+    kind = "quantize"
+
+    def __post_init__(self) -> None:
+        self.base_format().validate()
+        if self.abits not in VALID_ABITS:
+            raise EdgepackError(f"abits={self.abits} is not supported; choose 16 (float activations) or 8")
+        for pattern, over in self.overrides.items():
+            unknown = set(over) - {"wbits", "group_size", "symmetric"}
+            if unknown:
+                raise EdgepackError(
+                    f"override {pattern!r} has unknown keys {sorted(unknown)}; allowed: wbits, group_size, symmetric"
+                )
+            replace(self.base_format(), **over).validate(pattern)
+
+    def base_format(self) -> QuantFormat:
+        return QuantFormat(self.wbits, self.group_size, self.symmetric)
+
+    def format_for(self, name: str) -> QuantFormat | None:
+        """The storage format of module ``name``, or None when it is skipped. Later overrides win."""
+        if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
+            return None
+        fmt = self.base_format()
+        for pattern, over in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                fmt = replace(fmt, **over)
+        return fmt
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise EdgepackError(
+                f"unknown quantize keys {sorted(unknown)}; allowed: {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+
+# ---------------------------------------------------------------- pure tensor math
+
+
+@dataclass
+class QTensor:
+    """Integer codes plus per-group scales and zero points of one (N, K) weight."""
+
+    codes: torch.Tensor  # (N, K) uint8
+    scales: torch.Tensor  # (N, G) float32
+    zero_points: torch.Tensor  # (N, G) uint8
+    bits: int
+    group_size: int  # actual group length along K (per-channel: K)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.zero_points, self.group_size)
+
+
+def group_view(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K) -> (N, G, group), zero-padding K up to a multiple of ``group``."""
+    n, k = w.shape
+    pad = (-k) % group
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.view(n, -1, group)
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group: int
+) -> torch.Tensor:
+    """Float (N, K) weight from codes (N, K), scales and zero points (N, G)."""
+    k = codes.shape[1]
+    q = group_view(codes.float(), group)  # (N, G, g)
+    w = (q - zero_points.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return w.flatten(1)[:, :k]
+
+
+def quant_params(
+    w: torch.Tensor, bits: int, group: int, symmetric: bool, clip: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points (N, G) for weight (N, K); ``clip`` (N, G) in (0, 1] shrinks the range (LWC)."""
+    g = group_view(w.float(), group)  # (N, G, g)
+    qmax = 2**bits - 1
+    if symmetric:
+        amax = g.abs().amax(-1)
+        if clip is not None:
+            amax = amax * clip
+        half = 2 ** (bits - 1)
+        scales = (amax / (half - 1 if bits > 2 else 1)).clamp_min(1e-8)
+        zero_points = torch.full_like(scales, half, dtype=torch.uint8)
+        return scales, zero_points
+    lo = g.amin(-1).clamp(max=0)
+    hi = g.amax(-1).clamp(min=0)
+    if clip is not None:
+        lo, hi = lo * clip, hi * clip
+    scales = ((hi - lo) / qmax).clamp_min(1e-8)
+    zero_points = torch.round(-lo / scales).clamp(0, qmax).to(torch.uint8)
+    return scales, zero_points
+
+
+def quantize_codes(
+    w: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, bits: int, group: int
+) -> torch.Tensor:
+    """Round-to-nearest codes (N, K) uint8 of ``w`` on the grid given by scales and zero points."""
+    k = w.shape[1]
+    g = group_view(w.float(), group)
+    q = torch.round(g / scales.unsqueeze(-1)) + zero_points.float().unsqueeze(-1)
+    return q.clamp(0, 2**bits - 1).to(torch.uint8).flatten(1)[:, :k]
+
+
+def effective_group(fmt: QuantFormat, k: int) -> int:
+    return k if fmt.group_size == -1 else fmt.group_size
+
+
+def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip: torch.Tensor | None = None) -> QTensor:
+    """Round-to-nearest quantization of one (N, K) weight."""
+    group = effective_group(fmt, w.shape[1])
+    scales, zps = quant_params(w, fmt.wbits, group, fmt.symmetric, clip)
+    codes = quantize_codes(w, scales, zps, fmt.wbits, group)
+    return QTensor(codes, scales.float(), zps, fmt.wbits, group)
+
+
+def fake_quant_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Symmetric int8 per-token, per-``block``-of-K fake quantization (what MatMulNBits accuracy_level=4 does)."""
+    shape = x.shape
+    k = shape[-1]
+    xb = group_view(x.reshape(-1, k), block)  # (T, G, block)
+    scale = xb.abs().amax(-1, keepdim=True) / 127.0
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    xq = torch.round(xb / scale).clamp(-127, 127) * scale
+    return xq.flatten(1)[:, :k].reshape(shape)
+
+
+# ---------------------------------------------------------------- module
+
+
+class QuantLinear(nn.Module):
+    """A linear layer holding quantized codes; forward is the exact dequantized matmul (fake quant)."""
+
+    def __init__(self, q: QTensor, bias: torch.Tensor | None, abits: int = 16, symmetric: bool = False):
+        super().__init__()
+        self.out_features, self.in_features = q.codes.shape
+        self.bits, self.group_size, self.abits, self.symmetric = q.bits, q.group_size, abits, symmetric
+        self.register_buffer("codes", q.codes)
+        self.register_buffer("scales", q.scales)
+        self.register_buffer("zero_points", q.zero_points)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self._weight_cache: torch.Tensor | None = None
+
+    def qtensor(self) -> QTensor:
+        return QTensor(self.codes, self.scales, self.zero_points, self.bits, self.group_size)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized float weight (cached: the codes never change after quantization)."""
+        if self._weight_cache is None or self._weight_cache.device != self.codes.device:
+            self._weight_cache = self.qtensor().dequantize().to(self.scales.dtype)
+        return self._weight_cache
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.abits == 8:
+            x = fake_quant_activations(x, activation_block(self.group_size, self.in_features))
+        return nn.functional.linear(
+            x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype)
+        )
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, w{self.bits}a{self.abits}, group={self.group_size}"
+
+
+def lowering_block_size(group: int, k: int) -> int:
+    """MatMulNBits block_size for a weight of K inputs and this group length (a power of two >= 16).
+
+    Grouped formats use their group; per-channel weights (group == K) use blocks of up to 128 with the row's
+    one scale repeated in each block, which is exact and stays within the sizes every kernel supports.
+    """
+    if group != k:
+        return group
+    return min(128, max(16, 1 << (k - 1).bit_length()))
+
+
+def activation_block(group: int, k: int) -> int:
+    """The K-block over which MatMulNBits (accuracy_level 4) quantizes activations to int8."""
+    return lowering_block_size(group, k)
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+@dataclass
+class LinearSite:
+    """One unique linear weight to quantize and every (parent module, attribute) that uses it."""
+
+    name: str  # name of its first use, e.g. "model.layers.0.self_attn.q_proj"
+    module: nn.Linear
+    fmt: QuantFormat
+    uses: list[tuple[nn.Module, str, str]] = field(default_factory=list)  # (parent, attr, full name)
+
+
+def linear_sites(model: nn.Module, config: QuantConfig) -> list[LinearSite]:
+    """Unique quantizable linears in forward order; weights shared by folding appear once with all their uses."""
+    sites: dict[int, LinearSite] = {}
+    for name, parent in model.named_modules():
+        for attr, child in parent.named_children():
+            if not isinstance(child, nn.Linear):
+                continue
+            full = f"{name}.{attr}" if name else attr
+            fmt = config.format_for(full)
+            if fmt is None:
+                continue
+            key = id(child.weight)
+            if key not in sites:
+                sites[key] = LinearSite(full, child, fmt)
+            sites[key].uses.append((parent, attr, full))
+    return list(sites.values())
+
+
+Method = Callable[[nn.Module, list[LinearSite], QuantConfig, "torch.Tensor | None"], dict[str, QTensor]]
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    def deco(fn: Method) -> Method:
+        METHODS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_method("rtn")
+def rtn_method(
+    model: nn.Module, sites: list[LinearSite], config: QuantConfig, calib_ids=None
+) -> dict[str, QTensor]:
+    """Round-to-nearest: no calibration data."""
+    return {s.name: quantize_rtn(s.module.weight.detach(), s.fmt) for s in sites}
+
+
+def _load_methods() -> None:
+    """Import calibrated quantizers so they register themselves (they live in their own modules)."""
+    import importlib
+
+    for mod in ("edgepack.compressor.gptq", "edgepack.compressor.abq"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+@torch.no_grad()
+def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | None = None) -> dict:
+    """Replace the model's linears with ``QuantLinear`` per ``config``; returns a per-layer report.
+
+    The tied lm_head (unless skipped) is quantized once; the embedding then uses the same dequantized weight,
+    because the exporter stores one packed tensor for both (GatherBlockQuantized).
+    """
+    _load_methods()
+    if config.method not in METHODS:
+        raise EdgepackError(
+            f"unknown quantization method {config.method!r}; available: {', '.join(sorted(METHODS))}"
+        )
+    sites = linear_sites(model, config)
+    qtensors = METHODS[config.method](model, sites, config, calib_ids)
+    layers = []
+    for site in sites:
+        q = qtensors[site.name]
+        bias = site.module.bias.detach() if site.module.bias is not None else None
+        qlin = QuantLinear(q, bias, config.abits, site.fmt.symmetric)
+        for parent, attr, _ in site.uses:
+            setattr(parent, attr, qlin)
+        layers.append(
+            {
+                "name": site.name,
+                "shape": list(q.codes.shape),
+                "bits": q.bits,
+                "group": q.group_size,
+                "uses": [u[2] for u in site.uses],
+            }
+        )
+    _retie_embedding(model)
+    return {"method": config.method, "layers": layers}
+
+
+def _retie_embedding(model: nn.Module) -> None:
+    """Keep a tied embedding equal to the quantized lm_head (the artifact stores one weight for both)."""
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(lm_head, QuantLinear) or not getattr(model.config, "tie_word_embeddings", False):
+        return
+    emb = model.get_input_embeddings()
+    emb.weight = nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
