@@ -150,3 +150,39 @@ def stored_bits_per_weight(
         if asymmetric or index > 0:
             total += storage / group_size
     return total
+
+
+# Planes of the GPU (Triton) layout, most significant first. Planes are packed at their logical width
+# (a 1-bit plane 32 per int32), so 3-bit weights read exactly 3 bits each; the kernels take at most two planes.
+TRITON_PLANE_BITS: dict[int, tuple[int, ...]] = {
+    bits: planes for bits, planes in PLANE_BITS.items() if len(planes) <= 2
+}
+
+
+def pack_for_triton(codes: np.ndarray, bits: int) -> tuple[np.ndarray, ...]:
+    """Pack codes (N, K) into K-major int32 words for the Triton kernels, one array per plane.
+
+    Plane j of width b_j becomes int32 (K_pad * b_j // 32, N) with K_pad = K rounded up to 32: word [w, n]
+    holds the plane's codes for k = w * (32 // b_j) + i at bits i * b_j (low bits first), so a program
+    tile of consecutive k and n reads contiguous words. The code is q = (hi << b_lo) | lo.
+    """
+    if bits not in TRITON_PLANE_BITS:
+        raise ValueError(f"the Triton kernels take bits in {sorted(TRITON_PLANE_BITS)}, got {bits}")
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.size and int(codes.max()) >= 1 << bits:
+        raise ValueError(f"codes exceed {bits} bits (max {int(codes.max())})")
+    n, k = codes.shape
+    k_pad = -(-k // 32) * 32
+    padded = np.zeros((k_pad, n), dtype=np.uint32)  # (K_pad, N)
+    padded[:k] = codes.T
+    words = []
+    shift = bits
+    for plane_bits in TRITON_PLANE_BITS[bits]:
+        shift -= plane_bits
+        per_word = 32 // plane_bits
+        plane = ((padded >> shift) & ((1 << plane_bits) - 1)).reshape(-1, per_word, n)  # (K_pad/per, per, N)
+        packed = np.zeros((k_pad // per_word, n), dtype=np.uint32)  # (K_pad/per, N)
+        for i in range(per_word):
+            packed |= plane[:, i, :] << np.uint32(i * plane_bits)
+        words.append(packed.view(np.int32))
+    return tuple(words)

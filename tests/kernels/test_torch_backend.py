@@ -1,0 +1,58 @@
+"""The Triton GPU packing and the pure-torch fallback of `TritonQuantLinear`, against the NumPy reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from edgepack.kernels.packing import TRITON_PLANE_BITS, pack_for_triton
+from edgepack.kernels.reference import dequantize
+from edgepack.kernels.torch_backend import TritonQuantLinear, quantized_linear_reference
+
+
+def _random_quant(rng: np.random.Generator, n: int, k: int, bits: int, group: int):
+    k_groups = -(-k // group)
+    codes = rng.integers(0, 2**bits, size=(n, k), dtype=np.uint8)
+    scales = rng.uniform(0.01, 0.1, size=(n, k_groups)).astype(np.float32)
+    zero_points = rng.integers(0, 2**bits, size=(n, k_groups), dtype=np.uint8)
+    return codes, scales, zero_points
+
+
+@pytest.mark.parametrize("bits", sorted(TRITON_PLANE_BITS))
+def test_pack_for_triton_layout(bits: int) -> None:
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, size=(6, 70), dtype=np.uint8)
+    planes = pack_for_triton(codes, bits)
+    assert [p.shape for p in planes] == [(3 * b, 6) for b in TRITON_PLANE_BITS[bits]]  # K_pad = 96
+    assert all(p.dtype == np.int32 for p in planes)
+    # Word [w, n] of the top plane holds element k = w * per + i at bits i * b.
+    b = TRITON_PLANE_BITS[bits][0]
+    lo = bits - b
+    word = int(planes[0][1, 2].view(np.uint32))
+    assert (word >> b) & ((1 << b) - 1) == codes[2, 32 // b + 1] >> lo
+
+
+@pytest.mark.parametrize("bits", sorted(TRITON_PLANE_BITS))
+@pytest.mark.parametrize("group", [32, 64, 70])
+def test_reference_fallback_matches_numpy(bits: int, group: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(
+        "TRITON_INTERPRET", raising=False
+    )  # CPU tensors take the fallback, not the interpreter
+    rng = np.random.default_rng(bits * 7 + group)
+    n, k = 20, 70
+    codes, scales, zero_points = _random_quant(rng, n, k, bits, group)
+    bias = torch.randn(n)
+    layer = TritonQuantLinear(codes, scales, zero_points, bits, group, bias=bias)
+    x = torch.randn(2, 3, k)
+    want = x.numpy() @ dequantize(codes, scales, zero_points, group).T + bias.numpy()
+    np.testing.assert_allclose(layer(x).numpy(), want, rtol=1e-5, atol=1e-5)
+    got = quantized_linear_reference(x, layer.planes, layer.scales, layer.zeros, bits, group)
+    np.testing.assert_allclose(got.numpy(), want - bias.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_quant_linear_rejects_bad_shapes() -> None:
+    codes = np.zeros((4, 64), np.uint8)
+    with pytest.raises(ValueError, match="scales and zero points"):
+        TritonQuantLinear(codes, np.ones((4, 1), np.float32), np.zeros((4, 1), np.uint8), 4, 32)
+    with pytest.raises(ValueError, match="bits"):
+        TritonQuantLinear(codes, np.ones((4, 2), np.float32), np.zeros((4, 2), np.uint8), 7, 32)
