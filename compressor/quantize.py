@@ -61,8 +61,6 @@ class QuantConfig:
     options: dict = field(default_factory=dict)  # method-specific settings (calibration steps, ...)
     version: int = 1
 
-    kind = "quantize"
-
     def __post_init__(self) -> None:
         self.base_format().validate()
         if self.abits not in VALID_ABITS:
@@ -337,6 +335,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
                 "shape": list(q.codes.shape),
                 "bits": q.bits,
                 "group": q.group_size,
+                "abits": config.abits,
                 "uses": [u[2] for u in site.uses],
             }
         )

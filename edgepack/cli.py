@@ -1,0 +1,275 @@
+"""The ``edgepack`` command line: export, inspect, targets (and bench, from the runtime)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+
+import click
+
+from edgepack import __version__
+from edgepack.errors import EdgepackError
+
+log = logging.getLogger("edgepack")
+
+
+class Cli(click.Group):
+    """Turns EdgepackError into one line on stderr and exit code 2, with no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except EdgepackError as e:
+            click.echo(f"edgepack: error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("edgepack: interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgepack")
+@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+def cli(verbose: int) -> None:
+    """Fold, quantize and export Hugging Face decoder LLMs to small, fast ONNX artifacts.
+
+    \b
+    edgepack export   build an artifact from a local model folder for a target
+    edgepack inspect  verify an artifact's checksums and show its size breakdown
+    edgepack targets  list deployment targets
+    edgepack bench    measure latency and memory of an artifact
+    """
+    level = logging.DEBUG if verbose > 1 else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "httpx", "huggingface_hub", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def parse_size(text: str) -> int:
+    """'6MB' / '500KB' / '1.5GB' / '123456' -> bytes (decimal units, as file managers show them)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgG]?)[bB]?\s*", text)
+    if not m:
+        raise EdgepackError(f"cannot read size {text!r}; write it like 6MB, 500KB or 1.5GB")
+    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()])
+
+
+def parse_groups(text: str | None) -> int | list[list[int]] | None:
+    """'2' -> 2; '0,1;2,3;4' -> [[0, 1], [2, 3], [4]]."""
+    if text is None:
+        return None
+    try:
+        if ";" not in text and "," not in text:
+            return int(text)
+        return [[int(i) for i in g.split(",")] for g in text.split(";") if g.strip()]
+    except ValueError as e:
+        raise EdgepackError(
+            f"cannot read --share-groups {text!r}; pass a group size like 2 or groups like 0,1;2,3;4"
+        ) from e
+
+
+@cli.command()
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Local Hugging Face model folder (config.json + *.safetensors + tokenizer). "
+    "Default: the embedded stories260k model.",
+)
+@click.option(
+    "--target", default="cpu", show_default=True, help="Deployment target (see `edgepack targets`)."
+)
+@click.option(
+    "-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Artifact folder to write."
+)
+@click.option(
+    "--recipe", type=click.Path(path_type=Path), help="Recipe file (.json/.yaml) instead of the flags below."
+)
+@click.option("--wbits", type=int, help="Quantize linear weights to this many bits (2-8).")
+@click.option(
+    "--group-size",
+    type=int,
+    default=128,
+    show_default=True,
+    help="Quantization group size; -1 = per channel.",
+)
+@click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Quantization grid.")
+@click.option(
+    "--abits",
+    type=click.IntRange(0, 64),
+    default=16,
+    show_default=True,
+    help="Activation bits: 16 (float) or 8 (int8 compute).",
+)
+@click.option("--method", default="rtn", show_default=True, help="Quantizer: rtn, gptq or abq.")
+@click.option(
+    "--skip", multiple=True, help="Module name pattern to keep in float (repeatable), e.g. lm_head."
+)
+@click.option("--size-budget", help="Mixed precision: largest weight size, e.g. 6MB.")
+@click.option("--bpw", type=float, help="Mixed precision: average stored bits per weight, e.g. 3.0.")
+@click.option("--remove", type=float, help="Fold: fraction of blocks to remove, e.g. 0.25.")
+@click.option(
+    "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
+)
+@click.option("--calib", type=click.Path(path_type=Path), help="Calibration/cure text file (UTF-8).")
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--no-parity", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check.")
+@click.option(
+    "--trust-remote-code", is_flag=True, help="Allow model code from the model folder (off by default)."
+)
+def export(
+    model_dir,
+    target,
+    out_dir,
+    recipe,
+    wbits,
+    group_size,
+    symmetric,
+    abits,
+    method,
+    skip,
+    size_budget,
+    bpw,
+    remove,
+    share_groups,
+    calib,
+    force,
+    no_parity,
+    trust_remote_code,
+) -> None:
+    """Compress (optional) and export a model folder to an ONNX artifact for a target.
+
+    \b
+    edgepack export --target cpu -o out/default
+    edgepack export --model ./my-llama --target android --wbits 4 -o out/phone
+    edgepack export --model ./my-llama --remove 0.25 --share-groups 2 --calib text.txt -o out/folded
+    """
+    from edgepack.model import DEFAULT_MODEL
+    from edgepack.pipeline import ExportRequest
+    from edgepack.pipeline import export as run_export
+    from edgepack.recipe import Recipe
+
+    flags_used = any(x is not None for x in (wbits, remove, share_groups, size_budget, bpw))
+    if recipe is not None and flags_used:
+        raise EdgepackError("pass either --recipe or compression flags (--wbits/--remove/...), not both")
+    if recipe is not None:
+        rec = Recipe.load(recipe)
+    else:
+        rec = recipe_from_flags(
+            wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups
+        )
+    req = ExportRequest(
+        model_dir=model_dir or DEFAULT_MODEL,
+        out_dir=out_dir,
+        target=target,
+        recipe=rec,
+        calib=calib,
+        trust_remote_code=trust_remote_code,
+        parity=not no_parity,
+        force=force,
+    )
+    result = run_export(req)
+    m = result.manifest
+    click.echo(
+        f"wrote {out_dir}  ({m['model_bytes'] / 1e6:.2f} MB model, {m['parameters']:,} parameters, "
+        f"{result.seconds:.1f} s)"
+    )
+    if m["parity"]:
+        p = m["parity"]
+        click.echo(
+            f"parity vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
+            f"greedy {p['greedy']:.3f} over {p['new_tokens']} tokens"
+        )
+
+
+def recipe_from_flags(
+    wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups
+):
+    from edgepack.recipe import Recipe, step_types
+
+    types = step_types()
+    steps = []
+    if remove is not None or share_groups is not None:
+        steps.append(
+            types["fold"].from_dict(
+                {
+                    k: v
+                    for k, v in {"remove": remove, "share_group": parse_groups(share_groups)}.items()
+                    if v is not None
+                }
+            )
+        )
+    if size_budget is not None or bpw is not None:
+        if size_budget is not None and bpw is not None:
+            raise EdgepackError("pass --size-budget or --bpw, not both")
+        options = {"size_budget_bytes": parse_size(size_budget)} if size_budget else {"budget_bpw": bpw}
+        steps.append(
+            types["quantize"](
+                wbits=wbits or 4,
+                group_size=group_size,
+                symmetric=symmetric,
+                abits=abits,
+                method=method,
+                skip=list(skip),
+                options=options,
+            )
+        )
+    elif wbits is not None:
+        steps.append(
+            types["quantize"](
+                wbits=wbits,
+                group_size=group_size,
+                symmetric=symmetric,
+                abits=abits,
+                method=method,
+                skip=list(skip),
+            )
+        )
+    return Recipe(steps=steps)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON.")
+def inspect(artifact: Path, as_json: bool) -> None:
+    """Verify an artifact's checksums and print its size breakdown and manifest summary."""
+    from edgepack.inspect import inspect_artifact
+
+    click.echo(inspect_artifact(artifact, as_json=as_json))
+
+
+@cli.command()
+def targets() -> None:
+    """List deployment targets: dtype, file format, execution provider."""
+    from edgepack.targets.profiles import TARGETS
+
+    for t in TARGETS.values():
+        click.echo(f"{t.name:8s} {t.dtype:8s} .{t.file_format:4s} {t.execution_provider:22s} {t.description}")
+    try:
+        from edgepack.targets.devices import DEVICES
+    except ImportError:
+        return
+    click.echo("\ndevice profiles (edgepack bench --profile NAME):")
+    for d in DEVICES.values():
+        click.echo(f"  {d.name}")
+
+
+def _register_runtime_commands() -> None:
+    try:
+        from edgepack.runtime.cli import bench
+    except ImportError:
+        return
+    cli.add_command(bench)
+
+
+_register_runtime_commands()
+
+
+def main() -> None:
+    cli(prog_name="edgepack")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""``edgepack inspect``: verify an artifact folder against its manifest and summarise it."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from edgepack.errors import EdgepackError
+
+
+def load_manifest(folder: Path) -> dict:
+    """The manifest of an artifact folder, after checking every listed file's SHA-256."""
+    from edgepack.pipeline import sha256
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EdgepackError(
+            f"artifact folder {folder} does not exist; pass the -o folder of an edgepack export"
+        )
+    mf = folder / "manifest.json"
+    if not mf.is_file():
+        raise EdgepackError(f"{folder} has no manifest.json; it is not an edgepack artifact (re-export it)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise EdgepackError(f"{mf} is corrupt ({e.msg}); re-export the artifact") from e
+    for name, digest in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise EdgepackError(f"artifact file {name} is missing from {folder}; re-export the artifact")
+        if sha256(path) != digest:
+            raise EdgepackError(
+                f"checksum mismatch for {name} in {folder}: the file was modified or corrupted; re-export it"
+            )
+    return manifest
+
+
+def tensor_group(name: str) -> str:
+    for key, label in (
+        ("embed", "embedding"),
+        ("lm_head", "lm_head"),
+        ("norm", "norms"),
+        ("self_attn", "attention"),
+        ("mlp", "mlp"),
+    ):
+        if key in name:
+            return label
+    return "other"
+
+
+def inspect_artifact(folder: Path, as_json: bool = False) -> str:
+    m = load_manifest(folder)
+    if as_json:
+        summary = {
+            k: m[k]
+            for k in (
+                "edgepack_version",
+                "source",
+                "recipe",
+                "target",
+                "parameters",
+                "model_bytes",
+                "bits_per_weight",
+                "ops",
+                "parity",
+                "files",
+            )
+            if k in m
+        }
+        return json.dumps(summary, indent=2)
+    lines = [
+        f"artifact   {Path(folder).resolve()}  (checksums OK, {len(m['files'])} files)",
+        f"source     {m['source']['path']} ({m['source']['architecture']}, {m['num_layers']} layers)",
+        f"target     {m['target']['name']} ({m['target']['dtype']}, .{m['target']['file_format']})",
+        f"recipe     {' -> '.join(s['kind'] for s in m['recipe']['steps']) or 'none (float)'}",
+        f"params     {m['parameters']:,} unique, {m['bits_per_weight']} stored bits/weight",
+        f"opset      {m['opsets']}  IR {m['ir_version']}",
+        "ops        " + ", ".join(f"{k.split('::')[1]} x{v}" for k, v in m["ops"].items()),
+    ]
+    if m.get("parity"):
+        p = m["parity"]
+        lines.append(
+            f"parity     max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, greedy {p['greedy']:.3f} "
+            f"({p['thresholds']}, {'passed' if p['passed'] else 'FAILED'})"
+        )
+    lines.append("\nfiles")
+    for name, size in m.get("file_bytes", {}).items():
+        lines.append(f"  {name:32s} {size / 1e6:10.3f} MB")
+    groups: dict[str, int] = defaultdict(int)
+    for t in m["tensors"]:
+        groups[tensor_group(t["name"])] += t["bytes"]
+    total = sum(groups.values()) or 1
+    lines.append("\nweights by part")
+    for g, b in sorted(groups.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {g:12s} {b / 1e6:10.3f} MB  {100 * b / total:5.1f}%")
+    quant = m.get("compression", {}).get("quantize")
+    if quant and quant.get("layers"):
+        lines.append("\nquantized layers")
+        lines.append(f"  {'name':44s} {'shape':>12s} {'bits':>4s} {'group':>5s} {'bytes':>10s} {'bpw':>6s}")
+        for q in quant["layers"]:
+            shape = "x".join(map(str, q["shape"]))
+            lines.append(
+                f"  {q['name']:44s} {shape:>12s} {q['bits']:>4d} {q['group']:>5d} "
+                f"{q.get('bytes', 0):>10d} {q.get('bits_per_weight', float('nan')):>6.2f}"
+            )
+    return "\n".join(lines)

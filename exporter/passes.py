@@ -1,0 +1,47 @@
+"""Graph passes run on every built decoder, each with one job (onnx-ir pass manager).
+
+The builder emits a straightforward graph; these passes clean it up and enforce the target's rules.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from edgepack.targets.profiles import Target
+from onnx_ir.passes import common
+
+from edgepack.errors import EdgepackError
+
+
+class CheckTargetOpsPass(ir.passes.InPlacePass):
+    """Refuse a graph with an op the target cannot run; names the op and the target."""
+
+    def __init__(self, target: Target):
+        super().__init__()
+        self.target = target
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for node in model.graph.all_nodes():
+            if (node.domain, node.op_type) not in self.target.allowed_ops:
+                dom = node.domain or "ai.onnx"
+                raise EdgepackError(
+                    f"op {dom}::{node.op_type} (node {node.name}) is not supported on target {self.target.name}; "
+                    "choose another target or a recipe that avoids it"
+                )
+        return ir.passes.PassResult(model, modified=False)
+
+
+def target_passes(target: Target) -> ir.passes.PassManager:
+    return ir.passes.PassManager(
+        [
+            common.DeduplicateInitializersPass(),  # repeated shape constants, identical weights
+            common.CommonSubexpressionEliminationPass(),  # per-layer copies of the same slice/shape ops
+            common.RemoveUnusedNodesPass(),
+            common.TopologicalSortPass(),
+            common.NameFixPass(),
+            CheckTargetOpsPass(target),
+        ]
+    )
+
+
+def run_target_passes(model: ir.Model, target: Target) -> ir.Model:
+    return target_passes(target)(model).model

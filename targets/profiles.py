@@ -1,0 +1,105 @@
+"""Deployment targets: what a target decides about an artifact (activation dtype, legal ops, file format,
+bundle contents). One frozen dataclass per target in a registry; ``get_target`` names the valid ones on a typo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from edgepack.errors import EdgepackError
+
+# Ops the decoder graph may contain on any ONNX Runtime build (standard domain).
+STANDARD_OPS = frozenset(
+    ("", op)
+    for op in (
+        "Add",
+        "And",
+        "Cast",
+        "Concat",
+        "Cos",
+        "Div",
+        "Gather",
+        "Gemm",
+        "Greater",
+        "Identity",
+        "LessOrEqual",
+        "MatMul",
+        "Mul",
+        "Neg",
+        "Range",
+        "ReduceMean",
+        "Reshape",
+        "Shape",
+        "Sigmoid",
+        "Sin",
+        "Slice",
+        "Softmax",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Transpose",
+        "Unsqueeze",
+        "Where",
+        "DequantizeLinear",
+    )
+)
+# ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.
+CONTRIB_OPS = frozenset(("com.microsoft", op) for op in ("MatMulNBits", "GatherBlockQuantized"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment profile."""
+
+    name: str
+    description: str
+    dtype: str  # activation (and float weight) dtype
+    file_format: str  # "onnx" or "ort" (the .ort is written beside the .onnx)
+    execution_provider: str
+    allowed_ops: frozenset[tuple[str, str]]
+    android_bundle: bool = False  # .ort + required_operators.config + Kotlin snippet + on-device runner
+    quantized_embedding: bool = True  # GatherBlockQuantized for a quantized tied embedding
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["allowed_ops"] = sorted(f"{dom or 'ai.onnx'}::{op}" for dom, op in self.allowed_ops)
+        return d
+
+
+TARGETS: dict[str, Target] = {
+    t.name: t
+    for t in (
+        Target(
+            "cpu",
+            "x86/ARM servers and desktops, ONNX Runtime CPU EP, fp32 activations",
+            dtype="float32",
+            file_format="onnx",
+            execution_provider="CPUExecutionProvider",
+            allowed_ops=STANDARD_OPS | CONTRIB_OPS,
+        ),
+        Target(
+            "android",
+            "phones: ONNX Runtime Android (CPU/XNNPACK), fp32 activations, .ort + reduced-build config",
+            dtype="float32",
+            file_format="ort",
+            execution_provider="CPUExecutionProvider",
+            allowed_ops=STANDARD_OPS | CONTRIB_OPS,
+            android_bundle=True,
+        ),
+        Target(
+            "cuda",
+            "NVIDIA GPUs: ONNX Runtime CUDA EP, fp16 activations",
+            dtype="float16",
+            file_format="onnx",
+            execution_provider="CUDAExecutionProvider",
+            allowed_ops=STANDARD_OPS | CONTRIB_OPS,
+        ),
+    )
+}
+
+
+def get_target(name: str) -> Target:
+    """The target called ``name``, or an EdgepackError listing the valid names."""
+    if name not in TARGETS:
+        raise EdgepackError(f"unknown target {name!r}; valid targets: {', '.join(TARGETS)}")
+    return TARGETS[name]
