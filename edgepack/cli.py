@@ -189,6 +189,8 @@ def recipe_from_flags(
 ):
     from edgepack.recipe import Recipe, step_types
 
+    if all(x is None for x in (wbits, remove, share_groups, size_budget, bpw)):
+        return Recipe()
     types = step_types()
     steps = []
     if remove is not None or share_groups is not None:

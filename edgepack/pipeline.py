@@ -172,13 +172,14 @@ def write_model(model, target: Target, out: Path, reports: dict) -> dict:
 
     quant = reports.get("quantize")
     abits = 8 if quant and any(layer.get("abits", 16) == 8 for layer in quant["layers"]) else 16
-    opts = BuildOptions(
-        dtype=target.dtype,
-        accuracy_level=4 if abits == 8 else 0,
-        quantized_embedding=target.quantized_embedding,
-    )
+    opts = BuildOptions(dtype=target.dtype, quantized_embedding=target.quantized_embedding)
     graph = build_decoder(model, opts)
     run_target_passes(graph, target)
+    if quant:
+        for layer in quant["layers"]:  # what each quantized weight really costs in the file
+            stored = graph.meta["quant_layers"][layer["name"]]
+            n, k = layer["shape"]
+            layer.update(stored, bits_per_weight=round(8 * stored["bytes"] / (n * k), 3))
     init_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values())
     path = out / "model.onnx"
     if init_bytes > EXTERNAL_DATA_THRESHOLD:

@@ -38,7 +38,6 @@ class BuildOptions:
     """What the target decides for the graph: activation dtype and how low-bit matmuls compute."""
 
     dtype: str = "float32"
-    accuracy_level: int = 0  # MatMulNBits: 4 = int8 activations (W*A8), 0 = as the activations
     quantized_embedding: bool = True  # share the packed lm_head with the embedding via GatherBlockQuantized
 
 
@@ -49,7 +48,8 @@ class Builder:
     opts: BuildOptions
     tape: ir.tape.Tape = field(default_factory=ir.tape.Tape)
     initializers: dict[str, ir.Value] = field(default_factory=dict)
-    _by_key: dict[object, ir.Value] = field(default_factory=dict)
+    _by_key: dict[object, object] = field(default_factory=dict)
+    quant_layers: dict[str, dict] = field(default_factory=dict)  # per quantized layer: planes, block, bytes
     _const_count: int = 0
 
     @property
@@ -151,6 +151,8 @@ def norm_weight(b: Builder, module: nn.Module, name: str) -> ir.Value:
 
 def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     """The full decoder graph of a Llama-family ``*ForCausalLM`` (possibly folded and/or quantized)."""
+    from edgepack.exporter import quant_lowering  # noqa: F401  (registers the QuantLinear lowerings)
+
     dims = DecoderDims.from_config(model.config)
     b = Builder(opts)
     act = b.ir_dtype
@@ -280,7 +282,9 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
         opset_imports=opsets,
         name="edgepack_decoder",
     )
-    return ir.Model(graph, ir_version=IR_VERSION, producer_name="edgepack")
+    model_ir = ir.Model(graph, ir_version=IR_VERSION, producer_name="edgepack")
+    model_ir.meta["quant_layers"] = b.quant_layers
+    return model_ir
 
 
 def lower_embedding(b: Builder, model: nn.Module, input_ids: ir.Value) -> ir.Value:

@@ -1,0 +1,73 @@
+"""Shared fixtures: the real models in ../shared/models and small random-weight configs for coverage."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = SHARED / "models" / "stories260k"
+MIX = SHARED / "models" / "mix-llama-14m"
+WIKITEXT = SHARED / "data" / "wikitext2-raw-test.txt"
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.fail(
+            f"{path} is missing: tests need ../shared beside the project (see shared/models/README.md)"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories() -> Path:
+    return _need(STORIES)
+
+
+@pytest.fixture(scope="session")
+def mix() -> Path:
+    return _need(MIX)
+
+
+@pytest.fixture(scope="session")
+def shakespeare() -> Path:
+    return _need(SHAKESPEARE)
+
+
+def make_random_model(folder: Path, arch: str, **overrides) -> Path:
+    """A small random-weight model of architecture ``arch`` saved as safetensors, with stories260k's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type = {"Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}[
+        arch
+    ]
+    kwargs = dict(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=[arch],
+    )
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # random init is tiny; scale up so logits are not all ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(_need(STORIES) / name, folder / name)
+    return folder
