@@ -1,0 +1,68 @@
+"""The ``edgepack bench`` command; edgepack/cli.py registers it with ``cli.add_command(bench)``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from edgepack.runtime.bench import bench as run_bench
+from edgepack.runtime.bench import plot_latency
+from edgepack.runtime.runner import DEVICES, RunConfig
+from edgepack.targets.devices import PROFILES, get_profile
+
+
+@click.command("bench")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option(
+    "--compare", type=click.Path(path_type=Path), default=None, help="second artifact, run side by side"
+)
+@click.option("--profile", default=None, help=f"device profile: {', '.join(PROFILES)}")
+@click.option(
+    "--threads", type=click.IntRange(min=0), default=None, help="intra-op threads (default: profile's)"
+)
+@click.option("--prompt-len", type=click.IntRange(min=1), default=RunConfig.prompt_len, show_default=True)
+@click.option(
+    "--gen", type=click.IntRange(min=1), default=RunConfig.gen, show_default=True, help="decode steps"
+)
+@click.option("--runs", type=click.IntRange(min=1), default=RunConfig.runs, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=RunConfig.warmup, show_default=True)
+@click.option("--device", type=click.Choice(list(DEVICES)), default=None, help="default: profile's, else cpu")
+@click.option(
+    "--json", "json_path", type=click.Path(path_type=Path), default=None, help="write the report here"
+)
+@click.option(
+    "--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="latency vs prompt PNG"
+)
+def bench(
+    artifact: Path,
+    compare: Path | None,
+    profile: str | None,
+    threads: int | None,
+    prompt_len: int,
+    gen: int,
+    runs: int,
+    warmup: int,
+    device: str | None,
+    json_path: Path | None,
+    plot_path: Path | None,
+) -> None:
+    """Benchmark ARTIFACT (prefill + greedy decode through the KV cache), each artifact in a fresh process."""
+    device_profile = get_profile(profile) if profile else None
+    config = RunConfig(
+        threads=threads if threads is not None else (device_profile.threads if device_profile else 0),
+        prompt_len=prompt_len,
+        gen=gen,
+        runs=runs,
+        warmup=warmup,
+        device=device or (device_profile.device if device_profile else "cpu"),
+    )
+    artifacts = [artifact] if compare is None else [artifact, compare]
+    report = run_bench(artifacts, config, device_profile, with_sweep=plot_path is not None)
+    click.echo(report.table())
+    if json_path is not None:
+        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote {json_path}")
+    if plot_path is not None:
+        plot_latency(report, plot_path)
+        click.echo(f"wrote {plot_path}")
