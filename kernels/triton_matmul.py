@@ -3,8 +3,8 @@
 Two kernels: a split-K GEMV for decode (M <= 8: few rows, so it streams the weight once and spreads K over
 programs to fill the GPU) and a tiled GEMM for prefill (tensor-core `tl.dot` on weights dequantized in
 registers). Both dequantize exactly as `reference.dequantize`: w = (q - z) * s in float32. Activations are
-fp16 or bf16; the output has the activation dtype. Block sizes are starting points: they have not been tuned
-on a GPU (none was available when they were written); `bench/kernels.py` measures them.
+fp16 or bf16; the output has the activation dtype. Block sizes were chosen without a GPU (none was available):
+compiled ahead of time for sm_90, they use no register spills; their speed is what `bench/kernels.py` measures.
 
 The kernels also run in the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors, which is how the tests
 check them without a GPU; the interpreter cannot `tl.dot` bf16, so there the GEMM's bf16 dot runs in fp32.
@@ -183,6 +183,15 @@ def _check(
     return m, n, k, plane_bits[1] if len(plane_bits) == 2 else 0
 
 
+def _fit_block_k(block_k: int, group_size: int) -> int:
+    """Halve block_k (not below 16) until it divides group_size, so a K tile reads one row of scales;
+    when none does (e.g. per-channel groups of odd K) keep block_k and gather scales per k."""
+    fit = block_k
+    while fit > 16 and group_size % fit:
+        fit //= 2
+    return fit if group_size % fit == 0 else block_k
+
+
 def _default_split_k(k: int, block_k: int) -> int:
     """K splits for the GEMV: about 512 columns of K per program, at most 16 splits."""
     return max(1, min(16, k // 512, triton.cdiv(k, block_k)))
@@ -203,8 +212,9 @@ def quant_gemv(
     if m > GEMV_MAX_M:
         raise ValueError(f"the GEMV takes at most {GEMV_MAX_M} rows, got {m}")
     block_m = triton.next_power_of_2(m)
-    block_n = 64
-    block_k = max(16, 128 // block_m)  # keeps the (BLOCK_M, BLOCK_K, BLOCK_N) product in registers
+    block_n = 32
+    # (BLOCK_M, BLOCK_K, BLOCK_N) product: 32 values a thread, <= 80 registers on sm_90.
+    block_k = _fit_block_k(max(16, 128 // block_m), group_size)
     split_k = split_k or _default_split_k(k, block_k)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
@@ -246,9 +256,10 @@ def quant_gemm(
 ) -> torch.Tensor:
     """Prefill matmul: x (M, K) @ W.T -> (M, N) in x's dtype (arguments as `quant_gemv`), any M."""
     m, n, k, lo_bits = _check(x, planes, scales, zeros, bits)
-    block_m = min(128, max(16, triton.next_power_of_2(m)))
+    # Without spills on sm_90 for every width (ptxas -v): at most 184 registers for M <= 64, 252 above.
+    block_m = 128 if m > 64 else max(16, triton.next_power_of_2(m))
     block_n = 128 if m > 64 else 64
-    block_k = 64 if m > 64 else 128
+    block_k = _fit_block_k(32 if m > 64 else 64, group_size)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)  # (M, N)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _gemm_kernel[grid](
@@ -271,8 +282,8 @@ def quant_gemm(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         GROUP_M=8,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4,
-        num_stages=3,
+        num_warps=8,
+        num_stages=4,
     )
     return out
 

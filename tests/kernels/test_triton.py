@@ -15,7 +15,7 @@ pytest.importorskip("triton", reason="triton is not installed: the Triton kernel
 from edgepack.kernels.packing import pack_for_triton  # noqa: E402
 from edgepack.kernels.reference import dequantize  # noqa: E402
 from edgepack.kernels.torch_backend import TritonQuantLinear  # noqa: E402
-from edgepack.kernels.triton_matmul import quant_gemm, quant_gemv  # noqa: E402
+from edgepack.kernels.triton_matmul import _fit_block_k, quant_gemm, quant_gemv  # noqa: E402
 
 # GEMM: max error relative to max |y|, since its dot rounds the dequantized weight to fp16 (11 bits) or
 # bf16 (8 bits). GEMV: computes in float32 and rounds once, so every element is within one output ulp.
@@ -48,7 +48,7 @@ def _assert_close(got: torch.Tensor, want: np.ndarray, dtype: torch.dtype) -> No
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("m, group, split_k", [(1, 32, 3), (4, 64, 2), (1, 200, 1)])
 def test_gemv(bits: int, m: int, group: int, split_k: int, dtype: torch.dtype) -> None:
-    """K = 200 is not a multiple of the K block or of 32; group 32 < BLOCK_K gathers scales per k."""
+    """K = 200 is not a multiple of the K block or of 32; per-channel group 200 gathers scales per k."""
     _, planes, s, z, x, want = _case(bits, 80, 200, group, m, dtype, seed=bits + m)
     got = quant_gemv(x, planes, s, z, bits, group, split_k=split_k)
     assert got.dtype == dtype
@@ -57,8 +57,9 @@ def test_gemv(bits: int, m: int, group: int, split_k: int, dtype: torch.dtype) -
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("m, group", [(16, 32), (33, 128), (80, 64)])
+@pytest.mark.parametrize("m, group", [(16, 32), (33, 128), (80, 200)])
 def test_gemm(bits: int, m: int, group: int, dtype: torch.dtype) -> None:
+    """Both tile configs (M <= 64 and M > 64); groups of 32 and 128 fit a K tile, per-channel 200 gathers."""
     _, planes, s, z, x, want = _case(bits, 80, 200, group, m, dtype, seed=bits * 3 + m)
     _assert_close(quant_gemm(x, planes, s, z, bits, group), want, dtype)
 
@@ -78,3 +79,9 @@ def test_kernel_rejects_fp32_activations() -> None:
     _, planes, s, z, x, _ = _case(4, 16, 32, 32, 1, torch.float16, seed=0)
     with pytest.raises(ValueError, match="float16 or bfloat16"):
         quant_gemv(x.float(), planes, s, z, 4, 32)
+
+
+def test_fit_block_k() -> None:
+    assert _fit_block_k(128, 32) == 32  # one group per K tile
+    assert _fit_block_k(64, 128) == 64
+    assert _fit_block_k(128, 200) == 128  # no power of 2 >= 16 divides 200: keep the tile, gather scales
