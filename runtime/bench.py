@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -241,6 +242,10 @@ class BenchReport:
     config: RunConfig
     profile: DeviceProfile | None
     results: list[ArtifactResult] = field(default_factory=list)
+    load_average: tuple[float, float] = (
+        0.0,
+        0.0,
+    )  # host 1-minute load before and after: a busy host skews it
 
     def metrics(self) -> list[Metric]:
         """The rows that have a value for some artifact (GPU memory only on CUDA)."""
@@ -263,6 +268,7 @@ class BenchReport:
             "profile": self.profile.to_dict() if self.profile else None,
             "artifacts": [r.to_dict() for r in self.results],
             "ratios": self.ratios(),
+            "host": {"cpus": os.cpu_count(), "load_average_before_after": self.load_average},
         }
 
     def table(self) -> str:
@@ -292,7 +298,8 @@ class BenchReport:
         ]
         lines = [
             f"P={c.prompt_len} prompt tokens, N={c.gen} decode steps, {c.runs} runs after {c.warmup} warm-up, "
-            f"{c.threads or 'default'} threads, device {c.device}",
+            f"{c.threads or 'default'} threads, device {c.device}; host load average "
+            f"{self.load_average[0]:.1f} -> {self.load_average[1]:.1f} on {os.cpu_count()} CPUs",
             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
             "  ".join("-" * w for w in widths),
         ]
@@ -346,6 +353,7 @@ def bench(
             config, sweep=sweep_lengths(config.prompt_len, config.gen, min(contexts, default=None))
         )
     report = BenchReport(config, profile)
+    load_before = os.getloadavg()[0]
     for artifact in artifacts:
         runner = run_artifact(artifact, config)
         onnx_path = artifact / "model.onnx"  # a .ort-only folder: its file size stands in for the weights
@@ -355,6 +363,7 @@ def bench(
             result.estimate = estimate_decode(profile, runner, weights)
             result.budget = check_budget(profile, runner)
         report.results.append(result)
+    report.load_average = (load_before, os.getloadavg()[0])
     return report
 
 

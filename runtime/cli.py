@@ -19,14 +19,35 @@ from edgepack.targets.devices import PROFILES, get_profile
 )
 @click.option("--profile", default=None, help=f"device profile: {', '.join(PROFILES)}")
 @click.option(
-    "--threads", type=click.IntRange(min=0), default=None, help="intra-op threads (default: profile's)"
+    "--threads",
+    type=click.IntRange(min=0),
+    default=None,
+    help="intra-op threads (default: the profile's, else ONNX Runtime's)",
 )
-@click.option("--prompt-len", type=click.IntRange(min=1), default=RunConfig.prompt_len, show_default=True)
+@click.option(
+    "--prompt-len",
+    type=click.IntRange(min=1),
+    default=RunConfig.prompt_len,
+    show_default=True,
+    help="prompt tokens",
+)
 @click.option(
     "--gen", type=click.IntRange(min=1), default=RunConfig.gen, show_default=True, help="decode steps"
 )
-@click.option("--runs", type=click.IntRange(min=1), default=RunConfig.runs, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=RunConfig.warmup, show_default=True)
+@click.option(
+    "--runs",
+    type=click.IntRange(min=1),
+    default=RunConfig.runs,
+    show_default=True,
+    help="measured repetitions",
+)
+@click.option(
+    "--warmup",
+    type=click.IntRange(min=0),
+    default=RunConfig.warmup,
+    show_default=True,
+    help="unmeasured runs first",
+)
 @click.option("--device", type=click.Choice(list(DEVICES)), default=None, help="default: profile's, else cpu")
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="write the report here"
