@@ -65,6 +65,11 @@ class QuantConfig:
         self.base_format().validate()
         if self.abits not in VALID_ABITS:
             raise EdgepackError(f"abits={self.abits} is not supported; choose 16 (float activations) or 8")
+        _load_methods()
+        if self.method not in METHODS:
+            raise EdgepackError(
+                f"unknown quantization method {self.method!r}; available: {', '.join(sorted(METHODS))}"
+            )
         for pattern, over in self.overrides.items():
             unknown = set(over) - {"wbits", "group_size", "symmetric"}
             if unknown:
@@ -315,11 +320,6 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
     The tied lm_head (unless skipped) is quantized once; the embedding then uses the same dequantized weight,
     because the exporter stores one packed tensor for both (GatherBlockQuantized).
     """
-    _load_methods()
-    if config.method not in METHODS:
-        raise EdgepackError(
-            f"unknown quantization method {config.method!r}; available: {', '.join(sorted(METHODS))}"
-        )
     sites = linear_sites(model, config)
     qtensors = METHODS[config.method](model, sites, config, calib_ids)
     layers = []

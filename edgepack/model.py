@@ -118,8 +118,10 @@ def load_model(model_dir: str | Path, *, trust_remote_code: bool = False):
     """Load a causal LM in float32 with eager attention from a local folder (safetensors only, offline)."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     read_config(model_dir)
+    hf_logging.disable_progress_bar()  # our own progress and logging; one line per error
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),

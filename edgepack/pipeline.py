@@ -66,7 +66,7 @@ def sha256(path: Path) -> str:
 @contextmanager
 def staging_dir(out_dir: Path, force: bool):
     """A temp folder beside ``out_dir`` that replaces it atomically on success and vanishes on failure."""
-    out_dir = out_dir.resolve()
+    out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not force:
         raise EdgepackError(
             f"output folder {out_dir} already exists; pass --force to replace it or choose another -o"

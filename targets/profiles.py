@@ -41,6 +41,7 @@ STANDARD_OPS = frozenset(
         "Unsqueeze",
         "Where",
         "DequantizeLinear",
+        "BitShift", "BitwiseAnd", "ReduceSum",
     )
 )
 # ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.

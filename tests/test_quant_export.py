@@ -1,0 +1,151 @@
+"""Arbitrary-bit quantization lowered to MatMulNBits planes: exact parity, bytes on disk, ops in the graph."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+
+import onnx
+import pytest
+from edgepack.compressor.quantize import QuantConfig
+from edgepack.kernels.packing import PLANE_BITS
+
+from edgepack.pipeline import ExportRequest, export
+from edgepack.recipe import Recipe
+
+
+def theoretical_bytes(layers: list[dict], bits_key: str = "bits") -> float:
+    """params x bits / 8 plus one fp32 scale and one zero point (of the same width) per group."""
+    total = 0.0
+    for layer in layers:
+        n, k = layer["shape"]
+        groups = n * math.ceil(k / layer["group"])
+        total += n * k * layer[bits_key] / 8 + groups * (4 + layer[bits_key] / 8)
+    return total
+
+
+@pytest.mark.parametrize("wbits", range(2, 9))
+def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits):
+    res = export(
+        ExportRequest(stories, tmp_path / "a", recipe=Recipe([QuantConfig(wbits=wbits, group_size=32)]))
+    )
+    m = res.manifest
+    parity = m["parity"]
+    # The ONNX graph computes exactly what the fake-quant PyTorch model computes (same codes).
+    assert parity["passed"] and parity["max_abs_logit"] < 1e-3 and parity["top1"] == 1.0
+    layers = m["compression"]["quantize"]["layers"]
+    assert len(layers) == 5 * 7 + 1  # every linear plus the tied lm_head
+    stored = sum(layer["bytes"] for layer in layers)
+    assert stored <= 1.10 * theoretical_bytes(layers), (stored, theoretical_bytes(layers))
+    graph = onnx.load(tmp_path / "a" / "model.onnx")
+    ops = Counter(n.op_type for n in graph.graph.node)
+    planes = len(PLANE_BITS[wbits])
+    # one MatMulNBits per plane per linear use (lm_head included), and the embedding from the same planes
+    assert ops["MatMulNBits"] == planes * (5 * 7 + 1)
+    assert ops["GatherBlockQuantized"] == planes
+    assert not any(t.name == "model.embed_tokens.weight" for t in graph.graph.initializer)
+    assert {
+        a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
+    } == {max(b, 2) for b in PLANE_BITS[wbits]}
+
+
+def test_mix_llama_w3_file_size(mix, tmp_path):
+    """On a real 14M model the whole file is within 10% of params x 3/8 + scale overhead + float norms.
+
+    Group 64 divides hidden 320; with group 128 MatMulNBits pads K = 320 to 384 (20% more weight bytes).
+    """
+    res = export(ExportRequest(mix, tmp_path / "w3", recipe=Recipe([QuantConfig(wbits=3, group_size=64)])))
+    m = res.manifest
+    layers = m["compression"]["quantize"]["layers"]
+    norms = sum(t["bytes"] for t in m["tensors"] if "norm" in t["name"])
+    expected = theoretical_bytes(layers) + norms
+    assert m["model_bytes"] <= 1.10 * expected, (m["model_bytes"], expected)
+    assert m["parity"]["passed"] and m["parity"]["max_abs_logit"] < 1e-3
+    assert 3.0 < m["bits_per_weight"] <= 1.1 * (3 + (32 + 3) / 64)  # codes + fp32 scale + 3-bit zero point
+
+
+def test_w4a8_sets_accuracy_level_and_passes_int8_thresholds(stories, tmp_path):
+    res = export(
+        ExportRequest(stories, tmp_path / "a8", recipe=Recipe([QuantConfig(wbits=4, abits=8, group_size=32)]))
+    )
+    assert res.manifest["parity"]["thresholds"] == "int8-activations" and res.manifest["parity"]["passed"]
+    graph = onnx.load(tmp_path / "a8" / "model.onnx")
+    levels = {
+        a.i
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "accuracy_level"
+    }
+    assert levels == {4}
+
+
+def test_skip_lm_head_keeps_float_embedding(stories, tmp_path):
+    res = export(
+        ExportRequest(stories, tmp_path / "s", recipe=Recipe([QuantConfig(wbits=4, skip=["lm_head"])]))
+    )
+    names = {t["name"] for t in res.manifest["tensors"]}
+    assert "model.embed_tokens.weight" in names and "lm_head.qweight" not in names
+    assert res.manifest["parity"]["passed"]
+
+
+def test_per_layer_overrides(stories, tmp_path):
+    cfg = QuantConfig(
+        wbits=4, group_size=32, overrides={"*.mlp.down_proj": {"wbits": 8}, "lm_head": {"wbits": 6}}
+    )
+    res = export(ExportRequest(stories, tmp_path / "o", recipe=Recipe([cfg])))
+    bits = {layer["name"]: layer["bits"] for layer in res.manifest["compression"]["quantize"]["layers"]}
+    assert (
+        bits["model.layers.2.mlp.down_proj"] == 8
+        and bits["lm_head"] == 6
+        and bits["model.layers.2.mlp.up_proj"] == 4
+    )
+    assert res.manifest["parity"]["passed"]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_recipe_file_equals_flags_and_inspect_table(stories, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - kind: quantize\n    wbits: 5\n    group_size: 64\n")
+    r1 = cli("export", "--model", str(stories), "--recipe", str(recipe), "-o", str(tmp_path / "a"))
+    r2 = cli(
+        "export", "--model", str(stories), "--wbits", "5", "--group-size", "64", "-o", str(tmp_path / "b")
+    )
+    assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
+    ma = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    mb = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert ma["recipe"] == mb["recipe"] and ma["recipe"]["steps"][0]["wbits"] == 5
+    assert ma["files"]["model.onnx"] == mb["files"]["model.onnx"]  # same settings, byte-identical graph
+    out = cli("inspect", str(tmp_path / "a")).stdout
+    assert "quantized layers" in out and "model.layers.0.self_attn.q_proj" in out and "64x64" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--wbits", "9"], "wbits=9 is not supported; choose an integer from 2 to 8"),
+        (["--wbits", "4", "--group-size", "48"], "group_size=48 is not supported"),
+        (["--wbits", "4", "--abits", "4"], "abits=4 is not supported"),
+        (["--wbits", "4", "--method", "magic"], "unknown quantization method 'magic'"),
+    ],
+)
+def test_bad_quant_flags(stories, tmp_path, args, needle):
+    r = cli("export", "--model", str(stories), *args, "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_recipe_keys(tmp_path, stories):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"steps": [{"kind": "quantize", "wbits": 4, "bitz": 3}]}))
+    r = cli("export", "--model", str(stories), "--recipe", str(recipe), "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "unknown quantize keys ['bitz']" in r.stderr
