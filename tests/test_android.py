@@ -21,8 +21,6 @@ from onnxruntime.capi import _pybind_state
 from edgepack.cli import cli
 from edgepack.errors import EdgepackError
 
-ROOT = Path(__file__).resolve().parents[1]
-STORIES = ROOT.parent / "shared" / "models" / "stories260k"
 BUNDLE_FILES = ("model.ort", "required_operators.config", "EdgepackDecoder.kt", "runner.py")
 QUICK = ["--prompt-len=8", "--gen=6", "--runs=1", "--warmup=0", "--threads=1"]
 NETWORK_ERRORS = ("No matching distribution", "Could not find a version", "NewConnectionError", "Network is unreachable",
@@ -30,10 +28,10 @@ NETWORK_ERRORS = ("No matching distribution", "Could not find a version", "NewCo
 
 
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifact(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
     """stories260k exported for the android target: the exporter calls make_android_bundle on its temp folder."""
     out = tmp_path_factory.mktemp("android") / "stories260k-android"
-    args = ["export", "--target", "android", "--model", str(STORIES), "-o", str(out), "--no-parity"]
+    args = ["export", "--target", "android", "--model", str(stories), "-o", str(out), "--no-parity"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out

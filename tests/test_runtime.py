@@ -18,16 +18,14 @@ from edgepack.runtime.runner import BindingDecoder, DecoderIO, RunDecoder, gener
 
 from edgepack.cli import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-STORIES = ROOT.parent / "shared" / "models" / "stories260k"
 QUICK = ["--prompt-len=8", "--gen=4", "--runs=2", "--warmup=1", "--threads=1"]
 
 
 @pytest.fixture(scope="session")
-def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def artifact(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
     """stories260k exported for the cpu target (parity is the exporter's test, so skipped here)."""
     out = tmp_path_factory.mktemp("runtime") / "stories260k-cpu"
-    args = ["export", "--target", "cpu", "--model", str(STORIES), "-o", str(out), "--no-parity"]
+    args = ["export", "--target", "cpu", "--model", str(stories), "-o", str(out), "--no-parity"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return out
