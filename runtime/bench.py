@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import ModuleType
 
 import onnx
 import onnxruntime as ort
@@ -27,10 +28,8 @@ from edgepack.errors import EdgepackError
 log = logging.getLogger(__name__)
 
 RUNNER_PATH = Path(__file__).with_name("runner.py")
-GATHER_OPS = {
-    ("", "Gather"),
-    ("com.microsoft", "GatherBlockQuantized"),
-}  # read one row per token, not the table
+# Ops that read one row of their table input per token, not the whole table.
+GATHER_OPS = {("", "Gather"), ("com.microsoft", "GatherBlockQuantized")}
 SUB_BYTE_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
 MIB = 2**20
 
@@ -367,8 +366,8 @@ def bench(
     return report
 
 
-def plot_latency(report: BenchReport, path: Path) -> None:
-    """PNG of TTFT and decode latency against prompt length, one line per artifact."""
+def import_pyplot() -> ModuleType:
+    """matplotlib.pyplot on the Agg backend, or one line saying how to get it (checked before benchmarking)."""
     try:
         import matplotlib
 
@@ -376,6 +375,12 @@ def plot_latency(report: BenchReport, path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise EdgepackError("--plot needs matplotlib: pip install matplotlib (or edgepack[dev])") from exc
+    return plt
+
+
+def plot_latency(report: BenchReport, path: Path) -> None:
+    """PNG of TTFT and decode latency against prompt length, one line per artifact."""
+    plt = import_pyplot()
     fig, (ttft_ax, decode_ax) = plt.subplots(1, 2, figsize=(10, 4))
     for r in report.results:
         points = r.runner["sweep"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 from edgepack.runtime.bench import bench as run_bench
-from edgepack.runtime.bench import plot_latency
+from edgepack.runtime.bench import import_pyplot, plot_latency
 from edgepack.runtime.runner import DEVICES, RunConfig
 from edgepack.targets.devices import PROFILES, get_profile
 
@@ -70,6 +70,8 @@ def bench(
 ) -> None:
     """Benchmark ARTIFACT (prefill + greedy decode through the KV cache), each artifact in a fresh process."""
     device_profile = get_profile(profile) if profile else None
+    if plot_path is not None:
+        import_pyplot()  # fail before minutes of benchmarking, not after
     config = RunConfig(
         threads=threads if threads is not None else (device_profile.threads if device_profile else 0),
         prompt_len=prompt_len,
