@@ -249,20 +249,18 @@ def targets() -> None:
 
     for t in TARGETS.values():
         click.echo(f"{t.name:8s} {t.dtype:8s} .{t.file_format:4s} {t.execution_provider:22s} {t.description}")
-    try:
-        from edgepack.targets.devices import DEVICES
-    except ImportError:
-        return
+    from edgepack.targets.devices import PROFILES
+
     click.echo("\ndevice profiles (edgepack bench --profile NAME):")
-    for d in DEVICES.values():
-        click.echo(f"  {d.name}")
+    for d in PROFILES.values():
+        click.echo(
+            f"  {d.name:18s} {d.memory_bandwidth_gbs:7.1f} GB/s  {d.app_memory_mib:6d} MiB per app  {d.threads} threads"
+        )
 
 
 def _register_runtime_commands() -> None:
-    try:
-        from edgepack.runtime.cli import bench
-    except ImportError:
-        return
+    from edgepack.runtime.cli import bench
+
     cli.add_command(bench)
 
 

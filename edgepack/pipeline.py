@@ -102,6 +102,7 @@ def export(req: ExportRequest) -> ExportResult:
     t0 = time.perf_counter()
     target = get_target(req.target)
     raw_config, arch = read_config(req.model_dir)
+    precheck(req, raw_config)
     with staging_dir(req.out_dir, req.force) as tmp:
         log.info("loading %s (%s)", req.model_dir, arch.name)
         model = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
@@ -126,6 +127,27 @@ def export(req: ExportRequest) -> ExportResult:
     seconds = time.perf_counter() - t0
     log.info("wrote %s in %.1f s", req.out_dir, seconds)
     return ExportResult(req.out_dir, manifest, seconds)
+
+
+def precheck(req: ExportRequest, raw_config: dict) -> None:
+    """Refuse a recipe that cannot work on this model before anything heavy is loaded."""
+    from edgepack.recipe import kind_of
+
+    kinds = {kind_of(s): s for s in req.recipe.steps}
+    needs_calib = "fold" in kinds or ("quantize" in kinds and kinds["quantize"].method != "rtn")
+    if needs_calib and req.calib is None:
+        raise EdgepackError(
+            "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
+        )
+    if req.calib is not None and not Path(req.calib).is_file():
+        raise EdgepackError(
+            f"calibration text {req.calib} does not exist; pass a local UTF-8 text file to --calib"
+        )
+    if "fold" in kinds:
+        from edgepack.compressor.fold_plan import removal_count, resolve_groups
+
+        depth = int(raw_config["num_hidden_layers"])
+        resolve_groups(kinds["fold"].share_group, depth - removal_count(kinds["fold"].remove, depth))
 
 
 def compress(model, tokenizer, req: ExportRequest) -> dict:
@@ -403,7 +425,7 @@ def write_app_readme(folder: Path, m: dict) -> None:
 
     ort_line = ""
     if m["target"]["file_format"] == "ort":
-        ort_line = "Android: `model.ort` with the ONNX Runtime Android package; see `OrtDecode.kt` and `runner.py`.\n"
+        ort_line = "Android: `model.ort` with the ONNX Runtime Android package; see `EdgepackDecoder.kt` and `runner.py`.\n"
     steps = [s["kind"] for s in m["recipe"]["steps"]] or ["none (float)"]
     text = APP_README.format(
         name=Path(m["source"]["path"]).name,

@@ -1,0 +1,104 @@
+"""Folded models through the exporter: shared weights stored once, exact parity, folding plus quantization."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import onnx
+import pytest
+from edgepack.compressor.fold import FoldConfig
+from edgepack.compressor.quantize import QuantConfig
+from onnx import numpy_helper
+
+from edgepack.pipeline import ExportRequest, export
+from edgepack.recipe import Recipe
+
+# stories260k has 5 blocks: remove 1 (20%), share the 4 kept positions in 2 groups of 2.
+FAST_FOLD = dict(
+    remove=0.2, share_group=2, importance="bi", cure_steps=4, n_samples=8, seq_len=64, batch_size=4
+)
+
+
+def weight_initializers(path):
+    model = onnx.load(path)
+    return model, [t for t in model.graph.initializer if not t.name.startswith("const")]
+
+
+@pytest.fixture(scope="module")
+def folded(tmp_path_factory, stories, shakespeare):
+    out = tmp_path_factory.mktemp("fold") / "a"
+    res = export(ExportRequest(stories, out, recipe=Recipe([FoldConfig(**FAST_FOLD)]), calib=shakespeare))
+    return out, res.manifest
+
+
+def test_folded_export_parity_and_structure(folded):
+    out, m = folded
+    assert m["num_layers"] == 4 and m["parity"]["passed"] and m["parity"]["max_abs_logit"] < 1e-3
+    fold = m["compression"]["fold"]
+    assert len(fold["kept"]) == 4 and fold["groups"] == [[0, 1], [2, 3]]
+    graph, inits = weight_initializers(out / "model.onnx")
+    q = [t.name for t in inits if t.name.endswith("self_attn.q_proj.weight")]
+    assert len(q) == 2  # one per group
+    assert Counter(n.op_type for n in graph.graph.node)["MatMul"] >= 4 * 7  # every position still computes
+    cfg = json.loads((out / "config.json").read_text())
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert cfg["num_hidden_layers"] == 4 == genai["model"]["decoder"]["num_hidden_layers"]
+
+
+def test_initializer_bytes_equal_unique_weights(folded):
+    out, m = folded
+    _, inits = weight_initializers(out / "model.onnx")
+    stored = sum(numpy_helper.to_array(t).nbytes for t in inits)
+    assert stored == 4 * m["parameters"]  # fp32: each unique parameter exactly once
+    digests = Counter(
+        hashlib.sha256(numpy_helper.to_array(t).tobytes()).hexdigest()
+        for t in inits
+        if numpy_helper.to_array(t).size > 64
+    )
+    assert max(digests.values()) == 1  # no weight stored twice under two names
+    assert m["parameters"] < 260_032 * 0.6  # 4 positions, 2 unique blocks (+ embedding)
+
+
+def test_fold_then_quantize_shares_packed_weights(stories, shakespeare, tmp_path):
+    rec = Recipe([FoldConfig(**FAST_FOLD), QuantConfig(wbits=3, group_size=32)])
+    res = export(ExportRequest(stories, tmp_path / "fq", recipe=rec, calib=shakespeare))
+    m = res.manifest
+    assert m["parity"]["passed"] and m["parity"]["max_abs_logit"] < 1e-3
+    graph, inits = weight_initializers(tmp_path / "fq" / "model.onnx")
+    planes = [t.name for t in inits if ".qweight" in t.name and "layers" in t.name]
+    ops = Counter(n.op_type for n in graph.graph.node)
+    assert len(planes) == 2 * 7 * 2  # 2 unique blocks x 7 linears x 2 planes (3 = 2 + 1)
+    assert ops["MatMulNBits"] == (4 * 7 + 1) * 2  # 4 positions (+ lm_head) use them
+    layers = m["compression"]["quantize"]["layers"]
+    shared = [layer for layer in layers if len(layer["uses"]) == 2]
+    assert len(shared) == 14  # every block linear quantized once, used by two positions
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--remove", "1.0"], "remove"),
+        (["--remove", "0.2", "--share-groups", "0,1;2"], "group"),
+        (["--share-groups", "3"], "divide"),
+    ],
+)
+def test_bad_fold_input(stories, shakespeare, tmp_path, args, needle):
+    r = cli("export", "--model", str(stories), *args, "--calib", str(shakespeare), "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_fold_without_calibration_text(stories, tmp_path):
+    r = cli("export", "--model", str(stories), "--remove", "0.2", "-o", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--calib" in r.stderr and not (tmp_path / "x").exists()
