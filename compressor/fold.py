@@ -1,0 +1,293 @@
+"""FoldGPT depth folding: rank decoder blocks, remove the least important, share weights in groups, cure.
+
+``fold(model, FoldConfig(...), calib_ids)`` edits a HF ``*ForCausalLM`` in place and returns a ``FoldReport``.
+Representation contract (the exporter and quantizer rely on it):
+
+- ``model.model.layers`` holds only the retained positions; ``config.num_hidden_layers`` (and ``layer_types``)
+  match; each attention module's ``layer_idx`` is its new position 0..n-1, so every position has its own KV slot.
+- Positions in one share group hold the *same* ``nn.Parameter`` objects for every non-norm weight (q/k/v/o,
+  gate/up/down, biases); norms stay distinct per position. Modules are never shared (that would share layer_idx).
+- No gates or hooks are left behind; the model runs ``forward``/``generate`` with a DynamicCache as before.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from edgepack.compressor.fold_cure import cure, norm_parameters
+from edgepack.compressor.fold_hooks import decoder_layers
+from edgepack.compressor.fold_importance import IMPORTANCE
+from edgepack.compressor.fold_plan import check_share_group, rank, removal_count, resolve_groups
+from torch import nn
+
+from edgepack.errors import EdgepackError
+from edgepack.textdata import calibration_samples, read_text
+
+log = logging.getLogger(__name__)
+
+INITS = ("important", "mean")  # how a share group's weights start: its most important block's, or the average
+BASELINES = ("bi", "drop_one")  # always scored and reported next to the chosen importance method
+
+
+@dataclass
+class FoldConfig:
+    """Recipe step: remove a fraction of decoder blocks, share weights within groups, cure by distillation."""
+
+    remove: float = 0.25  # fraction of blocks to delete (rounded to whole blocks)
+    share_group: int | list[list[int]] | None = None  # group size, or explicit groups of retained positions
+    importance: str = "gates"  # "gates" | "bi" | "drop_one"
+    init: str = "important"  # shared weights start as the group's most important block's, or "mean"
+    cure_steps: int = 100
+    lr: float = 4e-3  # norms; block weights use lr * weight_lr_scale (best of 2e-3/4e-3/8e-3 on mix-llama)
+    weight_lr_scale: float = 0.1
+    cure_weights: bool = True  # also fine-tune block weights (shared ones included) in the cure
+    distill_layers: int = 2  # tail layers matched on hidden states (0 = logits only)
+    hidden_weight: float = 1.0
+    n_samples: int = 32
+    seq_len: int = 256
+    batch_size: int = 4
+    gate_steps: int = 60
+    gate_lr: float = 0.1
+    gate_init: float = 3.0  # gate logit at start: sigmoid(3) = 0.95
+    gate_sparsity: float = 1.0  # hinge penalty per unit of gate mass above the kept-block budget
+    gate_polarization: float = 0.2  # weight of sum g(1-g), pushing gates to 0 or 1
+    seed: int = 0
+    version: int = 1
+
+    kind = "fold"
+
+    def __post_init__(self) -> None:
+        if (
+            isinstance(self.remove, bool)
+            or not isinstance(self.remove, (int, float))
+            or not 0 <= self.remove < 1
+        ):
+            raise EdgepackError(
+                f"remove={self.remove!r} is not a fraction of blocks; pass a number in [0, 1), e.g. remove=0.25"
+            )
+        check_share_group(self.share_group)
+        if self.importance not in IMPORTANCE:
+            raise EdgepackError(
+                f"importance={self.importance!r} is unknown; choose one of {', '.join(sorted(IMPORTANCE))}"
+            )
+        if self.init not in INITS:
+            raise EdgepackError(f"init={self.init!r} is unknown; choose one of {', '.join(INITS)}")
+        for name in ("n_samples", "batch_size", "gate_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise EdgepackError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        for name in ("cure_steps", "distill_layers", "seed"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise EdgepackError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
+        if not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise EdgepackError(f"seq_len={self.seq_len!r} must be an integer >= 2")
+        for name in ("lr", "gate_lr", "weight_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise EdgepackError(f"{name}={getattr(self, name)!r} must be > 0")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FoldConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise EdgepackError(f"unknown fold keys {sorted(unknown)}; allowed: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclass
+class FoldReport:
+    """What folding did, for logs and the artifact manifest. Blocks are original indices, groups positions."""
+
+    original_layers: int
+    kept: list[int]
+    removed: list[int]
+    groups: list[list[int]]
+    importance: str
+    init: str
+    scores: dict[str, list[float]]  # method -> one score per original block, higher = more important
+    rankings: dict[str, list[int]]  # method -> original blocks, most important first
+    block_params_before: int  # unique parameters in the decoder blocks
+    block_params_after: int
+    cure_loss: list[float] = field(default_factory=list)  # per cure step
+    distill_loss_before: float | None = None
+    distill_loss_after: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ranking(self) -> list[int]:
+        """Original blocks ranked by the chosen importance method, most important first."""
+        return self.rankings[self.importance]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------- plan: how many blocks, which groups
+
+
+def unique_parameter_count(module: nn.Module) -> int:
+    """Number of parameter elements, counting each ``nn.Parameter`` object once (shared weights count once)."""
+    seen = {id(p): p.numel() for _, p in module.named_parameters(remove_duplicate=False)}
+    return sum(seen.values())
+
+
+# ---------------------------------------------------------------- structural edit
+
+
+def shared_parameter_names(layer: nn.Module) -> list[str]:
+    """Names of a block's parameters that a share group shares: everything except its norms."""
+    norms = {id(p) for p in norm_parameters(layer)}
+    return [name for name, p in layer.named_parameters() if id(p) not in norms]
+
+
+def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, leaf, param)
+
+
+def restructure(
+    model: nn.Module, kept: list[int], groups: list[list[int]], scores: list[float], init: str
+) -> None:
+    """Keep blocks ``kept`` (original indices, ascending), share weights within position ``groups``, renumber."""
+    layers = decoder_layers(model)
+    new = nn.ModuleList([layers[i] for i in kept])
+    for group in groups:
+        if len(group) < 2:
+            continue
+        members = [new[p] for p in group]
+        source = members[max(range(len(group)), key=lambda j: scores[kept[group[j]]])]
+        for name in shared_parameter_names(source):
+            if init == "mean":
+                with torch.no_grad():
+                    stacked = torch.stack([m.get_parameter(name) for m in members])
+                    param = nn.Parameter(
+                        stacked.mean(0), requires_grad=source.get_parameter(name).requires_grad
+                    )
+            else:
+                param = source.get_parameter(name)
+            for m in members:
+                _set_parameter(m, name, param)
+    for pos, layer in enumerate(new):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = pos
+    model.model.layers = new
+    config = model.config
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in kept]
+    config.num_hidden_layers = len(kept)
+
+
+# ---------------------------------------------------------------- entry points
+
+
+def calibration_ids(tokenizer, path: str | Path, config: FoldConfig) -> torch.Tensor:
+    """Calibration/cure samples (n_samples, seq_len) from any local text file."""
+    return calibration_samples(tokenizer, read_text(path), config.n_samples, config.seq_len, config.seed)
+
+
+def score_blocks(
+    model: nn.Module, calib_ids: torch.Tensor, config: FoldConfig, methods: list[str]
+) -> dict[str, list[float]]:
+    """Importance scores per block for each of ``methods`` (higher = more important); the model is unchanged."""
+    was_training = model.training
+    model.eval()
+    out = {}
+    for method in methods:
+        t0 = time.perf_counter()
+        out[method] = IMPORTANCE[method](model, calib_ids, config)
+        log.info(
+            "fold: %s scores %s (%.1fs)",
+            method,
+            " ".join(f"{s:.3g}" for s in out[method]),
+            time.perf_counter() - t0,
+        )
+    model.train(was_training)
+    return out
+
+
+def _check_ids(calib_ids) -> None:
+    if (
+        not isinstance(calib_ids, torch.Tensor)
+        or calib_ids.dtype != torch.long
+        or calib_ids.dim() != 2
+        or calib_ids.shape[1] < 2
+    ):
+        raise EdgepackError(
+            "calibration ids must be a (n_samples, seq_len >= 2) LongTensor; build them with calibration_ids()"
+        )
+    if len(calib_ids) == 0:
+        raise EdgepackError("no calibration samples; pass a calibration text file with --calib")
+
+
+def fold(
+    model: nn.Module,
+    config: FoldConfig,
+    calib_ids: torch.Tensor,
+    scores: dict[str, list[float]] | None = None,
+) -> FoldReport:
+    """Fold ``model`` in place (see the module docstring for the result's contract): score the blocks, remove
+    the lowest-ranked, share weights within groups, cure by distillation from a copy of the original.
+    ``scores`` may carry precomputed importance ({method: one score per block}) to skip recomputing it."""
+    _check_ids(calib_ids)
+    layers = decoder_layers(model)
+    n = len(layers)
+    n_remove = removal_count(config.remove, n)
+    groups = resolve_groups(config.share_group, n - n_remove)
+    if config.distill_layers > n - n_remove:
+        raise EdgepackError(
+            f"distill_layers={config.distill_layers} exceeds the {n - n_remove} retained blocks; "
+            f"pass distill_layers <= {n - n_remove}"
+        )
+    t0 = time.perf_counter()
+    scores = dict(scores or {})
+    for method, s in scores.items():
+        if len(s) != n:
+            raise EdgepackError(
+                f"precomputed {method} scores have {len(s)} entries for {n} blocks; recompute them"
+            )
+    wanted = [m for m in (config.importance, *BASELINES) if m not in scores]
+    scores.update(score_blocks(model, calib_ids, config, list(dict.fromkeys(wanted))))
+    seconds = {"importance": time.perf_counter() - t0}
+    rankings = {method: rank(s) for method, s in scores.items()}
+    order = rankings[config.importance]
+    kept = sorted(order[: n - n_remove])
+    removed = sorted(order[n - n_remove :])
+    log.info("fold: %s ranking %s; removing blocks %s", config.importance, order, removed)
+
+    changed = n_remove > 0 or any(len(g) > 1 for g in groups)
+    teacher = copy.deepcopy(model) if config.cure_steps and changed else None  # nothing to cure otherwise
+    before = unique_parameter_count(layers)
+    restructure(model, kept, groups, scores[config.importance], config.init)
+    after = unique_parameter_count(decoder_layers(model))
+    log.info(
+        "fold: %d -> %d blocks, groups %s, unique block params %d -> %d", n, len(kept), groups, before, after
+    )
+    report = FoldReport(
+        original_layers=n,
+        kept=kept,
+        removed=removed,
+        groups=groups,
+        importance=config.importance,
+        init=config.init,
+        scores=scores,
+        rankings=rankings,
+        block_params_before=before,
+        block_params_after=after,
+        seconds=seconds,
+    )
+    if teacher is not None:
+        t0 = time.perf_counter()
+        result = cure(model, teacher, calib_ids, config)
+        report.cure_loss = result.curve
+        report.distill_loss_before, report.distill_loss_after = result.before, result.after
+        report.seconds["cure"] = time.perf_counter() - t0
+    model.eval()
+    return report

@@ -1,0 +1,69 @@
+"""Folding plan: how many blocks a removal rate deletes, how share groups cover the retained positions.
+
+Pure functions on integers and lists; each refuses bad input with a one-line EdgepackError naming the fix.
+"""
+
+from __future__ import annotations
+
+from edgepack.errors import EdgepackError
+
+
+def removal_count(remove: float, num_layers: int) -> int:
+    """Whole blocks removed at rate ``remove`` (nearest integer); refuses to remove every block."""
+    n = int(remove * num_layers + 0.5)
+    if n >= num_layers:
+        limit = (num_layers - 0.5) / num_layers
+        raise EdgepackError(
+            f"remove={remove} would delete all {num_layers} blocks; pass remove < {limit:.2f} to keep at least one"
+        )
+    return n
+
+
+def resolve_groups(share_group: int | list[list[int]] | None, n_kept: int) -> list[list[int]]:
+    """Share groups over retained positions 0..n_kept-1: singletons, fixed-size runs, or checked explicit groups."""
+    if share_group is None:
+        return [[i] for i in range(n_kept)]
+    if isinstance(share_group, int):
+        if n_kept % share_group:
+            raise EdgepackError(
+                f"share_group={share_group} does not divide the {n_kept} retained blocks; pass a group size "
+                f"that divides {n_kept} or explicit groups like [[0, 1], [2], ...]"
+            )
+        return [list(range(i, i + share_group)) for i in range(0, n_kept, share_group)]
+    flat = [i for group in share_group for i in group]
+    if sorted(flat) != list(range(n_kept)):
+        raise EdgepackError(
+            f"share_group {share_group} does not cover the {n_kept} retained positions exactly; "
+            f"list each of 0..{n_kept - 1} once"
+        )
+    for group in share_group:
+        if group != list(range(group[0], group[0] + len(group))):
+            raise EdgepackError(
+                f"share group {group} is not a run of consecutive positions; share only neighbours, e.g. [3, 4]"
+            )
+    return [list(group) for group in share_group]
+
+
+def check_share_group(share_group) -> None:
+    """Config-time shape check of ``share_group`` (coverage is checked at fold time, against the model)."""
+    if share_group is None:
+        return
+    if isinstance(share_group, bool):
+        raise EdgepackError("share_group must be a group size, a list of groups, or None; not a bool")
+    if isinstance(share_group, int):
+        if share_group < 1:
+            raise EdgepackError(f"share_group={share_group} must be >= 1 (1 = no sharing)")
+        return
+    ok = isinstance(share_group, (list, tuple)) and all(
+        isinstance(g, (list, tuple)) and g and all(isinstance(i, int) and not isinstance(i, bool) for i in g)
+        for g in share_group
+    )
+    if not ok:
+        raise EdgepackError(
+            f"share_group={share_group!r} is not valid; pass a group size (e.g. 2) or groups like [[0, 1], [2]]"
+        )
+
+
+def rank(scores: list[float]) -> list[int]:
+    """Block indices by descending score (ties keep the lower index first)."""
+    return sorted(range(len(scores)), key=lambda i: -scores[i])

@@ -1,0 +1,243 @@
+"""Depth folding (FoldGPT) on stories260k and a tiny random Qwen2: structure contract, KV cache, importance, cure."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from edgepack.compressor.fold import (
+    FoldConfig,
+    calibration_ids,
+    fold,
+    score_blocks,
+    shared_parameter_names,
+    unique_parameter_count,
+)
+from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+
+from edgepack.errors import EdgepackError
+from edgepack.model import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = ROOT.parent / "shared" / "models" / "stories260k"
+if not STORIES.is_dir():
+    STORIES = ROOT / "edgepack" / "assets" / "stories260k"
+TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+FAST = dict(n_samples=8, seq_len=64, batch_size=4, gate_steps=12, cure_steps=0, importance="bi")
+SHARED = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+SHARED += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models here are tiny: extra intra-op threads only add overhead (and thrash on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return load_model(STORIES)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    tok = load_tokenizer(STORIES)
+    if TEXT.is_file():
+        return calibration_ids(tok, TEXT, FoldConfig(**FAST))
+    return torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture
+def model(base):
+    return copy.deepcopy(base)
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    """A random 4-layer Qwen2 with q/k/v biases and sliding-window layers (exercises layer_types)."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=6,
+        max_window_layers=2,
+        attn_implementation="eager",
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+def assert_cache_matches_full(model, x: torch.Tensor, prefill: int) -> None:
+    """Prefill + one-token decode steps with a DynamicCache give the logits of one full forward."""
+    with torch.no_grad():
+        full = model(input_ids=x, use_cache=False).logits
+        cache = DynamicCache(config=model.config)
+        steps = [model(input_ids=x[:, :prefill], past_key_values=cache, use_cache=True).logits]
+        for t in range(prefill, x.shape[1]):
+            steps.append(model(input_ids=x[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- config and bad input
+
+
+def test_config_round_trip():
+    cfg = FoldConfig(remove=0.2, share_group=[[0, 1], [2, 3]], init="mean", cure_steps=7)
+    assert FoldConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(EdgepackError, match="unknown fold keys"):
+        FoldConfig.from_dict({**cfg.to_dict(), "remove_rate": 0.3})
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(remove=1.0), r"pass a number in \[0, 1\)"),
+        (dict(remove=-0.1), r"pass a number in \[0, 1\)"),
+        (dict(importance="magnitude"), "choose one of bi, drop_one, gates"),
+        (dict(init="random"), "choose one of important, mean"),
+        (dict(share_group=0), "must be >= 1"),
+        (dict(share_group=[[0, 1], []]), "groups like"),
+        (dict(cure_steps=-1), "non-negative integer"),
+    ],
+)
+def test_bad_config(kwargs, message):
+    with pytest.raises(EdgepackError, match=message) as err:
+        FoldConfig(**kwargs)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(remove=0.95), r"would delete all 5 blocks; pass remove < 0.90"),
+        (dict(remove=0.2, share_group=3), "does not divide the 4 retained blocks"),
+        (dict(remove=0.2, share_group=[[0, 1], [2]]), r"does not cover the 4 retained positions exactly"),
+        (dict(remove=0.2, share_group=[[0, 2], [1], [3]]), "not a run of consecutive positions"),
+        (dict(remove=0.4, distill_layers=4), "pass distill_layers <= 3"),
+    ],
+)
+def test_bad_fold_input(model, ids, kwargs, message):
+    with pytest.raises(EdgepackError, match=message) as err:
+        fold(model, FoldConfig(**{**FAST, **kwargs}), ids)
+    assert "\n" not in str(err.value)
+    assert len(model.model.layers) == 5, "a refused fold must leave the model untouched"
+
+
+def test_bad_calibration_ids(model):
+    with pytest.raises(EdgepackError, match="LongTensor"):
+        fold(model, FoldConfig(**FAST), torch.zeros(64, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- representation contract
+
+
+def test_unique_parameter_count_counts_shared_once(model):
+    total = sum(p.numel() for p in model.parameters())  # .parameters() already dedupes the tied lm_head
+    assert unique_parameter_count(model) == total
+    layers = model.model.layers
+    before = unique_parameter_count(layers)
+    layers[1].mlp.up_proj.weight = layers[0].mlp.up_proj.weight
+    assert unique_parameter_count(layers) == before - layers[0].mlp.up_proj.weight.numel()
+
+
+def test_fold_shares_parameters_and_renumbers(model, ids):
+    per_block = unique_parameter_count(model.model.layers[0])
+    norm_params = 2 * model.config.hidden_size
+    report = fold(model, FoldConfig(**{**FAST, "remove": 0.2, "share_group": 2}), ids)
+
+    layers = model.model.layers
+    assert len(layers) == 4 and model.config.num_hidden_layers == 4
+    assert report.original_layers == 5 and len(report.kept) == 4 and len(report.removed) == 1
+    assert report.kept == sorted(report.ranking[:4]) and report.groups == [[0, 1], [2, 3]]
+    assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2, 3]
+    for a, b in [(0, 1), (2, 3)]:
+        for name in SHARED:
+            assert layers[a].get_parameter(f"{name}.weight") is layers[b].get_parameter(f"{name}.weight"), (
+                name
+            )
+        assert layers[a].self_attn is not layers[b].self_attn
+        assert layers[a].input_layernorm.weight is not layers[b].input_layernorm.weight
+        assert layers[a].post_attention_layernorm.weight is not layers[b].post_attention_layernorm.weight
+    assert layers[1].self_attn.q_proj.weight is not layers[2].self_attn.q_proj.weight
+    assert report.block_params_before == 5 * per_block
+    assert report.block_params_after == 2 * (per_block - norm_params) + 4 * norm_params
+    assert unique_parameter_count(layers) == report.block_params_after
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()), "no gates/hooks left"
+    assert set(report.scores) == {"bi", "drop_one"} and report.importance == "bi"
+    json.dumps(report.to_dict())
+
+
+def test_init_important_vs_mean(base, ids):
+    scores = {"bi": [5.0, 1.0, 2.0, 4.0, 3.0], "drop_one": [1.0] * 5}  # removes block 1; keeps 0, 2, 3, 4
+    original = [dict(layer.named_parameters()) for layer in base.model.layers]
+    important, mean = copy.deepcopy(base), copy.deepcopy(base)
+    fold(important, FoldConfig(**{**FAST, "remove": 0.2, "share_group": 2}), ids, scores=scores)
+    fold(mean, FoldConfig(**{**FAST, "remove": 0.2, "share_group": 2, "init": "mean"}), ids, scores=scores)
+    name = "mlp.down_proj.weight"
+    # group [2, 3] holds original blocks 3 and 4; block 3 scores higher
+    torch.testing.assert_close(important.model.layers[2].get_parameter(name), original[3][name])
+    torch.testing.assert_close(important.model.layers[3].get_parameter(name), original[3][name])
+    torch.testing.assert_close(
+        mean.model.layers[3].get_parameter(name), (original[3][name] + original[4][name]) / 2
+    )
+    torch.testing.assert_close(
+        mean.model.layers[3].input_layernorm.weight, original[4]["input_layernorm.weight"]
+    )
+
+
+def test_folded_model_kv_cache_decode_equals_full_forward(model, ids):
+    fold(model, FoldConfig(**{**FAST, "remove": 0.2, "share_group": [[0, 1, 2], [3]]}), ids)
+    assert_cache_matches_full(model, ids[:2, :24], prefill=10)
+    x = ids[:1, :6]
+    cached = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=True)
+    uncached = model.generate(x, max_new_tokens=10, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached) and cached.shape[1] == 16
+
+
+def test_qwen2_biases_shared_and_layer_types_follow():
+    model = tiny_qwen2()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    types = list(model.config.layer_types)
+    report = fold(model, FoldConfig(**{**FAST, "remove": 0.25, "share_group": [[0, 1], [2]]}), ids)
+    layers = model.model.layers
+    assert model.config.layer_types == [types[i] for i in report.kept]
+    assert layers[0].self_attn.q_proj.bias is layers[1].self_attn.q_proj.bias
+    assert "self_attn.k_proj.bias" in shared_parameter_names(layers[0])
+    assert_cache_matches_full(model, ids[:2], prefill=5)
+
+
+# ---------------------------------------------------------------- importance and cure
+
+
+def test_gate_ranking_learns_non_uniform_gates(model, ids):
+    with torch.no_grad():
+        before = model(input_ids=ids[:2]).logits
+    scores = score_blocks(model, ids, FoldConfig(**{**FAST, "remove": 0.4, "gate_steps": 60}), ["gates"])[
+        "gates"
+    ]
+    assert len(scores) == 5 and all(0 < s < 1 for s in scores)
+    assert max(scores) - min(scores) > 0.05, scores
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids[:2]).logits, before)  # gates leave the model as it was
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_cure_lowers_distillation_loss(model, ids):
+    report = fold(model, FoldConfig(**{**FAST, "remove": 0.2, "share_group": 2, "cure_steps": 12}), ids)
+    assert len(report.cure_loss) == 12
+    assert report.distill_loss_after < 0.9 * report.distill_loss_before
+    layers = model.model.layers
+    assert layers[0].self_attn.q_proj.weight is layers[1].self_attn.q_proj.weight, "cure keeps sharing"
+    assert all(p.requires_grad for p in model.parameters())
+    assert_cache_matches_full(model, ids[:1, :16], prefill=8)
