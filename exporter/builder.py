@@ -38,6 +38,7 @@ class BuildOptions:
     """What the target decides for the graph: activation dtype and how low-bit matmuls compute."""
 
     dtype: str = "float32"
+    loop_shared_blocks: bool = True  # a folded group of positions sharing weights becomes one Scan
     quantized_embedding: bool = True  # share the packed lm_head with the embedding via GatherBlockQuantized
 
 
@@ -157,8 +158,7 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     b = Builder(opts)
     act = b.ir_dtype
     n_layers = len(model.model.layers)
-    hd, nh, nkv = dims.head_dim, dims.num_heads, dims.num_kv_heads
-    rep = nh // nkv
+    hd, nkv = dims.head_dim, dims.num_kv_heads
 
     batch, seq, total, past = (
         ir.SymbolicDim("batch_size"),
@@ -211,48 +211,25 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     allowed = b.op("And", allowed, keep)  # (B, 1, 1, S, T)
     mask = b.op("Where", allowed, b.const(np.float32(0)), b.const(np.float32(np.finfo(np.float32).min)))
 
-    scale = b.scalar(1.0 / np.sqrt(hd))
-    presents = []
-    for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}"
-        attn, mlp = layer.self_attn, layer.mlp
-        x = rms_norm(b, h, norm_weight(b, layer.input_layernorm, f"{p}.input_layernorm"), dims.rms_norm_eps)
-        q = lower_linear(b, x, attn.q_proj, f"{p}.self_attn.q_proj")
-        k = lower_linear(b, x, attn.k_proj, f"{p}.self_attn.k_proj")
-        v = lower_linear(b, x, attn.v_proj, f"{p}.self_attn.v_proj")
-        q = b.op("Transpose", b.op("Reshape", q, b.ints(0, 0, nh, hd)), perm=[0, 2, 1, 3])  # (B, nh, S, D)
-        k = b.op("Transpose", b.op("Reshape", k, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])  # (B, nkv, S, D)
-        v = b.op("Transpose", b.op("Reshape", v, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])
-        q = rotate(b, q, cos, sin, hd // 2)
-        k = rotate(b, k, cos, sin, hd // 2)
-        k = b.op("Concat", pasts[i][0], k, axis=2)  # (B, nkv, T, D)
-        v = b.op("Concat", pasts[i][1], v, axis=2)
-        presents.append((k, v))
-        # Grouped-query attention without repeating K/V: queries as (B, nkv, rep, S, D).
-        qg = b.op("Reshape", b.op("Mul", q, scale), b.ints(0, nkv, rep, -1, hd))
-        kt = b.op("Unsqueeze", b.op("Transpose", k, perm=[0, 1, 3, 2]), b.ints(2))  # (B, nkv, 1, D, T)
-        scores = b.op("MatMul", qg, kt)  # (B, nkv, rep, S, T)
-        if act != ir.DataType.FLOAT:
-            scores = b.op("Cast", scores, to=ir.DataType.FLOAT)
-        probs = b.op("Softmax", b.op("Add", scores, mask), axis=-1)
-        if act != ir.DataType.FLOAT:
-            probs = b.op("Cast", probs, to=act)
-        ctx = b.op("MatMul", probs, b.op("Unsqueeze", v, b.ints(2)))  # (B, nkv, rep, S, D)
-        ctx = b.op("Reshape", ctx, b.ints(0, nh, -1, hd))  # (B, nh, S, D)
-        ctx = b.op(
-            "Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), b.ints(0, 0, nh * hd)
-        )  # (B, S, nh*D)
-        h = b.op("Add", h, lower_linear(b, ctx, attn.o_proj, f"{p}.self_attn.o_proj"))
-        x = rms_norm(
-            b,
-            h,
-            norm_weight(b, layer.post_attention_layernorm, f"{p}.post_attention_layernorm"),
-            dims.rms_norm_eps,
-        )
-        gate = lower_linear(b, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
-        up = lower_linear(b, x, mlp.up_proj, f"{p}.mlp.up_proj")
-        act_out = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
-        h = b.op("Add", h, lower_linear(b, act_out, mlp.down_proj, f"{p}.mlp.down_proj"))
+    ctx = BlockContext(dims, cos, sin, mask, b.scalar(1.0 / np.sqrt(hd)))
+    layers = list(model.model.layers)
+    presents: list[tuple[ir.Value, ir.Value]] = []
+    i = 0
+    while i < n_layers:
+        j = i + 1
+        while opts.loop_shared_blocks and j < n_layers and shares_weights(layers[i], layers[j]):
+            j += 1
+        if j - i > 1:
+            h, group_presents = emit_shared_group(b, ctx, h, layers[i:j], i, pasts[i:j])
+            presents.extend(group_presents)
+        else:
+            ln1 = norm_weight(b, layers[i].input_layernorm, f"model.layers.{i}.input_layernorm")
+            ln2 = norm_weight(
+                b, layers[i].post_attention_layernorm, f"model.layers.{i}.post_attention_layernorm"
+            )
+            h, k, v = emit_block(b, ctx, h, layers[i], f"model.layers.{i}", ln1, ln2, *pasts[i])
+            presents.append((k, v))
+        i = j
 
     h = rms_norm(b, h, norm_weight(b, model.model.norm, "model.norm"), dims.rms_norm_eps)
     logits = lower_lm_head(b, model, h)
@@ -285,6 +262,153 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     model_ir = ir.Model(graph, ir_version=IR_VERSION, producer_name="edgepack")
     model_ir.meta["quant_layers"] = b.quant_layers
     return model_ir
+
+
+@dataclass
+class BlockContext:
+    """Values every decoder block reads: shapes, rotary tables, the additive mask, the attention scale."""
+
+    dims: DecoderDims
+    cos: ir.Value
+    sin: ir.Value
+    mask: ir.Value
+    scale: ir.Value
+
+
+LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def emit_block(
+    b: Builder,
+    c: BlockContext,
+    h: ir.Value,
+    layer: nn.Module,
+    p: str,
+    ln1: ir.Value,
+    ln2: ir.Value,
+    past_k: ir.Value,
+    past_v: ir.Value,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """One decoder block: returns the new hidden state (B, S, H) and the present key/value (B, kv, T, D)."""
+    d = c.dims
+    hd, nh, nkv = d.head_dim, d.num_heads, d.num_kv_heads
+    act = b.ir_dtype
+    attn, mlp = layer.self_attn, layer.mlp
+    x = rms_norm(b, h, ln1, d.rms_norm_eps)
+    q = lower_linear(b, x, attn.q_proj, f"{p}.self_attn.q_proj")
+    k = lower_linear(b, x, attn.k_proj, f"{p}.self_attn.k_proj")
+    v = lower_linear(b, x, attn.v_proj, f"{p}.self_attn.v_proj")
+    q = b.op("Transpose", b.op("Reshape", q, b.ints(0, 0, nh, hd)), perm=[0, 2, 1, 3])  # (B, nh, S, D)
+    k = b.op("Transpose", b.op("Reshape", k, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])  # (B, nkv, S, D)
+    v = b.op("Transpose", b.op("Reshape", v, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])
+    q = rotate(b, q, c.cos, c.sin, hd // 2)
+    k = rotate(b, k, c.cos, c.sin, hd // 2)
+    k = b.op("Concat", past_k, k, axis=2)  # (B, nkv, T, D)
+    v = b.op("Concat", past_v, v, axis=2)
+    # Grouped-query attention without repeating K/V: queries as (B, nkv, rep, S, D).
+    qg = b.op("Reshape", b.op("Mul", q, c.scale), b.ints(0, nkv, nh // nkv, -1, hd))
+    kt = b.op("Unsqueeze", b.op("Transpose", k, perm=[0, 1, 3, 2]), b.ints(2))  # (B, nkv, 1, D, T)
+    scores = b.op("MatMul", qg, kt)  # (B, nkv, rep, S, T)
+    if act != ir.DataType.FLOAT:
+        scores = b.op("Cast", scores, to=ir.DataType.FLOAT)
+    probs = b.op("Softmax", b.op("Add", scores, c.mask), axis=-1)
+    if act != ir.DataType.FLOAT:
+        probs = b.op("Cast", probs, to=act)
+    out = b.op("MatMul", probs, b.op("Unsqueeze", v, b.ints(2)))  # (B, nkv, rep, S, D)
+    out = b.op("Reshape", out, b.ints(0, nh, -1, hd))  # (B, nh, S, D)
+    out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.ints(0, 0, nh * hd))  # (B, S, nh*D)
+    h = b.op("Add", h, lower_linear(b, out, attn.o_proj, f"{p}.self_attn.o_proj"))
+    x = rms_norm(b, h, ln2, d.rms_norm_eps)
+    gate = lower_linear(b, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
+    up = lower_linear(b, x, mlp.up_proj, f"{p}.mlp.up_proj")
+    act_out = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    h = b.op("Add", h, lower_linear(b, act_out, mlp.down_proj, f"{p}.mlp.down_proj"))
+    return h, k, v
+
+
+def linear_key(module: nn.Module) -> int:
+    """Identity of what a linear stores: the QuantLinear itself, or a float Linear's weight Parameter."""
+    return id(module) if not isinstance(module, nn.Linear) else id(module.weight)
+
+
+def shares_weights(a: nn.Module, b_: nn.Module) -> bool:
+    """True when two blocks use the very same weights for all seven linears (a FoldGPT shared group)."""
+    return all(linear_key(a.get_submodule(n)) == linear_key(b_.get_submodule(n)) for n in LINEARS)
+
+
+PREPARERS: dict[type, Callable[[Builder, nn.Module, str], object]] = {}
+
+
+def emit_shared_group(
+    b: Builder,
+    c: BlockContext,
+    h: ir.Value,
+    layers: list[nn.Module],
+    first: int,
+    pasts: list[tuple[ir.Value, ir.Value]],
+) -> tuple[ir.Value, list[tuple[ir.Value, ir.Value]]]:
+    """Consecutive positions sharing one block's weights as ONE Scan over the positions.
+
+    ONNX Runtime pre-packs a weight once per node that uses it, so L nodes sharing a weight still cost L packed
+    copies in RAM; a Scan holds one node per weight (bench/shared_prepack.py measures both). The Scan iterates
+    over the positions' own norms and KV caches; its state is the hidden state.
+    """
+    p, g = f"model.layers.{first}", len(layers)
+    for name in LINEARS:  # weight preparation (e.g. widening 1-bit planes) belongs in the main graph
+        module = layers[0].get_submodule(name)
+        for cls in type(module).__mro__:
+            if cls in PREPARERS:
+                PREPARERS[cls](b, module, f"{p}.{name}")
+                break
+    stack = {
+        key: b.weight(
+            f"{p}.{key}.weight.stacked",
+            np.stack([to_numpy(getattr(layer, key).weight, b.np_dtype) for layer in layers]),
+        )
+        for key in ("input_layernorm", "post_attention_layernorm")
+    }  # (g, H): each position keeps its own norms
+    past_k = b.op(
+        "Concat", *[b.op("Unsqueeze", pk, b.ints(0)) for pk, _ in pasts], axis=0
+    )  # (g, B, kv, P, D)
+    past_v = b.op("Concat", *[b.op("Unsqueeze", pv, b.ints(0)) for _, pv in pasts], axis=0)
+
+    def body_input(name: str, shape: list) -> ir.Value:
+        return ir.Value(name=f"{p}.scan.{name}", type=ir.TensorType(b.ir_dtype), shape=ir.Shape(shape))
+
+    hidden = c.dims.hidden_size
+    h_in = body_input("h", [None, None, hidden])
+    ln1, ln2 = body_input("ln1", [hidden]), body_input("ln2", [hidden])
+    pk, pv = (body_input(n, [None, c.dims.num_kv_heads, None, c.dims.head_dim]) for n in ("past_k", "past_v"))
+    outer = b.tape
+    b.tape = ir.tape.Tape()
+    try:
+        h_out, k, v = emit_block(b, c, h_in, layers[0], p, ln1, ln2, pk, pv)
+        body_nodes = b.tape.nodes
+    finally:
+        b.tape = outer
+    for n, node in enumerate(body_nodes):  # names unique across the model: ONNX Runtime wants global SSA
+        node.name = f"{p}.scan.node{n}"
+        for m, out in enumerate(node.outputs):
+            out.name = f"{p}.scan.v{n}_{m}"
+    body = ir.Graph([h_in, ln1, ln2, pk, pv], [h_out, k, v], nodes=body_nodes, name=f"{p}.shared_block")
+    h, keys, values = b.tape.op_multi_out(
+        "Scan",
+        [h, stack["input_layernorm"], stack["post_attention_layernorm"], past_k, past_v],
+        {"body": body, "num_scan_inputs": 4},
+        num_outputs=3,
+    )  # keys/values: (g, B, kv, T, D)
+    ks = b.tape.op_multi_out("Split", [keys], {"axis": 0, "num_outputs": g}, num_outputs=g)
+    vs = b.tape.op_multi_out("Split", [values], {"axis": 0, "num_outputs": g}, num_outputs=g)
+    zero = b.ints(0)
+    return h, [(b.op("Squeeze", k_, zero), b.op("Squeeze", v_, zero)) for k_, v_ in zip(ks, vs, strict=True)]
 
 
 def lower_embedding(b: Builder, model: nn.Module, input_ids: ir.Value) -> ir.Value:

@@ -44,4 +44,12 @@ def target_passes(target: Target) -> ir.passes.PassManager:
 
 
 def run_target_passes(model: ir.Model, target: Target) -> ir.Model:
-    return target_passes(target)(model).model
+    try:
+        return target_passes(target)(model).model
+    except ir.passes.PassError as e:  # the pass manager wraps errors; surface ours as the one-line message
+        cause = e
+        while cause is not None and not isinstance(cause, EdgepackError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 from edgepack.compressor.quantize import QuantLinear, lowering_block_size
-from edgepack.exporter.builder import EMBEDDING_LOWERINGS, MS_DOMAIN, Builder, register_lowering, to_numpy
+from edgepack.exporter.builder import (
+    EMBEDDING_LOWERINGS,
+    MS_DOMAIN,
+    PREPARERS,
+    Builder,
+    register_lowering,
+    to_numpy,
+)
 from edgepack.kernels.packing import pack_nbits, pack_zero_points, split_planes
 
 
@@ -155,3 +162,4 @@ def lower_quant_embedding(b: Builder, head: QuantLinear, input_ids: ir.Value, na
 
 
 EMBEDDING_LOWERINGS[QuantLinear] = lower_quant_embedding
+PREPARERS[QuantLinear] = packed_planes

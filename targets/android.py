@@ -39,7 +39,7 @@ STANDARD_OPS = """
     Dropout DynamicQuantizeLinear Einsum Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu
     Gemm Greater GreaterOrEqual HardSigmoid Identity If IsInf IsNaN LayerNormalization LeakyRelu Less
     LessOrEqual Log LogSoftmax MatMul MatMulInteger Max Mean Min Mod Mul Neg NonZero Not Or Pad Pow
-    QuantizeLinear RMSNormalization Range Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd
+    QuantizeLinear RMSNormalization Range Reciprocal ReduceL2 ReduceMax ReduceMean ReduceMin ReduceProd Scan
     ReduceSum ReduceSumSquare Relu Reshape RotaryEmbedding Round ScatterElements ScatterND Shape Sigmoid Sign
     SimplifiedLayerNormalization Sin Size Slice Softmax Softplus Split Sqrt Squeeze Sub Sum Tanh Tile TopK
     Transpose Trilu Unsqueeze Where Xor

@@ -34,6 +34,8 @@ STANDARD_OPS = frozenset(
         "Sin",
         "Slice",
         "Softmax",
+        "Scan",
+        "Split",
         "Sqrt",
         "Squeeze",
         "Sub",
@@ -41,7 +43,9 @@ STANDARD_OPS = frozenset(
         "Unsqueeze",
         "Where",
         "DequantizeLinear",
-        "BitShift", "BitwiseAnd", "ReduceSum",
+        "BitShift",
+        "BitwiseAnd",
+        "ReduceSum",
     )
 )
 # ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.

@@ -23,6 +23,15 @@ FAST_FOLD = dict(
 )
 
 
+def all_nodes(graph):
+    """Nodes of a graph and of every subgraph (Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attr.g)
+
+
 def weight_initializers(path):
     model = onnx.load(path)
     return model, [t for t in model.graph.initializer if not t.name.startswith("const")]
@@ -43,7 +52,12 @@ def test_folded_export_parity_and_structure(folded):
     graph, inits = weight_initializers(out / "model.onnx")
     q = [t.name for t in inits if t.name.endswith("self_attn.q_proj.weight")]
     assert len(q) == 2  # one per group
-    assert Counter(n.op_type for n in graph.graph.node)["MatMul"] >= 4 * 7  # every position still computes
+    # Each group of positions is one Scan whose body holds one node per shared weight (RAM: one pre-pack).
+    scans = [n for n in graph.graph.node if n.op_type == "Scan"]
+    assert len(scans) == 2
+    body = scans[0].attribute[0].g
+    assert Counter(n.op_type for n in body.node)["MatMul"] == 7 + 2  # 7 linears + 2 attention products
+    assert Counter(n.op_type for n in all_nodes(graph.graph))["MatMul"] == 2 * 9
     cfg = json.loads((out / "config.json").read_text())
     genai = json.loads((out / "genai_config.json").read_text())
     assert cfg["num_hidden_layers"] == 4 == genai["model"]["decoder"]["num_hidden_layers"]
@@ -70,9 +84,10 @@ def test_fold_then_quantize_shares_packed_weights(stories, shakespeare, tmp_path
     assert m["parity"]["passed"] and m["parity"]["max_abs_logit"] < 1e-3
     graph, inits = weight_initializers(tmp_path / "fq" / "model.onnx")
     planes = [t.name for t in inits if ".qweight" in t.name and "layers" in t.name]
-    ops = Counter(n.op_type for n in graph.graph.node)
+    ops = Counter(n.op_type for n in all_nodes(graph.graph))
     assert len(planes) == 2 * 7 * 2  # 2 unique blocks x 7 linears x 2 planes (3 = 2 + 1)
-    assert ops["MatMulNBits"] == (4 * 7 + 1) * 2  # 4 positions (+ lm_head) use them
+    assert ops["MatMulNBits"] == (2 * 7 + 1) * 2  # one node per packed plane: the Scan runs it per position
+    assert ops["Scan"] == 2
     layers = m["compression"]["quantize"]["layers"]
     shared = [layer for layer in layers if len(layer["uses"]) == 2]
     assert len(shared) == 14  # every block linear quantized once, used by two positions
