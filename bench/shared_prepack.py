@@ -25,8 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 K = N = 2048
 BLOCK = 64
 
-PROBE = (
-    r"""
+PROBE = r"""
 import json, sys, time, numpy as np, onnxruntime as ort
 so = ort.SessionOptions(); so.intra_op_num_threads = 1
 if sys.argv[2] == "1": so.add_session_config_entry("session.disable_prepacking", "1")
@@ -34,14 +33,12 @@ def rss():  # current resident set (ru_maxrss would carry the parent's peak over
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1])
 r0 = rss()
 s = ort.InferenceSession(sys.argv[1], so)
-x = np.random.rand(1, %d).astype(np.float32)
+x = np.random.rand(1, int(sys.argv[3])).astype(np.float32)
 s.run(None, {"x": x}); t = time.perf_counter()
 for _ in range(20): s.run(None, {"x": x})
 ms = (time.perf_counter() - t) / 20 * 1e3
 print(json.dumps({"rss_mb": (rss() - r0) / 1024, "ms": ms}))
 """
-    % K
-)
 
 
 def weight(rng, j: int) -> list:
@@ -121,7 +118,7 @@ def main() -> None:
                 build(form, args.layers, acc, path)
                 for noprepack in ("0", "1"):
                     out = subprocess.run(
-                        [sys.executable, "-c", PROBE, str(path), noprepack],
+                        [sys.executable, "-c", PROBE, str(path), noprepack, str(K)],
                         capture_output=True,
                         text=True,
                         check=True,
