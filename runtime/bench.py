@@ -28,6 +28,8 @@ from edgepack.errors import EdgepackError
 log = logging.getLogger(__name__)
 
 RUNNER_PATH = Path(__file__).with_name("runner.py")
+TORCH_BACKEND = "torch-triton"  # runtime/torch_backend.py: PyTorch on the Triton low-bit kernels (CUDA)
+BACKENDS = ("onnxruntime", TORCH_BACKEND)
 # Ops that read one row of their table input per token, not the whole table.
 GATHER_OPS = {("", "Gather"), ("com.microsoft", "GatherBlockQuantized")}
 SUB_BYTE_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}
@@ -63,12 +65,13 @@ def runner_args(config: RunConfig) -> list[str]:
     return args
 
 
-def run_artifact(artifact_dir: Path, config: RunConfig) -> dict:
-    """Benchmark one artifact in a fresh ``python runner.py`` process and return its JSON report."""
+def run_artifact(artifact_dir: Path, config: RunConfig, backend: str = "onnxruntime") -> dict:
+    """Benchmark one artifact in a fresh ``python runner.py`` (or torch backend) process; return its report."""
     check_artifact_dir(artifact_dir)
+    script = [str(RUNNER_PATH)] if backend == "onnxruntime" else ["-m", "edgepack.runtime.torch_backend"]
     with tempfile.TemporaryDirectory(prefix="edgepack-bench-") as tmp:
         out = Path(tmp) / "report.json"
-        cmd = [sys.executable, str(RUNNER_PATH), str(artifact_dir), "--json", str(out), *runner_args(config)]
+        cmd = [sys.executable, *script, str(artifact_dir), "--json", str(out), *runner_args(config)]
         log.info("running %s", " ".join(cmd))
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -240,6 +243,7 @@ class BenchReport:
 
     config: RunConfig
     profile: DeviceProfile | None
+    backend: str = "onnxruntime"
     results: list[ArtifactResult] = field(default_factory=list)
     load_average: tuple[float, float] = (
         0.0,
@@ -264,6 +268,7 @@ class BenchReport:
     def to_dict(self) -> dict:
         return {
             "config": asdict(self.config),
+            "backend": self.backend,
             "profile": self.profile.to_dict() if self.profile else None,
             "artifacts": [r.to_dict() for r in self.results],
             "ratios": self.ratios(),
@@ -297,7 +302,7 @@ class BenchReport:
         ]
         lines = [
             f"P={c.prompt_len} prompt tokens, N={c.gen} decode steps, {c.runs} runs after {c.warmup} warm-up, "
-            f"{c.threads or 'default'} threads, device {c.device}; host load average "
+            f"{c.threads or 'default'} threads, device {c.device}, backend {self.backend}; host load average "
             f"{self.load_average[0]:.1f} -> {self.load_average[1]:.1f} on {os.cpu_count()} CPUs",
             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
             "  ".join("-" * w for w in widths),
@@ -332,15 +337,27 @@ def sweep_lengths(prompt_len: int, gen: int, context: int | None) -> tuple[int, 
 
 
 def bench(
-    artifacts: list[Path], config: RunConfig, profile: DeviceProfile | None = None, with_sweep: bool = False
+    artifacts: list[Path],
+    config: RunConfig,
+    profile: DeviceProfile | None = None,
+    with_sweep: bool = False,
+    backend: str = "onnxruntime",
 ) -> BenchReport:
     """Benchmark each artifact in its own process (in order, same config) and derive the profile checks."""
     for artifact in artifacts:
         check_artifact_dir(artifact)
     if config.device not in DEVICES:
         raise EdgepackError(f"unknown device {config.device!r}: use one of {', '.join(DEVICES)}")
+    if backend not in BACKENDS:
+        raise EdgepackError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     provider = DEVICES[config.device].provider
-    if provider not in ort.get_available_providers():
+    if backend == TORCH_BACKEND:
+        from edgepack.runtime.torch_backend import require_cuda
+
+        require_cuda()
+        if config.device != "cuda":
+            raise EdgepackError(f"--backend {TORCH_BACKEND} runs on --device cuda, got {config.device}")
+    elif provider not in ort.get_available_providers():
         via = f" (the {profile.name} profile's device)" if profile and profile.device == config.device else ""
         raise EdgepackError(
             f"--device {config.device}{via} needs {provider}, which this onnxruntime lacks: run on a machine with "
@@ -351,10 +368,10 @@ def bench(
         config = replace(
             config, sweep=sweep_lengths(config.prompt_len, config.gen, min(contexts, default=None))
         )
-    report = BenchReport(config, profile)
+    report = BenchReport(config, profile, backend)
     load_before = os.getloadavg()[0]
     for artifact in artifacts:
-        runner = run_artifact(artifact, config)
+        runner = run_artifact(artifact, config, backend)
         onnx_path = artifact / "model.onnx"  # a .ort-only folder: its file size stands in for the weights
         weights = weight_bytes_per_token(onnx_path) if onnx_path.is_file() else runner["model_bytes"]
         result = ArtifactResult(artifact, runner, weights)

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import click
+from edgepack.runtime.bench import BACKENDS, TORCH_BACKEND, import_pyplot, plot_latency
 from edgepack.runtime.bench import bench as run_bench
-from edgepack.runtime.bench import import_pyplot, plot_latency
 from edgepack.runtime.runner import DEVICES, RunConfig
 from edgepack.targets.devices import PROFILES, get_profile
 
@@ -48,7 +48,19 @@ from edgepack.targets.devices import PROFILES, get_profile
     show_default=True,
     help="unmeasured runs first",
 )
-@click.option("--device", type=click.Choice(list(DEVICES)), default=None, help="default: profile's, else cpu")
+@click.option(
+    "--device",
+    type=click.Choice(list(DEVICES)),
+    default=None,
+    help=f"default: profile's, else cuda for --backend {TORCH_BACKEND}, else cpu",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=BACKENDS[0],
+    show_default=True,
+    help=f"{BACKENDS[0]} runs model.onnx; {TORCH_BACKEND} runs its weights in PyTorch on the Triton kernels (CUDA)",
+)
 @click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="write the report here"
 )
@@ -65,6 +77,7 @@ def bench(
     runs: int,
     warmup: int,
     device: str | None,
+    backend: str,
     json_path: Path | None,
     plot_path: Path | None,
 ) -> None:
@@ -78,10 +91,11 @@ def bench(
         gen=gen,
         runs=runs,
         warmup=warmup,
-        device=device or (device_profile.device if device_profile else "cpu"),
+        device=device
+        or (device_profile.device if device_profile else ("cuda" if backend == TORCH_BACKEND else "cpu")),
     )
     artifacts = [artifact] if compare is None else [artifact, compare]
-    report = run_bench(artifacts, config, device_profile, with_sweep=plot_path is not None)
+    report = run_bench(artifacts, config, device_profile, with_sweep=plot_path is not None, backend=backend)
     click.echo(report.table())
     if json_path is not None:
         json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
