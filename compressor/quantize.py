@@ -59,12 +59,22 @@ class QuantConfig:
         default_factory=dict
     )  # pattern -> {"wbits":..,"group_size":..,"symmetric":..}
     options: dict = field(default_factory=dict)  # method-specific settings (calibration steps, ...)
+    budget_bpw: float | None = None  # mixed precision: average stored bits per quantized weight
+    size_budget: int | None = None  # mixed precision: bytes of all weights (quantized as stored + the rest)
     version: int = 1
 
     def __post_init__(self) -> None:
         self.base_format().validate()
         if self.abits not in VALID_ABITS:
             raise EdgepackError(f"abits={self.abits} is not supported; choose 16 (float activations) or 8")
+        if self.budget_bpw is not None and self.size_budget is not None:
+            raise EdgepackError("give one mixed-precision budget: --bpw or --size-budget, not both")
+        if (self.budget_bpw is not None and self.budget_bpw <= 0) or (
+            self.size_budget is not None and self.size_budget <= 0
+        ):
+            raise EdgepackError(
+                "a mixed-precision budget must be positive, e.g. --bpw 3.0 or --size-budget 6MB"
+            )
         _load_methods()
         if self.method not in METHODS:
             raise EdgepackError(
@@ -297,7 +307,11 @@ def register_method(name: str) -> Callable[[Method], Method]:
 def rtn_method(
     model: nn.Module, sites: list[LinearSite], config: QuantConfig, calib_ids=None
 ) -> dict[str, QTensor]:
-    """Round-to-nearest: no calibration data."""
+    """Round-to-nearest: no calibration data; ``options["bit_balance"]`` puts 2-bit weights on the W2* grid."""
+    if config.options.get("bit_balance"):
+        from edgepack.compressor.calib_grid import quantize_on_grid
+
+        return {s.name: quantize_on_grid(s.module.weight.detach(), s.fmt, True) for s in sites}
     return {s.name: quantize_rtn(s.module.weight.detach(), s.fmt) for s in sites}
 
 

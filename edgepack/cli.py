@@ -27,6 +27,18 @@ class Cli(click.Group):
         except KeyboardInterrupt:
             click.echo("edgepack: interrupted; nothing was written", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as e:  # a bug, not bad input: one line, the traceback only on request
+            if log.isEnabledFor(logging.DEBUG):
+                raise
+            first = (str(e).strip().splitlines() or [""])[0]
+            click.echo(
+                f"edgepack: internal error: {type(e).__name__}: {first} (a bug; rerun with -vv for the "
+                "traceback and report it)",
+                err=True,
+            )
+            sys.exit(1)
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -204,9 +216,6 @@ def recipe_from_flags(
             )
         )
     if size_budget is not None or bpw is not None:
-        if size_budget is not None and bpw is not None:
-            raise EdgepackError("pass --size-budget or --bpw, not both")
-        options = {"size_budget_bytes": parse_size(size_budget)} if size_budget else {"budget_bpw": bpw}
         steps.append(
             types["quantize"](
                 wbits=wbits or 4,
@@ -215,7 +224,8 @@ def recipe_from_flags(
                 abits=abits,
                 method=method,
                 skip=list(skip),
-                options=options,
+                budget_bpw=bpw,
+                size_budget=parse_size(size_budget) if size_budget else None,
             )
         )
     elif wbits is not None:

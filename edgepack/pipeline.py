@@ -6,6 +6,7 @@ parity included, has succeeded: a failed export leaves nothing at the output pat
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -134,7 +135,11 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
     from edgepack.recipe import kind_of
 
     kinds = {kind_of(s): s for s in req.recipe.steps}
-    needs_calib = "fold" in kinds or ("quantize" in kinds and kinds["quantize"].method != "rtn")
+    quant = kinds.get("quantize")
+    needs_calib = "fold" in kinds or (
+        quant is not None
+        and (quant.method != "rtn" or quant.budget_bpw is not None or quant.size_budget is not None)
+    )
     if needs_calib and req.calib is None:
         raise EdgepackError(
             "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
@@ -166,9 +171,15 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
         elif kind == "quantize":
             from edgepack.compressor.quantize import quantize
 
-            needs_calib = step.method != "rtn"
+            mixed = step.budget_bpw is not None or step.size_budget is not None
+            needs_calib = step.method != "rtn" or mixed
             if needs_calib and calib_ids is None:
                 calib_ids = calibration_ids(tokenizer, req, step)
+            if mixed:
+                from edgepack.compressor.mixed import plan_mixed_precision
+
+                plan = plan_mixed_precision(model, step, calib_ids, step.budget_bpw, step.size_budget)
+                step = dataclasses.replace(step, overrides={**step.overrides, **plan})
             reports["quantize"] = quantize(model, step, calib_ids if needs_calib else None)
     return reports
 
