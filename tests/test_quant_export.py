@@ -115,9 +115,20 @@ def cli(*args: str) -> subprocess.CompletedProcess:
 def test_recipe_file_equals_flags_and_inspect_table(stories, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("steps:\n  - kind: quantize\n    wbits: 5\n    group_size: 64\n")
-    r1 = cli("export", "--model", str(stories), "--recipe", str(recipe), "-o", str(tmp_path / "a"))
+    r1 = cli(
+        "export", "--model", str(stories), "--recipe", str(recipe), "--no-parity", "-o", str(tmp_path / "a")
+    )
     r2 = cli(
-        "export", "--model", str(stories), "--wbits", "5", "--group-size", "64", "-o", str(tmp_path / "b")
+        "export",
+        "--model",
+        str(stories),
+        "--wbits",
+        "5",
+        "--group-size",
+        "64",
+        "--no-parity",
+        "-o",
+        str(tmp_path / "b"),
     )
     assert r1.returncode == 0 and r2.returncode == 0, r1.stderr + r2.stderr
     ma = json.loads((tmp_path / "a" / "manifest.json").read_text())
