@@ -1,0 +1,110 @@
+"""Integer grids of the weight formats, as pure (differentiable where needed) tensor functions.
+
+A :class:`Grid` says which codes a format may use and how its scales and zero points follow from a group's
+range. Plain formats use every code of ``bits`` bits, as in ``quantize.quant_params``. ABQ-LLM's balanced
+2-bit format W2* uses the symmetric 5-level grid {-2, -1, 0, 1, 2} * s: it needs 3-bit codes (zero point 4,
+codes 2..6), which lower as a 2-bit plane plus a 1-bit plane. ``rtn``, ``gptq`` and ``abq`` all quantize
+through these functions, so their codes always satisfy ``dequant = (codes - zero_point) * scale`` exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from edgepack.compressor.quantize import QTensor, QuantFormat, effective_group, group_view
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Codes in [qmin, qmax] of a ``bits``-bit integer; symmetric grids have one fixed zero point."""
+
+    bits: int  # stored code width
+    qmin: int
+    qmax: int
+    symmetric: bool
+    zero: int = 0  # the zero point of a symmetric grid
+    steps: int = 1  # symmetric: the group's abs max maps to ``steps`` steps from zero
+
+    @property
+    def levels(self) -> int:
+        return self.qmax - self.qmin + 1
+
+
+def grid_for(fmt: QuantFormat, bit_balance: bool = False) -> Grid:
+    """The grid of ``fmt``; with ``bit_balance`` a 2-bit format becomes W2* (5 levels in 3-bit codes)."""
+    if bit_balance and fmt.wbits == 2:
+        return Grid(bits=3, qmin=2, qmax=6, symmetric=True, zero=4, steps=2)
+    qmax = 2**fmt.wbits - 1
+    if fmt.symmetric:  # same grid as quantize.quant_params
+        half = 2 ** (fmt.wbits - 1)
+        return Grid(fmt.wbits, 0, qmax, True, zero=half, steps=half - 1 if fmt.wbits > 2 else 1)
+    return Grid(fmt.wbits, 0, qmax, False)
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round in the forward pass, identity in the backward pass (straight-through estimator)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grid_params(
+    w: torch.Tensor,
+    grid: Grid,
+    group: int,
+    hi: torch.Tensor | None = None,
+    lo: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and (float) zero points (N, G) of weight (N, K) on ``grid``.
+
+    ``hi`` / ``lo`` (N, G) in (0, 1] shrink the group's upper / lower range (learnable weight clipping); a
+    symmetric grid uses ``hi`` only. Differentiable in ``w``, ``hi`` and ``lo`` (zero points round with STE).
+    """
+    g = group_view(w.float(), group)  # (N, G, g)
+    if grid.symmetric:
+        amax = g.abs().amax(-1)
+        if hi is not None:
+            amax = amax * hi
+        scales = (amax / grid.steps).clamp_min(1e-8)
+        return scales, torch.full_like(scales, float(grid.zero))
+    low = g.amin(-1).clamp(max=0)
+    high = g.amax(-1).clamp(min=0)
+    if hi is not None:
+        high = high * hi
+    if lo is not None:
+        low = low * lo
+    scales = ((high - low) / grid.qmax).clamp_min(1e-8)
+    zeros = round_ste(-low / scales).clamp(0, grid.qmax)
+    return scales, zeros
+
+
+def grid_codes(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: Grid, group: int
+) -> torch.Tensor:
+    """Float codes (N, G, g) of ``w`` on the grid, rounded with STE and clamped to [qmin, qmax]."""
+    g = group_view(w.float(), group)
+    return (round_ste(g / scales.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(grid.qmin, grid.qmax)
+
+
+def fake_quant(
+    w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: Grid, group: int
+) -> torch.Tensor:
+    """The dequantized (N, K) weight ``(codes - zero) * scale``, differentiable through STE rounding."""
+    q = grid_codes(w, scales, zeros, grid, group)
+    return ((q - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)).flatten(1)[:, : w.shape[1]]
+
+
+@torch.no_grad()
+def to_qtensor(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid: Grid, group: int) -> QTensor:
+    """Freeze ``w`` on the grid: its QTensor dequantizes to exactly ``fake_quant(w, scales, zeros, ...)``."""
+    codes = grid_codes(w, scales, zeros, grid, group).flatten(1)[:, : w.shape[1]]
+    return QTensor(
+        codes.to(torch.uint8), scales.detach().float(), zeros.detach().to(torch.uint8), grid.bits, group
+    )
+
+
+def quantize_on_grid(w: torch.Tensor, fmt: QuantFormat, bit_balance: bool = False) -> QTensor:
+    """Round-to-nearest on the format's grid (equal to ``quantize_rtn`` for plain formats)."""
+    grid = grid_for(fmt, bit_balance)
+    group = effective_group(fmt, w.shape[1])
+    scales, zeros = grid_params(w.detach(), grid, group)
+    return to_qtensor(w.detach(), scales, zeros, grid, group)

@@ -1,0 +1,265 @@
+"""GPTQ (Frantar et al., 2022) in pure PyTorch, registered as quantization method ``"gptq"``.
+
+Each linear weight is quantized column by column; the rounding error of a column is spread onto the columns
+not yet quantized through the inverse Hessian ``H = 2 X X^T / n`` of the layer's calibration inputs. Blocks
+are processed in order on the inputs of the already-quantized model, and inside a block in stages of
+linears that read the same input (q/k/v, then o, then gate/up, then down), so every stage sees the
+quantized outputs of the stages before it.
+
+Options (``QuantConfig.options``): ``damp`` (dampening, fraction of the mean Hessian diagonal),
+``act_order`` (quantize columns by decreasing Hessian diagonal), ``block_size`` (lazy-batch width), plus the
+common ``n_samples``, ``seq_len``, ``batch_size``, ``bit_balance``, ``seed``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from edgepack.compressor.calib_blocks import (
+    BlockPlan,
+    CalibOptions,
+    Swaps,
+    plan_blocks,
+    require_calibration,
+    run_layer,
+    tied_embedding,
+    trace_inputs,
+)
+from edgepack.compressor.calib_grid import Grid, grid_for, grid_params, quantize_on_grid
+from edgepack.compressor.quantize import (
+    LinearSite,
+    QTensor,
+    QuantConfig,
+    effective_group,
+    register_method,
+)
+from torch import nn
+from tqdm import tqdm
+
+from edgepack.errors import EdgepackError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GPTQOptions(CalibOptions):
+    damp: float = 0.01
+    act_order: bool = True
+    block_size: int = 128
+
+
+# ---------------------------------------------------------------- pure math
+
+
+def accumulate_hessian(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Add the inputs ``x`` (..., K) of one call to the running sum ``h`` (K, K) of x^T x (float32)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    return h.addmm_(x.t(), x)
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening; increases the damping if H is not positive definite."""
+    mean_diag = torch.diag(h).mean()
+    eye = torch.eye(h.shape[0], device=h.device, dtype=h.dtype)
+    for attempt in range(6):
+        factor, info = torch.linalg.cholesky_ex(h + eye * damp * mean_diag * 10**attempt)
+        if info == 0:
+            inverse = torch.cholesky_inverse(factor)
+            return torch.linalg.cholesky(inverse, upper=True)
+    raise EdgepackError(
+        "GPTQ Hessian is not positive definite even with strong damping; use more calibration text"
+    )
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    grid: Grid,
+    group: int,
+    damp: float = 0.01,
+    act_order: bool = True,
+    block_size: int = 128,
+) -> tuple[QTensor, float]:
+    """GPTQ of weight (N, K) given the summed input Hessian (K, K); returns the QTensor and the proxy error.
+
+    Group scales are chosen on the fly from the error-updated weights when a group's first column is reached.
+    With ``act_order`` the columns go in order of decreasing Hessian diagonal; groups must stay contiguous in K
+    (the MatMulNBits layout has no column permutation), so their scales are then fixed from the unmodified
+    weight up front (AutoGPTQ's ``static_groups``).
+    """
+    n, k = w.shape
+    wq = w.detach().clone().float()
+    h = h.detach().clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    wq[:, dead] = 0
+    n_groups = -(-k // group)
+    scales = torch.zeros(n, n_groups, device=w.device)
+    zeros = torch.zeros(n, n_groups, device=w.device)
+    perm = torch.arange(k, device=w.device)
+    if act_order:
+        scales, zeros = grid_params(wq, grid, group)
+        perm = torch.argsort(torch.diag(h), descending=True)
+        wq, h = wq[:, perm], h[perm][:, perm]
+    hinv = inverse_hessian_factor(h, damp)
+    order = perm.tolist()
+    codes = torch.zeros_like(wq)  # (N, K) in processing order
+    error = 0.0
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = wq[:, i1:i2].clone()  # (N, B): updated as columns of this lazy batch are quantized
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = order[i1 + i]
+            g = col // group
+            if not act_order and col % group == 0:
+                # Every pending update has reached columns col.. (groups start on lazy-batch boundaries or
+                # inside one), so the group's current values give its range.
+                current = torch.cat([w1[:, i:], wq[:, i2:]], 1)[:, :group]
+                s, z = grid_params(current, grid, group)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            s, z = scales[:, g], zeros[:, g]
+            x = w1[:, i]
+            q = (torch.round(x / s) + z).clamp(grid.qmin, grid.qmax)
+            dq = (q - z) * s
+            codes[:, i1 + i] = q
+            d = hinv1[i, i]
+            e = (x - dq) / d
+            error += float((e**2).sum()) / 2
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = e
+        wq[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    ordered = torch.empty_like(codes)
+    ordered[:, perm] = codes
+    q = QTensor(ordered.to(torch.uint8), scales.float(), zeros.to(torch.uint8), grid.bits, group)
+    return q, error
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def _use_modules(sites: list[LinearSite]) -> dict[int, tuple[nn.Module, LinearSite]]:
+    """The distinct modules at the sites' uses (folded positions may hold separate Linear objects)."""
+    return {id(getattr(p, a)): (getattr(p, a), s) for s in sites for p, a, _ in s.uses}
+
+
+@torch.no_grad()
+def block_stages(
+    layer: nn.Module, sites: list[LinearSite], hidden: torch.Tensor, kwargs: dict
+) -> list[list[LinearSite]]:
+    """Group a block's sites into stages of consecutive calls that read the same input tensor."""
+    calls: list[tuple[LinearSite, torch.Tensor]] = []  # keeps the inputs alive, so identity is meaningful
+    handles = [
+        m.register_forward_pre_hook(lambda mod, args, s=s: calls.append((s, args[0])))
+        for m, s in _use_modules(sites).values()
+    ]
+    try:
+        run_layer(layer, hidden, kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    stages: list[list[LinearSite]] = []
+    last_input = None
+    for site, x in calls:
+        if any(site in st for st in stages):
+            continue
+        if stages and x is last_input:
+            stages[-1].append(site)
+        else:
+            stages.append([site])
+        last_input = x
+    return stages + [[s] for s in sites if not any(s in st for st in stages)]
+
+
+@torch.no_grad()
+def _hessians(
+    plan: BlockPlan,
+    index: int,
+    sites: list[LinearSite],
+    stream: list[torch.Tensor],
+    layer_kwargs: list[list[dict]],
+) -> dict[str, torch.Tensor]:
+    """Summed x^T x of each site over all its uses; later positions get the stream run through the blocks between."""
+    hess = {
+        s.name: torch.zeros(s.module.in_features, s.module.in_features, device=stream[0].device)
+        for s in sites
+    }
+
+    def hook(site: LinearSite):
+        def fn(module, args):
+            accumulate_hessian(hess[site.name], args[0])
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(s)) for m, s in _use_modules(sites).values()]
+    last = max(max(plan.positions[s.name]) for s in sites)
+    try:
+        for hidden, kwargs in zip(stream, layer_kwargs, strict=True):
+            for j in range(index, last + 1):
+                hidden = run_layer(plan.layers[j], hidden, kwargs[j])
+    finally:
+        for h in handles:
+            h.remove()
+    return hess
+
+
+def _gptq_site(site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptions) -> QTensor:
+    w = site.module.weight.detach()
+    q, err = gptq_quantize(
+        w,
+        h * (2.0 / n_tokens),
+        grid_for(site.fmt, opts.bit_balance),
+        effective_group(site.fmt, w.shape[1]),
+        opts.damp,
+        opts.act_order,
+        opts.block_size,
+    )
+    log.debug("gptq %s: proxy error %.4g", site.name, err)
+    return q
+
+
+@register_method("gptq")
+@torch.no_grad()
+def gptq_method(
+    model: nn.Module, sites: list[LinearSite], config: QuantConfig, calib_ids: torch.Tensor | None
+) -> dict[str, QTensor]:
+    """GPTQ every site: the tied head first (on full-precision final hidden states), then the blocks in order."""
+    opts = GPTQOptions.from_options(config.options, "gptq")
+    ids = require_calibration(calib_ids, "gptq")
+    plan = plan_blocks(model, sites)
+    out: dict[str, QTensor] = {
+        s.name: quantize_on_grid(s.module.weight, s.fmt, opts.bit_balance) for s in plan.other
+    }
+    swaps = Swaps()
+    try:
+        trace = trace_inputs(model, plan.layers, ids, opts.batch_size, head=model.get_output_embeddings())
+        tokens = sum(x.shape[0] * x.shape[1] for x in trace.hidden)
+        if plan.head is not None:
+            k = plan.head.module.in_features
+            h = torch.zeros(k, k, device=trace.head_inputs[0].device)
+            for x in trace.head_inputs:
+                accumulate_hessian(h, x)
+            out[plan.head.name] = _gptq_site(plan.head, h, tokens, opts)
+            qlin = swaps.quantized(plan.head, out[plan.head.name], config.abits)
+            emb = tied_embedding(model, plan.head)
+            if emb is not None:
+                swaps.embedding(emb, qlin.weight)
+                trace.hidden = trace_inputs(model, plan.layers, ids, opts.batch_size, first_only=True).hidden
+        stream = trace.hidden
+        bar = tqdm(range(len(plan.layers)), desc="gptq", unit="block")
+        for i in bar:
+            layer = plan.layers[i]
+            if plan.owned[i]:
+                for stage in block_stages(layer, plan.owned[i], stream[0], trace.layer_kwargs[0][i]):
+                    hess = _hessians(plan, i, stage, stream, trace.layer_kwargs)
+                    for site in stage:
+                        uses = len(plan.positions[site.name])
+                        out[site.name] = _gptq_site(site, hess[site.name], tokens * uses, opts)
+                        swaps.quantized(site, out[site.name], config.abits)
+            stream = [run_layer(layer, x, kw[i]) for x, kw in zip(stream, trace.layer_kwargs, strict=True)]
+    finally:
+        swaps.restore()
+    return out

@@ -1,0 +1,86 @@
+"""GPTQ: the pure column-wise quantizer, block stages, and calibrated output error on stories260k."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from edgepack.compressor.calib_blocks import plan_blocks, trace_inputs
+from edgepack.compressor.calib_grid import grid_for, quantize_on_grid
+from edgepack.compressor.gptq import block_stages, gptq_quantize
+from edgepack.compressor.quantize import QuantConfig, QuantFormat, linear_sites, quantize
+
+from edgepack.errors import EdgepackError
+from edgepack.model import load_model, load_tokenizer
+from edgepack.textdata import calibration_samples, read_text, split_text, tokenize
+
+
+@pytest.fixture(scope="module")
+def setup(stories, shakespeare):
+    """The fp model, calibration ids (8 x 128) and held-out ids (4 x 128) from Tiny Shakespeare."""
+    torch.manual_seed(0)
+    model = load_model(stories)
+    tok = load_tokenizer(stories)
+    train, held = split_text(read_text(shakespeare))
+    calib = calibration_samples(tok, train, 8, 128)
+    held_ids = tokenize(tok, held, 4 * 128).view(4, 128)
+    with torch.no_grad():
+        ref = model(input_ids=held_ids).logits
+    return stories, calib, held_ids, ref
+
+
+def output_error(setup, **config) -> float:
+    """Relative MSE of the quantized model's held-out logits against full precision."""
+    path, calib, held, ref = setup
+    model = load_model(path)
+    quantize(model, QuantConfig(**config), calib)
+    with torch.no_grad():
+        logits = model(input_ids=held).logits
+    return float((logits - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_beats_rtn_on_layer_output(act_order):
+    torch.manual_seed(0)
+    x = torch.randn(512, 96) @ torch.randn(96, 96)  # correlated inputs
+    w = torch.randn(48, 96)
+    h = x.t() @ x * (2 / len(x))
+    fmt = QuantFormat(3, 32)
+    q, _ = gptq_quantize(w, h, grid_for(fmt), 32, act_order=act_order)
+    rtn = quantize_on_grid(w, fmt)
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 7 and q.scales.shape == (48, 3)
+    err = ((q.dequantize() - w) @ x.t()).pow(2).sum()
+    err_rtn = ((rtn.dequantize() - w) @ x.t()).pow(2).sum()
+    assert err < 0.7 * err_rtn
+
+
+def test_block_stages_follow_shared_inputs(stories):
+    model = load_model(stories)
+    sites = linear_sites(model, QuantConfig())
+    plan = plan_blocks(model, sites)
+    ids = torch.randint(0, 512, (2, 16))
+    trace = trace_inputs(model, plan.layers, ids, 2, head=model.get_output_embeddings())
+    stages = block_stages(plan.layers[0], plan.owned[0], trace.hidden[0], trace.layer_kwargs[0][0])
+    names = [[s.name.split(".", 3)[-1] for s in stage] for stage in stages]
+    assert names == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+
+
+@pytest.mark.parametrize("wbits,group", [(3, 128), (2, 64)])
+def test_gptq_beats_rtn_on_stories(setup, wbits, group):
+    rtn = output_error(setup, wbits=wbits, group_size=group)
+    gptq = output_error(setup, wbits=wbits, group_size=group, method="gptq", options={"batch_size": 4})
+    assert gptq < 0.8 * rtn, (gptq, rtn)
+
+
+def test_gptq_needs_calibration_and_known_options(stories):
+    model = load_model(stories)
+    with pytest.raises(EdgepackError, match="needs calibration text"):
+        quantize(model, QuantConfig(method="gptq"), None)
+    with pytest.raises(EdgepackError, match="unknown options"):
+        quantize(
+            model, QuantConfig(method="gptq", options={"epochs": 3}), torch.zeros(2, 8, dtype=torch.long)
+        )
