@@ -10,30 +10,17 @@ from edgepack.errors import EdgepackError
 
 
 def load_manifest(folder: Path) -> dict:
-    """The manifest of an artifact folder, after checking every listed file's SHA-256."""
-    from edgepack.pipeline import sha256
+    """The manifest of an artifact folder, after checking every listed file's SHA-256 (the runner's check)."""
+    from edgepack.runtime.runner import RunnerError, verify_artifact
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise EdgepackError(
-            f"artifact folder {folder} does not exist; pass the -o folder of an edgepack export"
-        )
-    mf = folder / "manifest.json"
-    if not mf.is_file():
-        raise EdgepackError(f"{folder} has no manifest.json; it is not an edgepack artifact (re-export it)")
     try:
-        manifest = json.loads(mf.read_text())
+        return verify_artifact(Path(folder))
+    except RunnerError as e:
+        raise EdgepackError(str(e)) from e
     except json.JSONDecodeError as e:
-        raise EdgepackError(f"{mf} is corrupt ({e.msg}); re-export the artifact") from e
-    for name, digest in manifest.get("files", {}).items():
-        path = folder / name
-        if not path.is_file():
-            raise EdgepackError(f"artifact file {name} is missing from {folder}; re-export the artifact")
-        if sha256(path) != digest:
-            raise EdgepackError(
-                f"checksum mismatch for {name} in {folder}: the file was modified or corrupted; re-export it"
-            )
-    return manifest
+        raise EdgepackError(
+            f"{Path(folder) / 'manifest.json'} is corrupt ({e.msg}); re-export the artifact"
+        ) from e
 
 
 def tensor_group(name: str) -> str:

@@ -7,7 +7,6 @@ parity included, has succeeded: a failed export leaves nothing at the output pat
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from edgepack import __version__
 from edgepack.errors import EdgepackError
 from edgepack.recipe import Recipe
+from edgepack.runtime.runner import sha256_file as sha256
 from edgepack.targets.profiles import Target, get_target
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,6 @@ class ExportResult:
     out_dir: Path
     manifest: dict
     seconds: float
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager
