@@ -1,0 +1,140 @@
+"""ABQ calibration: loss math, exact codes, quality vs RTN, W2* grid, folded weights, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from edgepack.compressor import abq, gptq
+from edgepack.compressor.calib_grid import grid_for
+from edgepack.compressor.quantize import QuantConfig, QuantFormat, QuantLinear, quantize
+from torch import nn
+
+from edgepack.model import load_model, load_tokenizer
+from edgepack.textdata import calibration_samples, read_text, split_text, tokenize
+
+FAST = {"epochs": 4, "batch_size": 2}  # 8 samples -> 16 steps per block
+
+
+@pytest.fixture(scope="module")
+def setup(stories, shakespeare):
+    """The model path, calibration ids (8 x 128), held-out ids (4 x 128) and their fp logits."""
+    model = load_model(stories)
+    tok = load_tokenizer(stories)
+    train, held = split_text(read_text(shakespeare))
+    calib = calibration_samples(tok, train, 8, 128)
+    held_ids = tokenize(tok, held, 4 * 128).view(4, 128)
+    with torch.no_grad():
+        ref = model(input_ids=held_ids).logits
+    return stories, calib, held_ids, ref
+
+
+def quantized(setup, fold: bool = False, **config) -> tuple[nn.Module, dict]:
+    path, calib, _, _ = setup
+    model = load_model(path)
+    if fold:
+        share_block(model, 1, 2)
+    report = quantize(model, QuantConfig(**config), calib)
+    return model, report
+
+
+def output_error(setup, model) -> float:
+    _, _, held, ref = setup
+    with torch.no_grad():
+        logits = model(input_ids=held).logits
+    return float((logits - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def share_block(model: nn.Module, src: int, dst: int) -> None:
+    """Fold: layer ``dst`` uses layer ``src``'s linear weights (shared Parameters, own norms)."""
+    layers = model.model.layers
+    for name, module in layers[dst].named_modules():
+        if isinstance(module, nn.Linear):
+            module.weight = layers[src].get_submodule(name).weight
+
+
+def test_loss_terms_vanish_at_the_target_and_kl_is_symmetric():
+    torch.manual_seed(0)
+    y = torch.randn(2, 5, 8)
+    p = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+    q = torch.softmax(torch.randn(2, 3, 5, 5), -1)
+    assert abq.dlc_loss(y, [y, y], p, [p, p]).abs() < 1e-6
+    assert torch.isclose(abq.symmetric_kl(p, q), abq.symmetric_kl(q, p))
+    assert abq.dlc_loss(y, [y + 0.1 * torch.randn_like(y)], p, [q]) > 0.1
+
+
+@pytest.mark.parametrize("fmt,balance", [(QuantFormat(3, 32), False), (QuantFormat(2, 16), True)])
+def test_learnable_quant_freezes_to_exactly_what_it_trained(fmt, balance):
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 24)
+    smooth = nn.Parameter(0.3 * torch.randn(64))
+    module = abq.LearnableQuant(lin, grid_for(fmt, balance), fmt.group_size, 16, smooth, rounding=True)
+    with torch.no_grad():
+        module.hi.uniform_(-1, 4)
+        module.offset.uniform_(-0.7, 0.7)
+        x = torch.randn(3, 64)
+        trained = module(x)
+        q = module.freeze()
+        frozen = QuantLinear(q, lin.bias.detach())(x / smooth.exp())
+    assert torch.equal(trained, frozen)
+    assert q.bits == (3 if balance else fmt.wbits)
+
+
+@pytest.mark.parametrize("wbits,group", [(3, 128), (2, 64)])
+def test_abq_beats_rtn_on_stories(setup, wbits, group):
+    rtn = output_error(setup, quantized(setup, wbits=wbits, group_size=group)[0])
+    calibrated = output_error(
+        setup, quantized(setup, wbits=wbits, group_size=group, method="abq", options=FAST)[0]
+    )
+    assert calibrated < 0.8 * rtn, (calibrated, rtn)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "abq"])
+def test_bit_balance_uses_exactly_five_levels(setup, method):
+    options = {"bit_balance": True, **(FAST if method == "abq" else {})}
+    model, report = quantized(setup, wbits=2, group_size=64, method=method, options=options)
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert {layer["bits"] for layer in report["layers"]} == {3}
+    codes = torch.cat([m.codes.flatten() for m in modules])
+    assert set(codes.unique().tolist()) == {2, 3, 4, 5, 6}
+    assert all(bool((m.zero_points == 4).all()) for m in modules)
+
+
+@pytest.mark.parametrize("method", ["gptq", "abq"])
+def test_folded_weights_are_quantized_once(setup, method, monkeypatch):
+    calls = []
+    if method == "gptq":
+        real = gptq.gptq_quantize
+        monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    else:
+        real = abq.LearnableQuant.freeze
+        monkeypatch.setattr(abq.LearnableQuant, "freeze", lambda self: calls.append(1) or real(self))
+    options = FAST if method == "abq" else {}
+    model, report = quantized(setup, fold=True, wbits=3, method=method, options=options)
+    assert len(calls) == len(report["layers"]) == 5 * 7 + 1 - 7
+    layers = model.model.layers
+    assert layers[1].self_attn.q_proj is layers[2].self_attn.q_proj
+    assert isinstance(layers[2].mlp.down_proj, QuantLinear)
+    shared = next(r for r in report["layers"] if r["name"] == "model.layers.1.mlp.up_proj")
+    assert shared["uses"] == ["model.layers.1.mlp.up_proj", "model.layers.2.mlp.up_proj"]
+
+
+def test_abq_is_deterministic(setup):
+    a, _ = quantized(setup, wbits=3, method="abq", options=FAST)
+    b, _ = quantized(setup, wbits=3, method="abq", options=FAST)
+    _, _, held, _ = setup
+    for ma, mb in zip(a.modules(), b.modules(), strict=True):
+        if isinstance(ma, QuantLinear):
+            assert torch.equal(ma.codes, mb.codes) and torch.equal(ma.scales, mb.scales)
+    with torch.no_grad():
+        la = a(input_ids=held).logits
+        assert torch.equal(la, b(input_ids=held).logits)
+        assert torch.equal(la, a(input_ids=held).logits)
+
+
+def test_w4a8_smoothing_folds_into_norms(setup):
+    model, _ = quantized(setup, wbits=4, abits=8, method="abq", options=FAST)
+    rtn, _ = quantized(setup, wbits=4, abits=8)
+    norms = [layer.input_layernorm.weight for layer in model.model.layers]
+    originals = [layer.input_layernorm.weight for layer in rtn.model.layers]
+    assert any(not torch.equal(a, b) for a, b in zip(norms, originals, strict=True))
+    assert output_error(setup, model) < output_error(setup, rtn)
