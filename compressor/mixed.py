@@ -1,22 +1,25 @@
-"""Mixed precision under a size budget: per-layer bit widths with the least estimated loss.
+"""Mixed precision under a size budget: per-layer bit widths and group sizes with the least estimated loss.
 
 Sensitivity: one forward/backward pass over the calibration ids collects, for every quantizable weight, the
 input second moment ``H = sum_t x_t x_t^T`` and the output Fisher ``f_n = mean_t (dNLL/dy_tn)^2`` at each
-of its uses. Quantizing the weight by ``dW`` (round-to-nearest at width b) then raises the mean next-token
+of its uses. Quantizing the weight by ``dW`` (round-to-nearest at a width and group size) raises the mean next-token
 NLL by about ``1/2 sum_n f_n (dW H dW^T)_nn / T`` (a diagonal-Fisher second-order estimate, separable over
 tokens). A tied lm_head also moves the embedding rows it shares; that term uses the Fisher of the embedding
 output, gathered per vocabulary row.
 
-Cost: the bytes each width really stores through the MatMulNBits bit-plane lowering, scales and zero points
+Cost: the bytes each format really stores through the MatMulNBits bit-plane lowering, scales and zero points
 included (``kernels.packing.stored_bits_per_weight``: 3-bit stores as 2+2, 5 as 4+2, 7 as 4+2+2, so 3 and 5
 cost about as much as 4 and 6 and are rarely chosen).
 
-Choice: a multiple-choice knapsack (one width per layer, least summed loss within the budget), solved by
+Group sizes are chosen too, because K padding decides what a group costs (K = 320 pads to 384 at g128).
+
+Choice: a multiple-choice knapsack (one format per layer, least summed loss within the budget), solved by
 dynamic programming over the budget in small units.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -40,17 +43,18 @@ from edgepack.errors import EdgepackError
 log = logging.getLogger(__name__)
 
 WIDTHS = (2, 3, 4, 5, 6, 8)
+GROUPS = (32, 64, 128, 256)
 SCALE_BYTES = 4  # float32 scales, as QTensor keeps them
 
 
 @dataclass
 class Sensitivity:
-    """One quantizable weight: its size and, per bit width, stored bytes and estimated NLL increase."""
+    """One quantizable weight: its size and, per format (wbits, group), stored bytes and estimated NLL increase."""
 
     name: str
     numel: int
-    bytes: dict[int, float]
-    loss: dict[int, float]
+    bytes: dict[tuple[int, int], float]
+    loss: dict[tuple[int, int], float]
 
 
 # ---------------------------------------------------------------- pure functions
@@ -71,8 +75,8 @@ def fisher_error(dw: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> float:
     return 0.5 * float((f * ((dw @ h) * dw).sum(1)).sum())
 
 
-def choose_widths(layers: list[Sensitivity], budget: float, resolution: int = 4096) -> dict[str, int]:
-    """Per-layer widths with the least total estimated loss whose total bytes stay within ``budget``.
+def choose_formats(layers: list[Sensitivity], budget: float, resolution: int = 4096) -> dict[str, tuple]:
+    """Per-layer formats with the least total estimated loss whose total bytes stay within ``budget``.
 
     A multiple-choice knapsack solved by dynamic programming over the budget cut into ``resolution`` units
     (each layer's bytes rounded up, so the result always fits), then topped up with the single upgrades that
@@ -99,9 +103,9 @@ def choose_widths(layers: list[Sensitivity], budget: float, resolution: int = 40
             choices[i, better] = j
         dp = best
     if not np.isfinite(dp).any():
-        raise ValueError(f"no choice of widths fits {budget} bytes")
+        raise ValueError(f"no choice of formats fits {budget} bytes")
     used = int(np.argmin(dp))
-    chosen: dict[str, int] = {}
+    chosen: dict[str, tuple] = {}
     for i in reversed(range(len(layers))):
         j = int(choices[i, used])
         chosen[layers[i].name] = options[i][j]
@@ -124,10 +128,8 @@ def choose_widths(layers: list[Sensitivity], budget: float, resolution: int = 40
 # ---------------------------------------------------------------- measurement
 
 
-def measure_sensitivity(
-    model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor, widths: tuple[int, ...] = WIDTHS
-) -> list[Sensitivity]:
-    """Bytes and estimated NLL increase of every quantizable weight at each width (RTN, this config's groups)."""
+def measure_sensitivity(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor) -> list[Sensitivity]:
+    """Bytes and estimated NLL increase of every quantizable weight in each format (RTN)."""
     sites = linear_sites(model, config)
     bit_balance = bool(config.options.get("bit_balance", False))
     stats = _collect_statistics(model, sites, calib_ids, int(config.options.get("batch_size", 8)))
@@ -138,14 +140,14 @@ def measure_sensitivity(
         w = site.module.weight.detach().float()
         tied = head is not None and site.module.weight is head.weight and emb.weight is head.weight
         loss, size = {}, {}
-        for width in widths:
-            fmt = replace(site.fmt, wbits=width)
+        for key in itertools.product(WIDTHS, GROUPS):
+            fmt = replace(site.fmt, wbits=key[0], group_size=key[1])
             dw = quantize_on_grid(w, fmt, bit_balance).dequantize() - w
             err = sum(fisher_error(dw, h, f) for h, f in stats.uses[site.name])
             if tied:
                 err += 0.5 * float((stats.embedding * dw.pow(2)).sum())
-            loss[width] = err / stats.tokens
-            size[width] = stored_bytes(tuple(w.shape), fmt, bit_balance)
+            loss[key] = err / stats.tokens
+            size[key] = stored_bytes(tuple(w.shape), fmt, bit_balance)
         out.append(Sensitivity(site.name, w.numel(), size, loss))
     return out
 
@@ -232,7 +234,9 @@ def plan_mixed_precision(
     budget_bits_per_weight: float | None = None,
     budget_bytes: int | None = None,
 ) -> dict[str, dict]:
-    """Per-layer ``{"wbits": b}`` overrides (b in 2, 3, 4, 5, 6, 8) meeting one budget with the least loss.
+    """Per-layer ``{"wbits": b, "group_size": g}`` overrides meeting one budget with the least estimated loss.
+
+    b in 2, 3, 4, 5, 6, 8 and g in 32, 64, 128, 256 (``bit_balance`` in the options makes b = 2 the W2* grid).
 
     ``budget_bits_per_weight``: average stored bits over the quantized weights (scales, zero points and
     bit-plane padding included). ``budget_bytes``: the whole model's weights, i.e. the quantized weights
@@ -244,13 +248,12 @@ def plan_mixed_precision(
     layers = measure_sensitivity(model, config, calib_ids)
     numel = sum(s.numel for s in layers)
     minimum = sum(min(s.bytes.values()) for s in layers)
-    group = "per-channel" if config.group_size == -1 else f"group {config.group_size}"
     if budget_bits_per_weight is not None:
         budget = budget_bits_per_weight * numel / 8
         if budget < minimum:
             raise EdgepackError(
                 f"budget {budget_bits_per_weight:g} bits per weight is below the minimum achievable "
-                f"{8 * minimum / numel:.3f} (2-bit everywhere, {group}); raise --bpw or use larger groups"
+                f"{8 * minimum / numel:.3f} (2-bit everywhere, cheapest groups); raise --bpw"
             )
     else:
         fixed = _unquantized_bytes(model, linear_sites(model, config))
@@ -258,20 +261,22 @@ def plan_mixed_precision(
         if budget < minimum:
             raise EdgepackError(
                 f"size budget {budget_bytes / 1e6:.2f} MB is below the minimum achievable "
-                f"{(minimum + fixed) / 1e6:.2f} MB (2-bit everywhere, {group}, "
-                f"{fixed / 1e6:.2f} MB unquantized); raise --size-budget or use larger groups"
+                f"{(minimum + fixed) / 1e6:.2f} MB (2-bit everywhere, cheapest groups, "
+                f"{fixed / 1e6:.2f} MB unquantized); raise --size-budget"
             )
-    chosen = choose_widths(layers, budget)
+    chosen = choose_formats(layers, budget)
     total = sum(s.bytes[chosen[s.name]] for s in layers)
-    counts = {w: sum(1 for v in chosen.values() if v == w) for w in sorted(set(chosen.values()))}
+    counts = {
+        f"W{w}g{g}": sum(1 for v in chosen.values() if v == (w, g)) for w, g in sorted(set(chosen.values()))
+    }
     log.info(
-        "mixed precision: %.3f bits per weight (%.2f MB quantized), widths %s, estimated +%.4f NLL",
+        "mixed precision: %.3f bits per weight (%.2f MB quantized), formats %s, estimated +%.4f NLL",
         8 * total / numel,
         total / 1e6,
         counts,
         sum(s.loss[chosen[s.name]] for s in layers),
     )
-    return {name: {"wbits": width} for name, width in chosen.items()}
+    return {name: {"wbits": w, "group_size": g} for name, (w, g) in chosen.items()}
 
 
 def _unquantized_bytes(model: nn.Module, sites: list[LinearSite]) -> int:

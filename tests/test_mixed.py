@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from edgepack.compressor.mixed import Sensitivity, choose_widths, plan_mixed_precision, stored_bytes
+from edgepack.compressor.mixed import GROUPS, Sensitivity, choose_formats, plan_mixed_precision, stored_bytes
 from edgepack.compressor.quantize import QuantConfig, QuantFormat, linear_sites, quantize
 
 from edgepack.errors import EdgepackError
@@ -30,7 +30,7 @@ def test_bit_planes_make_odd_widths_cost_like_the_next_even_one():
     assert stored_bytes(shape, QuantFormat(2, 64), bit_balance=True) > cost[4]
 
 
-def test_choose_widths_matches_brute_force():
+def test_choose_formats_matches_brute_force():
     torch.manual_seed(0)
     layers = []
     for i in range(5):
@@ -45,7 +45,7 @@ def test_choose_widths_matches_brute_force():
             )
         )
     budget = sum(s.bytes[2] for s in layers) * 1.8
-    chosen = choose_widths(layers, budget)
+    chosen = choose_formats(layers, budget)
     assert sum(s.bytes[chosen[s.name]] for s in layers) <= budget
     best = min(
         sum(s.loss[w] for s, w in zip(layers, combo, strict=True))
@@ -55,13 +55,18 @@ def test_choose_widths_matches_brute_force():
     assert sum(s.loss[chosen[s.name]] for s in layers) <= 1.05 * best
 
 
-def stored_bits(model, config: QuantConfig, plan: dict | None = None, width: int | None = None) -> float:
-    """Average stored bits per quantized weight of ``plan`` (or of one width everywhere)."""
+def stored_bits(model, config: QuantConfig, plan: dict) -> float:
+    """Average stored bits per quantized weight under ``plan``."""
     sites = linear_sites(model, config)
-    over = [plan[s.name] if plan else {"wbits": width} for s in sites]
+    stored = sum(stored_bytes(tuple(s.module.weight.shape), replace(s.fmt, **plan[s.name])) for s in sites)
+    return 8 * stored / sum(s.module.weight.numel() for s in sites)
+
+
+def minimum_bits(model, config: QuantConfig) -> float:
+    """2-bit everywhere, each layer at its cheapest group size."""
+    sites = linear_sites(model, config)
     stored = sum(
-        stored_bytes(tuple(s.module.weight.shape), replace(s.fmt, **o))
-        for s, o in zip(sites, over, strict=True)
+        min(stored_bytes(tuple(s.module.weight.shape), QuantFormat(2, g)) for g in GROUPS) for s in sites
     )
     return 8 * stored / sum(s.module.weight.numel() for s in sites)
 
@@ -69,7 +74,7 @@ def stored_bits(model, config: QuantConfig, plan: dict | None = None, width: int
 def test_plan_meets_bits_per_weight_budget_and_quantizes(stories, calib):
     model = load_model(stories)
     config = QuantConfig(group_size=32)
-    budget = stored_bits(model, config, width=2) + 1.0
+    budget = minimum_bits(model, config) + 1.0
     plan = plan_mixed_precision(model, config, calib, budget_bits_per_weight=budget)
     assert set(plan) == {s.name for s in linear_sites(model, config)}
     assert budget - 0.3 <= stored_bits(model, config, plan) <= budget
@@ -89,7 +94,7 @@ def test_plan_meets_byte_budget(stories, calib):
 def test_impossible_budgets_name_the_minimum(stories, calib):
     model = load_model(stories)
     config = QuantConfig(group_size=32)
-    minimum = stored_bits(model, config, width=2)
+    minimum = minimum_bits(model, config)
     with pytest.raises(EdgepackError, match=f"minimum achievable {minimum:.3f}"):
         plan_mixed_precision(model, config, calib, budget_bits_per_weight=minimum - 0.05)
     with pytest.raises(EdgepackError, match=r"minimum achievable .* MB"):
