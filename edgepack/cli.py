@@ -43,7 +43,7 @@ class Cli(click.Group):
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edgepack")
-@click.option("-v", "--verbose", count=True, help="More logging (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Log progress (-v) or debug detail and tracebacks (-vv).")
 def cli(verbose: int) -> None:
     """Fold, quantize and export Hugging Face decoder LLMs to small, fast ONNX artifacts.
 
@@ -53,7 +53,7 @@ def cli(verbose: int) -> None:
     edgepack targets  list deployment targets
     edgepack bench    measure latency and memory of an artifact
     """
-    level = logging.DEBUG if verbose > 1 else logging.INFO
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

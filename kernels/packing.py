@@ -131,25 +131,32 @@ def split_planes(codes: np.ndarray, zero_points: np.ndarray, bits: int) -> list[
     return planes
 
 
-def stored_bits_per_weight(
-    bits: int, group_size: int, scale_bytes: int = 4, asymmetric: bool = True
-) -> float:
-    """Storage per weight in bits of a MatMulNBits lowering, summed over planes, incl. scales and zero points.
+def lowered_bytes(
+    n: int, k: int, bits: int, block: int, symmetric: bool = False, scale_bytes: int = 4
+) -> int:
+    """Exact bytes the exporter stores for one (N, K) weight (exporter/quant_lowering.py's compact layout).
 
-    Every plane carries its own scales and packed zero points (row padding of the zero points to a whole byte
-    is ignored, i.e. the large-K limit). Symmetric codes need no zero points in the most significant plane
-    (its zero point is the MatMulNBits default 2**(storage_bits - 1)), but the lower planes have zero point 0
-    and must store it.
+    One scale per block shared by all planes; each plane's codes at its logical width (a 1-bit plane packed
+    8 per byte, widened at load time), K padded to whole blocks; packed zero points per plane, each row
+    padded to a whole byte, except where they equal the kernel default (the top plane of symmetric codes).
     """
     if bits not in PLANE_BITS:
         raise ValueError(f"bits must be one of {sorted(PLANE_BITS)}, got {bits}")
-    total = 0.0
+    k_blocks = -(-k // block)
+    total = n * k_blocks * scale_bytes
     for index, plane_bits in enumerate(PLANE_BITS[bits]):
-        storage = max(plane_bits, 2)
-        total += storage + 8 * scale_bytes / group_size
-        if asymmetric or index > 0:
-            total += storage / group_size
+        total += n * k_blocks * block * plane_bits // 8
+        if not symmetric or index > 0:
+            total += n * -(-k_blocks * max(plane_bits, 2) // 8)
     return total
+
+
+def stored_bits_per_weight(
+    bits: int, group_size: int, scale_bytes: int = 4, asymmetric: bool = True
+) -> float:
+    """Storage per weight in bits of the exporter's lowering in the large-K limit (see ``lowered_bytes``)."""
+    k = 1 << 20
+    return 8 * lowered_bytes(1, k, bits, group_size, not asymmetric, scale_bytes) / k
 
 
 # Planes of the GPU (Triton) layout, most significant first. Planes are packed at their logical width

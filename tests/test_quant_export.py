@@ -11,7 +11,7 @@ from collections import Counter
 import onnx
 import pytest
 from edgepack.compressor.quantize import QuantConfig
-from edgepack.kernels.packing import PLANE_BITS
+from edgepack.kernels.packing import PLANE_BITS, lowered_bytes
 
 from edgepack.pipeline import ExportRequest, export
 from edgepack.recipe import Recipe
@@ -40,6 +40,8 @@ def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits
     assert len(layers) == 5 * 7 + 1  # every linear plus the tied lm_head
     stored = sum(layer["bytes"] for layer in layers)
     assert stored <= 1.10 * theoretical_bytes(layers), (stored, theoretical_bytes(layers))
+    for layer in layers:  # the size model the mixed-precision planner uses is exact
+        assert layer["bytes"] == lowered_bytes(*layer["shape"], wbits, layer["block"])
     graph = onnx.load(tmp_path / "a" / "model.onnx")
     ops = Counter(n.op_type for n in graph.graph.node)
     planes = len(PLANE_BITS[wbits])
@@ -160,3 +162,39 @@ def test_bad_recipe_keys(tmp_path, stories):
     recipe.write_text(json.dumps({"steps": [{"kind": "quantize", "wbits": 4, "bitz": 3}]}))
     r = cli("export", "--model", str(stories), "--recipe", str(recipe), "-o", str(tmp_path / "x"))
     assert r.returncode == 2 and "unknown quantize keys ['bitz']" in r.stderr
+
+
+def test_bits_per_weight_budget(stories, shakespeare, tmp_path):
+    """--bpw picks per-layer widths that meet the budget; an impossible budget is one clear error."""
+    r = cli(
+        "export",
+        "--model",
+        str(stories),
+        "--bpw",
+        "3.0",
+        "--group-size",
+        "32",
+        "--calib",
+        str(shakespeare),
+        "-o",
+        str(tmp_path / "m"),
+    )
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    layers = m["compression"]["quantize"]["layers"]
+    weights = sum(layer["shape"][0] * layer["shape"][1] for layer in layers)
+    assert 8 * sum(layer["bytes"] for layer in layers) / weights <= 3.0 * 1.02
+    assert len({layer["bits"] for layer in layers}) > 1 and m["parity"]["passed"]
+    r = cli(
+        "export",
+        "--model",
+        str(stories),
+        "--bpw",
+        "1.0",
+        "--calib",
+        str(shakespeare),
+        "-o",
+        str(tmp_path / "x"),
+    )
+    assert r.returncode == 2 and "below the minimum achievable" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("edgepack: error:") and not (tmp_path / "x").exists()

@@ -9,6 +9,7 @@ import pytest
 from edgepack.kernels.packing import (
     PLANE_BITS,
     Plane,
+    lowered_bytes,
     pack_nbits,
     pack_zero_points,
     split_planes,
@@ -91,11 +92,19 @@ def test_stored_bits_per_weight() -> None:
     assert stored_bits_per_weight(4, 128) == pytest.approx(4 + 0.25 + 4 / 128)
     # Symmetric 4-bit needs no zero points.
     assert stored_bits_per_weight(4, 128, asymmetric=False) == pytest.approx(4.25)
-    # 3 bits = 2-bit plane + 1-bit plane stored as 2 bits, each with fp16 scales; low plane keeps its zp.
+    # 3 bits = 2-bit plane + 1-bit plane packed 8 per byte, one shared (fp16) scale; the low plane keeps its zp.
     assert stored_bits_per_weight(3, 64, scale_bytes=2, asymmetric=False) == pytest.approx(
-        2 + 16 / 64 + 2 + 16 / 64 + 2 / 64
+        2 + 1 + 16 / 64 + 2 / 64
     )
-    assert stored_bits_per_weight(6, 32) == pytest.approx(4 + 1 + 4 / 32 + 2 + 1 + 2 / 32)
+    # 6 bits = 4 + 2 planes, one fp32 scale, a zero point per plane.
+    assert stored_bits_per_weight(6, 32) == pytest.approx(4 + 2 + 32 / 32 + 4 / 32 + 2 / 32)
+
+
+def test_lowered_bytes_counts_row_padding() -> None:
+    # K=64, block 32: 2 blocks per row; each plane's 2 zero points (2 bits each) pad to one byte per row.
+    assert lowered_bytes(10, 64, 3, 32) == 10 * 2 * 4 + 10 * 64 * 3 // 8 + 10 * 1 + 10 * 1
+    # K not a multiple of the block is padded to whole blocks.
+    assert lowered_bytes(1, 100, 4, 64, symmetric=True) == 2 * 4 + 128 // 2
 
 
 def _matmulnbits_model(planes: list[Plane], scales: np.ndarray, k: int, block: int, level: int) -> bytes:
