@@ -8,8 +8,8 @@ tokens). A tied lm_head also moves the embedding rows it shares; that term uses 
 output, gathered per vocabulary row.
 
 Cost: the bytes each format really stores through the MatMulNBits bit-plane lowering, scales and zero points
-included (``kernels.packing.stored_bits_per_weight``: 3-bit stores as 2+2, 5 as 4+2, 7 as 4+2+2, so 3 and 5
-cost about as much as 4 and 6 and are rarely chosen).
+included (``kernels.packing.lowered_bytes``, exact: one shared scale per block, planes at their logical width
+with a 1-bit plane packed 8 per byte, a zero point per plane, K and zero-point rows padded).
 
 Group sizes are chosen too, because K padding decides what a group costs (K = 320 pads to 384 at g128).
 
@@ -35,7 +35,7 @@ from edgepack.compressor.quantize import (
     linear_sites,
     lowering_block_size,
 )
-from edgepack.kernels.packing import stored_bits_per_weight
+from edgepack.kernels.packing import lowered_bytes
 from torch import nn
 
 from edgepack.errors import EdgepackError
@@ -65,8 +65,7 @@ def stored_bytes(shape: tuple[int, int], fmt: QuantFormat, bit_balance: bool = F
     n, k = shape
     grid = grid_for(fmt, bit_balance)
     block = lowering_block_size(effective_group(fmt, k), k)
-    k_padded = -(-k // block) * block
-    return n * k_padded * stored_bits_per_weight(grid.bits, block, SCALE_BYTES, not grid.symmetric) / 8
+    return lowered_bytes(n, k, grid.bits, block, grid.symmetric, SCALE_BYTES)
 
 
 def fisher_error(dw: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> float:

@@ -21,13 +21,16 @@ def calib(stories, shakespeare):
     return calibration_samples(tok, split_text(read_text(shakespeare))[0], 8, 128)
 
 
-def test_bit_planes_make_odd_widths_cost_like_the_next_even_one():
+def test_every_width_costs_its_bits_in_the_compact_plane_layout():
     shape = (256, 512)
     cost = {b: stored_bytes(shape, QuantFormat(b, 128)) for b in (2, 3, 4, 5, 6, 8)}
-    assert cost[2] < cost[4] <= cost[3] < cost[6] <= cost[5] < cost[8]
+    assert cost[2] < cost[3] < cost[4] < cost[5] < cost[6] < cost[8]
     assert cost[2] == pytest.approx(256 * 512 * (2 + 32 / 128 + 2 / 128) / 8)
+    # odd widths: one shared scale, the 1-bit plane at 1 bit, a zero point per plane
+    assert cost[3] == pytest.approx(256 * 512 * (3 + 32 / 128 + (2 + 2) / 128) / 8)
     # W2* is a 3-bit symmetric code: two planes, no zero points on the top plane
-    assert stored_bytes(shape, QuantFormat(2, 64), bit_balance=True) > cost[4]
+    w2star = stored_bytes(shape, QuantFormat(2, 64), bit_balance=True)
+    assert stored_bytes(shape, QuantFormat(2, 64)) < w2star < cost[4]
 
 
 def test_choose_formats_matches_brute_force():
