@@ -22,7 +22,14 @@ import torch
 from edgepack.compressor.fold_cure import cure, norm_parameters
 from edgepack.compressor.fold_hooks import decoder_layers
 from edgepack.compressor.fold_importance import IMPORTANCE
-from edgepack.compressor.fold_plan import check_share_group, rank, removal_count, resolve_groups
+from edgepack.compressor.fold_plan import (
+    check_pairs,
+    check_share_group,
+    least_important_pairs,
+    rank,
+    removal_count,
+    resolve_groups,
+)
 from torch import nn
 
 from edgepack.errors import EdgepackError
@@ -40,6 +47,7 @@ class FoldConfig:
 
     remove: float = 0.25  # fraction of blocks to delete (rounded to whole blocks)
     share_group: int | list[list[int]] | None = None  # group size, or explicit groups of retained positions
+    share_pairs: int = 0  # or: share the N least important neighbour pairs of retained blocks (not block 0)
     importance: str = "gates"  # "gates" | "bi" | "drop_one"
     init: str = "important"  # shared weights start as the group's most important block's, or "mean"
     cure_steps: int = 100
@@ -71,6 +79,14 @@ class FoldConfig:
                 f"remove={self.remove!r} is not a fraction of blocks; pass a number in [0, 1), e.g. remove=0.25"
             )
         check_share_group(self.share_group)
+        if (
+            not isinstance(self.share_pairs, int)
+            or isinstance(self.share_pairs, bool)
+            or self.share_pairs < 0
+        ):
+            raise EdgepackError(f"share_pairs={self.share_pairs!r} must be a non-negative integer")
+        if self.share_pairs and self.share_group is not None:
+            raise EdgepackError("pass either share_group or share_pairs, not both")
         if self.importance not in IMPORTANCE:
             raise EdgepackError(
                 f"importance={self.importance!r} is unknown; choose one of {', '.join(sorted(IMPORTANCE))}"
@@ -235,12 +251,14 @@ def fold(
 ) -> FoldReport:
     """Fold ``model`` in place (see the module docstring for the result's contract): score the blocks, remove
     the lowest-ranked, share weights within groups, cure by distillation from a copy of the original.
-    ``scores`` may carry precomputed importance ({method: one score per block}) to skip recomputing it."""
+    ``scores`` may carry precomputed importance ({method: one score per block}) to skip recomputing it.
+    The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
     _check_ids(calib_ids)
     layers = decoder_layers(model)
     n = len(layers)
     n_remove = removal_count(config.remove, n)
     groups = resolve_groups(config.share_group, n - n_remove)
+    check_pairs(config.share_pairs, n - n_remove)
     if config.distill_layers > n - n_remove:
         raise EdgepackError(
             f"distill_layers={config.distill_layers} exceeds the {n - n_remove} retained blocks; "
@@ -260,6 +278,8 @@ def fold(
     order = rankings[config.importance]
     kept = sorted(order[: n - n_remove])
     removed = sorted(order[n - n_remove :])
+    if config.share_pairs:
+        groups = least_important_pairs(kept, scores[config.importance], config.share_pairs)
     log.info("fold: %s ranking %s; removing blocks %s", config.importance, order, removed)
 
     changed = n_remove > 0 or any(len(g) > 1 for g in groups)

@@ -44,6 +44,36 @@ def resolve_groups(share_group: int | list[list[int]] | None, n_kept: int) -> li
     return [list(group) for group in share_group]
 
 
+def max_pairs(n_kept: int) -> int:
+    """How many disjoint neighbour pairs fit among positions 1..n_kept-1."""
+    return max(n_kept - 1, 0) // 2
+
+
+def check_pairs(share_pairs: int, n_kept: int) -> None:
+    """Refuse more share pairs than the retained positions hold (position 0 never shares)."""
+    if share_pairs > max_pairs(n_kept):
+        raise EdgepackError(
+            f"share_pairs={share_pairs} needs {2 * share_pairs + 1} retained blocks, only {n_kept} are left; "
+            f"pass share_pairs <= {max_pairs(n_kept)} or a smaller remove"
+        )
+
+
+def least_important_pairs(kept: list[int], scores: list[float], k: int) -> list[list[int]]:
+    """Groups over retained positions with ``k`` disjoint neighbour pairs (never position 0) whose blocks
+    have the lowest summed score; every other position stays alone. ``kept``: original block per position."""
+    order = sorted(range(1, len(kept) - 1), key=lambda p: scores[kept[p]] + scores[kept[p + 1]])
+    chosen: list[int] = []
+    for p in order:
+        if len(chosen) < k and all(abs(p - q) > 1 for q in chosen):
+            chosen.append(p)
+    in_pair = {p: [p, p + 1] for p in chosen}
+    groups, p = [], 0
+    while p < len(kept):
+        groups.append(in_pair.get(p, [p]))
+        p += len(groups[-1])
+    return groups
+
+
 def check_share_group(share_group) -> None:
     """Config-time shape check of ``share_group`` (coverage is checked at fold time, against the model)."""
     if share_group is None:

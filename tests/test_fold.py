@@ -109,6 +109,7 @@ def test_config_round_trip():
         (dict(share_group=0), "must be >= 1"),
         (dict(share_group=[[0, 1], []]), "groups like"),
         (dict(cure_steps=-1), "non-negative integer"),
+        (dict(share_group=2, share_pairs=1), "either share_group or share_pairs"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -125,6 +126,7 @@ def test_bad_config(kwargs, message):
         (dict(remove=0.2, share_group=[[0, 1], [2]]), r"does not cover the 4 retained positions exactly"),
         (dict(remove=0.2, share_group=[[0, 2], [1], [3]]), "not a run of consecutive positions"),
         (dict(remove=0.4, distill_layers=4), "pass distill_layers <= 3"),
+        (dict(remove=0.2, share_pairs=2), r"share_pairs=2 needs 5 retained blocks, only 4 are left"),
     ],
 )
 def test_bad_fold_input(model, ids, kwargs, message):
@@ -194,6 +196,17 @@ def test_init_important_vs_mean(base, ids):
     torch.testing.assert_close(
         mean.model.layers[3].input_layernorm.weight, original[4]["input_layernorm.weight"]
     )
+
+
+def test_share_pairs_picks_least_important_neighbours(model, ids):
+    per_block = unique_parameter_count(model.model.layers[0])
+    scores = {"bi": [5.0, 1.0, 4.0, 2.0, 3.0], "drop_one": [1.0] * 5}  # removes block 1; keeps 0, 2, 3, 4
+    report = fold(model, FoldConfig(**{**FAST, "remove": 0.2, "share_pairs": 1}), ids, scores=scores)
+    assert report.kept == [0, 2, 3, 4]
+    assert report.groups == [[0], [1], [2, 3]]  # blocks 3 + 4 (2 + 3) score lower than 2 + 3 (4 + 2)
+    layers = model.model.layers
+    assert layers[2].mlp.up_proj.weight is layers[3].mlp.up_proj.weight
+    assert report.block_params_after == 4 * per_block - (per_block - 2 * model.config.hidden_size)
 
 
 def test_folded_model_kv_cache_decode_equals_full_forward(model, ids):
