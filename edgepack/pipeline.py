@@ -278,8 +278,8 @@ def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokeni
             shutil.copyfile(src, out / name)
     config = dict(raw_config)
     config["num_hidden_layers"] = len(model.model.layers)
-    if "layer_types" in config:
-        config["layer_types"] = config["layer_types"][: config["num_hidden_layers"]]
+    if "layer_types" in config:  # fold keeps the types of the positions it kept
+        config["layer_types"] = list(model.config.layer_types)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer), indent=4) + "\n")
 
