@@ -106,7 +106,7 @@ def gptq_quantize(
     hinv = inverse_hessian_factor(h, damp)
     order = perm.tolist()
     codes = torch.zeros_like(wq)  # (N, K) in processing order
-    error = 0.0
+    error = torch.zeros((), device=w.device)
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
         w1 = wq[:, i1:i2].clone()  # (N, B): updated as columns of this lazy batch are quantized
@@ -128,14 +128,14 @@ def gptq_quantize(
             codes[:, i1 + i] = q
             d = hinv1[i, i]
             e = (x - dq) / d
-            error += float((e**2).sum()) / 2
+            error += (e**2).sum() / 2
             w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
             err1[:, i] = e
         wq[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     ordered = torch.empty_like(codes)
     ordered[:, perm] = codes
     q = QTensor(ordered.to(torch.uint8), scales.float(), zeros.to(torch.uint8), grid.bits, group)
-    return q, error
+    return q, float(error)
 
 
 # ---------------------------------------------------------------- orchestration
@@ -206,7 +206,7 @@ def _hessians(
     return hess
 
 
-def _gptq_site(site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptions) -> QTensor:
+def _gptq_site(site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptions) -> tuple[QTensor, float]:
     w = site.module.weight.detach()
     q, err = gptq_quantize(
         w,
@@ -217,8 +217,7 @@ def _gptq_site(site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptio
         opts.act_order,
         opts.block_size,
     )
-    log.debug("gptq %s: proxy error %.4g", site.name, err)
-    return q
+    return q, err
 
 
 @register_method("gptq")
@@ -242,7 +241,8 @@ def gptq_method(
             h = torch.zeros(k, k, device=trace.head_inputs[0].device)
             for x in trace.head_inputs:
                 accumulate_hessian(h, x)
-            out[plan.head.name] = _gptq_site(plan.head, h, tokens, opts)
+            out[plan.head.name], err = _gptq_site(plan.head, h, tokens, opts)
+            log.info("gptq %s: error %.4g", plan.head.name, err)
             qlin = swaps.quantized(plan.head, out[plan.head.name], config.abits)
             emb = tied_embedding(model, plan.head)
             if emb is not None:
@@ -253,12 +253,16 @@ def gptq_method(
         for i in bar:
             layer = plan.layers[i]
             if plan.owned[i]:
+                block_error = 0.0
                 for stage in block_stages(layer, plan.owned[i], stream[0], trace.layer_kwargs[0][i]):
                     hess = _hessians(plan, i, stage, stream, trace.layer_kwargs)
                     for site in stage:
                         uses = len(plan.positions[site.name])
-                        out[site.name] = _gptq_site(site, hess[site.name], tokens * uses, opts)
+                        out[site.name], err = _gptq_site(site, hess[site.name], tokens * uses, opts)
                         swaps.quantized(site, out[site.name], config.abits)
+                        block_error += err
+                log.info("gptq block %d: error %.4g", i, block_error)
+                bar.set_postfix(error=f"{block_error:.4g}")
             stream = [run_layer(layer, x, kw[i]) for x, kw in zip(stream, trace.layer_kwargs, strict=True)]
     finally:
         swaps.restore()
