@@ -35,7 +35,7 @@ from edgepack.compressor.quantize import (
     linear_sites,
     lowering_block_size,
 )
-from edgepack.kernels.packing import lowered_bytes
+from edgepack.kernels.packing import kernel_bits, lowered_bytes
 from torch import nn
 
 from edgepack.errors import EdgepackError
@@ -61,11 +61,11 @@ class Sensitivity:
 
 
 def stored_bytes(shape: tuple[int, int], fmt: QuantFormat, bit_balance: bool = False) -> float:
-    """Bytes of one (N, K) weight in the MatMulNBits bit-plane lowering, scales and zero points included."""
+    """Bytes of one (N, K) weight in the exporter's default lowering, scales and zero points included."""
     n, k = shape
     grid = grid_for(fmt, bit_balance)
     block = lowering_block_size(effective_group(fmt, k), k)
-    return lowered_bytes(n, k, grid.bits, block, grid.symmetric, SCALE_BYTES)
+    return lowered_bytes(n, k, grid.bits, block, grid.symmetric, SCALE_BYTES, kernel_bits(grid.bits))
 
 
 def fisher_error(dw: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> float:

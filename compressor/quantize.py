@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -253,6 +254,21 @@ def lowering_block_size(group: int, k: int) -> int:
     if group != k:
         return group
     return min(128, max(16, 1 << (k - 1).bit_length()))
+
+
+@contextmanager
+def kernel_activations(model: nn.Module, abits: int) -> Iterator[None]:
+    """Temporarily run every QuantLinear on ``abits``-bit activations (8: what MatMulNBits accuracy_level 4
+    computes), e.g. to check an artifact against a PyTorch model that reproduces its kernels."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    saved = [m.abits for m in layers]
+    for m in layers:
+        m.abits = min(m.abits, abits)
+    try:
+        yield
+    finally:
+        for m, a in zip(layers, saved, strict=True):
+            m.abits = a
 
 
 def activation_block(group: int, k: int) -> int:

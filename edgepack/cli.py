@@ -126,6 +126,27 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
 )
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration/cure text file (UTF-8).")
+@click.option(
+    "--activations",
+    type=click.Choice(["int8", "float"]),
+    default=None,
+    help="Low-bit matmuls on int8 activations (fast CPU kernels; the cpu/android default) or float "
+    "activations (exact against the fake-quant model, 2-10x slower on CPU).",
+)
+@click.option(
+    "--lowering",
+    type=click.Choice(["auto", "widened", "planes"]),
+    default=None,
+    help="How 3/5/6/7-bit weights run: one wider kernel (widened) or one kernel per bit plane (planes). "
+    "Default auto: the fastest measured (bench/lowering.py).",
+)
+@click.option(
+    "--attention",
+    type=click.Choice(["auto", "fused", "plain"]),
+    default=None,
+    help="Block form: fused (GroupQueryAttention, packed projections, fused norms; needs head_dim % 16 == 0 "
+    "and right-padded batches) or plain (standard ops). Default auto: fused where possible.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check.")
 @click.option(
@@ -147,6 +168,9 @@ def export(
     remove,
     share_groups,
     calib,
+    activations,
+    lowering,
+    attention,
     force,
     no_parity,
     trust_remote_code,
@@ -181,6 +205,11 @@ def export(
         trust_remote_code=trust_remote_code,
         parity=not no_parity,
         force=force,
+        build={
+            k: v
+            for k, v in {"activations": activations, "lowering": lowering, "attention": attention}.items()
+            if v is not None
+        },
     )
     result = run_export(req)
     m = result.manifest

@@ -17,12 +17,16 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgepack import __version__
 from edgepack.errors import EdgepackError
 from edgepack.recipe import Recipe
 from edgepack.runtime.runner import sha256_file as sha256
 from edgepack.targets.profiles import Target, get_target
+
+if TYPE_CHECKING:
+    from edgepack.exporter.builder import BuildOptions
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class ExportRequest:
     parity: bool = True
     force: bool = False
     new_tokens: int = 32
+    build: dict = field(default_factory=dict)  # BuildOptions overrides: activations, lowering, attention
 
 
 @dataclass
@@ -101,11 +106,11 @@ def export(req: ExportRequest) -> ExportResult:
         model = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
         tokenizer = load_tokenizer(req.model_dir)
         reports = compress(model, tokenizer, req)
-        built = write_model(model, target, tmp, reports)
+        built = write_model(model, target, tmp, reports, req.build)
         parity = None
         if req.parity:
             parity = run_parity(
-                model, tokenizer, target, tmp / "model.onnx", built["thresholds"], req.new_tokens
+                model, tokenizer, target, tmp / "model.onnx", built["thresholds"], req.new_tokens, built["abits"]
             )
         write_side_files(req.model_dir, tmp, model, raw_config, tokenizer)
         if target.android_bundle:
@@ -188,16 +193,39 @@ def calibration_ids(tokenizer, req: ExportRequest, step):
     return calibration_samples(tokenizer, read_text(req.calib), n, seq)
 
 
-def write_model(model, target: Target, out: Path, reports: dict) -> dict:
+def build_options(target: Target, overrides: dict | None = None) -> BuildOptions:
+    """The target's graph options with the user's overrides (unknown keys or values: one-line error)."""
+    from edgepack.exporter.builder import ACTIVATIONS, ATTENTION_FORMS, BuildOptions
+    from edgepack.kernels.packing import LOWERINGS
+
+    overrides = dict(overrides or {})
+    valid = {"activations": ACTIVATIONS, "lowering": LOWERINGS, "attention": ATTENTION_FORMS}
+    for key, value in overrides.items():
+        if key not in valid:
+            raise EdgepackError(f"unknown build option {key!r}; valid: {', '.join(valid)}")
+        if value not in valid[key]:
+            raise EdgepackError(f"--{key} {value} is not valid; choose one of {', '.join(valid[key])}")
+    return BuildOptions(
+        dtype=target.dtype,
+        quantized_embedding=target.quantized_embedding,
+        activations=overrides.get("activations", target.activations),
+        lowering=overrides.get("lowering", "auto"),
+        attention=overrides.get("attention", "auto"),
+    )
+
+
+def write_model(model, target: Target, out: Path, reports: dict, overrides: dict | None = None) -> dict:
     """Build the graph for ``target``, run its passes and save model.onnx; returns facts for the manifest."""
     import onnx_ir as ir
 
-    from edgepack.exporter.builder import BuildOptions, build_decoder
+    from edgepack.exporter.builder import build_decoder
     from edgepack.exporter.passes import run_target_passes
 
     quant = reports.get("quantize")
-    abits = 8 if quant and any(layer.get("abits", 16) == 8 for layer in quant["layers"]) else 16
-    opts = BuildOptions(dtype=target.dtype, quantized_embedding=target.quantized_embedding)
+    opts = build_options(target, overrides)
+    abits = 16
+    if quant and (opts.activations == "int8" or any(layer.get("abits", 16) == 8 for layer in quant["layers"])):
+        abits = 8  # the kernels quantize activations to int8 per block (accuracy_level 4)
     graph = build_decoder(model, opts)
     run_target_passes(graph, target)
     if quant:
@@ -237,6 +265,7 @@ def write_model(model, target: Target, out: Path, reports: dict) -> dict:
         },
         "thresholds": thresholds,
         "abits": abits,
+        "build": {**opts.to_dict(), "attention_form": graph.meta["attention"]},
     }
 
 
@@ -248,9 +277,14 @@ def io_spec(value) -> dict:
     }
 
 
-def run_parity(model, tokenizer, target: Target, onnx_path: Path, thresholds: str, new_tokens: int) -> dict:
+def run_parity(
+    model, tokenizer, target: Target, onnx_path: Path, thresholds: str, new_tokens: int, abits: int = 16
+) -> dict:
+    """The artifact against the PyTorch model it was built from, with the kernels' activation quantization
+    reproduced in PyTorch when the low-bit matmuls run on int8 activations (``abits`` 8)."""
     import onnxruntime as ort
 
+    from edgepack.compressor.quantize import kernel_activations
     from edgepack.exporter.parity import DEFAULT_PROMPTS, check_parity
 
     providers = ["CPUExecutionProvider"]
@@ -260,7 +294,8 @@ def run_parity(model, tokenizer, target: Target, onnx_path: Path, thresholds: st
     ):
         providers.insert(0, target.execution_provider)
     prompts = [tokenizer(p)["input_ids"] for p in DEFAULT_PROMPTS]
-    report = check_parity(model, onnx_path, prompts, thresholds, new_tokens, providers)
+    with kernel_activations(model, abits):
+        report = check_parity(model, onnx_path, prompts, thresholds, new_tokens, providers)
     log.info("parity (%s, %s): %s", thresholds, providers[0], report.summary())
     if not report.passed:
         raise EdgepackError(
@@ -384,6 +419,7 @@ def build_manifest(req, target, arch, model, built, reports, parity, folder: Pat
         "recipe": req.recipe.to_dict(),
         "target": target.to_dict(),
         "io": built["io"],
+        "build": built["build"],
         "ops": built["ops"],
         "opsets": built["opsets"],
         "ir_version": built["ir_version"],

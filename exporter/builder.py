@@ -5,17 +5,26 @@ attention requirement), every dtype, and weight sharing: each unique weight tens
 initializer, however many depth positions use it. Linear layers are lowered by ``LINEAR_LOWERINGS``, a registry
 keyed by module type (float ``nn.Linear`` -> MatMul, ``QuantLinear`` -> MatMulNBits bit planes).
 
+Two forms of each decoder block, chosen per model (``attention_form``):
+- "fused": the form ONNX Runtime's CPU kernels run fastest and onnxruntime-genai's builder emits: one packed
+  q/k/v projection and one packed gate/up projection (initializer-only Concat, folded at load, so the file
+  keeps the per-projection tensors), SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (the
+  residual add fused into the next norm), and GroupQueryAttention with rotary embedding inside. It needs
+  head_dim % 16 == 0 and assumes right-padded (or unpadded) batches, as onnxruntime-genai does.
+- "plain": standard ops only (any head size, left padding, explicit position_ids).
+
 I/O (the names optimum's ORTModelForCausalLM and onnxruntime-genai use):
-  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64,
+  input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64 (plain form only),
   past_key_values.{i}.key/.value (B, kv_heads, P, head_dim)  ->  logits (B, S, V) float32,
-  present.{i}.key/.value (B, kv_heads, P+S, head_dim).
+  present.{i}.key/.value (B, kv_heads, P+S, head_dim). The fused form's presents come straight from
+  GroupQueryAttention, so onnxruntime-genai can bind past and present to one buffer (past_present_share_buffer).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx_ir as ir
@@ -33,13 +42,23 @@ MS_DOMAIN = "com.microsoft"
 DTYPES = {"float32": (ir.DataType.FLOAT, np.float32), "float16": (ir.DataType.FLOAT16, np.float16)}
 
 
+ACTIVATIONS = ("int8", "float")
+ATTENTION_FORMS = ("auto", "fused", "plain")
+
+
 @dataclass
 class BuildOptions:
-    """What the target decides for the graph: activation dtype and how low-bit matmuls compute."""
+    """What the target (and the user) decide for the graph: dtypes, low-bit kernels, the block form."""
 
     dtype: str = "float32"
     loop_shared_blocks: bool = True  # a folded group of positions sharing weights becomes one Scan
     quantized_embedding: bool = True  # share the packed lm_head with the embedding via GatherBlockQuantized
+    activations: str = "int8"  # low-bit matmuls: "int8" = accuracy_level 4 (fast), "float" = level 0 (exact)
+    lowering: str = "auto"  # kernels.packing.LOWERINGS: how other widths map onto 2/4/8-bit kernels
+    attention: str = "auto"  # ATTENTION_FORMS: "auto" = fused where the model allows it
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass
@@ -52,6 +71,10 @@ class Builder:
     _by_key: dict[object, object] = field(default_factory=dict)
     quant_layers: dict[str, dict] = field(default_factory=dict)  # per quantized layer: planes, block, bytes
     _const_count: int = 0
+    root: ir.tape.Tape | None = None  # the main graph's tape (``tape`` may be a Scan body's)
+
+    def __post_init__(self) -> None:
+        self.root = self.tape
 
     @property
     def ir_dtype(self) -> ir.DataType:
@@ -63,6 +86,10 @@ class Builder:
 
     def op(self, op_type: str, *inputs: ir.Value | None, domain: str = "", **attrs) -> ir.Value:
         return self.tape.op(op_type, list(inputs), attrs or None, domain=domain)
+
+    def prep(self, op_type: str, *inputs: ir.Value | None, domain: str = "", **attrs) -> ir.Value:
+        """A weight-preparation node over initializers only, in the main graph: ONNX Runtime folds it at load."""
+        return self.root.op(op_type, list(inputs), attrs or None, domain=domain)
 
     def weight(self, name: str, array: np.ndarray, key: object | None = None) -> ir.Value:
         """An initializer, stored once per ``key`` (the identity of the tensor it came from)."""
@@ -125,6 +152,118 @@ def lower_linear(b: Builder, x: ir.Value, module: nn.Module, name: str) -> ir.Va
     raise TypeError(f"no ONNX lowering for {type(module).__name__} at {name}")
 
 
+@dataclass(frozen=True)
+class KernelWeight:
+    """One MatMulNBits weight: packed data (N, k_blocks, blob), scales, optional zero points, attributes."""
+
+    data: ir.Value
+    scales: ir.Value
+    zero_points: ir.Value | None
+    bits: int
+    block: int
+    k: int
+    n: int
+    accuracy_level: int
+
+    def matmul(self, b: Builder, x: ir.Value) -> ir.Value:
+        inputs = [x, self.data, self.scales] + ([self.zero_points] if self.zero_points is not None else [])
+        return b.op(
+            "MatMulNBits",
+            *inputs,
+            domain=MS_DOMAIN,
+            K=self.k,
+            N=self.n,
+            bits=self.bits,
+            block_size=self.block,
+            accuracy_level=self.accuracy_level,
+        )
+
+    def layout(self) -> tuple:
+        return (self.bits, self.block, self.k, self.accuracy_level, self.zero_points is not None)
+
+
+# Module type -> the MatMulNBits weights it runs as (registered by quant_lowering for QuantLinear).
+KERNEL_WEIGHTS: dict[type, Callable[[Builder, nn.Module, str], list[KernelWeight]]] = {}
+
+
+def kernel_weights(b: Builder, module: nn.Module, name: str) -> list[KernelWeight] | None:
+    for cls in type(module).__mro__:
+        if cls in KERNEL_WEIGHTS:
+            return KERNEL_WEIGHTS[cls](b, module, name)
+    return None
+
+
+def packed_bias(b: Builder, modules: list[nn.Module], names: list[str]) -> ir.Value | None:
+    """The projections' biases concatenated (zeros for one without), or None when none has a bias."""
+    if all(m.bias is None for m in modules):
+        return None
+    parts = [
+        b.weight(f"{n}.bias", to_numpy(m.bias, b.np_dtype), key=id(m.bias))
+        if m.bias is not None
+        else b.const(np.zeros(m.out_features, b.np_dtype))
+        for m, n in zip(modules, names, strict=True)
+    ]
+    return b.prep("Concat", *parts, axis=0)
+
+
+def lower_packed(b: Builder, x: ir.Value, modules: list[nn.Module], names: list[str]) -> ir.Value:
+    """x through several projections of the same input as ONE matmul: (B, S, sum N).
+
+    The weights are concatenated along N by initializer-only nodes (ONNX Runtime folds them at load, so the
+    file keeps each projection's tensors under its own name). Projections of different formats (mixed
+    precision) fall back to separate matmuls whose outputs are concatenated.
+    """
+    key = ("packed", *(linear_key(m) for m in modules))
+    if key not in b._by_key:
+        b._by_key[key] = packed_weights(b, modules, names)
+    weights = b._by_key[key]
+    if weights is None:
+        return b.op(
+            "Concat", *[lower_linear(b, x, m, n) for m, n in zip(modules, names, strict=True)], axis=-1
+        )
+    y = None
+    for w in weights:
+        out = w.matmul(b, x) if isinstance(w, KernelWeight) else b.op("MatMul", x, w)
+        y = out if y is None else b.op("Add", y, out)
+    bias = b._by_key.get(("packed_bias", *key[1:]))
+    return y if bias is None else b.op("Add", y, bias)
+
+
+def packed_weights(b: Builder, modules: list[nn.Module], names: list[str]) -> list | None:
+    """Concatenated weights for ``lower_packed``, or None when the projections cannot share one matmul."""
+    key = ("packed_bias", *(linear_key(m) for m in modules))
+    if all(type(m) is nn.Linear for m in modules):
+        parts = [
+            b.weight(f"{n}.weight", to_numpy(m.weight, b.np_dtype).T, key=("wT", id(m.weight)))
+            for m, n in zip(modules, names, strict=True)
+        ]
+        b._by_key[key] = packed_bias(b, modules, names)
+        return [b.prep("Concat", *parts, axis=1)]  # (K, sum N)
+    per_module = [kernel_weights(b, m, n) for m, n in zip(modules, names, strict=True)]
+    if any(w is None for w in per_module) or len({tuple(x.layout() for x in w) for w in per_module}) != 1:
+        return None
+    packed = []
+    for parts in zip(*per_module, strict=True):
+        first = parts[0]
+        zps = None
+        if first.zero_points is not None:
+            zps = b.prep("Concat", *[p.zero_points for p in parts], axis=0)
+        packed.append(
+            KernelWeight(
+                b.prep("Concat", *[p.data for p in parts], axis=0),
+                b.prep("Concat", *[p.scales for p in parts], axis=0),
+                zps,
+                first.bits,
+                first.block,
+                first.k,
+                sum(p.n for p in parts),
+                first.accuracy_level,
+            )
+        )
+    b._by_key[key] = packed_bias(b, modules, names)
+    return packed
+
+
 # ----------------------------------------------------------------------------- decoder graph
 
 
@@ -150,6 +289,39 @@ def norm_weight(b: Builder, module: nn.Module, name: str) -> ir.Value:
     return b.weight(f"{name}.weight", to_numpy(module.weight, b.np_dtype), key=id(module.weight))
 
 
+def fused_unsupported(dims: DecoderDims) -> str | None:
+    """Why the fused block form cannot run this model (ONNX Runtime kernel limits), or None."""
+    if dims.head_dim % 16:
+        return f"head_dim {dims.head_dim} is not a multiple of 16 (GroupQueryAttention's CPU kernel needs it)"
+    return None
+
+
+def attention_form(dims: DecoderDims, opts: BuildOptions) -> str:
+    """ "fused" or "plain" for this model under ``opts.attention``."""
+    from edgepack.errors import EdgepackError
+
+    if opts.attention not in ATTENTION_FORMS:
+        raise EdgepackError(
+            f"--attention {opts.attention} is not valid; choose one of {', '.join(ATTENTION_FORMS)}"
+        )
+    if opts.attention == "plain":
+        return "plain"
+    reason = fused_unsupported(dims)
+    if reason and opts.attention == "fused":
+        raise EdgepackError(f"--attention fused cannot export this model: {reason}; use --attention auto")
+    return "plain" if reason else "fused"
+
+
+# A residual stream whose last residual add is still pending: (h, delta) means h + delta (delta may be
+# None). The fused form hands the pending add to the next SkipSimplifiedLayerNormalization.
+Stream = tuple[ir.Value, ir.Value | None]
+
+
+def materialize(b: Builder, stream: Stream) -> ir.Value:
+    h, delta = stream
+    return h if delta is None else b.op("Add", h, delta)
+
+
 def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     """The full decoder graph of a Llama-family ``*ForCausalLM`` (possibly folded and/or quantized)."""
     from edgepack.exporter import quant_lowering  # noqa: F401  (registers the QuantLinear lowerings)
@@ -157,6 +329,7 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     dims = DecoderDims.from_config(model.config)
     b = Builder(opts)
     act = b.ir_dtype
+    form = attention_form(dims, opts)
     n_layers = len(model.model.layers)
     hd, nkv = dims.head_dim, dims.num_kv_heads
 
@@ -172,7 +345,7 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
 
     input_ids = graph_input("input_ids", ir.DataType.INT64, [batch, seq])
     attention_mask = graph_input("attention_mask", ir.DataType.INT64, [batch, total])
-    position_ids = graph_input("position_ids", ir.DataType.INT64, [batch, seq])
+    position_ids = graph_input("position_ids", ir.DataType.INT64, [batch, seq]) if form == "plain" else None
     pasts = []
     for i in range(n_layers):
         pk = graph_input(f"past_key_values.{i}.key", act, [batch, nkv, past, hd])
@@ -181,9 +354,102 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
 
     # Embedding lookup (a quantized tied embedding is lowered with the lm_head; see quant_lowering).
     h = lower_embedding(b, model, input_ids)  # (B, S, H)
-
-    # Rotary tables from position_ids, shared by all layers: (B, 1, S, D).
     inv_freq = 1.0 / (dims.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    if form == "fused":
+        ctx = fused_context(b, dims, attention_mask, inv_freq)
+    else:
+        ctx = plain_context(b, dims, input_ids, attention_mask, position_ids, inv_freq)
+
+    layers = list(model.model.layers)
+    presents: list[tuple[ir.Value, ir.Value]] = []
+    stream: Stream = (h, None)
+    i = 0
+    while i < n_layers:
+        j = i + 1
+        while opts.loop_shared_blocks and j < n_layers and shares_weights(layers[i], layers[j]):
+            j += 1
+        if j - i > 1:
+            h, group_presents = emit_shared_group(b, ctx, materialize(b, stream), layers[i:j], i, pasts[i:j])
+            stream = (h, None)
+            presents.extend(group_presents)
+        else:
+            ln1 = norm_weight(b, layers[i].input_layernorm, f"model.layers.{i}.input_layernorm")
+            ln2 = norm_weight(
+                b, layers[i].post_attention_layernorm, f"model.layers.{i}.post_attention_layernorm"
+            )
+            stream, k, v = emit_block(b, ctx, stream, layers[i], f"model.layers.{i}", ln1, ln2, *pasts[i])
+            presents.append((k, v))
+        i = j
+
+    final = norm_weight(b, model.model.norm, "model.norm")
+    if form == "fused":
+        h = fused_norm(b, stream, final, dims.rms_norm_eps)[0]
+    else:
+        h = rms_norm(b, materialize(b, stream), final, dims.rms_norm_eps)
+    logits = lower_lm_head(b, model, h)
+    if act != ir.DataType.FLOAT:
+        logits = b.op("Cast", logits, to=ir.DataType.FLOAT)
+
+    outputs = [logits]
+    logits.name = "logits"
+    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, dims.vocab_size])
+    for i, (k, v) in enumerate(presents):
+        for value, kind in ((k, "key"), (v, "value")):
+            # The fused form names GroupQueryAttention's own outputs (so past and present can share a
+            # buffer); elsewhere an Identity gives each present its own producer even if a pass rewires Concat.
+            out = value if form == "fused" and value.producer().op_type == "GroupQueryAttention" else None
+            out = out or b.op("Identity", value)
+            out.name = f"present.{i}.{kind}"
+            out.type, out.shape = ir.TensorType(act), ir.Shape([batch, nkv, total, hd])
+            outputs.append(out)
+
+    inputs = [input_ids, attention_mask] + ([position_ids] if position_ids is not None else [])
+    inputs += [v for pair in pasts for v in pair]
+    opsets = {"": OPSET}
+    if any(n.domain == MS_DOMAIN for n in b.tape.nodes):
+        opsets[MS_DOMAIN] = 1
+    graph = ir.Graph(
+        inputs,
+        outputs,
+        nodes=b.tape.nodes,
+        initializers=list(b.initializers.values()),
+        opset_imports=opsets,
+        name="edgepack_decoder",
+    )
+    model_ir = ir.Model(graph, ir_version=IR_VERSION, producer_name="edgepack")
+    model_ir.meta["quant_layers"] = b.quant_layers
+    model_ir.meta["attention"] = form
+    return model_ir
+
+
+@dataclass
+class BlockContext:
+    """Values every decoder block reads: shapes and the block form's shared inputs."""
+
+    dims: DecoderDims
+    form: str  # "fused" or "plain"
+    scale: float
+    # plain form: rotary tables (B, 1, S, D) and the additive mask (B, 1, 1, S, T)
+    cos: ir.Value | None = None
+    sin: ir.Value | None = None
+    mask: ir.Value | None = None
+    # fused form: GroupQueryAttention's lengths and rotary caches (max_positions, D / 2)
+    seqlens_k: ir.Value | None = None
+    total_len: ir.Value | None = None
+    cos_cache: ir.Value | None = None
+    sin_cache: ir.Value | None = None
+
+
+def plain_context(
+    b: Builder,
+    dims: DecoderDims,
+    input_ids: ir.Value,
+    attention_mask: ir.Value,
+    position_ids: ir.Value,
+    inv_freq: np.ndarray,
+) -> BlockContext:
+    """Rotary tables from position_ids and the additive causal/padding/window mask, shared by all layers."""
+    act = b.ir_dtype
     pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=ir.DataType.FLOAT), b.ints(-1))  # (B, S, 1)
     freqs = b.op("Mul", pos, b.const(inv_freq.astype(np.float32)))  # (B, S, D/2)
     emb = b.op("Unsqueeze", b.op("Concat", freqs, freqs, axis=-1), b.ints(1))  # (B, 1, S, D)
@@ -210,69 +476,27 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     )  # (B,1,1,1,T)
     allowed = b.op("And", allowed, keep)  # (B, 1, 1, S, T)
     mask = b.op("Where", allowed, b.const(np.float32(0)), b.const(np.float32(np.finfo(np.float32).min)))
+    return BlockContext(dims, "plain", 1.0 / np.sqrt(dims.head_dim), cos=cos, sin=sin, mask=mask)
 
-    ctx = BlockContext(dims, cos, sin, mask, b.scalar(1.0 / np.sqrt(hd)))
-    layers = list(model.model.layers)
-    presents: list[tuple[ir.Value, ir.Value]] = []
-    i = 0
-    while i < n_layers:
-        j = i + 1
-        while opts.loop_shared_blocks and j < n_layers and shares_weights(layers[i], layers[j]):
-            j += 1
-        if j - i > 1:
-            h, group_presents = emit_shared_group(b, ctx, h, layers[i:j], i, pasts[i:j])
-            presents.extend(group_presents)
-        else:
-            ln1 = norm_weight(b, layers[i].input_layernorm, f"model.layers.{i}.input_layernorm")
-            ln2 = norm_weight(
-                b, layers[i].post_attention_layernorm, f"model.layers.{i}.post_attention_layernorm"
-            )
-            h, k, v = emit_block(b, ctx, h, layers[i], f"model.layers.{i}", ln1, ln2, *pasts[i])
-            presents.append((k, v))
-        i = j
 
-    h = rms_norm(b, h, norm_weight(b, model.model.norm, "model.norm"), dims.rms_norm_eps)
-    logits = lower_lm_head(b, model, h)
-    if act != ir.DataType.FLOAT:
-        logits = b.op("Cast", logits, to=ir.DataType.FLOAT)
-
-    outputs = [logits]
-    logits.name = "logits"
-    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, dims.vocab_size])
-    for i, (k, v) in enumerate(presents):
-        for value, kind in ((k, "key"), (v, "value")):
-            # Route through Identity so each present has its own producer even if a pass rewires Concat.
-            out = b.op("Identity", value)
-            out.name = f"present.{i}.{kind}"
-            out.type, out.shape = ir.TensorType(act), ir.Shape([batch, nkv, total, hd])
-            outputs.append(out)
-
-    inputs = [input_ids, attention_mask, position_ids] + [v for pair in pasts for v in pair]
-    opsets = {"": OPSET}
-    if any(n.domain == MS_DOMAIN for n in b.tape.nodes):
-        opsets[MS_DOMAIN] = 1
-    graph = ir.Graph(
-        inputs,
-        outputs,
-        nodes=b.tape.nodes,
-        initializers=list(b.initializers.values()),
-        opset_imports=opsets,
-        name="edgepack_decoder",
+def fused_context(
+    b: Builder, dims: DecoderDims, attention_mask: ir.Value, inv_freq: np.ndarray
+) -> BlockContext:
+    """GroupQueryAttention's inputs shared by all layers: per-row lengths - 1, total length, rotary caches."""
+    lengths = b.op("ReduceSum", attention_mask, b.ints(1), keepdims=0)  # (B,) valid tokens, past included
+    seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(np.array(1, np.int64))), to=ir.DataType.INT32)
+    total = b.op("Squeeze", b.op("Shape", attention_mask, start=1, end=2), b.ints(0))
+    total_len = b.op("Cast", total, to=ir.DataType.INT32)
+    angles = np.outer(np.arange(dims.max_positions, dtype=np.float32), inv_freq)  # (max_positions, D/2)
+    return BlockContext(
+        dims,
+        "fused",
+        1.0 / np.sqrt(dims.head_dim),
+        seqlens_k=seqlens_k,
+        total_len=total_len,
+        cos_cache=b.weight("rotary.cos_cache", np.cos(angles).astype(b.np_dtype)),
+        sin_cache=b.weight("rotary.sin_cache", np.sin(angles).astype(b.np_dtype)),
     )
-    model_ir = ir.Model(graph, ir_version=IR_VERSION, producer_name="edgepack")
-    model_ir.meta["quant_layers"] = b.quant_layers
-    return model_ir
-
-
-@dataclass
-class BlockContext:
-    """Values every decoder block reads: shapes, rotary tables, the additive mask, the attention scale."""
-
-    dims: DecoderDims
-    cos: ir.Value
-    sin: ir.Value
-    mask: ir.Value
-    scale: ir.Value
 
 
 LINEARS = (
@@ -289,6 +513,83 @@ LINEARS = (
 def emit_block(
     b: Builder,
     c: BlockContext,
+    stream: Stream,
+    layer: nn.Module,
+    p: str,
+    ln1: ir.Value,
+    ln2: ir.Value,
+    past_k: ir.Value,
+    past_v: ir.Value,
+) -> tuple[Stream, ir.Value, ir.Value]:
+    """One decoder block in the context's form: the new residual stream and the present key/value."""
+    if c.form == "fused":
+        return emit_block_fused(b, c, stream, layer, p, ln1, ln2, past_k, past_v)
+    h, k, v = emit_block_plain(b, c, materialize(b, stream), layer, p, ln1, ln2, past_k, past_v)
+    return (h, None), k, v
+
+
+def fused_norm(b: Builder, stream: Stream, weight: ir.Value, eps: float) -> tuple[ir.Value, ir.Value]:
+    """RMSNorm of the stream with its pending residual add fused in: (normalized, the summed stream)."""
+    h, delta = stream
+    if delta is None:
+        return b.op("SimplifiedLayerNormalization", h, weight, axis=-1, epsilon=eps, stash_type=1), h
+    out, _, _, summed = b.tape.op_multi_out(
+        "SkipSimplifiedLayerNormalization",
+        [h, delta, weight],
+        {"epsilon": eps},
+        domain=MS_DOMAIN,
+        num_outputs=4,
+    )
+    return out, summed
+
+
+def emit_block_fused(
+    b: Builder,
+    c: BlockContext,
+    stream: Stream,
+    layer: nn.Module,
+    p: str,
+    ln1: ir.Value,
+    ln2: ir.Value,
+    past_k: ir.Value,
+    past_v: ir.Value,
+) -> tuple[Stream, ir.Value, ir.Value]:
+    """Packed q/k/v -> GroupQueryAttention (rotary inside) -> o_proj; packed gate/up -> SiLU * up -> down.
+
+    Returns the stream with the MLP's residual add still pending (the next norm fuses it).
+    """
+    d = c.dims
+    attn, mlp = layer.self_attn, layer.mlp
+    x, h = fused_norm(b, stream, ln1, d.rms_norm_eps)
+    qkv = lower_packed(
+        b, x, [attn.q_proj, attn.k_proj, attn.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"]
+    )  # (B, S, (nh + 2 nkv) * D)
+    window = d.sliding_window if d.sliding_window and d.sliding_window < d.max_positions else -1
+    out, k, v = b.tape.op_multi_out(
+        "GroupQueryAttention",
+        [qkv, None, None, past_k, past_v, c.seqlens_k, c.total_len, c.cos_cache, c.sin_cache],
+        {
+            "num_heads": d.num_heads,
+            "kv_num_heads": d.num_kv_heads,
+            "scale": float(c.scale),
+            "do_rotary": 1,
+            "rotary_interleaved": 0,
+            "local_window_size": window,
+        },
+        domain=MS_DOMAIN,
+        num_outputs=3,
+    )  # out (B, S, nh * D); k, v (B, nkv, T, D)
+    o = lower_linear(b, out, attn.o_proj, f"{p}.self_attn.o_proj")
+    x, h = fused_norm(b, (h, o), ln2, d.rms_norm_eps)
+    gate_up = lower_packed(b, x, [mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+    gate, up = b.tape.op_multi_out("Split", [gate_up], {"axis": -1, "num_outputs": 2}, num_outputs=2)
+    act_out = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
+    return (h, lower_linear(b, act_out, mlp.down_proj, f"{p}.mlp.down_proj")), k, v
+
+
+def emit_block_plain(
+    b: Builder,
+    c: BlockContext,
     h: ir.Value,
     layer: nn.Module,
     p: str,
@@ -297,7 +598,7 @@ def emit_block(
     past_k: ir.Value,
     past_v: ir.Value,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """One decoder block: returns the new hidden state (B, S, H) and the present key/value (B, kv, T, D)."""
+    """One decoder block in standard ops: the new hidden state (B, S, H) and the present key/value (B, kv, T, D)."""
     d = c.dims
     hd, nh, nkv = d.head_dim, d.num_heads, d.num_kv_heads
     act = b.ir_dtype
@@ -314,7 +615,7 @@ def emit_block(
     k = b.op("Concat", past_k, k, axis=2)  # (B, nkv, T, D)
     v = b.op("Concat", past_v, v, axis=2)
     # Grouped-query attention without repeating K/V: queries as (B, nkv, rep, S, D).
-    qg = b.op("Reshape", b.op("Mul", q, c.scale), b.ints(0, nkv, nh // nkv, -1, hd))
+    qg = b.op("Reshape", b.op("Mul", q, b.scalar(c.scale)), b.ints(0, nkv, nh // nkv, -1, hd))
     kt = b.op("Unsqueeze", b.op("Transpose", k, perm=[0, 1, 3, 2]), b.ints(2))  # (B, nkv, 1, D, T)
     scores = b.op("MatMul", qg, kt)  # (B, nkv, rep, S, T)
     if act != ir.DataType.FLOAT:
@@ -344,9 +645,6 @@ def shares_weights(a: nn.Module, b_: nn.Module) -> bool:
     return all(linear_key(a.get_submodule(n)) == linear_key(b_.get_submodule(n)) for n in LINEARS)
 
 
-PREPARERS: dict[type, Callable[[Builder, nn.Module, str], object]] = {}
-
-
 def emit_shared_group(
     b: Builder,
     c: BlockContext,
@@ -359,15 +657,10 @@ def emit_shared_group(
 
     ONNX Runtime pre-packs a weight once per node that uses it, so L nodes sharing a weight still cost L packed
     copies in RAM; a Scan holds one node per weight (bench/shared_prepack.py measures both). The Scan iterates
-    over the positions' own norms and KV caches; its state is the hidden state.
+    over the positions' own norms and KV caches; its state is the hidden state. Weight preparation (widening
+    planes, packing projections) goes to the main graph through ``Builder.prep``.
     """
     p, g = f"model.layers.{first}", len(layers)
-    for name in LINEARS:  # weight preparation (e.g. widening 1-bit planes) belongs in the main graph
-        module = layers[0].get_submodule(name)
-        for cls in type(module).__mro__:
-            if cls in PREPARERS:
-                PREPARERS[cls](b, module, f"{p}.{name}")
-                break
     stack = {
         key: b.weight(
             f"{p}.{key}.weight.stacked",
@@ -390,7 +683,8 @@ def emit_shared_group(
     outer = b.tape
     b.tape = ir.tape.Tape()
     try:
-        h_out, k, v = emit_block(b, c, h_in, layers[0], p, ln1, ln2, pk, pv)
+        stream, k, v = emit_block(b, c, (h_in, None), layers[0], p, ln1, ln2, pk, pv)
+        h_out = materialize(b, stream)
         body_nodes = b.tape.nodes
     finally:
         b.tape = outer

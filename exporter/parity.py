@@ -69,6 +69,7 @@ class OrtDecoder:
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.has_position_ids = any(i.name == "position_ids" for i in self.session.get_inputs())
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
@@ -84,9 +85,10 @@ class OrtDecoder:
         feed = {
             "input_ids": ids.astype(np.int64),
             "attention_mask": np.ones((b, past_len + s), np.int64),
-            "position_ids": np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(b, 0),
             **cache,
         }
+        if self.has_position_ids:
+            feed["position_ids"] = np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(b, 0)
         outs = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
         new_cache = {
             name.replace("present.", "past_key_values."): v for name, v in outs.items() if name != "logits"

@@ -1,9 +1,18 @@
-"""Lower ``QuantLinear`` to ONNX Runtime low-bit ops: MatMulNBits bit planes, GatherBlockQuantized embeddings.
+"""Lower ``QuantLinear`` to ONNX Runtime low-bit ops: MatMulNBits, GatherBlockQuantized embeddings.
 
-A b-bit code is split into planes of 4/2/8 stored bits (kernels.packing.PLANE_BITS: 6 = 4+2, 3 = 2+1, ...);
-each plane is one MatMulNBits whose scales carry the plane's power-of-two weight, and the planes' outputs are
-summed. Dequantization is linear in the code, so the sum equals the b-bit matmul exactly. A quantized lm_head
-tied to the embedding shares its packed planes with a GatherBlockQuantized lookup (one copy on disk).
+On disk a b-bit weight is stored compactly: its code split into planes of logical width (PLANE_BITS: 3 = 2+1,
+6 = 4+2, ...; a 1-bit plane packed 8 per byte), one shared scale per block. How it runs is the lowering
+(kernels.packing.kernel_bits), chosen per width from bench/lowering.py's measurements:
+
+- "widened": one MatMulNBits at the next kernel width (3 -> 4 bits, 5..7 -> 8 bits). The planes are recombined
+  into that layout by uint8 nodes that read only initializers, so ONNX Runtime folds them at session load:
+  the file keeps b bits per weight and the kernel runs once.
+- "planes": one MatMulNBits per plane with the plane's power of two on its scales, outputs summed.
+
+Either way the result equals the b-bit dequantized matmul. Activations: int8 per block inside the kernel
+(accuracy_level 4, the fast CPU path) unless the build asks for float activations (accuracy_level 0, exact
+against the fake-quant model). A quantized lm_head tied to the embedding shares its packed weight with a
+GatherBlockQuantized lookup (one copy on disk).
 """
 
 from __future__ import annotations
@@ -15,22 +24,24 @@ import onnx_ir as ir
 from edgepack.compressor.quantize import QuantLinear, lowering_block_size
 from edgepack.exporter.builder import (
     EMBEDDING_LOWERINGS,
+    KERNEL_WEIGHTS,
     MS_DOMAIN,
-    PREPARERS,
     Builder,
+    KernelWeight,
     register_lowering,
     to_numpy,
 )
-from edgepack.kernels.packing import pack_nbits, pack_zero_points, split_planes
+from edgepack.kernels.packing import kernel_bits, pack_nbits, pack_zero_points, split_planes
+
+ACCURACY_LEVEL = {"int8": 4, "float": 0}
 
 
 @dataclass
-class PackedPlane:
-    data: ir.Value  # uint8 (N, k_blocks, block * bits / 8), an initializer or folded from one
-    scales: ir.Value  # (N * k_blocks,) activation dtype, times the plane's 2**shift
-    zero_points: ir.Value | None  # packed uint8, None when all equal the kernel default 2**(bits-1)
-    bits: int
-    block: int
+class StoredPlane:
+    raw: ir.Value  # uint8: (N, k_blocks, block / 8) for a 1-bit plane, else MatMulNBits layout
+    zero_points: ir.Value | None  # packed at the plane's storage width; None = kernel default (or widened)
+    bits: int  # logical width
+    shift: int
 
 
 def expand_groups(a: np.ndarray, group: int, block: int, k: int) -> np.ndarray:
@@ -50,85 +61,121 @@ def pack_bits1(codes: np.ndarray, block: int) -> np.ndarray:
     return np.packbits(padded, axis=1, bitorder="little").reshape(n, k_blocks, block // 8)
 
 
-def expand_bits1(b: Builder, packed: ir.Value, n: int, k_blocks: int, block: int) -> ir.Value:
-    """1-bit packed plane -> MatMulNBits 2-bit layout (N, k_blocks, block / 4), from initializers only.
-
-    Every input is constant, so ONNX Runtime folds this at session load: the file holds 1 bit per weight and
-    the kernel gets the 2-bit layout it needs.
-    """
-    shifts = b.const(np.arange(8, dtype=np.uint8))
-    bits = b.op(
+def unpack_codes(b: Builder, raw: ir.Value, bits: int, n: int, k_blocks: int, block: int) -> ir.Value:
+    """Packed plane -> one uint8 code per weight (N, k_blocks, block), with uint8 ops only (folded at load)."""
+    if bits == 8:
+        return raw
+    shifts = b.const(np.arange(0, 8, bits, dtype=np.uint8))
+    codes = b.prep(
         "BitwiseAnd",
-        b.op("BitShift", b.op("Unsqueeze", packed, b.ints(-1)), shifts, direction="RIGHT"),
-        b.const(np.array(1, np.uint8)),
-    )  # (N, kb, block/8, 8): element 8j+i is bit i of byte j
-    quads = b.op("Cast", b.op("Reshape", bits, b.ints(n, k_blocks, block // 4, 4)), to=ir.DataType.INT32)
-    weights = b.const(np.array([1, 4, 16, 64], np.int32))
-    packed2 = b.op("ReduceSum", b.op("Mul", quads, weights), b.ints(-1), keepdims=0)
-    return b.op("Cast", packed2, to=ir.DataType.UINT8)
+        b.prep("BitShift", b.prep("Unsqueeze", raw, b.ints(-1)), shifts, direction="RIGHT"),
+        b.const(np.array((1 << bits) - 1, np.uint8)),
+    )  # (N, kb, block / per_byte, per_byte): element per_byte*j + i is field i of byte j
+    return b.prep("Reshape", codes, b.ints(n, k_blocks, block))
 
 
-def packed_planes(b: Builder, module: QuantLinear, name: str) -> list[PackedPlane]:
-    """The module's planes as initializers, created once per module however many nodes use them.
+def pack_codes(b: Builder, codes: ir.Value, bits: int, n: int, k_blocks: int, block: int) -> ir.Value:
+    """uint8 codes (N, k_blocks, block) -> MatMulNBits layout at ``bits`` (2, 4 or 8), low bits first."""
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    fields = b.prep("Reshape", codes, b.ints(n, k_blocks, block // per_byte, per_byte))
+    out = None
+    for i in range(per_byte):
+        part = b.prep("Slice", fields, b.ints(i), b.ints(i + 1), b.ints(-1))
+        if i:
+            part = b.prep("BitShift", part, b.const(np.array(i * bits, np.uint8)), direction="LEFT")
+        out = part if out is None else b.prep("BitwiseOr", out, part)
+    return b.prep("Squeeze", out, b.ints(-1))
 
-    On disk each plane keeps its logical width (a 1-bit plane is stored packed 8 per byte and widened to
-    2 bits by constant-foldable ops) and all planes share one set of scales (each plane multiplies it by its
-    power of two in the graph), so a b-bit weight costs b bits plus one scale and zero point per group.
+
+def stored_planes(b: Builder, module: QuantLinear, name: str, kernel: int | None) -> list[StoredPlane]:
+    """The module's compact planes as initializers (created once per module however many nodes use them).
+
+    Each plane keeps its logical width and all planes share one scale tensor, so a b-bit weight costs b bits
+    plus one scale (and zero point) per block. Zero points are stored per plane when the weight runs as planes,
+    once at the kernel width when it runs widened.
     """
-    key = ("planes", id(module))
+    key = ("stored", id(module))
     if key in b._by_key:
         return b._by_key[key]
     n, k = module.codes.shape
     block = lowering_block_size(module.group_size, k)
-    k_blocks = -(-k // block)
     codes = module.codes.cpu().numpy()
     zps = expand_groups(module.zero_points.cpu().numpy(), module.group_size, block, k)
     base = expand_groups(module.scales.float().cpu().numpy(), module.group_size, block, k)
-    base_v = b.weight(f"{name}.scales", base.astype(b.np_dtype).reshape(-1))
+    scales = b.weight(f"{name}.scales", base.astype(b.np_dtype).reshape(-1))
     split = split_planes(codes, zps, module.bits)
-    planes, stored = [], [base_v]
+    widened = kernel is not None and kernel != module.bits
+    planes, stored = [], [scales]
     for j, plane in enumerate(split):
         suffix = "" if len(split) == 1 else f".plane{j}"
         if plane.bits == 1:
             raw = b.weight(f"{name}.qweight{suffix}", pack_bits1(plane.codes, block))
-            data = expand_bits1(b, raw, n, k_blocks, block)
         else:
-            raw = data = b.weight(
-                f"{name}.qweight{suffix}", pack_nbits(plane.codes, plane.storage_bits, block)
-            )
-        scale_v = base_v if plane.shift == 0 else b.op("Mul", base_v, b.scalar(2.0**plane.shift))
-        zp_v = None
-        if not np.all(plane.zero_points == 2 ** (plane.storage_bits - 1)):
-            zp_v = b.weight(f"{name}.qzeros{suffix}", pack_zero_points(plane.zero_points, plane.storage_bits))
-            stored.append(zp_v)
+            raw = b.weight(f"{name}.qweight{suffix}", pack_nbits(plane.codes, plane.storage_bits, block))
+        zp = None
+        if not widened and not np.all(plane.zero_points == 2 ** (plane.storage_bits - 1)):
+            zp = b.weight(f"{name}.qzeros{suffix}", pack_zero_points(plane.zero_points, plane.storage_bits))
+            stored.append(zp)
         stored.append(raw)
-        planes.append(PackedPlane(data, scale_v, zp_v, plane.storage_bits, block))
+        planes.append(StoredPlane(raw, zp, plane.bits, plane.shift))
+    if widened:
+        stored.append(b.weight(f"{name}.qzeros", pack_zero_points(zps, kernel)))
     b._by_key[key] = planes
+    b._by_key[("scales", id(module))] = scales
     b.quant_layers[name] = {
         "planes": [p.bits for p in split],
         "block": block,
+        "kernel_bits": kernel,  # None: one MatMulNBits per plane
         "bytes": sum(v.const_value.nbytes for v in stored),
     }
     return planes
 
 
+def quant_kernel_weights(b: Builder, module: QuantLinear, name: str) -> list[KernelWeight]:
+    """What MatMulNBits reads for this module: one weight when widened, one per plane otherwise."""
+    key = ("kernel", id(module))
+    if key in b._by_key:
+        return b._by_key[key]
+    n, k = module.codes.shape
+    kernel = kernel_bits(module.bits, b.opts.lowering, b.opts.activations)
+    planes = stored_planes(b, module, name, kernel)
+    scales = b._by_key[("scales", id(module))]
+    block = lowering_block_size(module.group_size, k)
+    k_blocks = -(-k // block)
+    level = 4 if module.abits == 8 else ACCURACY_LEVEL[b.opts.activations]
+    if kernel is not None:
+        codes = None
+        for p in planes:
+            plane = unpack_codes(b, p.raw, p.bits, n, k_blocks, block)
+            if p.shift:
+                plane = b.prep("BitShift", plane, b.const(np.array(p.shift, np.uint8)), direction="LEFT")
+            codes = plane if codes is None else b.prep("BitwiseOr", codes, plane)
+        data = pack_codes(b, codes, kernel, n, k_blocks, block) if kernel != module.bits else planes[0].raw
+        zp = planes[0].zero_points if kernel == module.bits else b.initializers[f"{name}.qzeros"]
+        weights = [KernelWeight(data, scales, zp, kernel, block, k, n, level)]
+    else:
+        weights = []
+        for p in planes:
+            data = p.raw
+            if p.bits == 1:  # widen the 1-bit plane to the 2-bit kernel layout
+                data = pack_codes(b, unpack_codes(b, p.raw, 1, n, k_blocks, block), 2, n, k_blocks, block)
+            scale = scales if p.shift == 0 else b.prep("Mul", scales, b.scalar(2.0**p.shift))
+            weights.append(KernelWeight(data, scale, p.zero_points, max(p.bits, 2), block, k, n, level))
+    b._by_key[key] = weights
+    return weights
+
+
+KERNEL_WEIGHTS[QuantLinear] = quant_kernel_weights
+
+
 @register_lowering(QuantLinear)
 def lower_quant_linear(b: Builder, x: ir.Value, module: QuantLinear, name: str) -> ir.Value:
-    """y = sum over planes of MatMulNBits(x, plane) (+ bias)."""
-    n, k = module.codes.shape
+    """y = sum over kernel weights of MatMulNBits(x, w) (+ bias)."""
     y = None
-    for p in packed_planes(b, module, name):
-        inputs = [x, p.data, p.scales] + ([p.zero_points] if p.zero_points is not None else [])
-        out = b.op(
-            "MatMulNBits",
-            *inputs,
-            domain=MS_DOMAIN,
-            K=k,
-            N=n,
-            bits=p.bits,
-            block_size=p.block,
-            accuracy_level=4 if module.abits == 8 else 0,  # 4: int8 activations (W*A8 compute)
-        )
+    for w in quant_kernel_weights(b, module, name):
+        out = w.matmul(b, x)
         y = out if y is None else b.op("Add", y, out)
     if module.bias is not None:
         y = b.op("Add", y, b.weight(f"{name}.bias", to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
@@ -136,30 +183,29 @@ def lower_quant_linear(b: Builder, x: ir.Value, module: QuantLinear, name: str) 
 
 
 def lower_quant_embedding(b: Builder, head: QuantLinear, input_ids: ir.Value, name: str) -> ir.Value:
-    """Embedding rows straight from the packed lm_head planes: sum of GatherBlockQuantized per plane."""
+    """Embedding rows straight from the packed lm_head: one GatherBlockQuantized per kernel weight, summed."""
     n, k = head.codes.shape
     y = None
-    for p in packed_planes(b, head, name):
-        data = b.op("Reshape", p.data, b.ints(n, -1))  # (V, k_blocks * blob): same bytes, 2-D view
-        scales = b.op("Reshape", p.scales, b.ints(n, -1))
+    for w in quant_kernel_weights(b, head, name):
+        data = b.prep("Reshape", w.data, b.ints(n, -1))  # (V, k_blocks * blob): same bytes, 2-D view
+        scales = b.prep("Reshape", w.scales, b.ints(n, -1))
         inputs = [data, input_ids, scales]
-        if p.zero_points is not None:
-            inputs.append(b.op("Reshape", p.zero_points, b.ints(n, -1)))
+        if w.zero_points is not None:
+            inputs.append(b.prep("Reshape", w.zero_points, b.ints(n, -1)))
         out = b.op(
             "GatherBlockQuantized",
             *inputs,
             domain=MS_DOMAIN,
             gather_axis=0,
             quantize_axis=1,
-            block_size=p.block,
-            bits=p.bits,
+            block_size=w.block,
+            bits=w.bits,
         )  # (B, S, k_padded)
         y = out if y is None else b.op("Add", y, out)
-    padded = -(-k // p.block) * p.block
+    padded = -(-k // w.block) * w.block
     if padded != k:
         y = b.op("Slice", y, b.ints(0), b.ints(k), b.ints(-1))
     return y
 
 
 EMBEDDING_LOWERINGS[QuantLinear] = lower_quant_embedding
-PREPARERS[QuantLinear] = packed_planes

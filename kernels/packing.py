@@ -131,32 +131,72 @@ def split_planes(codes: np.ndarray, zero_points: np.ndarray, bits: int) -> list[
     return planes
 
 
+# How a b-bit weight runs on ONNX Runtime's kernels (exporter/quant_lowering.py):
+#   "planes":  one MatMulNBits per bit plane of PLANE_BITS, outputs summed (exact; more kernel calls);
+#   "widened": one MatMulNBits at the next kernel width (WIDENED_BITS): the b-bit codes are valid codes of
+#              the wider kernel, so the result is the same; the file keeps the compact planes and constant
+#              nodes widen them at session load.
+LOWERINGS = ("auto", "planes", "widened")
+WIDENED_BITS: dict[int, int] = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
+# "auto", chosen from bench/lowering.py's table (docs/results/speed.md): with int8 activations
+# (accuracy_level 4) every width runs fastest as one kernel; with float activations (accuracy_level 0) the
+# 2-bit kernel is a slow fallback, so 2-bit weights run on the 4-bit kernel too.
+AUTO_KERNEL_BITS: dict[str, dict[int, int]] = {
+    "int8": dict(WIDENED_BITS),
+    "float": {**WIDENED_BITS, 2: 4},
+}
+
+
+def kernel_bits(bits: int, lowering: str = "auto", activations: str = "int8") -> int | None:
+    """The single kernel width a ``bits``-bit weight runs at, or None when it runs as bit planes."""
+    if bits not in PLANE_BITS:
+        raise ValueError(f"bits must be one of {sorted(PLANE_BITS)}, got {bits}")
+    if lowering == "planes":
+        return None if len(PLANE_BITS[bits]) > 1 else bits
+    if lowering == "widened":
+        return WIDENED_BITS[bits]
+    if lowering == "auto":
+        return AUTO_KERNEL_BITS[activations][bits]
+    raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+
+
 def lowered_bytes(
-    n: int, k: int, bits: int, block: int, symmetric: bool = False, scale_bytes: int = 4
+    n: int,
+    k: int,
+    bits: int,
+    block: int,
+    symmetric: bool = False,
+    scale_bytes: int = 4,
+    kernel: int | None = None,
 ) -> int:
     """Exact bytes the exporter stores for one (N, K) weight (exporter/quant_lowering.py's compact layout).
 
     One scale per block shared by all planes; each plane's codes at its logical width (a 1-bit plane packed
-    8 per byte, widened at load time), K padded to whole blocks; packed zero points per plane, each row
-    padded to a whole byte, except where they equal the kernel default (the top plane of symmetric codes).
+    8 per byte, widened at load time), K padded to whole blocks. Zero points: run as planes (``kernel`` None
+    or equal to ``bits``), packed per plane, each row padded to a whole byte, except where they equal the
+    kernel default (the top plane of symmetric codes); run widened to a ``kernel``-bit kernel, one packed set
+    at the kernel width.
     """
     if bits not in PLANE_BITS:
         raise ValueError(f"bits must be one of {sorted(PLANE_BITS)}, got {bits}")
     k_blocks = -(-k // block)
     total = n * k_blocks * scale_bytes
+    widened = kernel is not None and kernel != bits
     for index, plane_bits in enumerate(PLANE_BITS[bits]):
         total += n * k_blocks * block * plane_bits // 8
-        if not symmetric or index > 0:
+        if not widened and (not symmetric or index > 0):
             total += n * -(-k_blocks * max(plane_bits, 2) // 8)
+    if widened:
+        total += n * -(-k_blocks * kernel // 8)
     return total
 
 
 def stored_bits_per_weight(
-    bits: int, group_size: int, scale_bytes: int = 4, asymmetric: bool = True
+    bits: int, group_size: int, scale_bytes: int = 4, asymmetric: bool = True, kernel: int | None = None
 ) -> float:
     """Storage per weight in bits of the exporter's lowering in the large-K limit (see ``lowered_bytes``)."""
     k = 1 << 20
-    return 8 * lowered_bytes(1, k, bits, group_size, not asymmetric, scale_bytes) / k
+    return 8 * lowered_bytes(1, k, bits, group_size, not asymmetric, scale_bytes, kernel) / k
 
 
 # Planes of the GPU (Triton) layout, most significant first. Planes are packed at their logical width

@@ -117,7 +117,8 @@ def read_quant_weight(inits: Initializers, layer: dict) -> QuantWeight:
 
     Plane j (logical width b_j, most significant first) holds bits shift_j.. of the code; a 1-bit plane is
     stored 8 per byte, wider ones in MatMulNBits layout; a plane without zero points has the kernel default
-    2**(storage_bits - 1). Scales are per block: the block is the group (per-channel weights repeat their one
+    2**(storage_bits - 1). A weight that runs widened (``kernel_bits``) stores one set of zero points at the
+    kernel width instead. Scales are per block: the block is the group (per-channel weights repeat their one
     scale per block, which is exact and lets every K tile of the kernels read one scale row).
     """
     name, bits, block = layer["name"], layer["bits"], layer["block"]
@@ -125,6 +126,8 @@ def read_quant_weight(inits: Initializers, layer: dict) -> QuantWeight:
     k_blocks = -(-k // block)
     codes = np.zeros((n, k), np.int32)
     zeros = np.zeros((n, k_blocks), np.int32)
+    kernel = layer.get("kernel_bits")
+    widened = kernel is not None and kernel != bits
     shift = bits
     for j, plane_bits in enumerate(layer["planes"]):
         shift -= plane_bits
@@ -135,13 +138,17 @@ def read_quant_weight(inits: Initializers, layer: dict) -> QuantWeight:
             plane = np.unpackbits(raw.reshape(n, -1), axis=1, bitorder="little")[:, :k]
         else:
             plane = unpack_nbits(raw, storage, k)
+        codes += plane.astype(np.int32) << shift
+        if widened:
+            continue
         zp_name = f"{name}.qzeros{suffix}"
         if zp_name in inits:
             plane_zeros = unpack_nbits(inits.get(zp_name).reshape(n, 1, -1), storage, k_blocks)
         else:
             plane_zeros = np.full((n, k_blocks), 2 ** (storage - 1), np.int32)
-        codes += plane.astype(np.int32) << shift
         zeros += plane_zeros.astype(np.int32) << shift
+    if widened:  # one set of zero points at the kernel width
+        zeros = unpack_nbits(inits.get(f"{name}.qzeros").reshape(n, 1, -1), kernel, k_blocks).astype(np.int32)
     if zeros.min() < 0 or zeros.max() > 255:
         raise EdgepackError(f"{name}: zero points outside 0..255 after recombining planes; re-export it")
     scales = inits.get(f"{name}.scales").astype(np.float32).reshape(n, k_blocks)

@@ -45,11 +45,16 @@ STANDARD_OPS = frozenset(
         "DequantizeLinear",
         "BitShift",
         "BitwiseAnd",
+        "BitwiseOr",
         "ReduceSum",
+        "SimplifiedLayerNormalization",  # registered by onnxruntime in the ONNX domain
     )
 )
 # ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.
-CONTRIB_OPS = frozenset(("com.microsoft", op) for op in ("MatMulNBits", "GatherBlockQuantized"))
+CONTRIB_OPS = frozenset(
+    ("com.microsoft", op)
+    for op in ("MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")
+)
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class Target:
     allowed_ops: frozenset[tuple[str, str]]
     android_bundle: bool = False  # .ort + required_operators.config + Kotlin snippet + on-device runner
     quantized_embedding: bool = True  # GatherBlockQuantized for a quantized tied embedding
+    activations: str = "int8"  # low-bit matmuls on int8 activations (accuracy_level 4) or "float" (level 0)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,6 +104,7 @@ TARGETS: dict[str, Target] = {
             file_format="onnx",
             execution_provider="CUDAExecutionProvider",
             allowed_ops=STANDARD_OPS | CONTRIB_OPS,
+            activations="float",  # the CUDA kernels compute in fp16 whatever the accuracy level
         ),
     )
 }

@@ -71,3 +71,16 @@ def make_random_model(folder: Path, arch: str, **overrides) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(_need(STORIES) / name, folder / name)
     return folder
+
+
+def kernel_attrs(path: Path) -> list[tuple[int, int]]:
+    """(bits, accuracy_level) of every MatMulNBits node of a model file's main graph."""
+    import onnx
+
+    graph = onnx.load(path)
+    return [
+        (attrs["bits"], attrs["accuracy_level"])
+        for n in graph.graph.node
+        if n.op_type == "MatMulNBits"
+        for attrs in [{a.name: a.i for a in n.attribute}]
+    ]

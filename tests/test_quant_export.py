@@ -10,8 +10,9 @@ from collections import Counter
 
 import onnx
 import pytest
+from conftest import kernel_attrs
 from edgepack.compressor.quantize import QuantConfig
-from edgepack.kernels.packing import PLANE_BITS, lowered_bytes
+from edgepack.kernels.packing import PLANE_BITS, kernel_bits, lowered_bytes
 
 from edgepack.pipeline import ExportRequest, export
 from edgepack.recipe import Recipe
@@ -27,31 +28,54 @@ def theoretical_bytes(layers: list[dict], bits_key: str = "bits") -> float:
     return total
 
 
-@pytest.mark.parametrize("wbits", range(2, 9))
-def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits):
+WIDTH_CASES = [(b, "auto") for b in range(2, 9)] + [(3, "planes"), (7, "planes")]
+
+
+@pytest.mark.parametrize(("wbits", "lowering"), WIDTH_CASES)
+def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits, lowering):
+    """Float activations (accuracy_level 0): the graph computes exactly what the fake-quant model computes,
+    whether a width runs widened onto one 4/8-bit kernel or as bit planes; the file keeps b bits a weight."""
     res = export(
-        ExportRequest(stories, tmp_path / "a", recipe=Recipe([QuantConfig(wbits=wbits, group_size=32)]))
+        ExportRequest(
+            stories,
+            tmp_path / "a",
+            recipe=Recipe([QuantConfig(wbits=wbits, group_size=32)]),
+            build={"activations": "float", "lowering": lowering},
+        )
     )
     m = res.manifest
     parity = m["parity"]
-    # The ONNX graph computes exactly what the fake-quant PyTorch model computes (same codes).
     assert parity["passed"] and parity["max_abs_logit"] < 1e-3 and parity["top1"] == 1.0
+    assert parity["thresholds"] == "float32"
     layers = m["compression"]["quantize"]["layers"]
     assert len(layers) == 5 * 7 + 1  # every linear plus the tied lm_head
     stored = sum(layer["bytes"] for layer in layers)
     assert stored <= 1.10 * theoretical_bytes(layers), (stored, theoretical_bytes(layers))
+    kernel = kernel_bits(wbits, lowering, "float")
     for layer in layers:  # the size model the mixed-precision planner uses is exact
-        assert layer["bytes"] == lowered_bytes(*layer["shape"], wbits, layer["block"])
+        assert layer["kernel_bits"] == kernel
+        assert layer["bytes"] == lowered_bytes(*layer["shape"], wbits, layer["block"], kernel=kernel)
     graph = onnx.load(tmp_path / "a" / "model.onnx")
     ops = Counter(n.op_type for n in graph.graph.node)
-    planes = len(PLANE_BITS[wbits])
-    # one MatMulNBits per plane per linear use (lm_head included), and the embedding from the same planes
-    assert ops["MatMulNBits"] == planes * (5 * 7 + 1)
-    assert ops["GatherBlockQuantized"] == planes
+    kernels = [kernel] if kernel else [max(b, 2) for b in PLANE_BITS[wbits]]
+    # stories260k (head_dim 8) takes the plain block form: one MatMulNBits per kernel weight per linear use
+    # (lm_head included), and the embedding read from the same packed weights
+    assert ops["MatMulNBits"] == len(kernels) * (5 * 7 + 1)
+    assert ops["GatherBlockQuantized"] == len(kernels)
     assert not any(t.name == "model.embed_tokens.weight" for t in graph.graph.initializer)
-    assert {
-        a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"
-    } == {max(b, 2) for b in PLANE_BITS[wbits]}
+    assert sorted(set(kernel_attrs(tmp_path / "a" / "model.onnx"))) == sorted({(k, 0) for k in kernels})
+
+
+def test_default_lowering_is_one_int8_kernel_per_linear(stories, tmp_path):
+    """The default (cpu target): W3 runs as ONE 4-bit MatMulNBits per linear on int8 activations
+    (accuracy_level 4), checked against a PyTorch model that quantizes its activations the same way."""
+    res = export(ExportRequest(stories, tmp_path / "d", recipe=Recipe([QuantConfig(wbits=3, group_size=32)])))
+    m = res.manifest
+    assert m["build"]["activations"] == "int8" and m["build"]["lowering"] == "auto"
+    assert m["parity"]["thresholds"] == "int8-activations" and m["parity"]["passed"]
+    assert m["parity"]["top1"] >= 0.95
+    assert set(kernel_attrs(tmp_path / "d" / "model.onnx")) == {(4, 4)}
+    assert len(kernel_attrs(tmp_path / "d" / "model.onnx")) == 5 * 7 + 1
 
 
 def test_mix_llama_w3_file_size(mix, tmp_path):
@@ -59,14 +83,21 @@ def test_mix_llama_w3_file_size(mix, tmp_path):
 
     Group 64 divides hidden 320; with group 128 MatMulNBits pads K = 320 to 384 (20% more weight bytes).
     """
-    res = export(ExportRequest(mix, tmp_path / "w3", recipe=Recipe([QuantConfig(wbits=3, group_size=64)])))
+    res = export(
+        ExportRequest(
+            mix,
+            tmp_path / "w3",
+            recipe=Recipe([QuantConfig(wbits=3, group_size=64)]),
+            build={"activations": "float"},
+        )
+    )
     m = res.manifest
     layers = m["compression"]["quantize"]["layers"]
     norms = sum(t["bytes"] for t in m["tensors"] if "norm" in t["name"])
     expected = theoretical_bytes(layers) + norms
     assert m["model_bytes"] <= 1.10 * expected, (m["model_bytes"], expected)
     assert m["parity"]["passed"] and m["parity"]["max_abs_logit"] < 1e-3
-    assert 3.0 < m["bits_per_weight"] <= 1.1 * (3 + (32 + 3) / 64)  # codes + fp32 scale + 3-bit zero point
+    assert 3.0 < m["bits_per_weight"] <= 1.1 * (3 + (32 + 4) / 64)  # codes + fp32 scale + 4-bit zero point
 
 
 def test_w4a8_sets_accuracy_level_and_passes_int8_thresholds(stories, tmp_path):

@@ -58,13 +58,20 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, stories, shakespeare) -> Callable[[str], Path]:
-    """The artifact of a RECIPES entry, exported on first use (parity off: the tests compare themselves)."""
+    """The artifact of a RECIPES entry, exported on first use (parity off: the tests compare themselves).
+
+    Float activations: the torch backend computes the exact dequantized matmul, like accuracy_level 0."""
     root = tmp_path_factory.mktemp("torch")
 
     def get(name: str) -> Path:
         out = root / name
         if not out.exists():
-            export(ExportRequest(stories, out, recipe=RECIPES[name], calib=shakespeare, parity=False))
+            build = {"activations": "float"}
+            export(
+                ExportRequest(
+                    stories, out, recipe=RECIPES[name], calib=shakespeare, parity=False, build=build
+                )
+            )
         return out
 
     return get
