@@ -35,7 +35,10 @@ from edgepack.compressor.quantize import (
     linear_sites,
     lowering_block_size,
 )
-from edgepack.kernels.packing import kernel_bits, lowered_bytes
+from edgepack.kernels.packing import kernel_bits, lowered_bytes, storage_of
+
+# Size budgets are about the file: budgeted exports store odd widths compact (pipeline.write_model).
+BUDGET_LOWERING = "compact"
 from torch import nn
 
 from edgepack.errors import EdgepackError
@@ -61,11 +64,14 @@ class Sensitivity:
 
 
 def stored_bytes(shape: tuple[int, int], fmt: QuantFormat, bit_balance: bool = False) -> float:
-    """Bytes of one (N, K) weight in the exporter's default lowering, scales and zero points included."""
+    """Bytes of one (N, K) weight as a budgeted export stores it (BUDGET_LOWERING), scales and zero points
+    included."""
     n, k = shape
     grid = grid_for(fmt, bit_balance)
     block = lowering_block_size(effective_group(fmt, k), k)
-    return lowered_bytes(n, k, grid.bits, block, grid.symmetric, SCALE_BYTES, kernel_bits(grid.bits))
+    bits = grid.bits
+    kernel, storage = kernel_bits(bits, BUDGET_LOWERING), storage_of(bits, BUDGET_LOWERING)
+    return lowered_bytes(n, k, bits, block, grid.symmetric, SCALE_BYTES, kernel, storage)
 
 
 def fisher_error(dw: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> float:

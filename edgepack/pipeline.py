@@ -178,6 +178,8 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
                 plan = plan_mixed_precision(model, step, calib_ids, step.budget_bpw, step.size_budget)
                 step = dataclasses.replace(step, overrides={**step.overrides, **plan})
             reports["quantize"] = quantize(model, step, calib_ids if needs_calib else None)
+            if mixed:
+                reports["quantize"]["budget"] = {"bpw": step.budget_bpw, "bytes": step.size_budget}
     return reports
 
 
@@ -222,6 +224,10 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
     from edgepack.exporter.passes import run_target_passes
 
     quant = reports.get("quantize")
+    if quant and quant.get("budget") and "lowering" not in (overrides or {}):
+        from edgepack.compressor.mixed import BUDGET_LOWERING
+
+        overrides = {**(overrides or {}), "lowering": BUDGET_LOWERING}  # the planner counted compact bytes
     opts = build_options(target, overrides)
     abits = 16
     if quant and (opts.activations == "int8" or any(layer.get("abits", 16) == 8 for layer in quant["layers"])):

@@ -1,12 +1,14 @@
 """Lower ``QuantLinear`` to ONNX Runtime low-bit ops: MatMulNBits, GatherBlockQuantized embeddings.
 
-On disk a b-bit weight is stored compactly: its code split into planes of logical width (PLANE_BITS: 3 = 2+1,
-6 = 4+2, ...; a 1-bit plane packed 8 per byte), one shared scale per block. How it runs is the lowering
-(kernels.packing.kernel_bits), chosen per width from bench/lowering.py's measurements:
+How a b-bit weight is stored and run is its lowering (kernels.packing.kernel_bits / storage_of), chosen per
+width from bench/lowering.py's measurements:
 
-- "widened": one MatMulNBits at the next kernel width (3 -> 4 bits, 5..7 -> 8 bits). The planes are recombined
-  into that layout by uint8 nodes that read only initializers, so ONNX Runtime folds them at session load:
-  the file keeps b bits per weight and the kernel runs once.
+- "widened" (the default): one MatMulNBits at the next kernel width (3 -> 4 bits, 5..7 -> 8 bits), the
+  codes stored in that kernel's layout: nothing to do at load, RAM as the wider width.
+- "compact": the same single kernel, but the file keeps the codes split into planes of logical width
+  (PLANE_BITS: 3 = 2+1, 6 = 4+2, ...; a 1-bit plane packed 8 per byte) and uint8 nodes that read only
+  initializers recombine them, which ONNX Runtime folds at session load: b bits a weight on disk, a higher
+  transient RAM peak while loading.
 - "planes": one MatMulNBits per plane with the plane's power of two on its scales, outputs summed.
 
 Either way the result equals the b-bit dequantized matmul. Activations: int8 per block inside the kernel
@@ -31,7 +33,14 @@ from edgepack.exporter.builder import (
     register_lowering,
     to_numpy,
 )
-from edgepack.kernels.packing import kernel_bits, pack_nbits, pack_zero_points, split_planes
+from edgepack.kernels.packing import (
+    Plane,
+    kernel_bits,
+    pack_nbits,
+    pack_zero_points,
+    split_planes,
+    storage_of,
+)
 
 ACCURACY_LEVEL = {"int8": 4, "float": 0}
 
@@ -89,12 +98,14 @@ def pack_codes(b: Builder, codes: ir.Value, bits: int, n: int, k_blocks: int, bl
     return b.prep("Squeeze", out, b.ints(-1))
 
 
-def stored_planes(b: Builder, module: QuantLinear, name: str, kernel: int | None) -> list[StoredPlane]:
-    """The module's compact planes as initializers (created once per module however many nodes use them).
+def stored_planes(
+    b: Builder, module: QuantLinear, name: str, kernel: int | None, storage: str
+) -> list[StoredPlane]:
+    """The module's stored planes as initializers (created once per module however many nodes use them).
 
-    Each plane keeps its logical width and all planes share one scale tensor, so a b-bit weight costs b bits
-    plus one scale (and zero point) per block. Zero points are stored per plane when the weight runs as planes,
-    once at the kernel width when it runs widened.
+    ``storage`` "kernel": one plane in the ``kernel``-bit layout. Otherwise each plane keeps its logical width
+    and all planes share one scale tensor, so a b-bit weight costs b bits plus one scale (and zero point) per
+    block; zero points per plane, or ("compact") once at the kernel width.
     """
     key = ("stored", id(module))
     if key in b._by_key:
@@ -105,8 +116,11 @@ def stored_planes(b: Builder, module: QuantLinear, name: str, kernel: int | None
     zps = expand_groups(module.zero_points.cpu().numpy(), module.group_size, block, k)
     base = expand_groups(module.scales.float().cpu().numpy(), module.group_size, block, k)
     scales = b.weight(f"{name}.scales", base.astype(b.np_dtype).reshape(-1))
-    split = split_planes(codes, zps, module.bits)
-    widened = kernel is not None and kernel != module.bits
+    if storage == "kernel":
+        split = [Plane(codes, zps, shift=0, bits=kernel, storage_bits=kernel)]
+    else:
+        split = split_planes(codes, zps, module.bits)
+    widened = storage == "compact"
     planes, stored = [], [scales]
     for j, plane in enumerate(split):
         suffix = "" if len(split) == 1 else f".plane{j}"
@@ -128,6 +142,7 @@ def stored_planes(b: Builder, module: QuantLinear, name: str, kernel: int | None
         "planes": [p.bits for p in split],
         "block": block,
         "kernel_bits": kernel,  # None: one MatMulNBits per plane
+        "storage": storage,  # kernels.packing.storage_of
         "bytes": sum(v.const_value.nbytes for v in stored),
     }
     return planes
@@ -140,21 +155,23 @@ def quant_kernel_weights(b: Builder, module: QuantLinear, name: str) -> list[Ker
         return b._by_key[key]
     n, k = module.codes.shape
     kernel = kernel_bits(module.bits, b.opts.lowering, b.opts.activations)
-    planes = stored_planes(b, module, name, kernel)
+    storage = storage_of(module.bits, b.opts.lowering, b.opts.activations)
+    planes = stored_planes(b, module, name, kernel, storage)
     scales = b._by_key[("scales", id(module))]
     block = lowering_block_size(module.group_size, k)
     k_blocks = -(-k // block)
     level = 4 if module.abits == 8 else ACCURACY_LEVEL[b.opts.activations]
-    if kernel is not None:
+    if storage == "kernel" or (kernel is not None and len(planes) == 1):
+        weights = [KernelWeight(planes[0].raw, scales, planes[0].zero_points, kernel, block, k, n, level)]
+    elif kernel is not None:  # compact: recombine the planes into the kernel layout (folded at load)
         codes = None
         for p in planes:
             plane = unpack_codes(b, p.raw, p.bits, n, k_blocks, block)
             if p.shift:
                 plane = b.prep("BitShift", plane, b.const(np.array(p.shift, np.uint8)), direction="LEFT")
             codes = plane if codes is None else b.prep("BitwiseOr", codes, plane)
-        data = pack_codes(b, codes, kernel, n, k_blocks, block) if kernel != module.bits else planes[0].raw
-        zp = planes[0].zero_points if kernel == module.bits else b.initializers[f"{name}.qzeros"]
-        weights = [KernelWeight(data, scales, zp, kernel, block, k, n, level)]
+        data = pack_codes(b, codes, kernel, n, k_blocks, block)
+        weights = [KernelWeight(data, scales, b.initializers[f"{name}.qzeros"], kernel, block, k, n, level)]
     else:
         weights = []
         for p in planes:

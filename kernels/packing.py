@@ -132,15 +132,17 @@ def split_planes(codes: np.ndarray, zero_points: np.ndarray, bits: int) -> list[
 
 
 # How a b-bit weight runs on ONNX Runtime's kernels (exporter/quant_lowering.py):
-#   "planes":  one MatMulNBits per bit plane of PLANE_BITS, outputs summed (exact; more kernel calls);
 #   "widened": one MatMulNBits at the next kernel width (WIDENED_BITS): the b-bit codes are valid codes of
-#              the wider kernel, so the result is the same; the file keeps the compact planes and constant
-#              nodes widen them at session load.
-LOWERINGS = ("auto", "planes", "widened")
+#              the wider kernel, so the result is the same; stored in the kernel's layout (no load-time work);
+#   "compact": the same single kernel, but the file keeps the compact planes (b bits a weight) and
+#              initializer-only nodes widen them when ONNX Runtime loads the model (constant folding: a
+#              smaller file for a higher transient RAM peak at load, see bench/lowering.py);
+#   "planes":  one MatMulNBits per bit plane of PLANE_BITS, outputs summed (compact file, more kernel calls).
+LOWERINGS = ("auto", "widened", "compact", "planes")
 WIDENED_BITS: dict[int, int] = {2: 2, 3: 4, 4: 4, 5: 8, 6: 8, 7: 8, 8: 8}
-# "auto", chosen from bench/lowering.py's table (docs/results/speed.md): with int8 activations
-# (accuracy_level 4) every width runs fastest as one kernel; with float activations (accuracy_level 0) the
-# 2-bit kernel is a slow fallback, so 2-bit weights run on the 4-bit kernel too.
+# "auto" is "widened" at these kernel widths, chosen from bench/lowering.py's table (docs/results/lowering.md):
+# with int8 activations (accuracy_level 4) every width runs fastest as one kernel; with float activations
+# (accuracy_level 0) the 2-bit kernel is a slow fallback, so 2-bit weights run on the 4-bit kernel too.
 AUTO_KERNEL_BITS: dict[str, dict[int, int]] = {
     "int8": dict(WIDENED_BITS),
     "float": {**WIDENED_BITS, 2: 4},
@@ -153,11 +155,21 @@ def kernel_bits(bits: int, lowering: str = "auto", activations: str = "int8") ->
         raise ValueError(f"bits must be one of {sorted(PLANE_BITS)}, got {bits}")
     if lowering == "planes":
         return None if len(PLANE_BITS[bits]) > 1 else bits
-    if lowering == "widened":
+    if lowering in ("widened", "compact"):
         return WIDENED_BITS[bits]
     if lowering == "auto":
         return AUTO_KERNEL_BITS[activations][bits]
     raise ValueError(f"lowering must be one of {LOWERINGS}, got {lowering!r}")
+
+
+def storage_of(bits: int, lowering: str = "auto", activations: str = "int8") -> str:
+    """How the file stores a ``bits``-bit weight: "kernel" (the kernel's layout), "compact" or "planes"."""
+    kernel = kernel_bits(bits, lowering, activations)
+    if kernel is None:
+        return "planes"
+    if kernel == bits:
+        return "planes" if len(PLANE_BITS[bits]) == 1 else "kernel"
+    return "compact" if lowering == "compact" else "kernel"
 
 
 def lowered_bytes(
@@ -168,20 +180,23 @@ def lowered_bytes(
     symmetric: bool = False,
     scale_bytes: int = 4,
     kernel: int | None = None,
+    storage: str = "planes",
 ) -> int:
-    """Exact bytes the exporter stores for one (N, K) weight (exporter/quant_lowering.py's compact layout).
+    """Exact bytes the exporter stores for one (N, K) weight (exporter/quant_lowering.py).
 
-    One scale per block shared by all planes; each plane's codes at its logical width (a 1-bit plane packed
-    8 per byte, widened at load time), K padded to whole blocks. Zero points: run as planes (``kernel`` None
-    or equal to ``bits``), packed per plane, each row padded to a whole byte, except where they equal the
-    kernel default (the top plane of symmetric codes); run widened to a ``kernel``-bit kernel, one packed set
-    at the kernel width.
+    One scale per block, K padded to whole blocks. ``storage`` "kernel": codes in the ``kernel``-bit layout
+    and one set of zero points at that width. Otherwise each plane's codes at its logical width (a 1-bit
+    plane packed 8 per byte); zero points packed per plane, each row padded to a whole byte, except where
+    they equal the kernel default (the top plane of symmetric codes) — or, "compact" with a wider
+    ``kernel``, one packed set at the kernel width.
     """
     if bits not in PLANE_BITS:
         raise ValueError(f"bits must be one of {sorted(PLANE_BITS)}, got {bits}")
     k_blocks = -(-k // block)
     total = n * k_blocks * scale_bytes
-    widened = kernel is not None and kernel != bits
+    if storage == "kernel" and kernel is not None and kernel != bits:
+        return total + n * k_blocks * block * kernel // 8 + n * -(-k_blocks * kernel // 8)
+    widened = storage == "compact" and kernel is not None and kernel != bits
     for index, plane_bits in enumerate(PLANE_BITS[bits]):
         total += n * k_blocks * block * plane_bits // 8
         if not widened and (not symmetric or index > 0):
@@ -192,11 +207,16 @@ def lowered_bytes(
 
 
 def stored_bits_per_weight(
-    bits: int, group_size: int, scale_bytes: int = 4, asymmetric: bool = True, kernel: int | None = None
+    bits: int,
+    group_size: int,
+    scale_bytes: int = 4,
+    asymmetric: bool = True,
+    kernel: int | None = None,
+    storage: str = "planes",
 ) -> float:
     """Storage per weight in bits of the exporter's lowering in the large-K limit (see ``lowered_bytes``)."""
     k = 1 << 20
-    return 8 * lowered_bytes(1, k, bits, group_size, not asymmetric, scale_bytes, kernel) / k
+    return 8 * lowered_bytes(1, k, bits, group_size, not asymmetric, scale_bytes, kernel, storage) / k
 
 
 # Planes of the GPU (Triton) layout, most significant first. Planes are packed at their logical width

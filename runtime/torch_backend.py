@@ -117,8 +117,8 @@ def read_quant_weight(inits: Initializers, layer: dict) -> QuantWeight:
 
     Plane j (logical width b_j, most significant first) holds bits shift_j.. of the code; a 1-bit plane is
     stored 8 per byte, wider ones in MatMulNBits layout; a plane without zero points has the kernel default
-    2**(storage_bits - 1). A weight that runs widened (``kernel_bits``) stores one set of zero points at the
-    kernel width instead. Scales are per block: the block is the group (per-channel weights repeat their one
+    2**(storage_bits - 1). "kernel" storage is one plane in the kernel's layout; "compact" storage keeps the
+    planes but one set of zero points at the kernel width. Scales are per block: the block is the group (per-channel weights repeat their one
     scale per block, which is exact and lets every K tile of the kernels read one scale row).
     """
     name, bits, block = layer["name"], layer["bits"], layer["block"]
@@ -127,8 +127,8 @@ def read_quant_weight(inits: Initializers, layer: dict) -> QuantWeight:
     codes = np.zeros((n, k), np.int32)
     zeros = np.zeros((n, k_blocks), np.int32)
     kernel = layer.get("kernel_bits")
-    widened = kernel is not None and kernel != bits
-    shift = bits
+    widened = layer.get("storage") == "compact"
+    shift = sum(layer["planes"])  # the code's width as stored: bits, or the kernel's ("kernel" storage)
     for j, plane_bits in enumerate(layer["planes"]):
         shift -= plane_bits
         suffix = "" if len(layer["planes"]) == 1 else f".plane{j}"

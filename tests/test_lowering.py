@@ -118,14 +118,14 @@ def test_fused_on_a_small_head_model_is_one_line_error(stories, tmp_path):
 
 
 def test_fused_quantized_folded_scan_and_prep_folded_at_load(llama16, tmp_path):
-    """Fold (positions 1, 2 share a block, run as one Scan) + W3 on int8 activations in the fused form:
-    one packed 4-bit MatMulNBits for q/k/v and one for gate/up; every weight-preparation node (plane
-    widening, packing) is folded away by ONNX Runtime at load, and parity holds against a PyTorch model that
-    reproduces the kernels' activation quantization."""
+    """Fold (positions 1, 2 share a block, run as one Scan) + W3 stored compact on int8 activations in the
+    fused form: one packed 4-bit MatMulNBits for q/k/v and one for gate/up; every weight-preparation node
+    (plane widening, packing) is folded away by ONNX Runtime at load, and parity holds against a PyTorch model
+    that reproduces the kernels' activation quantization."""
     model = load_model(llama16)
     restructure(model, kept=[0, 1, 2], groups=[[1, 2]], scores=[1.0, 2.0, 1.0], init="important")
     quantize(model, QuantConfig(wbits=3, group_size=32))
-    path = save(build_decoder(model, BuildOptions()), tmp_path / "q.onnx")
+    path = save(build_decoder(model, BuildOptions(lowering="compact")), tmp_path / "q.onnx")
     ops = ops_of(path)
     assert ops["Scan"] == 1 and ops["GroupQueryAttention"] == 2  # block 0 + one in the Scan body
     assert ops["MatMulNBits"] == 4 * 2 + 1  # qkv, o, gate_up, down per unique block, + lm_head

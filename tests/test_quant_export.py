@@ -12,7 +12,7 @@ import onnx
 import pytest
 from conftest import kernel_attrs
 from edgepack.compressor.quantize import QuantConfig
-from edgepack.kernels.packing import PLANE_BITS, kernel_bits, lowered_bytes
+from edgepack.kernels.packing import PLANE_BITS, kernel_bits, lowered_bytes, storage_of
 
 from edgepack.pipeline import ExportRequest, export
 from edgepack.recipe import Recipe
@@ -28,13 +28,19 @@ def theoretical_bytes(layers: list[dict], bits_key: str = "bits") -> float:
     return total
 
 
-WIDTH_CASES = [(b, "auto") for b in range(2, 9)] + [(3, "planes"), (7, "planes")]
+WIDTH_CASES = [(b, "auto") for b in range(2, 9)] + [
+    (3, "planes"),
+    (7, "planes"),
+    (3, "compact"),
+    (6, "compact"),
+]
 
 
 @pytest.mark.parametrize(("wbits", "lowering"), WIDTH_CASES)
 def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits, lowering):
     """Float activations (accuracy_level 0): the graph computes exactly what the fake-quant model computes,
-    whether a width runs widened onto one 4/8-bit kernel or as bit planes; the file keeps b bits a weight."""
+    whether a width runs widened onto one 4/8-bit kernel (stored in its layout, or compact and widened at
+    load) or as bit planes; compact and planes files keep b bits a weight, widened ones the kernel's."""
     res = export(
         ExportRequest(
             stories,
@@ -49,12 +55,16 @@ def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits
     assert parity["thresholds"] == "float32"
     layers = m["compression"]["quantize"]["layers"]
     assert len(layers) == 5 * 7 + 1  # every linear plus the tied lm_head
-    stored = sum(layer["bytes"] for layer in layers)
-    assert stored <= 1.10 * theoretical_bytes(layers), (stored, theoretical_bytes(layers))
     kernel = kernel_bits(wbits, lowering, "float")
+    storage = storage_of(wbits, lowering, "float")
     for layer in layers:  # the size model the mixed-precision planner uses is exact
-        assert layer["kernel_bits"] == kernel
-        assert layer["bytes"] == lowered_bytes(*layer["shape"], wbits, layer["block"], kernel=kernel)
+        assert layer["kernel_bits"] == kernel and layer["storage"] == storage
+        assert layer["bytes"] == lowered_bytes(
+            *layer["shape"], wbits, layer["block"], kernel=kernel, storage=storage
+        )
+        layer["stored_bits"] = kernel if storage == "kernel" else wbits
+    stored = sum(layer["bytes"] for layer in layers)
+    assert stored <= 1.10 * theoretical_bytes(layers, "stored_bits"), (stored, theoretical_bytes(layers))
     graph = onnx.load(tmp_path / "a" / "model.onnx")
     ops = Counter(n.op_type for n in graph.graph.node)
     kernels = [kernel] if kernel else [max(b, 2) for b in PLANE_BITS[wbits]]
@@ -88,7 +98,7 @@ def test_mix_llama_w3_file_size(mix, tmp_path):
             mix,
             tmp_path / "w3",
             recipe=Recipe([QuantConfig(wbits=3, group_size=64)]),
-            build={"activations": "float"},
+            build={"activations": "float", "lowering": "compact"},
         )
     )
     m = res.manifest
