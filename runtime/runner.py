@@ -704,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     config = RunConfig(args.threads, args.prompt_len, args.gen, args.runs, args.warmup, args.device, sweep)
     try:
         if args.json is not None:
-            check_output_file(args.json, "--json")
+            check_output_file(args.json, "--json", (args.artifact,))
         report = run_benchmark(args.artifact, config, verify=not args.no_verify, model_file=args.model_file)
         if args.json is not None:
             write_report(args.json, report)
@@ -715,9 +715,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def check_output_file(path: Path, flag: str) -> None:
-    """Refuse, before any work, a report path that is a folder or sits in a missing or read-only folder."""
+def check_output_file(path: Path, flag: str, artifacts: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, a report path that is a folder, sits in a missing or read-only folder, or
+    inside an artifact (where it would be an unlisted file that the next verification refuses)."""
     parent = path.parent if str(path.parent) else Path(".")
+    for artifact in artifacts:
+        if inside(artifact, os.path.relpath(os.path.abspath(path), os.path.abspath(artifact))) is not None:
+            raise RunnerError(
+                f"{flag} {path} is inside the artifact folder {artifact}, whose files must all be in its "
+                f"manifest: write it elsewhere, e.g. {flag} {Path(artifact).resolve().parent / path.name}"
+            )
     if path.is_dir():
         raise RunnerError(f"{flag} {path} is a folder: pass a file path, e.g. {flag} {path / 'report.json'}")
     if not parent.is_dir():
@@ -727,10 +734,13 @@ def check_output_file(path: Path, flag: str) -> None:
 
 
 def write_report(path: Path, report: dict) -> None:
-    """Write the JSON report, turning a full disk or a permission problem into one RunnerError line."""
+    """Write the JSON report whole or not at all (temp file + rename); a full disk is one RunnerError line."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
     except OSError as exc:
+        tmp.unlink(missing_ok=True)
         raise RunnerError(
             f"cannot write --json {path} ({exc.strerror}): free space or pick another path"
         ) from exc
