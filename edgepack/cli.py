@@ -130,7 +130,7 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     "--target", default="cpu", show_default=True, help="Deployment target (see `edgepack targets`)."
 )
 @click.option(
-    "-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Artifact folder to write."
+    "-o", "--out", "out_dir", type=str, required=True, help="Artifact folder to write (a new folder)."
 )
 @click.option(
     "--recipe", type=click.Path(path_type=Path), help="Recipe file (.json/.yaml) instead of the flags below."
@@ -200,6 +200,9 @@ def export(
     from edgepack.recipe import Recipe
 
     check_flag_combinations(click.get_current_context())
+    if not out_dir.strip():  # Path("") would silently mean the current directory
+        raise EdgepackError("-o is empty; pass the artifact folder to create, e.g. -o out/model")
+    out_dir = Path(out_dir)
     if recipe is not None:
         rec = Recipe.load(recipe)
     else:

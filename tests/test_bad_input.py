@@ -290,10 +290,10 @@ EXPORT_CASES: dict[str, tuple[Callable[[Work], list[str]], str, str]] = {
         "contains the model folder",
         "pass a new folder",
     ),
-    "force-empty-o-is-cwd": (
+    "force-empty-o": (
         lambda w: edgepack("export", "--model", str(w.model), "-o", "", "--force"),
-        "is the current directory",
-        "pass a new folder",
+        "-o is empty",
+        "pass the artifact folder to create",
     ),
     "force-dot": (
         lambda w: edgepack("export", "--model", str(w.model), "-o", ".", "--force"),
