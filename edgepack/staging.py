@@ -30,6 +30,9 @@ from edgepack.runtime.runner import MANIFEST_NAME, artifact_files
 log = logging.getLogger(__name__)
 
 PARTIAL_MARKER = ".edgepack-partial"  # inside a staging folder: "pid hostname" of the export that owns it
+TERMINATING_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)  # SIGINT is KeyboardInterrupt already; SIGKILL cannot be caught (the next run cleans up)
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -296,21 +299,24 @@ def remove_created(created: list[Path]) -> None:
 
 @contextmanager
 def removed_on_sigterm() -> Iterator[None]:
-    """SIGTERM raises SystemExit(143) so the staging folder's cleanup runs, then restores the old handler."""
+    """SIGTERM/SIGHUP raise SystemExit(128 + signal) so the staging cleanup runs; old handlers come back after."""
 
-    def on_term(signum, frame):
-        print("edgepack: terminated (SIGTERM); the partial artifact was removed", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM)
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        print(f"edgepack: terminated ({name}); the partial artifact was removed", file=sys.stderr)
+        raise SystemExit(128 + signum)
 
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, on_term)
+        for sig in TERMINATING_SIGNALS:
+            previous[sig] = signal.signal(sig, on_signal)
     except ValueError:  # not the main thread: nothing to install
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextmanager
