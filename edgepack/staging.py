@@ -200,8 +200,11 @@ def locked(folder: Path) -> Iterator[None]:
 
 
 def remove_owned(folder: Path, owned: list[str]) -> list[str]:
-    """Delete the listed files of a replaced artifact and its then-empty folders; return what was kept."""
-    for name in owned:
+    """Delete the listed files of a replaced artifact and its then-empty folders; return what was kept.
+
+    Only names found by walking the folder are candidates, so a manifest entry like ``../x`` deletes nothing.
+    """
+    for name in sorted(set(owned) & {*artifact_files(folder), MANIFEST_NAME}):
         path = folder / name
         if path.is_symlink() or path.is_file():
             path.unlink()

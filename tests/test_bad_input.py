@@ -783,6 +783,11 @@ def test_force_replaces_an_artifact(work: Work, artifact: Path) -> None:
     target = work.root / "out"
     shutil.copytree(artifact, target)
     (target / "model.onnx").write_bytes(b"old")  # an old, different artifact
+    victim = work.root / "victim.txt"  # a hostile old manifest may not make --force delete outside files
+    victim.write_text("keep me")
+    m = json.loads((target / "manifest.json").read_text())
+    m["files"]["../victim.txt"] = hashlib.sha256(b"keep me").hexdigest()
+    (target / "manifest.json").write_text(json.dumps(m))
     r = run(
         edgepack("export", "--model", str(work.model), "-o", str(target), "--force", "--no-parity"),
         work.cwd,
@@ -790,7 +795,8 @@ def test_force_replaces_an_artifact(work: Work, artifact: Path) -> None:
     )
     assert r.returncode == 0, r.stderr
     assert run(edgepack("inspect", str(target)), work.cwd, work.home).returncode == 0
-    assert sorted(p.name for p in work.root.iterdir()) == ["cwd", "models", "out"]
+    assert sorted(p.name for p in work.root.iterdir()) == ["cwd", "models", "out", "victim.txt"]
+    assert victim.read_text() == "keep me"
 
 
 def test_export_prints_no_warnings(artifact: Path) -> None:
