@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import click
@@ -13,6 +16,17 @@ from edgepack import __version__
 from edgepack.errors import EdgepackError
 
 log = logging.getLogger("edgepack")
+USER_OS_ERRORS = {
+    errno.ENOENT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EISDIR,
+    errno.ENOTDIR,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EFBIG,
+    errno.EROFS,
+}
 
 
 class Cli(click.Group):
@@ -22,13 +36,19 @@ class Cli(click.Group):
         try:
             return super().invoke(ctx)
         except EdgepackError as e:
-            click.echo(f"edgepack: error: {e}", err=True)
-            sys.exit(2)
+            fail(str(e))
+        except click.UsageError as e:  # bad flag values: one line too, not click's usage block
+            command = e.ctx.command_path if e.ctx else "edgepack"
+            fail(f"{e.format_message()}; see `{command} -h`")
         except KeyboardInterrupt:
             click.echo("edgepack: interrupted; nothing was written", err=True)
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except OSError as e:  # a path the user gave that cannot be read or written
+            if e.errno not in USER_OS_ERRORS or log.isEnabledFor(logging.DEBUG):
+                raise
+            fail(f"{e.filename or 'a file'}: {e.strerror}; check the path, free space and permissions")
         except Exception as e:  # a bug, not bad input: one line, the traceback only on request
             if log.isEnabledFor(logging.DEBUG):
                 raise
@@ -39,6 +59,12 @@ class Cli(click.Group):
                 err=True,
             )
             sys.exit(1)
+
+
+def fail(message: str) -> None:
+    """Print one ``edgepack: error:`` line (newlines folded) and exit with status 2."""
+    click.echo("edgepack: error: " + " ".join(message.split()), err=True)
+    sys.exit(2)
 
 
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -57,14 +83,24 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "httpx", "huggingface_hub", "onnx_ir"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if verbose < 2:  # library deprecation notices are not the user's business; -vv shows them
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers logs through its own handler; it reads this variable when (lazily) imported."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def parse_size(text: str) -> int:
     """'6MB' / '500KB' / '1.5GB' / '123456' -> bytes (decimal units, as file managers show them)."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgG]?)[bB]?\s*", text)
-    if not m:
-        raise EdgepackError(f"cannot read size {text!r}; write it like 6MB, 500KB or 1.5GB")
-    return int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()])
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([kKmMgG]?)[bB]?\s*", text)
+    size = int(float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]) if m else 0
+    if size <= 0:
+        raise EdgepackError(f"cannot read size {text!r}; write a positive size like 6MB, 500KB or 1.5GB")
+    return size
 
 
 def parse_groups(text: str | None) -> int | list[list[int]] | None:
@@ -94,7 +130,7 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     "--target", default="cpu", show_default=True, help="Deployment target (see `edgepack targets`)."
 )
 @click.option(
-    "-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Artifact folder to write."
+    "-o", "--out", "out_dir", type=str, required=True, help="Artifact folder to write (a new folder)."
 )
 @click.option(
     "--recipe", type=click.Path(path_type=Path), help="Recipe file (.json/.yaml) instead of the flags below."
@@ -187,9 +223,10 @@ def export(
     from edgepack.pipeline import export as run_export
     from edgepack.recipe import Recipe
 
-    flags_used = any(x is not None for x in (wbits, remove, share_groups, size_budget, bpw))
-    if recipe is not None and flags_used:
-        raise EdgepackError("pass either --recipe or compression flags (--wbits/--remove/...), not both")
+    check_flag_combinations(click.get_current_context())
+    if not out_dir.strip():  # Path("") would silently mean the current directory
+        raise EdgepackError("-o is empty; pass the artifact folder to create, e.g. -o out/model")
+    out_dir = Path(out_dir)
     if recipe is not None:
         rec = Recipe.load(recipe)
     else:
@@ -222,6 +259,35 @@ def export(
         click.echo(
             f"parity vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
             f"greedy {p['greedy']:.3f} over {p['new_tokens']} tokens"
+        )
+
+
+QUANT_DETAIL_FLAGS = ("group_size", "symmetric", "abits", "method", "skip")
+COMPRESSION_FLAGS = ("wbits", "remove", "share_groups", "size_budget", "bpw", *QUANT_DETAIL_FLAGS)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_flag_combinations(ctx: click.Context) -> None:
+    """Refuse flags that would be silently ignored: quantizer details without --wbits, flags with --recipe."""
+    given = [
+        name
+        for name in COMPRESSION_FLAGS
+        if ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+    ]
+    if ctx.params.get("recipe") is not None and given:
+        raise EdgepackError(
+            f"pass either --recipe or compression flags, not both ({', '.join(map(flag, given))} given); "
+            "put those settings into the recipe file"
+        )
+    quantizes = {"wbits", "size_budget", "bpw"} & set(given)
+    orphans = [flag(name) for name in given if name in QUANT_DETAIL_FLAGS]
+    if orphans and not quantizes:
+        raise EdgepackError(
+            f"{', '.join(orphans)} apply only when quantizing; add --wbits (e.g. --wbits 4) or a budget "
+            "(--bpw / --size-budget)"
         )
 
 

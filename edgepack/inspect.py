@@ -8,19 +8,50 @@ from pathlib import Path
 
 from edgepack.errors import EdgepackError
 
+# The manifest keys edgepack's own loaders read, with their JSON types (runner.py needs only "files").
+MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
+    "edgepack_version": str,
+    "source": dict,
+    "recipe": dict,
+    "target": dict,
+    "parameters": int,
+    "num_layers": int,
+    "model_bytes": int,
+    "bits_per_weight": (int, float),
+    "ops": dict,
+    "opsets": dict,
+    "tensors": list,
+    "compression": dict,
+}
+NESTED_KEYS = {
+    "source": ("path", "architecture"),
+    "target": ("name", "dtype", "file_format"),
+    "recipe": ("steps",),
+}
+
 
 def load_manifest(folder: Path) -> dict:
-    """The manifest of an artifact folder, after checking every listed file's SHA-256 (the runner's check)."""
+    """The manifest of an artifact folder, after the runner's checks (every file listed, inside, intact)."""
     from edgepack.runtime.runner import RunnerError, verify_artifact
 
     try:
-        return verify_artifact(Path(folder))
+        manifest = verify_artifact(Path(folder))
     except RunnerError as e:
         raise EdgepackError(str(e)) from e
-    except json.JSONDecodeError as e:
+    check_manifest(manifest, Path(folder) / "manifest.json")
+    return manifest
+
+
+def check_manifest(m: dict, path: Path) -> None:
+    """Refuse a manifest without the keys (and types) inspect, bench and the torch backend read."""
+    bad = [k for k, t in MANIFEST_KEYS.items() if not isinstance(m.get(k), t) or isinstance(m.get(k), bool)]
+    bad += [
+        f"{k}.{sub}" for k, subs in NESTED_KEYS.items() if k not in bad for sub in subs if sub not in m[k]
+    ]
+    if bad:
         raise EdgepackError(
-            f"{Path(folder) / 'manifest.json'} is corrupt ({e.msg}); re-export the artifact"
-        ) from e
+            f"{path} lacks or mistypes {', '.join(bad)}; it was not written by this edgepack: re-export the artifact"
+        )
 
 
 def tensor_group(name: str) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from edgepack.errors import EdgepackError
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "stories260k"
+LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -77,8 +80,147 @@ class DecoderDims:
         )
 
 
+def allowed_roots(model_dir: Path) -> list[Path]:
+    """Where the model's files may really live: the folder, plus the hub cache's blobs/ for a snapshot folder."""
+    real = Path(os.path.realpath(model_dir))
+    roots = [real]
+    if real.parent.name == "snapshots":  # huggingface_hub cache: snapshots/<rev>/NAME -> ../../blobs/<sha>
+        roots.append(real.parent.parent / "blobs")
+    return roots
+
+
+def inside_model(model_dir: Path, name: str, what: str) -> Path:
+    """``model_dir / name`` after checking that the name and any link it is stay inside the model folder."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts:
+        raise EdgepackError(
+            f"{what} {name!r} in {model_dir} leaves the model folder; name a file inside the folder"
+        )
+    path = Path(model_dir) / name
+    real = Path(os.path.realpath(path))
+    if not any(real == root or root in real.parents for root in allowed_roots(Path(model_dir))):
+        raise EdgepackError(
+            f"{path} links to {real}, outside the model folder; copy the real file into {model_dir}"
+        )
+    return path
+
+
+def read_json(path: Path, fix: str = "fix or re-download it") -> Any:
+    """A JSON file of the model folder, or one line naming the file and the parse error."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f" ({e.msg} at line {e.lineno})" if isinstance(e, json.JSONDecodeError) else " (not UTF-8)"
+        raise EdgepackError(f"{path} is not valid JSON{where}; {fix}") from e
+    except IsADirectoryError as e:
+        raise EdgepackError(f"{path} is a folder, not a file; {fix}") from e
+
+
+def check_dims(raw: dict, cfg_file: Path) -> None:
+    """Refuse shapes no decoder can have (zero/negative sizes, heads that do not divide the width)."""
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        value = raw.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise EdgepackError(f"{cfg_file}: {key} = {value!r} must be a positive integer; fix config.json")
+    heads = raw["num_attention_heads"]
+    kv = raw.get("num_key_value_heads") or heads
+    if isinstance(kv, bool) or not isinstance(kv, int) or kv < 1 or heads % kv:
+        raise EdgepackError(
+            f"{cfg_file}: num_key_value_heads = {kv!r} must be a positive divisor of num_attention_heads = "
+            f"{heads}; fix config.json"
+        )
+    if raw.get("head_dim") is None and raw["hidden_size"] % heads:
+        raise EdgepackError(
+            f"{cfg_file}: hidden_size = {raw['hidden_size']} is not divisible by num_attention_heads = {heads}; "
+            "fix config.json (or give head_dim)"
+        )
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files transformers will read (model.safetensors, else the index's shards), all inside."""
+    model_dir = Path(model_dir)
+    single = model_dir / "model.safetensors"
+    index = model_dir / "model.safetensors.index.json"
+    if single.is_file() or not index.exists():
+        files = [single] if single.is_file() else sorted(model_dir.glob("*.safetensors"))
+        return [inside_model(model_dir, p.name, "weights file") for p in files]
+    inside_model(model_dir, index.name, "index")
+    fix = "fix or re-download the index"
+    data = read_json(index, fix)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(v, str) for v in weight_map.values())
+    ):
+        raise EdgepackError(f"{index} has no weight_map of tensor names to files; {fix}")
+    files = [inside_model(model_dir, name, "weight_map entry") for name in sorted(set(weight_map.values()))]
+    missing = [p.name for p in files if not p.is_file()]
+    if missing:
+        raise EdgepackError(
+            f"{index} names {', '.join(missing)}, missing from {model_dir}; copy the whole model"
+        )
+    return files
+
+
+def checkpoint_shapes(files: list[Path]) -> dict[str, list[int]]:
+    """{tensor name: shape} from the safetensors headers (no tensor data read); corrupt files are refused."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for path in files:
+        try:
+            with safe_open(str(path), "np") as f:  # headers only: no torch import
+                shapes.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+        except Exception as e:  # SafetensorError: bad header, truncated file, not a safetensors file
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise EdgepackError(f"{path} is corrupt or truncated ({first}); re-download or re-save it") from e
+    return shapes
+
+
+def check_layers(raw: dict, shapes: dict[str, list[int]], cfg_file: Path) -> None:
+    """Refuse a config whose layer count or widths disagree with the checkpoint, before anything loads."""
+    layers = sorted({int(m.group(1)) for k in shapes if (m := LAYER_KEY.match(k))})
+    n = raw["num_hidden_layers"]
+    if layers != list(range(n)):
+        held = (
+            f"layers 0-{layers[-1]}"
+            if layers == list(range(len(layers))) and layers
+            else f"{len(layers)} layers"
+        )
+        raise EdgepackError(
+            f"{cfg_file} says num_hidden_layers = {n} but the weights hold {held}; fix config.json to match "
+            "the checkpoint"
+        )
+    embed = shapes.get("model.embed_tokens.weight")
+    if embed is not None and embed != [raw["vocab_size"], raw["hidden_size"]]:
+        raise EdgepackError(
+            f"{cfg_file} says vocab_size x hidden_size = {raw['vocab_size']} x {raw['hidden_size']} but "
+            f"model.embed_tokens.weight is {embed[0]} x {embed[1]}; fix config.json to match the checkpoint"
+        )
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """tokenizer.json must be a file of the folder and no tokenizer file may link outside it.
+
+    (load_tokenizer passes that tokenizer.json explicitly, so a tokenizer_config.json "tokenizer_file" entry,
+    often a stale absolute path from the machine that saved it, is never followed.)
+    """
+    from edgepack.pipeline import TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        if (path / name).exists() or (path / name).is_symlink():
+            inside_model(path, name, "tokenizer file")
+    tok = path / "tokenizer.json"
+    if not tok.is_file():
+        raise EdgepackError(
+            f"{path} has no tokenizer.json; save the fast tokenizer into the model folder "
+            "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))"
+        )
+
+
 def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
-    """Validate a model folder and return its raw config and architecture spec, or raise EdgepackError."""
+    """Validate a model folder (config, weights, tokenizer) and return its raw config and architecture spec."""
     path = Path(model_dir)
     if not path.exists():
         raise EdgepackError(
@@ -91,31 +233,37 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
         raise EdgepackError(
             f"{path} has no config.json; pass a Hugging Face model folder (config.json + *.safetensors)"
         )
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise EdgepackError(
-            f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it"
-        ) from e
+    inside_model(path, "config.json", "config")
+    raw = read_json(cfg_file)
+    if not isinstance(raw, dict):
+        raise EdgepackError(f"{cfg_file} is not a JSON object; fix or re-download it")
     archs = raw.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
-        name = ", ".join(archs) or raw.get("model_type", "unknown")
+        name = ", ".join(map(str, archs)) or raw.get("model_type", "unknown")
         raise EdgepackError(f"unsupported architecture {name}; supported: {', '.join(sorted(ARCHITECTURES))}")
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
     if rope_type not in ("default", None):
         raise EdgepackError(f"unsupported rope type {rope_type!r} in {cfg_file}; supported: default")
-    if not list(path.glob("*.safetensors")):
+    check_dims(raw, cfg_file)
+    files = weight_files(path)
+    if not files:
         raise EdgepackError(
             f"{path} has no *.safetensors weights; edgepack loads safetensors only "
             "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
         )
+    check_layers(raw, checkpoint_shapes(files), cfg_file)
+    check_tokenizer_files(path)
     return raw, ARCHITECTURES[arch]
 
 
 def load_model(model_dir: str | Path, *, trust_remote_code: bool = False):
-    """Load a causal LM in float32 with eager attention from a local folder (safetensors only, offline)."""
+    """Load a causal LM in float32 with eager attention from a local folder (safetensors only, offline).
+
+    Every checkpoint tensor must be used and every model weight loaded: transformers' missing/unexpected/
+    mismatched keys are an error naming them, never a randomly initialised or silently truncated model.
+    """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -123,17 +271,28 @@ def load_model(model_dir: str | Path, *, trust_remote_code: bool = False):
     read_config(model_dir)
     hf_logging.disable_progress_bar()  # our own progress and logging; one line per error
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
             dtype=torch.float32,
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,
             attn_implementation="eager",
+            output_loading_info=True,
         )
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # transformers/safetensors raise many types for a folder that does not load
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise EdgepackError(f"could not load the model in {model_dir}: {first}") from e
+        raise EdgepackError(
+            f"could not load the model in {model_dir}: {first[:300]}; check that config.json matches the weights"
+        ) from e
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+            raise EdgepackError(
+                f"the weights in {model_dir} do not match config.json: {kind.replace('_', ' ')} {shown}; "
+                "fix config.json or use the checkpoint it belongs to"
+            )
     model.eval()
     return model
 
@@ -143,6 +302,8 @@ def load_tokenizer(model_dir: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    except (OSError, ValueError) as e:
+        return AutoTokenizer.from_pretrained(
+            str(model_dir), local_files_only=True, tokenizer_file=str(Path(model_dir) / "tokenizer.json")
+        )
+    except Exception as e:  # tokenizers' own exception types for a corrupt tokenizer.json
         raise EdgepackError(f"could not load a tokenizer from {model_dir}; it needs tokenizer.json") from e

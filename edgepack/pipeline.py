@@ -9,12 +9,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +19,9 @@ from typing import TYPE_CHECKING
 from edgepack import __version__
 from edgepack.errors import EdgepackError
 from edgepack.recipe import Recipe
+from edgepack.runtime.manifest import file_sizes, file_table
 from edgepack.runtime.runner import sha256_file as sha256
+from edgepack.staging import PARTIAL_MARKER, staging_dir
 from edgepack.targets.profiles import Target, get_target
 
 if TYPE_CHECKING:
@@ -61,38 +60,6 @@ class ExportResult:
     seconds: float
 
 
-@contextmanager
-def staging_dir(out_dir: Path, force: bool):
-    """A temp folder beside ``out_dir`` that replaces it atomically on success and vanishes on failure."""
-    out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not force:
-        raise EdgepackError(
-            f"output folder {out_dir} already exists; pass --force to replace it or choose another -o"
-        )
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    except OSError as e:
-        raise EdgepackError(
-            f"cannot write to {out_dir.parent} ({e.strerror}); choose a writable -o folder"
-        ) from e
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact gets the user's usual mode
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            out_dir.rename(old)
-            tmp.rename(out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def export(req: ExportRequest) -> ExportResult:
     """Run the whole pipeline for one request; raises EdgepackError for any user-facing problem."""
     from edgepack.model import load_model, load_tokenizer, read_config
@@ -101,7 +68,7 @@ def export(req: ExportRequest) -> ExportResult:
     target = get_target(req.target)
     raw_config, arch = read_config(req.model_dir)
     precheck(req, raw_config)
-    with staging_dir(req.out_dir, req.force) as tmp:
+    with staging_dir(req.out_dir, req.force, req.model_dir) as tmp:
         log.info("loading %s (%s)", req.model_dir, arch.name)
         model = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
         tokenizer = load_tokenizer(req.model_dir)
@@ -119,8 +86,8 @@ def export(req: ExportRequest) -> ExportResult:
             make_android_bundle(tmp, target.allowed_ops)
         manifest = build_manifest(req, target, arch.name, model, built, reports, parity, tmp)
         write_app_readme(tmp, manifest)
-        manifest["files"] = file_table(tmp)
-        manifest["file_bytes"] = file_sizes(tmp)
+        manifest["files"] = file_table(tmp, exclude=(PARTIAL_MARKER,))
+        manifest["file_bytes"] = file_sizes(tmp, exclude=(PARTIAL_MARKER,))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     seconds = time.perf_counter() - t0
     log.info("wrote %s in %.1f s", req.out_dir, seconds)
@@ -141,10 +108,10 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         raise EdgepackError(
             "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
         )
-    if req.calib is not None and not Path(req.calib).is_file():
-        raise EdgepackError(
-            f"calibration text {req.calib} does not exist; pass a local UTF-8 text file to --calib"
-        )
+    if req.calib is not None:
+        from edgepack.textdata import read_text
+
+        read_text(req.calib)  # missing, a folder, binary or empty: refused before the model loads
     if "fold" in kinds:
         from edgepack.compressor.fold_plan import removal_count, resolve_groups
 
@@ -398,20 +365,9 @@ def unique_parameter_count(model) -> int:
     return total
 
 
-def artifact_files(folder: Path) -> list[Path]:
-    return [p for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "manifest.json"]
-
-
-def file_table(folder: Path) -> dict[str, str]:
-    """{relative path: sha256} of every artifact file but the manifest itself."""
-    return {str(p.relative_to(folder)): sha256(p) for p in artifact_files(folder)}
-
-
-def file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in artifact_files(folder)}
-
-
 def build_manifest(req, target, arch, model, built, reports, parity, folder: Path) -> dict:
+    from edgepack.model import weight_files
+
     model_bytes = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
     return {
         "edgepack_version": __version__,
@@ -420,7 +376,7 @@ def build_manifest(req, target, arch, model, built, reports, parity, folder: Pat
             "path": str(Path(req.model_dir).resolve()),
             "architecture": arch,
             "config_sha256": sha256(Path(req.model_dir) / "config.json"),
-            "weights_sha256": {p.name: sha256(p) for p in sorted(Path(req.model_dir).glob("*.safetensors"))},
+            "weights_sha256": {p.name: sha256(p) for p in weight_files(Path(req.model_dir))},
         },
         "recipe": req.recipe.to_dict(),
         "target": target.to_dict(),

@@ -43,6 +43,10 @@ def check_artifact_dir(artifact_dir: Path) -> None:
     """Refuse a missing folder with one line naming the artifacts that do exist next to it."""
     if artifact_dir.is_dir():
         return
+    if artifact_dir.exists():
+        raise EdgepackError(
+            f"{artifact_dir} is a file, not a folder: pass the folder `edgepack export` wrote"
+        )
     parent = artifact_dir.parent
     found = sorted(p.parent.name for p in parent.glob("*/manifest.json")) if parent.is_dir() else []
     where = f" (artifacts in {parent}: {', '.join(found)})" if found else ""
@@ -344,8 +348,11 @@ def bench(
     backend: str = "onnxruntime",
 ) -> BenchReport:
     """Benchmark each artifact in its own process (in order, same config) and derive the profile checks."""
+    from edgepack.inspect import load_manifest
+
     for artifact in artifacts:
         check_artifact_dir(artifact)
+        load_manifest(artifact)  # every file listed and intact before anything in it is parsed
     if config.device not in DEVICES:
         raise EdgepackError(f"unknown device {config.device!r}: use one of {', '.join(DEVICES)}")
     if backend not in BACKENDS:

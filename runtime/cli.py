@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import click
 from edgepack.runtime.bench import BACKENDS, TORCH_BACKEND, import_pyplot, plot_latency
 from edgepack.runtime.bench import bench as run_bench
-from edgepack.runtime.runner import DEVICES, RunConfig
+from edgepack.runtime.runner import (
+    DEVICES,
+    RunConfig,
+    RunnerError,
+    check_output_file,
+    max_threads,
+    write_report,
+)
 from edgepack.targets.devices import PROFILES, get_profile
+
+from edgepack.errors import EdgepackError
 
 
 @click.command("bench")
@@ -83,6 +92,18 @@ def bench(
 ) -> None:
     """Benchmark ARTIFACT (prefill + greedy decode through the KV cache), each artifact in a fresh process."""
     device_profile = get_profile(profile) if profile else None
+    artifacts = [artifact] if compare is None else [artifact, compare]
+    if threads is not None and threads > max_threads():
+        raise EdgepackError(
+            f"--threads {threads} is more than twice this host's {os.cpu_count()} CPUs; pass at most "
+            f"{max_threads()}, or leave it out for the default"
+        )
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if path is not None:
+            try:
+                check_output_file(path, flag, tuple(artifacts))
+            except RunnerError as e:
+                raise EdgepackError(str(e)) from e
     if plot_path is not None:
         import_pyplot()  # fail before minutes of benchmarking, not after
     config = RunConfig(
@@ -94,11 +115,13 @@ def bench(
         device=device
         or (device_profile.device if device_profile else ("cuda" if backend == TORCH_BACKEND else "cpu")),
     )
-    artifacts = [artifact] if compare is None else [artifact, compare]
     report = run_bench(artifacts, config, device_profile, with_sweep=plot_path is not None, backend=backend)
     click.echo(report.table())
     if json_path is not None:
-        json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        try:
+            write_report(json_path, report.to_dict())
+        except RunnerError as e:
+            raise EdgepackError(str(e)) from e
         click.echo(f"wrote {json_path}")
     if plot_path is not None:
         plot_latency(report, plot_path)

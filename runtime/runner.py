@@ -37,6 +37,7 @@ import onnxruntime as ort
 RUNNER_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 GENAI_CONFIG_NAME = "genai_config.json"
+MODEL_FILES = ("model.ort", "model.onnx")  # load order: the mobile format first
 PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 PROMPT_SEED = 0
@@ -73,25 +74,88 @@ def sha256_file(path: Path) -> str:
 
 def require_dir(artifact_dir: Path) -> None:
     if not artifact_dir.is_dir():
+        what = "is a file, not a folder" if artifact_dir.exists() else "does not exist"
+        raise RunnerError(f"artifact folder {artifact_dir} {what}: pass the folder `edgepack export` wrote")
+
+
+def artifact_files(artifact_dir: Path, exclude: tuple[str, ...] = ()) -> list[str]:
+    """Relative POSIX paths of every file and link under ``artifact_dir`` but manifest.json (and ``exclude``)."""
+    found = []
+    for path in sorted(artifact_dir.rglob("*")):
+        name = path.relative_to(artifact_dir).as_posix()
+        if name != MANIFEST_NAME and name not in exclude and (path.is_symlink() or not path.is_dir()):
+            found.append(name)
+    return found
+
+
+def inside(artifact_dir: Path, name: object) -> Path | None:
+    """``artifact_dir / name`` when ``name`` is a plain relative path that stays in the folder (links resolved)."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return None
+    rel = Path(name)
+    if rel.is_absolute() or any(part in ("..", ".", "") for part in name.split("/")):
+        return None
+    path = artifact_dir / rel
+    try:
+        path.resolve().relative_to(artifact_dir.resolve())
+    except (ValueError, OSError, RuntimeError):
+        return None
+    return path
+
+
+def read_manifest(artifact_dir: Path) -> dict:
+    """manifest.json as a dict whose "files" maps relative paths to SHA-256 digests, or a RunnerError."""
+    require_dir(artifact_dir)
+    manifest_path = artifact_dir / MANIFEST_NAME
+    if manifest_path.is_symlink() or not manifest_path.is_file():
         raise RunnerError(
-            f"artifact folder {artifact_dir} does not exist: pass the folder `edgepack export` wrote"
+            f"{artifact_dir} has no {MANIFEST_NAME}: pass the folder `edgepack export` wrote, not a bare ONNX folder"
         )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunnerError(
+            f"{manifest_path} is corrupt ({exc}): re-export the artifact with `edgepack export`"
+        ) from exc
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise RunnerError(
+            f'{manifest_path} is not an edgepack manifest (no "files" table): re-export the artifact '
+            "with `edgepack export`"
+        )
+    bad = sorted(
+        str(name)
+        for name, digest in files.items()
+        if inside(artifact_dir, name) is None
+        or name == MANIFEST_NAME
+        or not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest))
+    )
+    if bad:
+        raise RunnerError(
+            f"{manifest_path} lists {', '.join(bad)}, which is not a SHA-256 of a file inside the folder: "
+            "re-export the artifact with `edgepack export`"
+        )
+    return manifest
 
 
 def verify_artifact(artifact_dir: Path) -> dict:
-    """Check every file listed in manifest.json against its SHA-256; return the manifest."""
-    require_dir(artifact_dir)
-    manifest_path = artifact_dir / MANIFEST_NAME
-    if not manifest_path.is_file():
+    """Check that manifest.json lists exactly the folder's files, a model among them, each with its SHA-256."""
+    manifest = read_manifest(artifact_dir)
+    files = manifest["files"]
+    if not any(name in files for name in MODEL_FILES):
         raise RunnerError(
-            f"{artifact_dir} has no {MANIFEST_NAME}: pass an edgepack artifact folder, "
-            "or --no-verify to benchmark a bare ONNX folder"
+            f"{artifact_dir / MANIFEST_NAME} lists no {' or '.join(MODEL_FILES)}: re-export the artifact "
+            "with `edgepack export`"
         )
-    manifest = json.loads(manifest_path.read_text())
-    files = manifest.get("files")
-    if not isinstance(files, dict) or not files:
-        raise RunnerError(f"{manifest_path} lists no files: re-export the artifact with `edgepack export`")
-    missing = sorted(name for name in files if not (artifact_dir / name).is_file())
+    unlisted = sorted(set(artifact_files(artifact_dir)) - set(files))
+    if unlisted:
+        raise RunnerError(
+            f"{artifact_dir} holds {', '.join(unlisted)}, not listed in {MANIFEST_NAME}: remove "
+            f"{'it' if len(unlisted) == 1 else 'them'} or re-export the artifact"
+        )
+    missing = sorted(
+        name for name in files if (artifact_dir / name).is_symlink() or not (artifact_dir / name).is_file()
+    )
     if missing:
         raise RunnerError(
             f"{artifact_dir} is missing {', '.join(missing)} listed in {MANIFEST_NAME}: copy the whole artifact folder"
@@ -105,13 +169,25 @@ def verify_artifact(artifact_dir: Path) -> dict:
     return manifest
 
 
-def find_model_file(artifact_dir: Path, name: str | None = None) -> Path:
-    """The model to load: ``name`` if given, else model.ort (the mobile format) if present, else model.onnx."""
-    candidates = [name] if name else ["model.ort", "model.onnx"]
+def find_model_file(artifact_dir: Path, name: str | None = None, listed: dict | None = None) -> Path:
+    """The model to load: ``name`` if given, else model.ort (the mobile format) if present, else model.onnx.
+
+    ``listed`` is the verified manifest's file table: only files in it are candidates. ``name`` must be a
+    plain path inside the folder either way.
+    """
+    if name is not None and inside(artifact_dir, name) is None:
+        raise RunnerError(
+            f"--model-file {name} is not a file inside {artifact_dir}: pass a name relative to the artifact "
+            "folder, e.g. --model-file model.onnx"
+        )
+    candidates = [name] if name else list(MODEL_FILES)
     for candidate in candidates:
-        if (artifact_dir / candidate).is_file():
-            return artifact_dir / candidate
-    found = sorted(p.name for p in artifact_dir.glob("*") if p.suffix in (".onnx", ".ort"))
+        path = artifact_dir / candidate
+        if path.is_file() and not path.is_symlink() and (listed is None or candidate in listed):
+            return path
+    found = sorted(
+        p for p in (listed or [p.name for p in artifact_dir.glob("*")]) if p.endswith((".onnx", ".ort"))
+    )
     raise RunnerError(
         f"no {' or '.join(candidates)} in {artifact_dir} (found: {', '.join(found) or 'no .onnx/.ort files'}): "
         "pass an artifact folder or --model-file NAME"
@@ -125,12 +201,17 @@ def model_bytes(model_path: Path) -> int:
 
 
 def context_length(artifact_dir: Path) -> int | None:
-    """The model's context length from genai_config.json, if the artifact has one."""
+    """The model's context length from genai_config.json (verify the artifact first), if it has one."""
     path = artifact_dir / GENAI_CONFIG_NAME
     if not path.is_file():
         return None
-    value = json.loads(path.read_text()).get("model", {}).get("context_length")
-    return int(value) if value else None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("context_length")
+        return int(value) if value else None
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise RunnerError(
+            f"{path} is corrupt ({exc}): re-export the artifact with `edgepack export`"
+        ) from exc
 
 
 # ---------------------------------------------------------------------------------------------- graph I/O
@@ -437,7 +518,13 @@ def make_session(model_path: Path, config: RunConfig) -> ort.InferenceSession:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     providers = list(dict.fromkeys([device.provider, "CPUExecutionProvider"]))
-    session = ort.InferenceSession(str(model_path), options, providers=providers)
+    try:
+        session = ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for unreadable models
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RunnerError(
+            f"ONNX Runtime cannot load {model_path.name} ({first[:200]}): re-export the artifact"
+        ) from exc
     if session.get_providers()[0] != device.provider:
         raise RunnerError(
             f"{device.provider} failed to initialise (missing CUDA/cuDNN libraries?): "
@@ -452,9 +539,23 @@ def make_prompt(length: int, vocab: int | None) -> np.ndarray:
     return rng.integers(0, vocab or 32, size=(1, length), dtype=np.int64)
 
 
+def max_threads() -> int:
+    """The most intra-op threads a run may ask for: twice the host's CPUs (more only thrashes the host)."""
+    return 2 * (os.cpu_count() or 1)
+
+
 def check_config(config: RunConfig, context: int | None) -> None:
     if config.device not in DEVICES:
         raise RunnerError(f"unknown --device {config.device}: use one of {', '.join(DEVICES)}")
+    if not 0 <= config.threads <= max_threads():
+        raise RunnerError(
+            f"--threads {config.threads} is outside 0..{max_threads()} (this host has {os.cpu_count()} CPUs): "
+            "pass 0 for ONNX Runtime's default or at most twice the CPU count"
+        )
+    if config.warmup < 0:
+        raise RunnerError("--warmup must be 0 or more")
+    if any(length < 1 for length in config.sweep):
+        raise RunnerError("--sweep prompt lengths must be at least 1")
     for name in ("prompt_len", "gen", "runs"):
         if getattr(config, name) < 1:
             raise RunnerError(f"--{name.replace('_', '-')} must be at least 1")
@@ -471,9 +572,11 @@ def run_benchmark(
 ) -> dict:
     """Verify, load and benchmark one artifact; return the JSON-ready report."""
     require_dir(artifact_dir)
+    check_config(config, None)
+    listed = verify_artifact(artifact_dir)["files"] if verify else None
+    verified = len(listed) if listed else 0
     check_config(config, context_length(artifact_dir))
-    verified = len(verify_artifact(artifact_dir)["files"]) if verify else 0
-    model_path = find_model_file(artifact_dir, model_file)
+    model_path = find_model_file(artifact_dir, model_file, listed)
     rss_before = _proc_status_mib("VmRSS")
     gpu_before = gpu_used_mib() if config.device == "cuda" else None
 
@@ -561,8 +664,16 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one ``error:`` line (exit 2) like every other runner error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}: see `python runner.py --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "artifact", type=Path, help="artifact folder (manifest.json, model.onnx or model.ort)"
     )
@@ -592,14 +703,47 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     config = RunConfig(args.threads, args.prompt_len, args.gen, args.runs, args.warmup, args.device, sweep)
     try:
+        if args.json is not None:
+            check_output_file(args.json, "--json", (args.artifact,))
         report = run_benchmark(args.artifact, config, verify=not args.no_verify, model_file=args.model_file)
+        if args.json is not None:
+            write_report(args.json, report)
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(summary(report))
     return 0
+
+
+def check_output_file(path: Path, flag: str, artifacts: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, a report path that is a folder, sits in a missing or read-only folder, or
+    inside an artifact (where it would be an unlisted file that the next verification refuses)."""
+    parent = path.parent if str(path.parent) else Path(".")
+    for artifact in artifacts:
+        if inside(artifact, os.path.relpath(os.path.abspath(path), os.path.abspath(artifact))) is not None:
+            raise RunnerError(
+                f"{flag} {path} is inside the artifact folder {artifact}, whose files must all be in its "
+                f"manifest: write it elsewhere, e.g. {flag} {Path(artifact).resolve().parent / path.name}"
+            )
+    if path.is_dir():
+        raise RunnerError(f"{flag} {path} is a folder: pass a file path, e.g. {flag} {path / 'report.json'}")
+    if not parent.is_dir():
+        raise RunnerError(f"{flag} {path}: folder {parent} does not exist; create it or pick another path")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise RunnerError(f"{flag} {path} is not writable; pick a path in a folder you can write to")
+
+
+def write_report(path: Path, report: dict) -> None:
+    """Write the JSON report whole or not at all (temp file + rename); a full disk is one RunnerError line."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise RunnerError(
+            f"cannot write --json {path} ({exc.strerror}): free space or pick another path"
+        ) from exc
 
 
 if __name__ == "__main__":

@@ -355,6 +355,7 @@ def run_benchmark_torch(artifact_dir: Path, config: RunConfig, dtype: torch.dtyp
 
     if config.device == "cuda":
         require_cuda()
+    load_manifest(artifact_dir)  # verify every file before genai_config.json is parsed
     try:
         check_config(config, context_length(artifact_dir))
     except RunnerError as exc:
