@@ -1,7 +1,8 @@
 """Load a local Hugging Face decoder folder (safetensors only) and describe its architecture.
 
-Architectures are dispatched through ``ARCHITECTURES``, a registry of :class:`ArchSpec`; anything not in it
-is refused with one line listing what is supported. Nothing here ever contacts a model hub.
+Architectures are dispatched through the family registry (:mod:`edgepack.families`); anything not in it is
+refused with one line listing what is supported, and so is a config value a family does not implement (an
+unknown rope_type, say). Nothing here ever contacts a model hub.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import EdgepackError
+from edgepack.families import Family, check_config, family_for, supported_architectures
 
 log = logging.getLogger(__name__)
 
@@ -20,19 +22,11 @@ DEFAULT_MODEL = Path(__file__).parent / "assets" / "stories260k"
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    """What the exporter needs to know about one transformers architecture beyond its config."""
+class Architecture:
+    """The architecture a model folder declares (its *ForCausalLM class name) and the family that runs it."""
 
     name: str
-    qkv_bias: bool = False
-    sliding_window: bool = False
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM"),
-    "MistralForCausalLM": ArchSpec("MistralForCausalLM", sliding_window=True),
-    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", qkv_bias=True, sliding_window=True),
-}
+    family: Family
 
 
 @dataclass(frozen=True)
@@ -77,8 +71,8 @@ class DecoderDims:
         )
 
 
-def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
-    """Validate a model folder and return its raw config and architecture spec, or raise EdgepackError."""
+def read_config(model_dir: str | Path) -> tuple[dict, Architecture]:
+    """Validate a model folder and return its raw config and architecture, or raise EdgepackError."""
     path = Path(model_dir)
     if not path.exists():
         raise EdgepackError(
@@ -98,20 +92,31 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
             f"{cfg_file} is not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it"
         ) from e
     archs = raw.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
+    family = family_for(archs)
+    if family is None:
         name = ", ".join(archs) or raw.get("model_type", "unknown")
-        raise EdgepackError(f"unsupported architecture {name}; supported: {', '.join(sorted(ARCHITECTURES))}")
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", None):
-        raise EdgepackError(f"unsupported rope type {rope_type!r} in {cfg_file}; supported: default")
+        raise EdgepackError(
+            f"unsupported architecture {name}; supported: {', '.join(supported_architectures())}"
+        )
+    check_config(family, hf_config(path))
     if not list(path.glob("*.safetensors")):
         raise EdgepackError(
             f"{path} has no *.safetensors weights; edgepack loads safetensors only "
             "(convert with transformers: model.save_pretrained(dir, safe_serialization=True))"
         )
-    return raw, ARCHITECTURES[arch]
+    arch = next(a for a in archs if family_for(a) is family)
+    return raw, Architecture(arch, family)
+
+
+def hf_config(path: Path) -> Any:
+    """The transformers config of a folder (standardized rope fields), offline, or a one-line error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgepackError(f"could not read the config in {path}: {first}") from e
 
 
 def load_model(model_dir: str | Path, *, trust_remote_code: bool = False):

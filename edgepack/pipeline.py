@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from edgepack import __version__
 from edgepack.errors import EdgepackError
+from edgepack.families import decoder_layers
 from edgepack.recipe import Recipe
 from edgepack.runtime.runner import sha256_file as sha256
 from edgepack.targets.profiles import Target, get_target
@@ -312,7 +313,7 @@ def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokeni
         if src.is_file():
             shutil.copyfile(src, out / name)
     config = dict(raw_config)
-    config["num_hidden_layers"] = len(model.model.layers)
+    config["num_hidden_layers"] = len(decoder_layers(model))
     if "layer_types" in config:  # fold keeps the types of the positions it kept
         config["layer_types"] = list(model.config.layer_types)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -349,7 +350,7 @@ def genai_config(model, tokenizer) -> dict:
                     "present_value_names": "present.%d.value",
                 },
                 "num_attention_heads": dims.num_heads,
-                "num_hidden_layers": len(model.model.layers),
+                "num_hidden_layers": len(decoder_layers(model)),
                 "num_key_value_heads": dims.num_kv_heads,
             },
             "eos_token_id": eos,
@@ -424,7 +425,7 @@ def build_manifest(req, target, arch, model, built, reports, parity, folder: Pat
         "opsets": built["opsets"],
         "ir_version": built["ir_version"],
         "parameters": unique_parameter_count(model),
-        "num_layers": len(model.model.layers),
+        "num_layers": len(decoder_layers(model)),
         "model_bytes": model_bytes,
         "bits_per_weight": round(8 * built["initializer_bytes"] / max(1, unique_parameter_count(model)), 3),
         "tensors": built["tensors"],

@@ -61,6 +61,7 @@ from edgepack.runtime.runner import (
 from torch import nn
 
 from edgepack.errors import EdgepackError
+from edgepack.families import Family, family_of
 from edgepack.inspect import load_manifest
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,6 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def require_cuda() -> None:
@@ -165,23 +165,28 @@ def position_sources(manifest: dict, num_layers: int) -> list[int]:
     return sources
 
 
-def stored_name(module_name: str, sources: list[int]) -> str:
-    match = LAYER_NAME.match(module_name)
+def layer_name_pattern(fam: Family) -> re.Pattern:
+    """Matches ``<layers>.<position>.<rest>`` module names of the family's decoder blocks."""
+    return re.compile(rf"^{re.escape(fam.layers)}\.(\d+)\.(.+)$")
+
+
+def stored_name(fam: Family, module_name: str, sources: list[int]) -> str:
+    match = layer_name_pattern(fam).match(module_name)
     if match is None:
         return module_name
-    return f"model.layers.{sources[int(match.group(1))]}.{match.group(2)}"
+    return f"{fam.layer_name(sources[int(match.group(1))])}.{match.group(2)}"
 
 
-def position_weight(inits: Initializers, name: str) -> np.ndarray:
+def position_weight(fam: Family, inits: Initializers, name: str) -> np.ndarray:
     """A per-position weight (a norm): its own initializer, or its row of the ``.stacked`` table that a run of
     positions sharing one block (exported as one Scan) stores under the run's first position."""
     if name in inits:
         return inits.get(name)
-    match = LAYER_NAME.match(name)
+    match = layer_name_pattern(fam).match(name)
     if match is not None:
         position, rest = int(match.group(1)), match.group(2)
         for first in range(position, -1, -1):
-            stacked = f"model.layers.{first}.{rest}.stacked"
+            stacked = f"{fam.layer_name(first)}.{rest}.stacked"
             if stacked in inits:
                 rows = inits.get(stacked)  # (positions in the run, H)
                 if position - first < len(rows):
@@ -260,10 +265,11 @@ def load_artifact_torch(
         )
     quantized = {use: layer for layer in layers for use in layer["uses"]}
     sources = position_sources(manifest, config.num_hidden_layers)
+    fam = family_of(model)
 
     shared: dict[str, nn.Module] = {}  # stored weight name -> the one module every position using it holds
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    head_name = "lm_head"
+    head_name = fam.lm_head
     tied_float_head = False
     for name in linears:
         if name in quantized:
@@ -272,7 +278,7 @@ def load_artifact_torch(
             if key not in shared:
                 shared[key] = quant_linear(inits, layer, device)
         else:
-            key = stored_name(name, sources)
+            key = stored_name(fam, name, sources)
             if name == head_name and f"{key}.weight" not in inits:
                 tied_float_head = True  # the builder's Gemm(transB) on the embedding table
                 continue
@@ -281,13 +287,13 @@ def load_artifact_torch(
         _replace(model, name, shared[key])
 
     emb = model.get_input_embeddings()
-    if "model.embed_tokens.weight" in inits:
-        table = inits.get("model.embed_tokens.weight")
+    if f"{fam.embed}.weight" in inits:
+        table = inits.get(f"{fam.embed}.weight")
     elif head_name in quantized:  # a quantized tied lm_head: the embedding is its dequantized rows
         w = read_quant_weight(inits, quantized[head_name])
         table = dequantize(w.codes, w.scales, w.zero_points, w.group_size)
     else:
-        raise EdgepackError(f"{onnx_path} has neither model.embed_tokens.weight nor a quantized lm_head")
+        raise EdgepackError(f"{onnx_path} has neither {fam.embed}.weight nor a quantized {head_name}")
     emb.weight = nn.Parameter(torch.from_numpy(table).to(device, dtype), requires_grad=False)
     if tied_float_head:
         model.get_output_embeddings().weight = emb.weight
@@ -297,8 +303,11 @@ def load_artifact_torch(
     for name, param in list(model.named_parameters()):  # norms: every position has its own
         if param.is_meta:
             module_name, _, attr = name.rpartition(".")
-            value = torch.from_numpy(position_weight(inits, name)).to(device, dtype)
+            stored = position_weight(fam, inits, name) - fam.norm_offset  # the file keeps (offset + w)
+            value = torch.from_numpy(stored).to(device, dtype)
             setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+    if getattr(emb, "embed_scale", None) is not None and emb.embed_scale.is_meta:  # Gemma's scaled embedding
+        emb.embed_scale = torch.tensor(emb.scalar_embed_scale, device=device)
     for name, module in list(model.named_modules()):  # rotary tables: buffers computed from the config
         if any(b.is_meta for b in module.buffers(recurse=False)):
             with torch.device(device):

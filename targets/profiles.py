@@ -19,6 +19,7 @@ STANDARD_OPS = frozenset(
         "Cos",
         "Div",
         "Gather",
+        "Gelu",  # Gemma's gelu-tanh MLP (opset 20)
         "Gemm",
         "Greater",
         "Identity",
@@ -39,6 +40,7 @@ STANDARD_OPS = frozenset(
         "Sqrt",
         "Squeeze",
         "Sub",
+        "Tanh",  # Gemma's soft-capping of attention scores (plain form) and final logits
         "Transpose",
         "Unsqueeze",
         "Where",
