@@ -193,6 +193,27 @@ def test_unimplemented_rope_is_refused_in_one_line(rope, field, tmp_path):
     assert "\n" not in str(err.value)
 
 
+def test_bidirectional_gemma_is_refused(tmp_path):
+    arch, overrides = CONFIGS["gemma3"]
+    folder = make_random_model(tmp_path, arch, use_bidirectional_attention=True, **overrides)
+    with pytest.raises(EdgepackError, match="use_bidirectional_attention"):
+        read_config(folder)
+
+
+def test_partial_rotary_runs_plain(tmp_path):
+    """Phi-4-mini-style partial rotary (half the head rotated): auto picks the plain form, exact parity."""
+    rope = dict(LONGROPE, short_factor=LONGROPE["short_factor"][:4], long_factor=LONGROPE["long_factor"][:4])
+    rope["partial_rotary_factor"] = 0.5
+    overrides = dict(CONFIGS["phi3"][1], rope_parameters=rope)
+    model = load_model(make_random_model(tmp_path / "m", "Phi3ForCausalLM", perturb_norms=True, **overrides))
+    assert resolve(model).rotary_dim == 8
+    path = tmp_path / "p.onnx"
+    ir.save(build_decoder(model, BuildOptions()), path)
+    assert "GroupQueryAttention" not in Counter(n.op_type for n in onnx.load(path).graph.node)
+    report = check_parity(model, path, PROMPTS + LONG_PROMPT, "float32", new_tokens=8)
+    assert report.passed and report.max_abs_logit < 1e-4, report
+
+
 def test_unimplemented_activation_is_refused(tmp_path):
     folder = make_random_model(tmp_path, "LlamaForCausalLM", hidden_act="relu2")
     with pytest.raises(EdgepackError, match="unsupported hidden_act 'relu2'"):

@@ -2,6 +2,8 @@
 scores and final logits, sliding window on every other layer (``layer_types``), gelu-tanh MLP, embeddings
 scaled by sqrt(hidden_size), attention scaled by ``query_pre_attn_scalar ** -0.5`` (read from the module)."""
 
+from typing import Any
+
 from edgepack.families import BlockNorms, Family, register
 
 GEMMA_NORMS = BlockNorms(
@@ -10,6 +12,14 @@ GEMMA_NORMS = BlockNorms(
     mlp_in="pre_feedforward_layernorm",
     mlp_out="post_feedforward_layernorm",
 )
+
+
+def causal_only(config: Any) -> str | None:
+    """EmbeddingGemma-style bidirectional attention is not a causal decoder: refuse it."""
+    if getattr(config, "use_bidirectional_attention", False):
+        return "unsupported use_bidirectional_attention true (edgepack exports causal decoders only)"
+    return None
+
 
 FAMILY = register(
     Family(
@@ -22,5 +32,6 @@ FAMILY = register(
         windows="layer_types",
         attn_softcap_field="attn_logit_softcapping",
         final_softcap_field="final_logit_softcapping",
+        checks=(causal_only,),
     )
 )

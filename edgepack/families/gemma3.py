@@ -2,7 +2,7 @@
 (``rope_parameters['sliding_attention' | 'full_attention']``) and a 5:1 sliding pattern (``layer_types``)."""
 
 from edgepack.families import Family, register
-from edgepack.families.gemma2 import GEMMA_NORMS
+from edgepack.families.gemma2 import GEMMA_NORMS, causal_only
 
 FAMILY = register(
     Family(
@@ -17,5 +17,6 @@ FAMILY = register(
         rope_per_layer_type=True,
         attn_softcap_field="attn_logit_softcapping",
         final_softcap_field="final_logit_softcapping",
+        checks=(causal_only,),
     )
 )
