@@ -176,7 +176,9 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
             if mixed:
                 from edgepack.compressor.mixed import plan_mixed_precision
 
-                plan = plan_mixed_precision(model, step, calib_ids, step.budget_bpw, step.size_budget)
+                plan = plan_mixed_precision(
+                    model, step, calib_ids, step.budget_bpw, step.size_budget, get_target(req.target).dtype
+                )
                 step = dataclasses.replace(step, overrides={**step.overrides, **plan})
             reports["quantize"] = quantize(model, step, calib_ids if needs_calib else None)
     return reports

@@ -31,6 +31,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
+from edgepack.artifact import bias_name, stacked_name, weight_name
 from edgepack.families import DecoderSpec, Family, LayerSpec, Rope, decoder_layers, family_of, resolve
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,10 @@ def register_lowering(module_type: type) -> Callable[[Lowering], Lowering]:
 @register_lowering(nn.Linear)
 def lower_float_linear(b: Builder, x: ir.Value, module: nn.Linear, name: str) -> ir.Value:
     """y = x @ W^T (+ bias), W^T stored (K, N) once per unique weight."""
-    w = b.weight(f"{name}.weight", to_numpy(module.weight, b.np_dtype).T, key=("wT", id(module.weight)))
+    w = b.weight(weight_name(name), to_numpy(module.weight, b.np_dtype).T, key=("wT", id(module.weight)))
     y = b.op("MatMul", x, w)
     if module.bias is not None:
-        y = b.op("Add", y, b.weight(f"{name}.bias", to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
+        y = b.op("Add", y, b.weight(bias_name(name), to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
     return y
 
 
@@ -198,7 +199,7 @@ def packed_bias(b: Builder, modules: list[nn.Module], names: list[str]) -> ir.Va
     if all(m.bias is None for m in modules):
         return None
     parts = [
-        b.weight(f"{n}.bias", to_numpy(m.bias, b.np_dtype), key=id(m.bias))
+        b.weight(bias_name(n), to_numpy(m.bias, b.np_dtype), key=id(m.bias))
         if m.bias is not None
         else b.const(np.zeros(m.out_features, b.np_dtype))
         for m, n in zip(modules, names, strict=True)
@@ -234,7 +235,7 @@ def packed_weights(b: Builder, modules: list[nn.Module], names: list[str]) -> li
     key = ("packed_bias", *(linear_key(m) for m in modules))
     if all(type(m) is nn.Linear for m in modules):
         parts = [
-            b.weight(f"{n}.weight", to_numpy(m.weight, b.np_dtype).T, key=("wT", id(m.weight)))
+            b.weight(weight_name(n), to_numpy(m.weight, b.np_dtype).T, key=("wT", id(m.weight)))
             for m, n in zip(modules, names, strict=True)
         ]
         b._by_key[key] = packed_bias(b, modules, names)
@@ -293,7 +294,7 @@ def rotate(b: Builder, x: ir.Value, cos: ir.Value, sin: ir.Value, dim: int, head
 
 def norm_weight(b: Builder, module: nn.Module, name: str, offset: float = 0.0) -> ir.Value:
     """A norm's effective scale (w, or 1 + w for Gemma's norms), stored once per source Parameter."""
-    return b.weight(f"{name}.weight", to_numpy(module.weight, b.np_dtype) + offset, key=id(module.weight))
+    return b.weight(weight_name(name), to_numpy(module.weight, b.np_dtype) + offset, key=id(module.weight))
 
 
 def fused_unsupported(spec: DecoderSpec) -> str | None:
@@ -769,7 +770,7 @@ def emit_shared_group(
     p, g = fam.layer_name(first), len(layers)
     stack = {
         key: b.weight(
-            f"{p}.{key}.weight.stacked",
+            stacked_name(f"{p}.{key}"),
             np.stack(
                 [to_numpy(layer.get_submodule(key).weight, b.np_dtype) + fam.norm_offset for layer in layers]
             ),
@@ -824,7 +825,7 @@ def lower_embedding(b: Builder, model: nn.Module, input_ids: ir.Value) -> ir.Val
         if tied and cls in EMBEDDING_LOWERINGS and b.opts.quantized_embedding:
             return EMBEDDING_LOWERINGS[cls](b, head, input_ids, fam.lm_head)
     emb = model.get_input_embeddings()
-    table = b.weight(f"{fam.embed}.weight", to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
+    table = b.weight(weight_name(fam.embed), to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
     return b.op("Gather", table, input_ids)
 
 
@@ -838,7 +839,7 @@ def lower_lm_head(b: Builder, model: nn.Module, h: ir.Value) -> ir.Value:
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if isinstance(head, nn.Linear) and head.weight is emb.weight:
-        table = b.weight(f"{fam.embed}.weight", to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
+        table = b.weight(weight_name(fam.embed), to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
         flat = b.op("Reshape", h, b.ints(-1, head.in_features))  # (B*S, H)
         logits = b.op("Gemm", flat, table, transB=1)  # (B*S, V)
         shape = b.op("Concat", b.op("Shape", h, start=0, end=2), b.ints(-1), axis=0)
