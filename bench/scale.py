@@ -157,41 +157,35 @@ def run(args: argparse.Namespace) -> list[dict]:
         model = make_checkpoint(name, args.work / name)
         for mode in args.modes:
             out = args.work / f"{name}-{mode}"
-            shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "edgepack", "export", "--model", str(model), "-o", str(out)]
             cmd += MODES[mode] + ([] if args.parity else ["--no-parity"])
-            row = {
-                "model": name,
-                "mode": mode,
-                "tool": "edgepack",
-                **measured(cmd, args.work / f"{name}-{mode}.log"),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            tools = [("edgepack", out, cmd)]
             if args.peer and mode in PEER_PRECISION:
                 peer = args.work / f"{name}-{mode}-genai"
-                shutil.rmtree(peer, ignore_errors=True)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "onnxruntime_genai.models.builder",
-                    "-i",
-                    str(model),
+                cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model)]
+                cmd += [
                     "-o",
                     str(peer),
+                    "-p",
+                    PEER_PRECISION[mode],
+                    "-e",
+                    "cpu",
+                    "-c",
+                    str(args.work / "cache"),
                 ]
-                cmd += ["-p", PEER_PRECISION[mode], "-e", "cpu", "-c", str(args.work / "genai-cache")]
+                tools.append(("genai-builder", peer, cmd))
+            for tool, folder, command in tools:
+                shutil.rmtree(folder, ignore_errors=True)
                 row = {
                     "model": name,
                     "mode": mode,
-                    "tool": "genai-builder",
-                    **measured(cmd, args.work / f"{name}-{mode}-genai.log"),
+                    "tool": tool,
+                    **measured(command, folder.with_name(folder.name + ".log")),
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-            if not args.keep:
-                shutil.rmtree(out, ignore_errors=True)
-                shutil.rmtree(args.work / f"{name}-{mode}-genai", ignore_errors=True)
+                if not args.keep:
+                    shutil.rmtree(folder, ignore_errors=True)
     return rows
 
 
