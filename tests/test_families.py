@@ -298,3 +298,14 @@ def test_abq_smoothing_folds_into_one_plus_w_norms(tmp_path):
         norms[method] = model.get_submodule("model.layers.0.input_layernorm").weight.detach().clone()
     assert (norms["abq"] - norms["rtn"]).abs().max() > 0.05  # smoothing really folded into the norm
     assert errors["abq"] < 1.25 * errors["rtn"], errors
+
+
+def test_yarn_rope_scaling_parity(tmp_path):
+    """Qwen2.5's long-context yarn scaling: static frequencies plus an attention factor on cos/sin."""
+    rope = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 64}
+    model = load_model(make_random_model(tmp_path / "m", "Qwen2ForCausalLM", rope_parameters=rope))
+    assert resolve(model).ropes["default"].scaling > 1.0
+    for form in FORMS:
+        export(model, form, tmp_path / f"{form}.onnx")
+        report = check_parity(model, tmp_path / f"{form}.onnx", PROMPTS, "float32", new_tokens=8)
+        assert report.passed and report.max_abs_logit < 1e-4, (form, report)
