@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,9 +33,9 @@ ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 class BlockNorms:
     """The norms of one decoder block, by module name relative to the block (None = absent)."""
 
-    attn_in: str = "input_layernorm"  # before attention
+    attn_in: str  # before attention
+    mlp_in: str  # before the MLP
     attn_out: str | None = None  # on the attention output, before the residual add (Gemma-2/3)
-    mlp_in: str = "post_attention_layernorm"  # before the MLP (Gemma: pre_feedforward_layernorm)
     mlp_out: str | None = None  # on the MLP output, before the residual add (Gemma-2/3)
 
     def names(self) -> tuple[str, ...]:
@@ -45,22 +45,26 @@ class BlockNorms:
 
 @dataclass(frozen=True)
 class Family:
-    """One transformers decoder family: module paths and the config fields that shape its math."""
+    """One transformers decoder family: module paths and the config fields that shape its math.
+
+    Module paths have no defaults: each family module states them (families whose transformers code copies
+    Llama's derive from ``edgepack.families.llama.FAMILY`` with ``dataclasses.replace``).
+    """
 
     name: str
     architectures: tuple[str, ...]  # *ForCausalLM class names
-    layers: str = "model.layers"
-    embed: str = "model.embed_tokens"
-    final_norm: str = "model.norm"
-    lm_head: str = "lm_head"
-    rotary: str = "model.rotary_emb"
-    attention: str = "self_attn"
-    mlp: str = "mlp"
-    qkv: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # 1 entry = packed
-    o_proj: str = "self_attn.o_proj"
-    gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")  # 1 entry = packed [gate; up]
-    down: str = "mlp.down_proj"
-    norms: BlockNorms = field(default_factory=BlockNorms)
+    layers: str  # the decoder blocks (an nn.ModuleList)
+    embed: str
+    final_norm: str
+    lm_head: str
+    rotary: str  # the rotary-embedding module (its inv_freq buffers are the rope tables)
+    attention: str  # relative to a block
+    mlp: str
+    qkv: tuple[str, ...]  # relative to a block; one entry = one packed module (rows q, k, v)
+    o_proj: str
+    gate_up: tuple[str, ...]  # one entry = one packed module (rows gate, up)
+    down: str
+    norms: BlockNorms
     qk_norm: tuple[str, str] | None = None  # per-head RMSNorm of q and k before rotary (Qwen3, Gemma-3)
     norm_offset: float = 0.0  # 1.0: norms scale by (1 + w) (Gemma)
     embedding_scale: bool = False  # embeddings * sqrt(hidden_size) (Gemma)

@@ -2,9 +2,10 @@
 scores and final logits, sliding window on every other layer (``layer_types``), gelu-tanh MLP, embeddings
 scaled by sqrt(hidden_size), attention scaled by ``query_pre_attn_scalar ** -0.5`` (read from the module)."""
 
+from dataclasses import replace
 from typing import Any
 
-from edgepack.families import BlockNorms, Family, register
+from edgepack.families import BlockNorms, llama, register
 
 GEMMA_NORMS = BlockNorms(
     attn_in="input_layernorm",
@@ -22,7 +23,8 @@ def causal_only(config: Any) -> str | None:
 
 
 FAMILY = register(
-    Family(
+    replace(
+        llama.FAMILY,
         name="gemma2",
         architectures=("Gemma2ForCausalLM",),
         norms=GEMMA_NORMS,

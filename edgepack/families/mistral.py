@@ -1,5 +1,9 @@
 """Mistral: Llama's layout with one sliding window (``config.sliding_window``) on every layer."""
 
-from edgepack.families import Family, register
+from dataclasses import replace
 
-FAMILY = register(Family(name="mistral", architectures=("MistralForCausalLM",), windows="global"))
+from edgepack.families import llama, register
+
+FAMILY = register(
+    replace(llama.FAMILY, name="mistral", architectures=("MistralForCausalLM",), windows="global")
+)

@@ -1,9 +1,12 @@
 """Qwen3: Qwen2 without the biases, plus a per-head RMSNorm of q and k (over head_dim) before rotary."""
 
-from edgepack.families import Family, register
+from dataclasses import replace
+
+from edgepack.families import llama, register
 
 FAMILY = register(
-    Family(
+    replace(
+        llama.FAMILY,
         name="qwen3",
         architectures=("Qwen3ForCausalLM",),
         qk_norm=("self_attn.q_norm", "self_attn.k_norm"),
