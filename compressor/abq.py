@@ -73,12 +73,6 @@ log = logging.getLogger(__name__)
 
 CLIP_INIT = 4.0  # sigmoid(4) = 0.98: start near round-to-nearest (OmniQuant's initialisation)
 
-# Norm -> the linears it feeds, relative to a Llama/Qwen2/Mistral decoder layer.
-SMOOTH_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-)
-
 
 @dataclass(frozen=True)
 class ABQOptions(CalibOptions):
@@ -216,7 +210,7 @@ def _smooth_groups(
     for _, p in model.named_parameters(remove_duplicate=False):
         counts[id(p)] = counts.get(id(p), 0) + 1
     groups = []
-    for norm_name, linear_names in SMOOTH_GROUPS:
+    for norm_name, linear_names in plan.family.smooth_groups:  # norm -> the linears it feeds
         norm = getattr(layer, norm_name, None)
         sites = [by_use.get(f"{plan.prefix}.{index}.{name}") for name in linear_names]
         if norm is None or getattr(norm, "weight", None) is None or None in sites:
@@ -261,7 +255,11 @@ def stacked_kwargs(kwargs: dict, batch: int) -> dict:
 
 
 def _block_steps(
-    layer: nn.Module, kwargs: list[dict], x_fp: list[torch.Tensor], x_q: list[torch.Tensor] | None
+    layer: nn.Module,
+    kwargs: list[dict],
+    x_fp: list[torch.Tensor],
+    x_q: list[torch.Tensor] | None,
+    attention: str,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[Callable[[], torch.Tensor]]]:
     """Full-precision targets and attention maps of ``layer`` (as currently installed) and loss closures.
 
@@ -270,7 +268,7 @@ def _block_steps(
     targets, target_maps = [], []
     with torch.no_grad():
         for x, kw in zip(x_fp, kwargs, strict=True):
-            with record_attention(layer) as maps:
+            with record_attention(layer, attention) as maps:
                 targets.append(run_layer(layer, x, kw))
             target_maps.append(maps[0] if maps else None)
 
@@ -280,7 +278,7 @@ def _block_steps(
         kw = kwargs[b] if x_q is None else stacked_kwargs(kwargs[b], len(x_fp[b]))
 
         def fn() -> torch.Tensor:
-            with record_attention(layer) as maps:
+            with record_attention(layer, attention) as maps:
                 y = run_layer(layer, x, kw)
             n = 1 if x_q is None else 2
             return dlc_loss(
@@ -325,7 +323,7 @@ def abq_method(
                 kwargs = [kw[i] for kw in trace.layer_kwargs]
                 used_here = [s for s in sites if i in plan.positions[s.name]]
                 with swaps.originals(used_here):
-                    y_fp, _, steps = _block_steps(layer, kwargs, x_fp, x_q)
+                    y_fp, _, steps = _block_steps(layer, kwargs, x_fp, x_q, plan.family.attention)
                 if plan.owned[i]:
                     steps += _later_steps(plan, i, sites, swaps, y_fp, trace.layer_kwargs)
                     first, last = _calibrate_block(model, plan, i, by_use, steps, swaps, config, opts, out)
@@ -353,7 +351,7 @@ def _later_steps(
     for j in range(index + 1, (later[-1] + 1) if later else index + 1):
         kwargs = [kw[j] for kw in layer_kwargs]
         with swaps.originals([s for s in sites if j in plan.positions[s.name]]):
-            x_next, _, more = _block_steps(plan.layers[j], kwargs, x, None)
+            x_next, _, more = _block_steps(plan.layers[j], kwargs, x, None, plan.family.attention)
         if j in later:
             steps += more
         x = x_next
@@ -394,6 +392,8 @@ def _calibrate_block(
     for site in plan.owned[index]:
         out[site.name] = modules[site.name].freeze()
         swaps.quantized(site, out[site.name], config.abits)
+    offset = plan.family.norm_offset  # the norm scales by (offset + w): fold 1 / s into that
     for norm, group_sites in groups:
-        norm.weight.data /= smooth_of[group_sites[0].name].detach().exp().to(norm.weight.dtype)
+        scale = smooth_of[group_sites[0].name].detach().exp().to(norm.weight.dtype)
+        norm.weight.data.add_(offset).div_(scale).sub_(offset)
     return first, last

@@ -22,6 +22,7 @@ from edgepack.compressor.quantize import LinearSite, QTensor, QuantLinear
 from torch import nn
 
 from edgepack.errors import EdgepackError
+from edgepack.families import Family, family_of
 
 log = logging.getLogger(__name__)
 
@@ -76,24 +77,23 @@ def require_calibration(calib_ids: torch.Tensor | None, method: str) -> torch.Te
 class BlockPlan:
     """Decoder layers, which block owns (calibrates) each site, and at which positions each site is used."""
 
-    prefix: str  # module name of the layers list, e.g. "model.layers"
+    prefix: str  # module name of the layers list (the family's ``layers``)
     layers: nn.ModuleList
     owned: list[list[LinearSite]]  # per layer: sites whose first use is in that layer
     positions: dict[str, list[int]]  # site name -> layer indices of all its uses
     head: LinearSite | None  # the output embedding (lm_head), calibrated before the blocks
     other: list[LinearSite] = field(default_factory=list)  # outside blocks and not the head: RTN
+    family: Family | None = None  # module names inside a block (smoothing groups, the attention module)
 
 
 def plan_blocks(model: nn.Module, sites: list[LinearSite]) -> BlockPlan:
     """Assign every site to its first decoder layer, or to the head, or to the RTN fallback."""
-    found = [
-        (n, m) for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)
-    ]
-    if not found:
+    family = family_of(model)
+    prefix, layers = family.layers, model.get_submodule(family.layers)
+    if not isinstance(layers, nn.ModuleList):
         raise EdgepackError(
-            "calibrated quantization needs a decoder with a `layers` ModuleList (Llama family)"
+            f"calibrated quantization needs decoder blocks at {prefix} ({family.name} family)"
         )
-    prefix, layers = found[0]
     head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     owned: list[list[LinearSite]] = [[] for _ in layers]
     positions: dict[str, list[int]] = {}
@@ -113,7 +113,7 @@ def plan_blocks(model: nn.Module, sites: list[LinearSite]) -> BlockPlan:
             head = site
         else:
             other.append(site)
-    return BlockPlan(prefix, layers, owned, positions, head, other)
+    return BlockPlan(prefix, layers, owned, positions, head, other, family)
 
 
 def tied_embedding(model: nn.Module, head: LinearSite | None) -> nn.Embedding | None:
@@ -252,10 +252,11 @@ def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Ten
 
 
 @contextmanager
-def record_attention(layer: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the attention probabilities (B, H, T, T) of each forward of ``layer`` (eager attention only)."""
+def record_attention(layer: nn.Module, attention: str) -> Iterator[list[torch.Tensor]]:
+    """Collect the attention probabilities (B, H, T, T) of each forward of ``layer`` (eager attention only);
+    ``attention``: the attention module's name in the block (the family's)."""
     maps: list[torch.Tensor] = []
-    attn = getattr(layer, "self_attn", None)
+    attn = getattr(layer, attention, None)
     if attn is None:
         yield maps
         return

@@ -3,8 +3,9 @@
 ``fold(model, FoldConfig(...), calib_ids)`` edits a HF ``*ForCausalLM`` in place and returns a ``FoldReport``.
 Representation contract (the exporter and quantizer rely on it):
 
-- ``model.model.layers`` holds only the retained positions; ``config.num_hidden_layers`` (and ``layer_types``)
-  match; each attention module's ``layer_idx`` is its new position 0..n-1, so every position has its own KV slot.
+- the family's decoder layers hold only the retained positions; ``config.num_hidden_layers`` (and
+  ``layer_types``) match; each attention module's ``layer_idx`` is its new position 0..n-1, so every position
+  has its own KV slot.
 - Positions in one share group hold the *same* ``nn.Parameter`` objects for every non-norm weight (q/k/v/o,
   gate/up/down, biases); norms stay distinct per position. Modules are never shared (that would share layer_idx).
 - No gates or hooks are left behind; the model runs ``forward``/``generate`` with a DynamicCache as before.
@@ -33,6 +34,7 @@ from edgepack.compressor.fold_plan import (
 from torch import nn
 
 from edgepack.errors import EdgepackError
+from edgepack.families import family_of
 from edgepack.textdata import calibration_samples, read_text
 
 log = logging.getLogger(__name__)
@@ -194,7 +196,8 @@ def restructure(
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = pos
-    model.model.layers = new
+    parent, _, child = family_of(model).layers.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
     config = model.config
     if isinstance(getattr(config, "layer_types", None), list):
         config.layer_types = [config.layer_types[i] for i in kept]

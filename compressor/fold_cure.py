@@ -17,6 +17,8 @@ from edgepack.compressor.fold_importance import batches
 from torch import nn
 from tqdm.auto import tqdm
 
+from edgepack.families import family_of
+
 if TYPE_CHECKING:
     from edgepack.compressor.fold import FoldConfig
 
@@ -112,7 +114,9 @@ def cure(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: Fold
     distiller = _Distiller(student, teacher, k, config.hidden_weight)
     eval_ids = ids[: max(config.batch_size, 8)]
     layers = decoder_layers(student)
-    norms = unique(norm_parameters(layers) + norm_parameters(student.model.norm))
+    norms = unique(
+        norm_parameters(layers) + norm_parameters(student.get_submodule(family_of(student).final_norm))
+    )
     groups = [{"params": norms, "lr": config.lr}]
     if config.cure_weights:
         seen = {id(p) for p in norms}

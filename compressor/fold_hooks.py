@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 from edgepack.errors import EdgepackError
+from edgepack.families import family_of
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a HF ``*ForCausalLM`` (``model.model.layers``), or a clear error."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
+    """The decoder blocks of a registered family's ``*ForCausalLM`` (the family's ``layers``), or a clear error."""
+    fam = family_of(model)
+    layers = model.get_submodule(fam.layers)
     if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise EdgepackError(
-            f"{type(model).__name__} has no model.layers; depth folding supports Llama/Qwen2/Mistral causal LMs"
-        )
+        raise EdgepackError(f"{type(model).__name__} has no decoder blocks at {fam.layers}; nothing to fold")
     return layers
 
 

@@ -8,8 +8,9 @@ tokens). A tied lm_head also moves the embedding rows it shares; that term uses 
 output, gathered per vocabulary row.
 
 Cost: the bytes each format really stores through the MatMulNBits bit-plane lowering, scales and zero points
-included (``kernels.packing.lowered_bytes``, exact: one shared scale per block, planes at their logical width
-with a 1-bit plane packed 8 per byte, a zero point per plane, K and zero-point rows padded).
+included (``edgepack.artifact.stored_bytes``, exact: one shared scale per block in the target's dtype, planes
+at their logical width with a 1-bit plane packed 8 per byte, a zero point per plane, K and zero-point rows
+padded).
 
 Group sizes are chosen too, because K padding decides what a group costs (K = 320 pads to 384 at g128).
 
@@ -35,19 +36,20 @@ from edgepack.compressor.quantize import (
     linear_sites,
     lowering_block_size,
 )
-from edgepack.kernels.packing import kernel_bits, lowered_bytes, storage_of
-
-# Size budgets are about the file: budgeted exports store odd widths compact (pipeline.write_model).
-BUDGET_LOWERING = "compact"
+from edgepack.kernels.packing import kernel_bits, storage_of
 from torch import nn
 
+from edgepack.artifact import dtype_bytes
+from edgepack.artifact import stored_bytes as artifact_bytes
 from edgepack.errors import EdgepackError
 
 log = logging.getLogger(__name__)
 
+# Size budgets are about the file: budgeted exports store odd widths compact (pipeline.write_model).
+BUDGET_LOWERING = "compact"
+
 WIDTHS = (2, 3, 4, 5, 6, 8)
 GROUPS = (32, 64, 128, 256)
-SCALE_BYTES = 4  # float32 scales, as QTensor keeps them
 
 
 @dataclass
@@ -63,15 +65,17 @@ class Sensitivity:
 # ---------------------------------------------------------------- pure functions
 
 
-def stored_bytes(shape: tuple[int, int], fmt: QuantFormat, bit_balance: bool = False) -> float:
-    """Bytes of one (N, K) weight as a budgeted export stores it (BUDGET_LOWERING), scales and zero points
-    included."""
+def stored_bytes(
+    shape: tuple[int, int], fmt: QuantFormat, bit_balance: bool = False, dtype: str = "float32"
+) -> float:
+    """Bytes of one (N, K) weight as a budgeted export stores it (BUDGET_LOWERING), scales (in the target's
+    ``dtype``: fp16 on cuda) and zero points included."""
     n, k = shape
     grid = grid_for(fmt, bit_balance)
     block = lowering_block_size(effective_group(fmt, k), k)
     bits = grid.bits
     kernel, storage = kernel_bits(bits, BUDGET_LOWERING), storage_of(bits, BUDGET_LOWERING)
-    return lowered_bytes(n, k, bits, block, grid.symmetric, SCALE_BYTES, kernel, storage)
+    return artifact_bytes(n, k, bits, block, grid.symmetric, dtype, kernel, storage)
 
 
 def fisher_error(dw: torch.Tensor, h: torch.Tensor, f: torch.Tensor) -> float:
@@ -133,8 +137,11 @@ def choose_formats(layers: list[Sensitivity], budget: float, resolution: int = 4
 # ---------------------------------------------------------------- measurement
 
 
-def measure_sensitivity(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor) -> list[Sensitivity]:
-    """Bytes and estimated NLL increase of every quantizable weight in each format (RTN)."""
+def measure_sensitivity(
+    model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor, dtype: str = "float32"
+) -> list[Sensitivity]:
+    """Bytes (scales in the target's ``dtype``) and estimated NLL increase of every quantizable weight in each
+    format (RTN)."""
     sites = linear_sites(model, config)
     bit_balance = bool(config.options.get("bit_balance", False))
     stats = _collect_statistics(model, sites, calib_ids, int(config.options.get("batch_size", 8)))
@@ -152,7 +159,7 @@ def measure_sensitivity(model: nn.Module, config: QuantConfig, calib_ids: torch.
             if tied:
                 err += 0.5 * float((stats.embedding * dw.pow(2)).sum())
             loss[key] = err / stats.tokens
-            size[key] = stored_bytes(tuple(w.shape), fmt, bit_balance)
+            size[key] = stored_bytes(tuple(w.shape), fmt, bit_balance, dtype)
         out.append(Sensitivity(site.name, w.numel(), size, loss))
     return out
 
@@ -238,6 +245,7 @@ def plan_mixed_precision(
     calib_ids: torch.Tensor,
     budget_bits_per_weight: float | None = None,
     budget_bytes: int | None = None,
+    dtype: str = "float32",
 ) -> dict[str, dict]:
     """Per-layer ``{"wbits": b, "group_size": g}`` overrides meeting one budget with the least estimated loss.
 
@@ -246,11 +254,12 @@ def plan_mixed_precision(
     ``budget_bits_per_weight``: average stored bits over the quantized weights (scales, zero points and
     bit-plane padding included). ``budget_bytes``: the whole model's weights, i.e. the quantized weights
     as stored plus every other parameter at its dtype size (graph overhead excluded). Pass exactly one.
+    ``dtype``: the target's dtype (targets/profiles.py), which the artifact stores scales and float weights in.
     Merge the result last: ``replace(config, overrides={**config.overrides, **plan})``.
     """
     if (budget_bits_per_weight is None) == (budget_bytes is None):
         raise EdgepackError("give exactly one budget: bits per weight (--bpw) or bytes (--size-budget)")
-    layers = measure_sensitivity(model, config, calib_ids)
+    layers = measure_sensitivity(model, config, calib_ids, dtype)
     numel = sum(s.numel for s in layers)
     minimum = sum(min(s.bytes.values()) for s in layers)
     if budget_bits_per_weight is not None:
@@ -261,7 +270,7 @@ def plan_mixed_precision(
                 f"{8 * minimum / numel:.3f} (2-bit everywhere, cheapest groups); raise --bpw"
             )
     else:
-        fixed = _unquantized_bytes(model, linear_sites(model, config))
+        fixed = _unquantized_bytes(model, linear_sites(model, config), dtype)
         budget = budget_bytes - fixed
         if budget < minimum:
             raise EdgepackError(
@@ -284,8 +293,9 @@ def plan_mixed_precision(
     return {name: {"wbits": w, "group_size": g} for name, (w, g) in chosen.items()}
 
 
-def _unquantized_bytes(model: nn.Module, sites: list[LinearSite]) -> int:
-    """Bytes of every parameter and buffer not stored as a quantized weight (norms, skipped layers, ...)."""
+def _unquantized_bytes(model: nn.Module, sites: list[LinearSite], dtype: str = "float32") -> int:
+    """Bytes of every parameter and buffer not stored as a quantized weight (norms, skipped layers, ...);
+    floating-point tensors at the target's ``dtype``, as the artifact stores them."""
     quantized = {id(s.module.weight) for s in sites}
     seen: set[int] = set()
     total = 0
@@ -293,5 +303,5 @@ def _unquantized_bytes(model: nn.Module, sites: list[LinearSite]) -> int:
         if id(t) in quantized or id(t) in seen:
             continue
         seen.add(id(t))
-        total += t.numel() * t.element_size()
+        total += t.numel() * (dtype_bytes(dtype) if t.is_floating_point() else t.element_size())
     return total

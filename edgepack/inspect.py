@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from edgepack.errors import EdgepackError
+from edgepack.families import Family, family_for
 
 # The manifest keys edgepack's own loaders read, with their JSON types (runner.py needs only "files").
 MANIFEST_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -54,15 +55,17 @@ def check_manifest(m: dict, path: Path) -> None:
         )
 
 
-def tensor_group(name: str) -> str:
-    for key, label in (
-        ("embed", "embedding"),
-        ("lm_head", "lm_head"),
-        ("norm", "norms"),
-        ("self_attn", "attention"),
-        ("mlp", "mlp"),
+def tensor_group(name: str, fam: Family) -> str:
+    """The part of the model an initializer belongs to, by the family's module names."""
+    norms = (*fam.block_norms, fam.final_norm)
+    for matches, label in (
+        (name.startswith(f"{fam.embed}."), "embedding"),
+        (name.startswith(f"{fam.lm_head}."), "lm_head"),
+        (any(f"{n}.weight" in name for n in norms), "norms"),
+        (f".{fam.attention}." in name, "attention"),
+        (f".{fam.mlp}." in name, "mlp"),
     ):
-        if key in name:
+        if matches:
             return label
     return "other"
 
@@ -106,8 +109,9 @@ def inspect_artifact(folder: Path, as_json: bool = False) -> str:
     for name, size in m.get("file_bytes", {}).items():
         lines.append(f"  {name:32s} {size / 1e6:10.3f} MB")
     groups: dict[str, int] = defaultdict(int)
+    fam = family_for(m["source"]["architecture"])
     for t in m["tensors"]:
-        groups[tensor_group(t["name"])] += t["bytes"]
+        groups[tensor_group(t["name"], fam) if fam else "other"] += t["bytes"]
     total = sum(groups.values()) or 1
     lines.append("\nweights by part")
     for g, b in sorted(groups.items(), key=lambda kv: -kv[1]):

@@ -1,7 +1,8 @@
 """Load a local Hugging Face decoder folder (safetensors only) and describe its architecture.
 
-Architectures are dispatched through ``ARCHITECTURES``, a registry of :class:`ArchSpec`; anything not in it
-is refused with one line listing what is supported. Nothing here ever contacts a model hub.
+Architectures are dispatched through the family registry (:mod:`edgepack.families`); anything not in it is
+refused with one line listing what is supported, and so is a config value a family does not implement (an
+unknown rope_type, say). Nothing here ever contacts a model hub.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import EdgepackError
+from edgepack.families import Family, check_config, family_for, supported_architectures
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +25,11 @@ LAYER_KEY = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
-class ArchSpec:
-    """What the exporter needs to know about one transformers architecture beyond its config."""
+class Architecture:
+    """The architecture a model folder declares (its *ForCausalLM class name) and the family that runs it."""
 
     name: str
-    qkv_bias: bool = False
-    sliding_window: bool = False
-
-
-ARCHITECTURES: dict[str, ArchSpec] = {
-    "LlamaForCausalLM": ArchSpec("LlamaForCausalLM"),
-    "MistralForCausalLM": ArchSpec("MistralForCausalLM", sliding_window=True),
-    "Qwen2ForCausalLM": ArchSpec("Qwen2ForCausalLM", qkv_bias=True, sliding_window=True),
-}
+    family: Family
 
 
 @dataclass(frozen=True)
@@ -219,8 +213,8 @@ def check_tokenizer_files(path: Path) -> None:
         )
 
 
-def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
-    """Validate a model folder (config, weights, tokenizer) and return its raw config and architecture spec."""
+def read_config(model_dir: str | Path) -> tuple[dict, Architecture]:
+    """Validate a model folder (config, weights, tokenizer) and return its raw config and architecture."""
     path = Path(model_dir)
     if not path.exists():
         raise EdgepackError(
@@ -238,14 +232,12 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
     if not isinstance(raw, dict):
         raise EdgepackError(f"{cfg_file} is not a JSON object; fix or re-download it")
     archs = raw.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
+    family = family_for(archs)
+    if family is None:
         name = ", ".join(map(str, archs)) or raw.get("model_type", "unknown")
-        raise EdgepackError(f"unsupported architecture {name}; supported: {', '.join(sorted(ARCHITECTURES))}")
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else rope
-    if rope_type not in ("default", None):
-        raise EdgepackError(f"unsupported rope type {rope_type!r} in {cfg_file}; supported: default")
+        raise EdgepackError(
+            f"unsupported architecture {name}; supported: {', '.join(supported_architectures())}"
+        )
     check_dims(raw, cfg_file)
     files = weight_files(path)
     if not files:
@@ -255,7 +247,20 @@ def read_config(model_dir: str | Path) -> tuple[dict, ArchSpec]:
         )
     check_layers(raw, checkpoint_shapes(files), cfg_file)
     check_tokenizer_files(path)
-    return raw, ARCHITECTURES[arch]
+    check_config(family, hf_config(path))  # last: it imports transformers
+    arch = next(a for a in archs if family_for(a) is family)
+    return raw, Architecture(arch, family)
+
+
+def hf_config(path: Path) -> Any:
+    """The transformers config of a folder (standardized rope fields), offline, or a one-line error."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EdgepackError(f"could not read the config in {path}: {first}") from e
 
 
 def load_model(model_dir: str | Path, *, trust_remote_code: bool = False):

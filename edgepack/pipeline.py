@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from edgepack import __version__
 from edgepack.errors import EdgepackError
+from edgepack.families import decoder_layers
 from edgepack.recipe import Recipe
 from edgepack.runtime.manifest import file_sizes, file_table
 from edgepack.runtime.runner import sha256_file as sha256
@@ -77,7 +78,13 @@ def export(req: ExportRequest) -> ExportResult:
         parity = None
         if req.parity:
             parity = run_parity(
-                model, tokenizer, target, tmp / "model.onnx", built["thresholds"], req.new_tokens, built["abits"]
+                model,
+                tokenizer,
+                target,
+                tmp / "model.onnx",
+                built["thresholds"],
+                req.new_tokens,
+                built["abits"],
             )
         write_side_files(req.model_dir, tmp, model, raw_config, tokenizer)
         if target.android_bundle:
@@ -142,7 +149,9 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
             if mixed:
                 from edgepack.compressor.mixed import plan_mixed_precision
 
-                plan = plan_mixed_precision(model, step, calib_ids, step.budget_bpw, step.size_budget)
+                plan = plan_mixed_precision(
+                    model, step, calib_ids, step.budget_bpw, step.size_budget, get_target(req.target).dtype
+                )
                 step = dataclasses.replace(step, overrides={**step.overrides, **plan})
             reports["quantize"] = quantize(model, step, calib_ids if needs_calib else None)
             if mixed:
@@ -197,7 +206,9 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
         overrides = {**(overrides or {}), "lowering": BUDGET_LOWERING}  # the planner counted compact bytes
     opts = build_options(target, overrides)
     abits = 16
-    if quant and (opts.activations == "int8" or any(layer.get("abits", 16) == 8 for layer in quant["layers"])):
+    if quant and (
+        opts.activations == "int8" or any(layer.get("abits", 16) == 8 for layer in quant["layers"])
+    ):
         abits = 8  # the kernels quantize activations to int8 per block (accuracy_level 4)
     graph = build_decoder(model, opts)
     run_target_passes(graph, target)
@@ -285,7 +296,7 @@ def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokeni
         if src.is_file():
             shutil.copyfile(src, out / name)
     config = dict(raw_config)
-    config["num_hidden_layers"] = len(model.model.layers)
+    config["num_hidden_layers"] = len(decoder_layers(model))
     if "layer_types" in config:  # fold keeps the types of the positions it kept
         config["layer_types"] = list(model.config.layer_types)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -322,7 +333,7 @@ def genai_config(model, tokenizer) -> dict:
                     "present_value_names": "present.%d.value",
                 },
                 "num_attention_heads": dims.num_heads,
-                "num_hidden_layers": len(model.model.layers),
+                "num_hidden_layers": len(decoder_layers(model)),
                 "num_key_value_heads": dims.num_kv_heads,
             },
             "eos_token_id": eos,
@@ -386,7 +397,7 @@ def build_manifest(req, target, arch, model, built, reports, parity, folder: Pat
         "opsets": built["opsets"],
         "ir_version": built["ir_version"],
         "parameters": unique_parameter_count(model),
-        "num_layers": len(model.model.layers),
+        "num_layers": len(decoder_layers(model)),
         "model_bytes": model_bytes,
         "bits_per_weight": round(8 * built["initializer_bytes"] / max(1, unique_parameter_count(model)), 3),
         "tensors": built["tensors"],

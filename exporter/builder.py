@@ -31,7 +31,8 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from edgepack.model import DecoderDims
+from edgepack.artifact import bias_name, stacked_name, weight_name
+from edgepack.families import DecoderSpec, Family, LayerSpec, Rope, decoder_layers, family_of, resolve
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +139,10 @@ def register_lowering(module_type: type) -> Callable[[Lowering], Lowering]:
 @register_lowering(nn.Linear)
 def lower_float_linear(b: Builder, x: ir.Value, module: nn.Linear, name: str) -> ir.Value:
     """y = x @ W^T (+ bias), W^T stored (K, N) once per unique weight."""
-    w = b.weight(f"{name}.weight", to_numpy(module.weight, b.np_dtype).T, key=("wT", id(module.weight)))
+    w = b.weight(weight_name(name), to_numpy(module.weight, b.np_dtype).T, key=("wT", id(module.weight)))
     y = b.op("MatMul", x, w)
     if module.bias is not None:
-        y = b.op("Add", y, b.weight(f"{name}.bias", to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
+        y = b.op("Add", y, b.weight(bias_name(name), to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
     return y
 
 
@@ -198,7 +199,7 @@ def packed_bias(b: Builder, modules: list[nn.Module], names: list[str]) -> ir.Va
     if all(m.bias is None for m in modules):
         return None
     parts = [
-        b.weight(f"{n}.bias", to_numpy(m.bias, b.np_dtype), key=id(m.bias))
+        b.weight(bias_name(n), to_numpy(m.bias, b.np_dtype), key=id(m.bias))
         if m.bias is not None
         else b.const(np.zeros(m.out_features, b.np_dtype))
         for m, n in zip(modules, names, strict=True)
@@ -234,7 +235,7 @@ def packed_weights(b: Builder, modules: list[nn.Module], names: list[str]) -> li
     key = ("packed_bias", *(linear_key(m) for m in modules))
     if all(type(m) is nn.Linear for m in modules):
         parts = [
-            b.weight(f"{n}.weight", to_numpy(m.weight, b.np_dtype).T, key=("wT", id(m.weight)))
+            b.weight(weight_name(n), to_numpy(m.weight, b.np_dtype).T, key=("wT", id(m.weight)))
             for m, n in zip(modules, names, strict=True)
         ]
         b._by_key[key] = packed_bias(b, modules, names)
@@ -277,26 +278,35 @@ def rms_norm(b: Builder, x: ir.Value, weight: ir.Value, eps: float) -> ir.Value:
     return b.op("Mul", y, weight)
 
 
-def rotate(b: Builder, x: ir.Value, cos: ir.Value, sin: ir.Value, half: int) -> ir.Value:
-    """RoPE: x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x2, x1). x: (B, H, S, D)."""
-    x1 = b.op("Slice", x, b.ints(0), b.ints(half), b.ints(-1))
-    x2 = b.op("Slice", x, b.ints(half), b.ints(2 * half), b.ints(-1))
+def rotate(b: Builder, x: ir.Value, cos: ir.Value, sin: ir.Value, dim: int, head_dim: int) -> ir.Value:
+    """RoPE on the first ``dim`` of ``head_dim`` dims: x * cos + rotate_half(x) * sin, rotate_half(x) =
+    cat(-x2, x1); the rest passes through (partial rotary). x: (B, H, S, D)."""
+    half = dim // 2
+    rot = x if dim == head_dim else b.op("Slice", x, b.ints(0), b.ints(dim), b.ints(-1))
+    x1 = b.op("Slice", rot, b.ints(0), b.ints(half), b.ints(-1))
+    x2 = b.op("Slice", rot, b.ints(half), b.ints(2 * half), b.ints(-1))
     rotated = b.op("Concat", b.op("Neg", x2), x1, axis=-1)
-    return b.op("Add", b.op("Mul", x, cos), b.op("Mul", rotated, sin))
+    out = b.op("Add", b.op("Mul", rot, cos), b.op("Mul", rotated, sin))
+    if dim == head_dim:
+        return out
+    return b.op("Concat", out, b.op("Slice", x, b.ints(dim), b.ints(head_dim), b.ints(-1)), axis=-1)
 
 
-def norm_weight(b: Builder, module: nn.Module, name: str) -> ir.Value:
-    return b.weight(f"{name}.weight", to_numpy(module.weight, b.np_dtype), key=id(module.weight))
+def norm_weight(b: Builder, module: nn.Module, name: str, offset: float = 0.0) -> ir.Value:
+    """A norm's effective scale (w, or 1 + w for Gemma's norms), stored once per source Parameter."""
+    return b.weight(weight_name(name), to_numpy(module.weight, b.np_dtype) + offset, key=id(module.weight))
 
 
-def fused_unsupported(dims: DecoderDims) -> str | None:
+def fused_unsupported(spec: DecoderSpec) -> str | None:
     """Why the fused block form cannot run this model (ONNX Runtime kernel limits), or None."""
-    if dims.head_dim % 16:
-        return f"head_dim {dims.head_dim} is not a multiple of 16 (GroupQueryAttention's CPU kernel needs it)"
+    if spec.head_dim % 16:
+        return f"head_dim {spec.head_dim} is not a multiple of 16 (GroupQueryAttention's CPU kernel needs it)"
+    if spec.rotary_dim != spec.head_dim:
+        return f"partial rotary ({spec.rotary_dim} of {spec.head_dim} dims) is not in GroupQueryAttention"
     return None
 
 
-def attention_form(dims: DecoderDims, opts: BuildOptions) -> str:
+def attention_form(spec: DecoderSpec, opts: BuildOptions) -> str:
     """ "fused" or "plain" for this model under ``opts.attention``."""
     from edgepack.errors import EdgepackError
 
@@ -306,7 +316,7 @@ def attention_form(dims: DecoderDims, opts: BuildOptions) -> str:
         )
     if opts.attention == "plain":
         return "plain"
-    reason = fused_unsupported(dims)
+    reason = fused_unsupported(spec)
     if reason and opts.attention == "fused":
         raise EdgepackError(f"--attention fused cannot export this model: {reason}; use --attention auto")
     return "plain" if reason else "fused"
@@ -323,15 +333,17 @@ def materialize(b: Builder, stream: Stream) -> ir.Value:
 
 
 def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
-    """The full decoder graph of a Llama-family ``*ForCausalLM`` (possibly folded and/or quantized)."""
+    """The full decoder graph of a registered family's ``*ForCausalLM`` (possibly folded and/or quantized)."""
     from edgepack.exporter import quant_lowering  # noqa: F401  (registers the QuantLinear lowerings)
 
-    dims = DecoderDims.from_config(model.config)
+    spec = resolve(model)
+    fam = spec.family
     b = Builder(opts)
     act = b.ir_dtype
-    form = attention_form(dims, opts)
-    n_layers = len(model.model.layers)
-    hd, nkv = dims.head_dim, dims.num_kv_heads
+    form = attention_form(spec, opts)
+    layers = list(decoder_layers(model))
+    n_layers = len(layers)
+    hd, nkv = spec.head_dim, spec.num_kv_heads
 
     batch, seq, total, past = (
         ir.SymbolicDim("batch_size"),
@@ -354,45 +366,53 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
 
     # Embedding lookup (a quantized tied embedding is lowered with the lm_head; see quant_lowering).
     h = lower_embedding(b, model, input_ids)  # (B, S, H)
-    inv_freq = 1.0 / (dims.rope_theta ** (np.arange(0, hd, 2, dtype=np.float32) / hd))
+    if spec.embed_scale is not None:
+        h = b.op("Mul", h, b.scalar(spec.embed_scale))
     if form == "fused":
-        ctx = fused_context(b, dims, attention_mask, inv_freq)
+        ctx = fused_context(b, spec, attention_mask)
     else:
-        ctx = plain_context(b, dims, input_ids, attention_mask, position_ids, inv_freq)
+        ctx = plain_context(b, spec, input_ids, attention_mask, position_ids)
 
-    layers = list(model.model.layers)
     presents: list[tuple[ir.Value, ir.Value]] = []
     stream: Stream = (h, None)
     i = 0
     while i < n_layers:
         j = i + 1
-        while opts.loop_shared_blocks and j < n_layers and shares_weights(layers[i], layers[j]):
+        while (
+            opts.loop_shared_blocks
+            and j < n_layers
+            and spec.layers[j] == spec.layers[i]
+            and shares_weights(fam, layers[i], layers[j])
+        ):
             j += 1
         if j - i > 1:
             h, group_presents = emit_shared_group(b, ctx, materialize(b, stream), layers[i:j], i, pasts[i:j])
             stream = (h, None)
             presents.extend(group_presents)
         else:
-            ln1 = norm_weight(b, layers[i].input_layernorm, f"model.layers.{i}.input_layernorm")
-            ln2 = norm_weight(
-                b, layers[i].post_attention_layernorm, f"model.layers.{i}.post_attention_layernorm"
-            )
-            stream, k, v = emit_block(b, ctx, stream, layers[i], f"model.layers.{i}", ln1, ln2, *pasts[i])
+            p = fam.layer_name(i)
+            norms = {
+                n: norm_weight(b, layers[i].get_submodule(n), f"{p}.{n}", fam.norm_offset)
+                for n in fam.block_norms
+            }
+            stream, k, v = emit_block(b, ctx, stream, layers[i], p, norms, spec.layers[i], *pasts[i])
             presents.append((k, v))
         i = j
 
-    final = norm_weight(b, model.model.norm, "model.norm")
+    final = norm_weight(b, model.get_submodule(fam.final_norm), fam.final_norm, fam.norm_offset)
     if form == "fused":
-        h = fused_norm(b, stream, final, dims.rms_norm_eps)[0]
+        h = fused_norm(b, stream, final, spec.rms_norm_eps)[0]
     else:
-        h = rms_norm(b, materialize(b, stream), final, dims.rms_norm_eps)
+        h = rms_norm(b, materialize(b, stream), final, spec.rms_norm_eps)
     logits = lower_lm_head(b, model, h)
     if act != ir.DataType.FLOAT:
         logits = b.op("Cast", logits, to=ir.DataType.FLOAT)
+    if spec.final_softcap is not None:
+        logits = softcap(b, logits, spec.final_softcap, np.float32)
 
     outputs = [logits]
     logits.name = "logits"
-    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, dims.vocab_size])
+    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, spec.vocab_size])
     for i, (k, v) in enumerate(presents):
         for value, kind in ((k, "key"), (v, "value")):
             # The fused form names GroupQueryAttention's own outputs (so past and present can share a
@@ -422,92 +442,156 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     return model_ir
 
 
+def softcap(b: Builder, x: ir.Value, cap: float, dtype=None) -> ir.Value:
+    """cap * tanh(x / cap): Gemma's soft-capping of attention scores and final logits."""
+    c = b.scalar(cap, dtype)
+    return b.op("Mul", b.op("Tanh", b.op("Div", x, c)), c)
+
+
 @dataclass
 class BlockContext:
-    """Values every decoder block reads: shapes and the block form's shared inputs."""
+    """Values every decoder block reads: the model's spec and the block form's shared inputs."""
 
-    dims: DecoderDims
+    spec: DecoderSpec
     form: str  # "fused" or "plain"
-    scale: float
-    # plain form: rotary tables (B, 1, S, D) and the additive mask (B, 1, 1, S, T)
-    cos: ir.Value | None = None
-    sin: ir.Value | None = None
-    mask: ir.Value | None = None
-    # fused form: GroupQueryAttention's lengths and rotary caches (max_positions, D / 2)
+    # plain form: rotary tables (B, 1, S, rotary_dim) per rope key, additive masks (B, 1, 1, S, T) per window
+    rotary: dict[str, tuple[ir.Value, ir.Value]] = field(default_factory=dict)
+    masks: dict[int | None, ir.Value] = field(default_factory=dict)
+    # fused form: GroupQueryAttention's lengths and rotary caches (max_positions, D / 2) per rope key
     seqlens_k: ir.Value | None = None
     total_len: ir.Value | None = None
-    cos_cache: ir.Value | None = None
-    sin_cache: ir.Value | None = None
+    caches: dict[str, tuple[ir.Value, ir.Value]] = field(default_factory=dict)
+
+
+def select_long(b: Builder, total: ir.Value, rope: Rope, short: ir.Value, long: ir.Value) -> ir.Value:
+    """longrope: the long-factor value once the total length exceeds the switch length, else the short one."""
+    use_long = b.op("Greater", total, b.const(np.array(rope.switch_len, np.int64)))
+    return b.op("Where", use_long, long, short)
 
 
 def plain_context(
     b: Builder,
-    dims: DecoderDims,
+    spec: DecoderSpec,
     input_ids: ir.Value,
     attention_mask: ir.Value,
     position_ids: ir.Value,
-    inv_freq: np.ndarray,
 ) -> BlockContext:
-    """Rotary tables from position_ids and the additive causal/padding/window mask, shared by all layers."""
+    """Rotary tables from position_ids and the additive causal/padding/window masks, shared by all layers."""
     act = b.ir_dtype
-    pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=ir.DataType.FLOAT), b.ints(-1))  # (B, S, 1)
-    freqs = b.op("Mul", pos, b.const(inv_freq.astype(np.float32)))  # (B, S, D/2)
-    emb = b.op("Unsqueeze", b.op("Concat", freqs, freqs, axis=-1), b.ints(1))  # (B, 1, S, D)
-    cos, sin = b.op("Cos", emb), b.op("Sin", emb)
-    if act != ir.DataType.FLOAT:
-        cos, sin = b.op("Cast", cos, to=act), b.op("Cast", sin, to=act)
-
-    # Additive attention mask (B, 1, 1, S, T) in float32: causal within the window, and attention_mask.
-    seq_len = b.op("Squeeze", b.op("Shape", input_ids, start=1, end=2), b.ints(0))
     tot_len = b.op("Squeeze", b.op("Shape", attention_mask, start=1, end=2), b.ints(0))
+    pos = b.op("Unsqueeze", b.op("Cast", position_ids, to=ir.DataType.FLOAT), b.ints(-1))  # (B, S, 1)
+    rotary = {}
+    for key, rope in spec.ropes.items():
+        inv_freq = b.const(rope.inv_freq.astype(np.float32))
+        if rope.long_inv_freq is not None:
+            inv_freq = select_long(b, tot_len, rope, inv_freq, b.const(rope.long_inv_freq.astype(np.float32)))
+        freqs = b.op("Mul", pos, inv_freq)  # (B, S, R/2)
+        emb = b.op("Unsqueeze", b.op("Concat", freqs, freqs, axis=-1), b.ints(1))  # (B, 1, S, R)
+        cos, sin = b.op("Cos", emb), b.op("Sin", emb)
+        if rope.scaling != 1.0:
+            cos, sin = (b.op("Mul", t, b.const(np.float32(rope.scaling))) for t in (cos, sin))
+        if act != ir.DataType.FLOAT:
+            cos, sin = b.op("Cast", cos, to=act), b.op("Cast", sin, to=act)
+        rotary[key] = (cos, sin)
+
+    # Additive attention masks (B, 1, 1, S, T) in float32: causal (within the window) and attention_mask.
+    seq_len = b.op("Squeeze", b.op("Shape", input_ids, start=1, end=2), b.ints(0))
     one = b.const(np.array(1, np.int64))
     q_pos = b.op("Range", b.op("Sub", tot_len, seq_len), tot_len, one)  # (S,) absolute query positions
     k_pos = b.op("Range", b.const(np.array(0, np.int64)), tot_len, one)  # (T,)
     q_col = b.op("Unsqueeze", q_pos, b.ints(1))  # (S, 1)
     k_row = b.op("Unsqueeze", k_pos, b.ints(0))  # (1, T)
-    allowed = b.op("LessOrEqual", k_row, q_col)  # (S, T)
-    if dims.sliding_window and dims.sliding_window < dims.max_positions:
-        in_window = b.op(
-            "Greater", k_row, b.op("Sub", q_col, b.const(np.array(dims.sliding_window, np.int64)))
-        )
-        allowed = b.op("And", allowed, in_window)
+    causal = b.op("LessOrEqual", k_row, q_col)  # (S, T)
     keep = b.op(
         "Unsqueeze", b.op("Cast", attention_mask, to=ir.DataType.BOOL), b.ints(1, 2, 3)
     )  # (B,1,1,1,T)
-    allowed = b.op("And", allowed, keep)  # (B, 1, 1, S, T)
-    mask = b.op("Where", allowed, b.const(np.float32(0)), b.const(np.float32(np.finfo(np.float32).min)))
-    return BlockContext(dims, "plain", 1.0 / np.sqrt(dims.head_dim), cos=cos, sin=sin, mask=mask)
+    masks = {}
+    for window in sorted({layer.window for layer in spec.layers}, key=lambda w: w or 0):
+        allowed = causal
+        if window:
+            in_window = b.op("Greater", k_row, b.op("Sub", q_col, b.const(np.array(window, np.int64))))
+            allowed = b.op("And", allowed, in_window)
+        allowed = b.op("And", allowed, keep)  # (B, 1, 1, S, T)
+        masks[window] = b.op(
+            "Where", allowed, b.const(np.float32(0)), b.const(np.float32(np.finfo(np.float32).min))
+        )
+    return BlockContext(spec, "plain", rotary=rotary, masks=masks)
 
 
-def fused_context(
-    b: Builder, dims: DecoderDims, attention_mask: ir.Value, inv_freq: np.ndarray
-) -> BlockContext:
+def fused_context(b: Builder, spec: DecoderSpec, attention_mask: ir.Value) -> BlockContext:
     """GroupQueryAttention's inputs shared by all layers: per-row lengths - 1, total length, rotary caches."""
     lengths = b.op("ReduceSum", attention_mask, b.ints(1), keepdims=0)  # (B,) valid tokens, past included
     seqlens_k = b.op("Cast", b.op("Sub", lengths, b.const(np.array(1, np.int64))), to=ir.DataType.INT32)
     total = b.op("Squeeze", b.op("Shape", attention_mask, start=1, end=2), b.ints(0))
     total_len = b.op("Cast", total, to=ir.DataType.INT32)
-    angles = np.outer(np.arange(dims.max_positions, dtype=np.float32), inv_freq)  # (max_positions, D/2)
-    return BlockContext(
-        dims,
-        "fused",
-        1.0 / np.sqrt(dims.head_dim),
-        seqlens_k=seqlens_k,
-        total_len=total_len,
-        cos_cache=b.weight("rotary.cos_cache", np.cos(angles).astype(b.np_dtype)),
-        sin_cache=b.weight("rotary.sin_cache", np.sin(angles).astype(b.np_dtype)),
-    )
+    caches = {}
+    for key, rope in spec.ropes.items():
+        suffix = "" if len(spec.ropes) == 1 else f".{key}"
+        cos, sin = rope.tables(spec.max_positions)  # (max_positions, D/2)
+        cos_v = b.weight(f"rotary{suffix}.cos_cache", cos.astype(b.np_dtype))
+        sin_v = b.weight(f"rotary{suffix}.sin_cache", sin.astype(b.np_dtype))
+        if rope.long_inv_freq is not None:
+            cos_l, sin_l = rope.tables(spec.max_positions, long=True)
+            cos_v = select_long(
+                b, total, rope, cos_v, b.weight(f"rotary{suffix}.cos_cache_long", cos_l.astype(b.np_dtype))
+            )
+            sin_v = select_long(
+                b, total, rope, sin_v, b.weight(f"rotary{suffix}.sin_cache_long", sin_l.astype(b.np_dtype))
+            )
+        caches[key] = (cos_v, sin_v)
+    return BlockContext(spec, "fused", seqlens_k=seqlens_k, total_len=total_len, caches=caches)
 
 
-LINEARS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+def block_linears(fam: Family, layer: nn.Module) -> list[nn.Module]:
+    """A block's linear modules in the family's order (packed q/k/v, o, packed gate/up, down)."""
+    return [layer.get_submodule(n) for n in fam.linears]
+
+
+def projections(
+    b: Builder, c: BlockContext, x: ir.Value, layer: nn.Module, names: tuple[str, ...], p: str
+) -> list[ir.Value]:
+    """x through projections of the same input: one packed output in the fused form (or when the family
+    stores them as one module), else one output per projection."""
+    modules = [layer.get_submodule(n) for n in names]
+    full = [f"{p}.{n}" for n in names]
+    if len(modules) == 1:
+        return [lower_linear(b, x, modules[0], full[0])]
+    if c.form == "fused":
+        return [lower_packed(b, x, modules, full)]
+    return [lower_linear(b, x, m, n) for m, n in zip(modules, full, strict=True)]
+
+
+def mlp_activation(b: Builder, kind: str, gate: ir.Value) -> ir.Value:
+    """The MLP's gate activation (MLP_ACTIVATIONS registry)."""
+    return MLP_ACTIVATIONS[kind](b, gate)
+
+
+MLP_ACTIVATIONS: dict[str, Callable[[Builder, ir.Value], ir.Value]] = {
+    "silu": lambda b, x: b.op("Mul", x, b.op("Sigmoid", x)),
+    "gelu_pytorch_tanh": lambda b, x: b.op("Gelu", x, approximate="tanh"),
+    "gelu": lambda b, x: b.op("Gelu", x),
+}
+
+
+def head_norm(b: Builder, c: BlockContext, x: ir.Value, weight: ir.Value, heads: int) -> ir.Value:
+    """Per-head RMSNorm over head_dim of a (B, S, heads * D) projection (Qwen3 / Gemma-3 q/k norms)."""
+    d = c.spec.head_dim
+    x = b.op("Reshape", x, b.ints(0, 0, heads, d))  # (B, S, heads, D)
+    if c.form == "fused":
+        x = b.op(
+            "SimplifiedLayerNormalization", x, weight, axis=-1, epsilon=c.spec.rms_norm_eps, stash_type=1
+        )
+    else:
+        x = rms_norm(b, x, weight, c.spec.rms_norm_eps)
+    return b.op("Reshape", x, b.ints(0, 0, heads * d))
+
+
+def split_qkv(b: Builder, c: BlockContext, qkv: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(B, S, (nh + 2 nkv) D) -> q (B, S, nh D), k, v (B, S, nkv D)."""
+    d = c.spec
+    sizes = b.ints(d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim, d.num_kv_heads * d.head_dim)
+    q, k, v = b.tape.op_multi_out("Split", [qkv, sizes], {"axis": -1}, num_outputs=3)
+    return q, k, v
 
 
 def emit_block(
@@ -516,16 +600,47 @@ def emit_block(
     stream: Stream,
     layer: nn.Module,
     p: str,
-    ln1: ir.Value,
-    ln2: ir.Value,
+    norms: dict[str, ir.Value],
+    where: LayerSpec,
     past_k: ir.Value,
     past_v: ir.Value,
 ) -> tuple[Stream, ir.Value, ir.Value]:
-    """One decoder block in the context's form: the new residual stream and the present key/value."""
+    """One decoder block in the context's form: the new residual stream and the present key/value.
+
+    The stream's last residual add stays pending (the fused form's next norm fuses it); ``norms`` holds the
+    block's norm scales by module name (the family's ``block_norms``).
+    """
+    fam = c.spec.family
+    attend = attend_fused if c.form == "fused" else attend_plain
+    x, h = pre_norm(b, c, stream, norms[fam.norms.attn_in])
+    qkv = projections(b, c, x, layer, fam.qkv, p)  # packed (B, S, (nh + 2 nkv) * D) or q, k, v
+    out, k, v = attend(b, c, qkv, norms, where, past_k, past_v)  # out (B, S, nh * D)
+    o = lower_linear(b, out, layer.get_submodule(fam.o_proj), f"{p}.{fam.o_proj}")
+    if fam.norms.attn_out:
+        o = post_norm(b, c, o, norms[fam.norms.attn_out])
+    x, h = pre_norm(b, c, (h, o), norms[fam.norms.mlp_in])
+    gate_up = projections(b, c, x, layer, fam.gate_up, p)
+    if len(gate_up) == 1:
+        gate_up = b.tape.op_multi_out("Split", gate_up, {"axis": -1, "num_outputs": 2}, num_outputs=2)
+    gate, up = gate_up
+    act_out = b.op("Mul", mlp_activation(b, c.spec.activation, gate), up)  # act(gate) * up
+    down = lower_linear(b, act_out, layer.get_submodule(fam.down), f"{p}.{fam.down}")
+    if fam.norms.mlp_out:
+        down = post_norm(b, c, down, norms[fam.norms.mlp_out])
+    return (h, down), k, v
+
+
+def pre_norm(b: Builder, c: BlockContext, stream: Stream, weight: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """RMSNorm of the stream (pending residual add included): (normalized, the summed stream)."""
     if c.form == "fused":
-        return emit_block_fused(b, c, stream, layer, p, ln1, ln2, past_k, past_v)
-    h, k, v = emit_block_plain(b, c, materialize(b, stream), layer, p, ln1, ln2, past_k, past_v)
-    return (h, None), k, v
+        return fused_norm(b, stream, weight, c.spec.rms_norm_eps)
+    h = materialize(b, stream)
+    return rms_norm(b, h, weight, c.spec.rms_norm_eps), h
+
+
+def post_norm(b: Builder, c: BlockContext, x: ir.Value, weight: ir.Value) -> ir.Value:
+    """RMSNorm of a branch output before its residual add (Gemma's post-attention / post-feedforward norms)."""
+    return pre_norm(b, c, (x, None), weight)[0]
 
 
 def fused_norm(b: Builder, stream: Stream, weight: ir.Value, eps: float) -> tuple[ir.Value, ir.Value]:
@@ -543,96 +658,87 @@ def fused_norm(b: Builder, stream: Stream, weight: ir.Value, eps: float) -> tupl
     return out, summed
 
 
-def emit_block_fused(
+def attend_fused(
     b: Builder,
     c: BlockContext,
-    stream: Stream,
-    layer: nn.Module,
-    p: str,
-    ln1: ir.Value,
-    ln2: ir.Value,
-    past_k: ir.Value,
-    past_v: ir.Value,
-) -> tuple[Stream, ir.Value, ir.Value]:
-    """Packed q/k/v -> GroupQueryAttention (rotary inside) -> o_proj; packed gate/up -> SiLU * up -> down.
-
-    Returns the stream with the MLP's residual add still pending (the next norm fuses it).
-    """
-    d = c.dims
-    attn, mlp = layer.self_attn, layer.mlp
-    x, h = fused_norm(b, stream, ln1, d.rms_norm_eps)
-    qkv = lower_packed(
-        b, x, [attn.q_proj, attn.k_proj, attn.v_proj], [f"{p}.self_attn.{n}_proj" for n in "qkv"]
-    )  # (B, S, (nh + 2 nkv) * D)
-    window = d.sliding_window if d.sliding_window and d.sliding_window < d.max_positions else -1
-    out, k, v = b.tape.op_multi_out(
-        "GroupQueryAttention",
-        [qkv, None, None, past_k, past_v, c.seqlens_k, c.total_len, c.cos_cache, c.sin_cache],
-        {
-            "num_heads": d.num_heads,
-            "kv_num_heads": d.num_kv_heads,
-            "scale": float(c.scale),
-            "do_rotary": 1,
-            "rotary_interleaved": 0,
-            "local_window_size": window,
-        },
-        domain=MS_DOMAIN,
-        num_outputs=3,
-    )  # out (B, S, nh * D); k, v (B, nkv, T, D)
-    o = lower_linear(b, out, attn.o_proj, f"{p}.self_attn.o_proj")
-    x, h = fused_norm(b, (h, o), ln2, d.rms_norm_eps)
-    gate_up = lower_packed(b, x, [mlp.gate_proj, mlp.up_proj], [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
-    gate, up = b.tape.op_multi_out("Split", [gate_up], {"axis": -1, "num_outputs": 2}, num_outputs=2)
-    act_out = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
-    return (h, lower_linear(b, act_out, mlp.down_proj, f"{p}.mlp.down_proj")), k, v
-
-
-def emit_block_plain(
-    b: Builder,
-    c: BlockContext,
-    h: ir.Value,
-    layer: nn.Module,
-    p: str,
-    ln1: ir.Value,
-    ln2: ir.Value,
+    qkv: list[ir.Value],
+    norms: dict[str, ir.Value],
+    where: LayerSpec,
     past_k: ir.Value,
     past_v: ir.Value,
 ) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """One decoder block in standard ops: the new hidden state (B, S, H) and the present key/value (B, kv, T, D)."""
-    d = c.dims
+    """GroupQueryAttention with rotary inside on the packed q/k/v (or separate q/k/v after q/k norms)."""
+    d = c.spec
+    inputs = [qkv[0], None, None]
+    if d.family.qk_norm:
+        q, k, v = split_qkv(b, c, qkv[0])
+        qn, kn = d.family.qk_norm
+        inputs = [
+            head_norm(b, c, q, norms[qn], d.num_heads),
+            head_norm(b, c, k, norms[kn], d.num_kv_heads),
+            v,
+        ]
+    cos_cache, sin_cache = c.caches[where.rope]
+    attrs = {
+        "num_heads": d.num_heads,
+        "kv_num_heads": d.num_kv_heads,
+        "scale": float(d.attn_scale),
+        "do_rotary": 1,
+        "rotary_interleaved": 0,
+        "local_window_size": where.window or -1,  # keys in (q - window, q], as transformers
+    }
+    if d.attn_softcap is not None:
+        attrs["softcap"] = float(d.attn_softcap)
+    out, k, v = b.tape.op_multi_out(
+        "GroupQueryAttention",
+        [*inputs, past_k, past_v, c.seqlens_k, c.total_len, cos_cache, sin_cache],
+        attrs,
+        domain=MS_DOMAIN,
+        num_outputs=3,
+    )  # out (B, S, nh * D); k, v (B, nkv, T, D)
+    return out, k, v
+
+
+def attend_plain(
+    b: Builder,
+    c: BlockContext,
+    qkv: list[ir.Value],
+    norms: dict[str, ir.Value],
+    where: LayerSpec,
+    past_k: ir.Value,
+    past_v: ir.Value,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Attention in standard ops: out (B, S, nh * D) and the present key/value (B, kv, T, D)."""
+    d = c.spec
     hd, nh, nkv = d.head_dim, d.num_heads, d.num_kv_heads
     act = b.ir_dtype
-    attn, mlp = layer.self_attn, layer.mlp
-    x = rms_norm(b, h, ln1, d.rms_norm_eps)
-    q = lower_linear(b, x, attn.q_proj, f"{p}.self_attn.q_proj")
-    k = lower_linear(b, x, attn.k_proj, f"{p}.self_attn.k_proj")
-    v = lower_linear(b, x, attn.v_proj, f"{p}.self_attn.v_proj")
+    q, k, v = split_qkv(b, c, qkv[0]) if len(qkv) == 1 else qkv
+    if d.family.qk_norm:
+        qn, kn = d.family.qk_norm
+        q, k = head_norm(b, c, q, norms[qn], nh), head_norm(b, c, k, norms[kn], nkv)
     q = b.op("Transpose", b.op("Reshape", q, b.ints(0, 0, nh, hd)), perm=[0, 2, 1, 3])  # (B, nh, S, D)
     k = b.op("Transpose", b.op("Reshape", k, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])  # (B, nkv, S, D)
     v = b.op("Transpose", b.op("Reshape", v, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])
-    q = rotate(b, q, c.cos, c.sin, hd // 2)
-    k = rotate(b, k, c.cos, c.sin, hd // 2)
+    cos, sin = c.rotary[where.rope]
+    q = rotate(b, q, cos, sin, d.rotary_dim, hd)
+    k = rotate(b, k, cos, sin, d.rotary_dim, hd)
     k = b.op("Concat", past_k, k, axis=2)  # (B, nkv, T, D)
     v = b.op("Concat", past_v, v, axis=2)
     # Grouped-query attention without repeating K/V: queries as (B, nkv, rep, S, D).
-    qg = b.op("Reshape", b.op("Mul", q, b.scalar(c.scale)), b.ints(0, nkv, nh // nkv, -1, hd))
+    qg = b.op("Reshape", b.op("Mul", q, b.scalar(d.attn_scale)), b.ints(0, nkv, nh // nkv, -1, hd))
     kt = b.op("Unsqueeze", b.op("Transpose", k, perm=[0, 1, 3, 2]), b.ints(2))  # (B, nkv, 1, D, T)
     scores = b.op("MatMul", qg, kt)  # (B, nkv, rep, S, T)
     if act != ir.DataType.FLOAT:
         scores = b.op("Cast", scores, to=ir.DataType.FLOAT)
-    probs = b.op("Softmax", b.op("Add", scores, c.mask), axis=-1)
+    if d.attn_softcap is not None:
+        scores = softcap(b, scores, d.attn_softcap, np.float32)
+    probs = b.op("Softmax", b.op("Add", scores, c.masks[where.window]), axis=-1)
     if act != ir.DataType.FLOAT:
         probs = b.op("Cast", probs, to=act)
     out = b.op("MatMul", probs, b.op("Unsqueeze", v, b.ints(2)))  # (B, nkv, rep, S, D)
     out = b.op("Reshape", out, b.ints(0, nh, -1, hd))  # (B, nh, S, D)
     out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.ints(0, 0, nh * hd))  # (B, S, nh*D)
-    h = b.op("Add", h, lower_linear(b, out, attn.o_proj, f"{p}.self_attn.o_proj"))
-    x = rms_norm(b, h, ln2, d.rms_norm_eps)
-    gate = lower_linear(b, x, mlp.gate_proj, f"{p}.mlp.gate_proj")
-    up = lower_linear(b, x, mlp.up_proj, f"{p}.mlp.up_proj")
-    act_out = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), up)  # SiLU(gate) * up
-    h = b.op("Add", h, lower_linear(b, act_out, mlp.down_proj, f"{p}.mlp.down_proj"))
-    return h, k, v
+    return out, k, v
 
 
 def linear_key(module: nn.Module) -> int:
@@ -640,9 +746,9 @@ def linear_key(module: nn.Module) -> int:
     return id(module) if not isinstance(module, nn.Linear) else id(module.weight)
 
 
-def shares_weights(a: nn.Module, b_: nn.Module) -> bool:
-    """True when two blocks use the very same weights for all seven linears (a FoldGPT shared group)."""
-    return all(linear_key(a.get_submodule(n)) == linear_key(b_.get_submodule(n)) for n in LINEARS)
+def shares_weights(fam: Family, a: nn.Module, b_: nn.Module) -> bool:
+    """True when two blocks use the very same weights for all their linears (a FoldGPT shared group)."""
+    return all(linear_key(a.get_submodule(n)) == linear_key(b_.get_submodule(n)) for n in fam.linears)
 
 
 def emit_shared_group(
@@ -653,21 +759,24 @@ def emit_shared_group(
     first: int,
     pasts: list[tuple[ir.Value, ir.Value]],
 ) -> tuple[ir.Value, list[tuple[ir.Value, ir.Value]]]:
-    """Consecutive positions sharing one block's weights as ONE Scan over the positions.
+    """Consecutive positions sharing one block's weights (and one attention kind) as ONE Scan over them.
 
     ONNX Runtime pre-packs a weight once per node that uses it, so L nodes sharing a weight still cost L packed
     copies in RAM; a Scan holds one node per weight (bench/shared_prepack.py measures both). The Scan iterates
     over the positions' own norms and KV caches; its state is the hidden state. Weight preparation (widening
     planes, packing projections) goes to the main graph through ``Builder.prep``.
     """
-    p, g = f"model.layers.{first}", len(layers)
+    fam = c.spec.family
+    p, g = fam.layer_name(first), len(layers)
     stack = {
         key: b.weight(
-            f"{p}.{key}.weight.stacked",
-            np.stack([to_numpy(getattr(layer, key).weight, b.np_dtype) for layer in layers]),
+            stacked_name(f"{p}.{key}"),
+            np.stack(
+                [to_numpy(layer.get_submodule(key).weight, b.np_dtype) + fam.norm_offset for layer in layers]
+            ),
         )
-        for key in ("input_layernorm", "post_attention_layernorm")
-    }  # (g, H): each position keeps its own norms
+        for key in fam.block_norms
+    }  # (g, H) or (g, D): each position keeps its own norms
     past_k = b.op(
         "Concat", *[b.op("Unsqueeze", pk, b.ints(0)) for pk, _ in pasts], axis=0
     )  # (g, B, kv, P, D)
@@ -676,14 +785,14 @@ def emit_shared_group(
     def body_input(name: str, shape: list) -> ir.Value:
         return ir.Value(name=f"{p}.scan.{name}", type=ir.TensorType(b.ir_dtype), shape=ir.Shape(shape))
 
-    hidden = c.dims.hidden_size
-    h_in = body_input("h", [None, None, hidden])
-    ln1, ln2 = body_input("ln1", [hidden]), body_input("ln2", [hidden])
-    pk, pv = (body_input(n, [None, c.dims.num_kv_heads, None, c.dims.head_dim]) for n in ("past_k", "past_v"))
+    spec = c.spec
+    h_in = body_input("h", [None, None, spec.hidden_size])
+    norms = {key: body_input(key, list(value.shape)[1:]) for key, value in stack.items()}
+    pk, pv = (body_input(n, [None, spec.num_kv_heads, None, spec.head_dim]) for n in ("past_k", "past_v"))
     outer = b.tape
     b.tape = ir.tape.Tape()
     try:
-        stream, k, v = emit_block(b, c, (h_in, None), layers[0], p, ln1, ln2, pk, pv)
+        stream, k, v = emit_block(b, c, (h_in, None), layers[0], p, norms, spec.layers[first], pk, pv)
         h_out = materialize(b, stream)
         body_nodes = b.tape.nodes
     finally:
@@ -692,11 +801,13 @@ def emit_shared_group(
         node.name = f"{p}.scan.node{n}"
         for m, out in enumerate(node.outputs):
             out.name = f"{p}.scan.v{n}_{m}"
-    body = ir.Graph([h_in, ln1, ln2, pk, pv], [h_out, k, v], nodes=body_nodes, name=f"{p}.shared_block")
+    body = ir.Graph(
+        [h_in, *norms.values(), pk, pv], [h_out, k, v], nodes=body_nodes, name=f"{p}.shared_block"
+    )
     h, keys, values = b.tape.op_multi_out(
         "Scan",
-        [h, stack["input_layernorm"], stack["post_attention_layernorm"], past_k, past_v],
-        {"body": body, "num_scan_inputs": 4},
+        [h, *stack.values(), past_k, past_v],
+        {"body": body, "num_scan_inputs": len(stack) + 2},
         num_outputs=3,
     )  # keys/values: (g, B, kv, T, D)
     ks = b.tape.op_multi_out("Split", [keys], {"axis": 0, "num_outputs": g}, num_outputs=g)
@@ -707,13 +818,14 @@ def emit_shared_group(
 
 def lower_embedding(b: Builder, model: nn.Module, input_ids: ir.Value) -> ir.Value:
     """Token embedding: a quantized tied lm_head shares its packed weight (registry hook), else a float Gather."""
+    fam = family_of(model)
     head = model.get_output_embeddings()
     tied = getattr(model.config, "tie_word_embeddings", False)
     for cls in type(head).__mro__:
         if tied and cls in EMBEDDING_LOWERINGS and b.opts.quantized_embedding:
-            return EMBEDDING_LOWERINGS[cls](b, head, input_ids, "lm_head")
+            return EMBEDDING_LOWERINGS[cls](b, head, input_ids, fam.lm_head)
     emb = model.get_input_embeddings()
-    table = b.weight("model.embed_tokens.weight", to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
+    table = b.weight(weight_name(fam.embed), to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
     return b.op("Gather", table, input_ids)
 
 
@@ -723,12 +835,13 @@ EMBEDDING_LOWERINGS: dict[type, EmbeddingLowering] = {}
 
 def lower_lm_head(b: Builder, model: nn.Module, h: ir.Value) -> ir.Value:
     """Logits. A float lm_head tied to the embedding reuses the embedding table via Gemm(transB=1)."""
+    fam = family_of(model)
     head = model.get_output_embeddings()
     emb = model.get_input_embeddings()
     if isinstance(head, nn.Linear) and head.weight is emb.weight:
-        table = b.weight("model.embed_tokens.weight", to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
+        table = b.weight(weight_name(fam.embed), to_numpy(emb.weight, b.np_dtype), key=id(emb.weight))
         flat = b.op("Reshape", h, b.ints(-1, head.in_features))  # (B*S, H)
         logits = b.op("Gemm", flat, table, transB=1)  # (B*S, V)
         shape = b.op("Concat", b.op("Shape", h, start=0, end=2), b.ints(-1), axis=0)
         return b.op("Reshape", logits, shape)
-    return lower_linear(b, h, head, "lm_head")
+    return lower_linear(b, h, head, fam.lm_head)

@@ -42,6 +42,8 @@ from edgepack.kernels.packing import (
     storage_of,
 )
 
+from edgepack.artifact import bias_name, qweight_name, qzeros_name, scales_name
+
 ACCURACY_LEVEL = {"int8": 4, "float": 0}
 
 
@@ -115,7 +117,7 @@ def stored_planes(
     codes = module.codes.cpu().numpy()
     zps = expand_groups(module.zero_points.cpu().numpy(), module.group_size, block, k)
     base = expand_groups(module.scales.float().cpu().numpy(), module.group_size, block, k)
-    scales = b.weight(f"{name}.scales", base.astype(b.np_dtype).reshape(-1))
+    scales = b.weight(scales_name(name), base.astype(b.np_dtype).reshape(-1))  # the target's dtype
     if storage == "kernel":
         split = [Plane(codes, zps, shift=0, bits=kernel, storage_bits=kernel)]
     else:
@@ -123,19 +125,22 @@ def stored_planes(
     widened = storage == "compact"
     planes, stored = [], [scales]
     for j, plane in enumerate(split):
-        suffix = "" if len(split) == 1 else f".plane{j}"
         if plane.bits == 1:
-            raw = b.weight(f"{name}.qweight{suffix}", pack_bits1(plane.codes, block))
+            raw = b.weight(qweight_name(name, j, len(split)), pack_bits1(plane.codes, block))
         else:
-            raw = b.weight(f"{name}.qweight{suffix}", pack_nbits(plane.codes, plane.storage_bits, block))
+            raw = b.weight(
+                qweight_name(name, j, len(split)), pack_nbits(plane.codes, plane.storage_bits, block)
+            )
         zp = None
         if not widened and not np.all(plane.zero_points == 2 ** (plane.storage_bits - 1)):
-            zp = b.weight(f"{name}.qzeros{suffix}", pack_zero_points(plane.zero_points, plane.storage_bits))
+            zp = b.weight(
+                qzeros_name(name, j, len(split)), pack_zero_points(plane.zero_points, plane.storage_bits)
+            )
             stored.append(zp)
         stored.append(raw)
         planes.append(StoredPlane(raw, zp, plane.bits, plane.shift))
     if widened:
-        stored.append(b.weight(f"{name}.qzeros", pack_zero_points(zps, kernel)))
+        stored.append(b.weight(qzeros_name(name), pack_zero_points(zps, kernel)))
     b._by_key[key] = planes
     b._by_key[("scales", id(module))] = scales
     b.quant_layers[name] = {
@@ -171,7 +176,7 @@ def quant_kernel_weights(b: Builder, module: QuantLinear, name: str) -> list[Ker
                 plane = b.prep("BitShift", plane, b.const(np.array(p.shift, np.uint8)), direction="LEFT")
             codes = plane if codes is None else b.prep("BitwiseOr", codes, plane)
         data = pack_codes(b, codes, kernel, n, k_blocks, block)
-        weights = [KernelWeight(data, scales, b.initializers[f"{name}.qzeros"], kernel, block, k, n, level)]
+        weights = [KernelWeight(data, scales, b.initializers[qzeros_name(name)], kernel, block, k, n, level)]
     else:
         weights = []
         for p in planes:
@@ -195,7 +200,7 @@ def lower_quant_linear(b: Builder, x: ir.Value, module: QuantLinear, name: str) 
         out = w.matmul(b, x)
         y = out if y is None else b.op("Add", y, out)
     if module.bias is not None:
-        y = b.op("Add", y, b.weight(f"{name}.bias", to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
+        y = b.op("Add", y, b.weight(bias_name(name), to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
     return y
 
 

@@ -33,13 +33,12 @@ import platform
 import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import torch
-from edgepack.kernels.packing import TRITON_PLANE_BITS, unpack_nbits
+from edgepack.kernels.packing import TRITON_PLANE_BITS
 from edgepack.kernels.reference import dequantize
 from edgepack.kernels.torch_backend import TritonQuantLinear
 from edgepack.runtime.bench import TORCH_BACKEND
@@ -60,15 +59,23 @@ from edgepack.runtime.runner import (
 )
 from torch import nn
 
+from edgepack.artifact import (
+    DecodedWeight,
+    Manifest,
+    QuantLayer,
+    bias_name,
+    decode_weight,
+    stacked_name,
+    weight_name,
+)
 from edgepack.errors import EdgepackError
-from edgepack.inspect import load_manifest
+from edgepack.families import Family, family_of
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
 def require_cuda() -> None:
@@ -81,17 +88,6 @@ def require_cuda() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-
-
-@dataclass(frozen=True)
-class QuantWeight:
-    """One quantized weight as the kernels take it: codes uint8 (N, K), scales/zero points (N, k_groups)."""
-
-    codes: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray
-    bits: int
-    group_size: int
 
 
 class Initializers:
@@ -112,76 +108,43 @@ class Initializers:
         return np.array(self.values[name].const_value.numpy())  # a writable copy (the file may be mapped)
 
 
-def read_quant_weight(inits: Initializers, layer: dict) -> QuantWeight:
-    """Codes and zero points of a manifest quantize layer, recombined from its stored MatMulNBits planes.
-
-    Plane j (logical width b_j, most significant first) holds bits shift_j.. of the code; a 1-bit plane is
-    stored 8 per byte, wider ones in MatMulNBits layout; a plane without zero points has the kernel default
-    2**(storage_bits - 1). "kernel" storage is one plane in the kernel's layout; "compact" storage keeps the
-    planes but one set of zero points at the kernel width. Scales are per block: the block is the group (per-channel weights repeat their one
-    scale per block, which is exact and lets every K tile of the kernels read one scale row).
-    """
-    name, bits, block = layer["name"], layer["bits"], layer["block"]
-    n, k = layer["shape"]
-    k_blocks = -(-k // block)
-    codes = np.zeros((n, k), np.int32)
-    zeros = np.zeros((n, k_blocks), np.int32)
-    kernel = layer.get("kernel_bits")
-    widened = layer.get("storage") == "compact"
-    shift = sum(layer["planes"])  # the code's width as stored: bits, or the kernel's ("kernel" storage)
-    for j, plane_bits in enumerate(layer["planes"]):
-        shift -= plane_bits
-        suffix = "" if len(layer["planes"]) == 1 else f".plane{j}"
-        storage = max(plane_bits, 2)
-        raw = inits.get(f"{name}.qweight{suffix}")
-        if plane_bits == 1:
-            plane = np.unpackbits(raw.reshape(n, -1), axis=1, bitorder="little")[:, :k]
-        else:
-            plane = unpack_nbits(raw, storage, k)
-        codes += plane.astype(np.int32) << shift
-        if widened:
-            continue
-        zp_name = f"{name}.qzeros{suffix}"
-        if zp_name in inits:
-            plane_zeros = unpack_nbits(inits.get(zp_name).reshape(n, 1, -1), storage, k_blocks)
-        else:
-            plane_zeros = np.full((n, k_blocks), 2 ** (storage - 1), np.int32)
-        zeros += plane_zeros.astype(np.int32) << shift
-    if widened:  # one set of zero points at the kernel width
-        zeros = unpack_nbits(inits.get(f"{name}.qzeros").reshape(n, 1, -1), kernel, k_blocks).astype(np.int32)
-    if zeros.min() < 0 or zeros.max() > 255:
-        raise EdgepackError(f"{name}: zero points outside 0..255 after recombining planes; re-export it")
-    scales = inits.get(f"{name}.scales").astype(np.float32).reshape(n, k_blocks)
-    return QuantWeight(codes.astype(np.uint8), scales, zeros.astype(np.uint8), bits, block)
+def read_quant_weight(inits: Initializers, layer: QuantLayer) -> DecodedWeight:
+    """Codes, scales and zero points of a manifest quantize layer, decoded from the artifact's planes."""
+    return decode_weight(inits.get, inits.__contains__, layer)
 
 
-def position_sources(manifest: dict, num_layers: int) -> list[int]:
+def position_sources(manifest: Manifest, num_layers: int) -> list[int]:
     """For each depth position, the position whose names its float weights are stored under (folded models
     store a share group's weights once, named after the group's first position)."""
     sources = list(range(num_layers))
-    for group in manifest.get("compression", {}).get("fold", {}).get("groups", []):
+    for group in manifest.fold_groups:
         for position in group:
             sources[position] = min(group)
     return sources
 
 
-def stored_name(module_name: str, sources: list[int]) -> str:
-    match = LAYER_NAME.match(module_name)
+def layer_name_pattern(fam: Family) -> re.Pattern:
+    """Matches ``<layers>.<position>.<rest>`` module names of the family's decoder blocks."""
+    return re.compile(rf"^{re.escape(fam.layers)}\.(\d+)\.(.+)$")
+
+
+def stored_name(fam: Family, module_name: str, sources: list[int]) -> str:
+    match = layer_name_pattern(fam).match(module_name)
     if match is None:
         return module_name
-    return f"model.layers.{sources[int(match.group(1))]}.{match.group(2)}"
+    return f"{fam.layer_name(sources[int(match.group(1))])}.{match.group(2)}"
 
 
-def position_weight(inits: Initializers, name: str) -> np.ndarray:
+def position_weight(fam: Family, inits: Initializers, name: str) -> np.ndarray:
     """A per-position weight (a norm): its own initializer, or its row of the ``.stacked`` table that a run of
     positions sharing one block (exported as one Scan) stores under the run's first position."""
     if name in inits:
         return inits.get(name)
-    match = LAYER_NAME.match(name)
+    match = layer_name_pattern(fam).match(name)
     if match is not None:
         position, rest = int(match.group(1)), match.group(2)
         for first in range(position, -1, -1):
-            stacked = f"model.layers.{first}.{rest}.stacked"
+            stacked = stacked_name(f"{fam.layer_name(first)}.{rest.removesuffix('.weight')}")
             if stacked in inits:
                 rows = inits.get(stacked)  # (positions in the run, H)
                 if position - first < len(rows):
@@ -192,27 +155,26 @@ def position_weight(inits: Initializers, name: str) -> np.ndarray:
 
 def float_linear(inits: Initializers, name: str, device: str, dtype: torch.dtype) -> nn.Linear:
     """An ``nn.Linear`` from the stored W^T (K, N) and optional bias."""
-    weight = torch.from_numpy(np.ascontiguousarray(inits.get(f"{name}.weight").T))  # (N, K)
-    has_bias = f"{name}.bias" in inits
+    weight = torch.from_numpy(np.ascontiguousarray(inits.get(weight_name(name)).T))  # (N, K)
+    has_bias = bias_name(name) in inits
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=device, dtype=dtype)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if has_bias:
-            linear.bias.copy_(torch.from_numpy(inits.get(f"{name}.bias")))
+            linear.bias.copy_(torch.from_numpy(inits.get(bias_name(name))))
     return linear.requires_grad_(False)
 
 
-def quant_linear(inits: Initializers, layer: dict, device: str) -> TritonQuantLinear:
+def quant_linear(inits: Initializers, layer: QuantLayer, device: str) -> TritonQuantLinear:
     """A `TritonQuantLinear` for one manifest quantize layer (refuses widths the kernels do not take)."""
-    if layer["bits"] not in TRITON_PLANE_BITS:
+    if layer.bits not in TRITON_PLANE_BITS:
         raise EdgepackError(
-            f"{layer['name']} is {layer['bits']}-bit; the Triton kernels take {sorted(TRITON_PLANE_BITS)} bits: "
+            f"{layer.name} is {layer.bits}-bit; the Triton kernels take {sorted(TRITON_PLANE_BITS)} bits: "
             "re-export with another width or use --backend onnxruntime"
         )
     w = read_quant_weight(inits, layer)
-    bias_name = f"{layer['name']}.bias"
-    bias = torch.from_numpy(inits.get(bias_name)) if bias_name in inits else None
-    module = TritonQuantLinear(w.codes, w.scales, w.zero_points, w.bits, w.group_size, bias)
+    bias = torch.from_numpy(inits.get(bias_name(layer.name))) if bias_name(layer.name) in inits else None
+    module = TritonQuantLinear(w.codes, w.scales, w.zero_points, w.bits, w.block, bias)
     return module.to(device)  # buffers keep their dtypes (int32 planes, float32 scales, uint8 zero points)
 
 
@@ -245,7 +207,7 @@ def load_artifact_torch(
 
     artifact_dir = Path(artifact_dir)
     _check_dtype(device, dtype)
-    manifest = load_manifest(artifact_dir)
+    manifest = Manifest.load(artifact_dir)
     onnx_path = artifact_dir / MODEL_FILE
     if not onnx_path.is_file():
         raise EdgepackError(f"{artifact_dir} has no {MODEL_FILE}: the torch backend reads the ONNX weights")
@@ -253,27 +215,28 @@ def load_artifact_torch(
     config = AutoConfig.from_pretrained(artifact_dir, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    layers = manifest.get("compression", {}).get("quantize", {}).get("layers", [])
-    if any(layer.get("abits", 16) == 8 for layer in layers):
+    layers = manifest.quant_layers
+    if any(layer.abits == 8 for layer in layers):
         log.warning(
             "%s has int8-activation (A8) layers; this backend runs them on float activations", artifact_dir
         )
-    quantized = {use: layer for layer in layers for use in layer["uses"]}
+    quantized = {use: layer for layer in layers for use in layer.uses}
     sources = position_sources(manifest, config.num_hidden_layers)
+    fam = family_of(model)
 
     shared: dict[str, nn.Module] = {}  # stored weight name -> the one module every position using it holds
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    head_name = "lm_head"
+    head_name = fam.lm_head
     tied_float_head = False
     for name in linears:
         if name in quantized:
             layer = quantized[name]
-            key = layer["name"]
+            key = layer.name
             if key not in shared:
                 shared[key] = quant_linear(inits, layer, device)
         else:
-            key = stored_name(name, sources)
-            if name == head_name and f"{key}.weight" not in inits:
+            key = stored_name(fam, name, sources)
+            if name == head_name and weight_name(key) not in inits:
                 tied_float_head = True  # the builder's Gemm(transB) on the embedding table
                 continue
             if key not in shared:
@@ -281,13 +244,13 @@ def load_artifact_torch(
         _replace(model, name, shared[key])
 
     emb = model.get_input_embeddings()
-    if "model.embed_tokens.weight" in inits:
-        table = inits.get("model.embed_tokens.weight")
+    if weight_name(fam.embed) in inits:
+        table = inits.get(weight_name(fam.embed))
     elif head_name in quantized:  # a quantized tied lm_head: the embedding is its dequantized rows
         w = read_quant_weight(inits, quantized[head_name])
-        table = dequantize(w.codes, w.scales, w.zero_points, w.group_size)
+        table = dequantize(w.codes, w.scales, w.zero_points, w.block)
     else:
-        raise EdgepackError(f"{onnx_path} has neither model.embed_tokens.weight nor a quantized lm_head")
+        raise EdgepackError(f"{onnx_path} has neither {fam.embed}.weight nor a quantized {head_name}")
     emb.weight = nn.Parameter(torch.from_numpy(table).to(device, dtype), requires_grad=False)
     if tied_float_head:
         model.get_output_embeddings().weight = emb.weight
@@ -297,8 +260,11 @@ def load_artifact_torch(
     for name, param in list(model.named_parameters()):  # norms: every position has its own
         if param.is_meta:
             module_name, _, attr = name.rpartition(".")
-            value = torch.from_numpy(position_weight(inits, name)).to(device, dtype)
+            stored = position_weight(fam, inits, name) - fam.norm_offset  # the file keeps (offset + w)
+            value = torch.from_numpy(stored).to(device, dtype)
             setattr(model.get_submodule(module_name), attr, nn.Parameter(value, requires_grad=False))
+    if getattr(emb, "embed_scale", None) is not None and emb.embed_scale.is_meta:  # Gemma's scaled embedding
+        emb.embed_scale = torch.tensor(emb.scalar_embed_scale, device=device)
     for name, module in list(model.named_modules()):  # rotary tables: buffers computed from the config
         if any(b.is_meta for b in module.buffers(recurse=False)):
             with torch.device(device):
@@ -355,7 +321,7 @@ def run_benchmark_torch(artifact_dir: Path, config: RunConfig, dtype: torch.dtyp
 
     if config.device == "cuda":
         require_cuda()
-    load_manifest(artifact_dir)  # verify every file before genai_config.json is parsed
+    Manifest.load(artifact_dir)  # verify every file before genai_config.json is parsed
     try:
         check_config(config, context_length(artifact_dir))
     except RunnerError as exc:

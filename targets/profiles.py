@@ -19,6 +19,7 @@ STANDARD_OPS = frozenset(
         "Cos",
         "Div",
         "Gather",
+        "Gelu",  # Gemma's gelu-tanh MLP (opset 20)
         "Gemm",
         "Greater",
         "Identity",
@@ -39,6 +40,7 @@ STANDARD_OPS = frozenset(
         "Sqrt",
         "Squeeze",
         "Sub",
+        "Tanh",  # Gemma's soft-capping of attention scores (plain form) and final logits
         "Transpose",
         "Unsqueeze",
         "Where",
@@ -53,7 +55,12 @@ STANDARD_OPS = frozenset(
 # ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.
 CONTRIB_OPS = frozenset(
     ("com.microsoft", op)
-    for op in ("MatMulNBits", "GatherBlockQuantized", "GroupQueryAttention", "SkipSimplifiedLayerNormalization")
+    for op in (
+        "MatMulNBits",
+        "GatherBlockQuantized",
+        "GroupQueryAttention",
+        "SkipSimplifiedLayerNormalization",
+    )
 )
 
 

@@ -38,14 +38,27 @@ def shakespeare() -> Path:
     return _need(SHAKESPEARE)
 
 
-def make_random_model(folder: Path, arch: str, **overrides) -> Path:
-    """A small random-weight model of architecture ``arch`` saved as safetensors, with stories260k's tokenizer."""
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3_text",
+}
+
+
+def make_random_model(folder: Path, arch: str, perturb_norms: bool = False, **overrides) -> Path:
+    """A small random-weight model of architecture ``arch`` saved as safetensors, with stories260k's tokenizer.
+
+    ``perturb_norms`` adds noise to every 1-D parameter (norm scales, biases), so a norm whose form is wrong
+    (w vs 1 + w) or a dropped bias shows up in parity.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    model_type = {"Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral", "LlamaForCausalLM": "llama"}[
-        arch
-    ]
+    model_type = MODEL_TYPES[arch]
     kwargs = dict(
         vocab_size=512,
         hidden_size=64,
@@ -67,6 +80,8 @@ def make_random_model(folder: Path, arch: str, **overrides) -> Path:
         for p in model.parameters():
             if p.dim() == 2:
                 p.mul_(3.0)
+            elif perturb_norms:
+                p.add_(0.2 * torch.randn_like(p))
     model.save_pretrained(folder, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(_need(STORIES) / name, folder / name)

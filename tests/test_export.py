@@ -195,7 +195,7 @@ def test_unsupported_architecture(tmp_path):
     (src / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     out = tmp_path / "o"
     r = run_cli("export", "--model", str(src), "-o", str(out))
-    assert_clean_failure(r, "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM", out)
+    assert_clean_failure(r, "unsupported architecture GPT2LMHeadModel; supported: Gemma2ForCausalLM", out)
 
 
 def test_unwritable_output(tmp_path, stories):
