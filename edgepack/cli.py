@@ -126,6 +126,12 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
 )
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration/cure text file (UTF-8).")
+@click.option(
+    "--eval",
+    "eval_text",
+    type=click.Path(path_type=Path),
+    help="Held-out text for quality vs the original float model (default: the --calib text's last 10%).",
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check.")
 @click.option(
@@ -147,6 +153,7 @@ def export(
     remove,
     share_groups,
     calib,
+    eval_text,
     force,
     no_parity,
     trust_remote_code,
@@ -178,6 +185,7 @@ def export(
         target=target,
         recipe=rec,
         calib=calib,
+        eval_text=eval_text,
         trust_remote_code=trust_remote_code,
         parity=not no_parity,
         force=force,
