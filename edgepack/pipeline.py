@@ -324,7 +324,7 @@ def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokeni
 class TokenFacts:
     """What an app needs to feed and stop the decoder: BOS rule, EOS ids, context length."""
 
-    bos_id: int
+    bos_id: int | None  # None: the model has no BOS token
     add_bos: bool  # transformers' tokenizer puts BOS first: prepend it on the device too
     eos_ids: tuple[int, ...]  # stop when the next token is one of these (not emitted)
     context_length: int  # positions the graph's rotary tables cover: prompt + generated tokens
@@ -339,10 +339,10 @@ def token_facts(folder: Path) -> TokenFacts:
     probe = "Hello"
     with_special = tokenizer(probe)["input_ids"]
     plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    eos = model["eos_token_id"]
+    eos, bos = model["eos_token_id"], model["bos_token_id"]
     return TokenFacts(
-        bos_id=int(model["bos_token_id"]),
-        add_bos=with_special[: len(with_special) - len(plain)] == [model["bos_token_id"]],
+        bos_id=None if bos is None else int(bos),
+        add_bos=bos is not None and with_special[:1] == [bos] and with_special[1 : 1 + len(plain)] == plain,
         eos_ids=tuple(int(i) for i in (eos if isinstance(eos, list) else [eos])),
         context_length=int(model["context_length"]),
     )
@@ -630,7 +630,7 @@ def write_app_readme(folder: Path, m: dict) -> None:
         genai_file=genai["model"]["decoder"]["filename"],
         ort_line=ort_line,
         tokenizer_files=", ".join(f"`{n}`" for n in TOKENIZER_FILES if (folder / n).is_file()),
-        bos_id=facts.bos_id,
+        bos_id="none" if facts.bos_id is None else facts.bos_id,
         bos_rule=(
             "transformers' tokenizer puts it first, so prepend it to every prompt (EdgepackDecoder.ADD_BOS)."
             if facts.add_bos

@@ -289,7 +289,7 @@ def make_android_bundle(artifact_dir: Path, allowed_ops: frozenset[OpKey] | None
         ort_version=onnxruntime.__version__,
         model_file=ort_path.name,
         threads=THREADS,
-        bos_id=facts.bos_id,
+        bos_id=-1 if facts.bos_id is None else facts.bos_id,
         add_bos=str(facts.add_bos).lower(),
         eos_ids=", ".join(f"{i}L" for i in facts.eos_ids),
         context_length=facts.context_length,
