@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Gate-training cost for depth folding: one gate step (forward + backward of the frozen, gated model) at
 sequence length 256 (the calibration samples) vs GATE_SEQ_LEN (what gate_scores trains on), interleaved in one
-process so both see the same host load. Reports CPU seconds (robust on a loaded host) and wall seconds per
-step, and the projected time of config.gate_steps steps on an idle host with torch's thread count.
+process so both see the same host load. Reports CPU seconds (on one thread: robust on a loaded host, where
+OpenMP spinning inflates multi-thread CPU time) and wall seconds per step, and the projected time of
+config.gate_steps steps on an idle host with that many threads.
 
     python bench/gate_time.py [--model DIR] [--reps 3] [--json docs/results/gate_time.json]
 """
@@ -42,9 +43,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "mix-llama-14m")
     parser.add_argument("--calib", type=Path, default=SHARED / "data" / "tinyshakespeare.txt")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads while timing (1: CPU time is not inflated by spinning)"
+    )
     parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results" / "gate_time.json")
     args = parser.parse_args()
     config = FoldConfig()
+    torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     ids = calibration_samples(tokenizer, read_text(args.calib), config.batch_size, config.seq_len)  # (B, 256)
     layers = decoder_layers(model)
@@ -59,7 +64,7 @@ def main() -> None:
                 c, w = step_seconds(model, ids, gate_logits, n)
                 cpu[n].append(c)
                 wall[n].append(w)
-    threads = torch.get_num_threads()
+    threads = args.threads
     rows = []
     print(f"| seq_len | CPU s/step (median of {args.reps}) | wall s/step | projected {config.gate_steps} steps, idle host, {threads} threads |")
     print("|---|---|---|---|")

@@ -144,6 +144,8 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         raise EdgepackError(
             f"calibration text {req.calib} does not exist; pass a local UTF-8 text file to --calib"
         )
+    if req.eval_text is not None and not Path(req.eval_text).is_file():
+        raise EdgepackError(f"held-out text {req.eval_text} does not exist; pass a local UTF-8 text file to --eval")
     if "fold" in kinds:
         from edgepack.compressor.fold_plan import removal_count, resolve_groups
 

@@ -155,3 +155,12 @@ def test_kv_facts_counts_every_past_input() -> None:
     ]
     assert kv_facts(inputs) == (6, 6 * 2 * 64 * 2, "float16")
     assert np.isfinite(kv_facts(inputs)[1])
+
+
+def test_missing_eval_file_is_one_line_and_writes_nothing(tmp_path: Path, stories: Path) -> None:
+    out = tmp_path / "out"
+    args = ["export", "--model", str(stories), "--wbits", "4", "--eval", str(tmp_path / "nope.txt"), "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "nope.txt does not exist; pass a local UTF-8 text file to --eval" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
