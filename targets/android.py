@@ -84,7 +84,7 @@ class EdgepackDecoder(modelPath: String, threads: Int = {threads}) : AutoCloseab
     private val env = OrtEnvironment.getEnvironment()
     private val session: OrtSession = env.createSession(
         modelPath,
-        OrtSession.SessionOptions().apply {{ setIntraOpNumThreads(threads) }},  // CPU EP (see README: why CPU)
+        OrtSession.SessionOptions().apply {{ setIntraOpNumThreads(threads) }}  // CPU EP (see README: why CPU)
     )
     private val pastNames = session.inputNames.filter {{ it.startsWith("past_key_values.") }}
 
@@ -123,7 +123,7 @@ class EdgepackDecoder(modelPath: String, threads: Int = {threads}) : AutoCloseab
         val inputs = mutableMapOf(
             "input_ids" to longs(ids, 1, ids.size.toLong()),
             "attention_mask" to longs(LongArray(total) {{ 1L }}, 1, total.toLong()),
-            "position_ids" to longs(LongArray(ids.size) {{ pastLen + it.toLong() }}, 1, ids.size.toLong()),
+            "position_ids" to longs(LongArray(ids.size) {{ pastLen + it.toLong() }}, 1, ids.size.toLong())
         )
         inputs.keys.retainAll(session.inputNames)
         for (name in pastNames) {{

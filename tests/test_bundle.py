@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from edgepack.pipeline import SEARCH_DEFAULTS, kv_facts, search_config, token_fa
 
 og = pytest.importorskip("onnxruntime_genai")
 PROMPT = "Once upon a time, there was a little"
+STUBS = Path(__file__).resolve().parent / "kotlin_ort_stubs"  # signature stubs of the ORT Java API
 
 
 def export(out: Path, *args: str) -> Path:
@@ -164,3 +168,21 @@ def test_missing_eval_file_is_one_line_and_writes_nothing(tmp_path: Path, storie
     assert result.exit_code == 2
     assert "nope.txt does not exist; pass a local UTF-8 text file to --eval" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.slow
+def test_kotlin_compiles_against_the_ort_java_api(w4_android: Path, tmp_path: Path) -> None:
+    kotlinc, javac = shutil.which("kotlinc"), shutil.which("javac")
+    if kotlinc is None or javac is None:
+        pytest.skip("kotlinc/javac not installed (apt-get install kotlin default-jdk-headless)")
+    stubs = sorted((STUBS / "ai" / "onnxruntime").glob("*.java"))
+    subprocess.run([javac, "-d", str(tmp_path / "classes"), *map(str, stubs)], check=True, capture_output=True)
+    done = subprocess.run(
+        [kotlinc, str(w4_android / "EdgepackDecoder.kt"), "-cp", str(tmp_path / "classes"), "-d", str(tmp_path / "kt.jar")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "error:" not in done.stderr
+    with zipfile.ZipFile(tmp_path / "kt.jar") as jar:
+        assert "EdgepackDecoder.class" in jar.namelist()
