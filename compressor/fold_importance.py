@@ -93,7 +93,7 @@ def drop_one_scores(model: nn.Module, ids: torch.Tensor, config: FoldConfig) -> 
 
 # Gate training is the slowest importance method: each step is a full forward + backward of the frozen model.
 # Gates train on the first 128 tokens of each sample (the length the fold benchmark tuned the gates with):
-# 1.4x less CPU per step than 256 on mix-llama-14m (bench/gate_time.py, docs/results/bundle.md).
+# 2.3x less CPU per step than 256 on mix-llama-14m (bench/gate_time.py, docs/results/bundle.md).
 GATE_SEQ_LEN = 128
 
 
