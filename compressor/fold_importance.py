@@ -91,6 +91,12 @@ def drop_one_scores(model: nn.Module, ids: torch.Tensor, config: FoldConfig) -> 
     return scores
 
 
+# Gate training is the slowest importance method: each step is a full forward + backward of the frozen model.
+# Gates train on the first 128 tokens of each sample (the length the fold benchmark tuned the gates with):
+# 2.3x less CPU per step than 256 on mix-llama-14m (bench/gate_time.py, docs/results/bundle.md).
+GATE_SEQ_LEN = 128
+
+
 def gate_scores(model: nn.Module, ids: torch.Tensor, config: FoldConfig) -> list[float]:
     """Train one sigmoid gate per block (model frozen) on the LM loss + gate penalty; the gates are the scores.
 
@@ -106,7 +112,7 @@ def gate_scores(model: nn.Module, ids: torch.Tensor, config: FoldConfig) -> list
     with trainable_only(model, []), gated(layers, lambda i: torch.sigmoid(logits[i])):
         bar = tqdm(range(config.gate_steps), desc="fold: gates", leave=False)
         for step in bar:
-            x = ids[torch.randint(len(ids), (config.batch_size,), generator=gen)].to(device)
+            x = ids[torch.randint(len(ids), (config.batch_size,), generator=gen)][:, :GATE_SEQ_LEN].to(device)
             g = torch.sigmoid(logits)
             lm = next_token_nll(model(input_ids=x, use_cache=False).logits, x)
             loss = lm + gate_penalty(g, n_keep, config.gate_sparsity, config.gate_polarization)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from edgepack.errors import EdgepackError
 
+GROUPS_HINT = "--share-groups 0,1;2,3;4 (recipe: share_group: [[0, 1], [2, 3], [4]])"
+
 
 def removal_count(remove: float, num_layers: int) -> int:
     """Whole blocks removed at rate ``remove`` (nearest integer); refuses to remove every block."""
@@ -14,34 +16,37 @@ def removal_count(remove: float, num_layers: int) -> int:
     if n >= num_layers:
         limit = (num_layers - 0.5) / num_layers
         raise EdgepackError(
-            f"remove={remove} would delete all {num_layers} blocks; pass remove < {limit:.2f} to keep at least one"
+            f"--remove {remove} would delete all {num_layers} blocks; pass --remove below {limit:.2f} "
+            "to keep at least one"
         )
     return n
 
 
 def resolve_groups(share_group: int | list[list[int]] | None, n_kept: int) -> list[list[int]]:
-    """Share groups over retained positions 0..n_kept-1: singletons, fixed-size runs, or checked explicit groups."""
+    """Share groups over retained positions 0..n_kept-1: singletons, runs of ``share_group`` (the last one
+    shorter when it does not divide n_kept), or checked explicit groups."""
     if share_group is None:
         return [[i] for i in range(n_kept)]
     if isinstance(share_group, int):
-        if n_kept % share_group:
-            raise EdgepackError(
-                f"share_group={share_group} does not divide the {n_kept} retained blocks; pass a group size "
-                f"that divides {n_kept} or explicit groups like [[0, 1], [2], ...]"
-            )
-        return [list(range(i, i + share_group)) for i in range(0, n_kept, share_group)]
+        return [list(range(i, min(i + share_group, n_kept))) for i in range(0, n_kept, share_group)]
     flat = [i for group in share_group for i in group]
     if sorted(flat) != list(range(n_kept)):
         raise EdgepackError(
-            f"share_group {share_group} does not cover the {n_kept} retained positions exactly; "
-            f"list each of 0..{n_kept - 1} once"
+            f"--share-groups {format_groups(share_group)} does not cover the {n_kept} retained positions "
+            f"exactly; list each of 0..{n_kept - 1} once, e.g. {GROUPS_HINT}"
         )
     for group in share_group:
         if group != list(range(group[0], group[0] + len(group))):
             raise EdgepackError(
-                f"share group {group} is not a run of consecutive positions; share only neighbours, e.g. [3, 4]"
+                f"share group {format_groups([group])} is not a run of consecutive positions; "
+                f"share only neighbours, e.g. {GROUPS_HINT}"
             )
     return [list(group) for group in share_group]
+
+
+def format_groups(groups: list[list[int]]) -> str:
+    """Groups in the CLI's --share-groups syntax: [[0, 1], [2]] -> '0,1;2'."""
+    return ";".join(",".join(str(i) for i in group) for group in groups)
 
 
 def max_pairs(n_kept: int) -> int:
@@ -54,7 +59,7 @@ def check_pairs(share_pairs: int, n_kept: int) -> None:
     if share_pairs > max_pairs(n_kept):
         raise EdgepackError(
             f"share_pairs={share_pairs} needs {2 * share_pairs + 1} retained blocks, only {n_kept} are left; "
-            f"pass share_pairs <= {max_pairs(n_kept)} or a smaller remove"
+            f"set share_pairs <= {max_pairs(n_kept)} in the recipe or pass a smaller --remove"
         )
 
 
@@ -79,10 +84,10 @@ def check_share_group(share_group) -> None:
     if share_group is None:
         return
     if isinstance(share_group, bool):
-        raise EdgepackError("share_group must be a group size, a list of groups, or None; not a bool")
+        raise EdgepackError(f"share_group must be a group size or a list of groups, not a bool; e.g. {GROUPS_HINT}")
     if isinstance(share_group, int):
         if share_group < 1:
-            raise EdgepackError(f"share_group={share_group} must be >= 1 (1 = no sharing)")
+            raise EdgepackError(f"--share-groups {share_group} must be >= 1 (1 = no sharing)")
         return
     ok = isinstance(share_group, (list, tuple)) and all(
         isinstance(g, (list, tuple)) and g and all(isinstance(i, int) and not isinstance(i, bool) for i in g)
@@ -90,7 +95,8 @@ def check_share_group(share_group) -> None:
     )
     if not ok:
         raise EdgepackError(
-            f"share_group={share_group!r} is not valid; pass a group size (e.g. 2) or groups like [[0, 1], [2]]"
+            f"share_group={share_group!r} is not valid; pass a group size like --share-groups 2, or groups like "
+            f"{GROUPS_HINT}"
         )
 
 

@@ -171,10 +171,11 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 )
 @click.option(
     "--lowering",
-    type=click.Choice(["auto", "widened", "planes"]),
+    type=click.Choice(["auto", "widened", "compact", "planes"]),
     default=None,
-    help="How 3/5/6/7-bit weights run: one wider kernel (widened) or one kernel per bit plane (planes). "
-    "Default auto: the fastest measured (bench/lowering.py).",
+    help="How 3/5/6/7-bit weights run: one wider kernel stored in its layout (widened), the same kernel from "
+    "a b-bit file widened at load (compact: smaller file, higher load-time RAM peak), or one kernel per bit "
+    "plane (planes). Default auto: widened, the fastest measured (bench/lowering.py).",
 )
 @click.option(
     "--attention",
@@ -182,6 +183,12 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     default=None,
     help="Block form: fused (GroupQueryAttention, packed projections, fused norms; needs head_dim % 16 == 0 "
     "and right-padded batches) or plain (standard ops). Default auto: fused where possible.",
+)
+@click.option(
+    "--eval",
+    "eval_text",
+    type=click.Path(path_type=Path),
+    help="Held-out text for quality vs the original float model (default: the --calib text's last 10%).",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check.")
@@ -204,6 +211,7 @@ def export(
     remove,
     share_groups,
     calib,
+    eval_text,
     activations,
     lowering,
     attention,
@@ -239,6 +247,7 @@ def export(
         target=target,
         recipe=rec,
         calib=calib,
+        eval_text=eval_text,
         trust_remote_code=trust_remote_code,
         parity=not no_parity,
         force=force,

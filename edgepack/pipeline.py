@@ -37,6 +37,7 @@ TOKENIZER_FILES = (
     "tokenizer.model",
     "generation_config.json",
 )
+GENAI_CONFIG = "genai_config.json"
 EXTERNAL_DATA_THRESHOLD = 2 * 1024**3  # protobuf's 2 GB limit
 
 
@@ -47,6 +48,7 @@ class ExportRequest:
     target: str = "cpu"
     recipe: Recipe = field(default_factory=Recipe)
     calib: Path | None = None
+    eval_text: Path | None = None  # held-out text for quality vs the original (default: calib's tail)
     trust_remote_code: bool = False
     parity: bool = True
     force: bool = False
@@ -86,12 +88,14 @@ def export(req: ExportRequest) -> ExportResult:
                 req.new_tokens,
                 built["abits"],
             )
-        write_side_files(req.model_dir, tmp, model, raw_config, tokenizer)
+        quality = measure_quality(req, model, tokenizer)
+        write_side_files(req.model_dir, tmp, model, raw_config, tokenizer, built)
         if target.android_bundle:
             from edgepack.targets.android import make_android_bundle
 
             make_android_bundle(tmp, target.allowed_ops)
         manifest = build_manifest(req, target, arch.name, model, built, reports, parity, tmp)
+        manifest["quality"] = quality
         write_app_readme(tmp, manifest)
         manifest["files"] = file_table(tmp, exclude=(PARTIAL_MARKER,))
         manifest["file_bytes"] = file_sizes(tmp, exclude=(PARTIAL_MARKER,))
@@ -119,6 +123,14 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         from edgepack.textdata import read_text
 
         read_text(req.calib)  # missing, a folder, binary or empty: refused before the model loads
+    if req.eval_text is not None:
+        from edgepack.textdata import read_text
+
+        if not Path(req.eval_text).exists():
+            raise EdgepackError(
+                f"held-out text {req.eval_text} does not exist; pass a local UTF-8 text file to --eval"
+            )
+        read_text(req.eval_text)  # a folder, binary or empty: refused like --calib
     if "fold" in kinds:
         from edgepack.compressor.fold_plan import removal_count, resolve_groups
 
@@ -289,8 +301,40 @@ def run_parity(
     return {**report.to_dict(), "provider": providers[0]}
 
 
-def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokenizer) -> None:
-    """Tokenizer files, the (possibly folded) config.json, and genai_config.json."""
+def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
+    """Top-1 agreement and perplexity delta vs the original float model on held-out text (see evaluate.py).
+
+    The text is ``--eval FILE`` or else the calibration text's tail (the part calibration samples least);
+    without either, or for a recipe that changes no weights, the dict says why nothing was measured.
+    """
+    from edgepack.evaluate import HELD_OUT, QUALITY_WINDOWS, quality_vs_original
+    from edgepack.model import load_model
+    from edgepack.textdata import read_text, split_text, tokenize
+
+    if not req.recipe.steps:
+        return {"measured": False, "reason": "no compression: the artifact is the original float model"}
+    if req.eval_text is not None:
+        text, name = read_text(req.eval_text), f"{Path(req.eval_text).name} (--eval)"
+    elif req.calib is not None:
+        text = split_text(read_text(req.calib), HELD_OUT)[1]
+        name = f"{Path(req.calib).name}, last {HELD_OUT:.0%} (held out from calibration)"
+    else:
+        return {"measured": False, "reason": "no held-out text: pass --eval FILE (or --calib FILE)"}
+    seq_len = min(256, int(getattr(model.config, "max_position_embeddings", 256)))
+    ids = tokenize(tokenizer, text, max_tokens=QUALITY_WINDOWS * seq_len + 1)
+    if len(ids) <= seq_len:
+        raise EdgepackError(f"held-out text {name} has {len(ids)} tokens; pass a longer --eval FILE")
+    original = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
+    report = quality_vs_original(original.eval(), model.eval(), ids, name, seq_len)
+    log.info("quality vs original on %s: top-1 %.3f, ppl %.3f -> %.3f", name, report.top1_agreement,
+             report.perplexity_original, report.perplexity)  # fmt: skip
+    return {"measured": True, **report.to_dict()}
+
+
+def write_side_files(
+    model_dir: Path, out: Path, model, raw_config: dict, tokenizer, built: dict | None = None
+) -> None:
+    """Tokenizer files, the (possibly folded) config.json, and genai_config.json for the graph ``built``."""
     for name in TOKENIZER_FILES:
         src = Path(model_dir) / name
         if src.is_file():
@@ -300,33 +344,108 @@ def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokeni
     if "layer_types" in config:  # fold keeps the types of the positions it kept
         config["layer_types"] = list(model.config.layer_types)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer), indent=4) + "\n")
+    generation = read_generation_config(Path(model_dir))
+    config = genai_config(model, tokenizer, generation, built)
+    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
 
 
-def genai_config(model, tokenizer) -> dict:
-    """onnxruntime-genai's config for our graph (concatenating KV cache, so no shared past/present buffer)."""
+@dataclass(frozen=True)
+class TokenFacts:
+    """What an app needs to feed and stop the decoder: BOS rule, EOS ids, context length."""
+
+    bos_id: int | None  # None: the model has no BOS token
+    add_bos: bool  # transformers' tokenizer puts BOS first: prepend it on the device too
+    eos_ids: tuple[int, ...]  # stop when the next token is one of these (not emitted)
+    context_length: int  # positions the graph's rotary tables cover: prompt + generated tokens
+
+
+def token_facts(folder: Path) -> TokenFacts:
+    """TokenFacts of an artifact folder, from its genai_config.json and its own tokenizer files."""
+    from transformers import AutoTokenizer
+
+    model = json.loads((folder / GENAI_CONFIG).read_text())["model"]
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    probe = "Hello"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    eos, bos = model["eos_token_id"], model["bos_token_id"]
+    return TokenFacts(
+        bos_id=None if bos is None else int(bos),
+        add_bos=bos is not None and with_special[:1] == [bos] and with_special[1 : 1 + len(plain)] == plain,
+        eos_ids=tuple(int(i) for i in (eos if isinstance(eos, list) else [eos])),
+        context_length=int(model["context_length"]),
+    )
+
+
+# onnxruntime-genai model builder's search defaults: what a source without generation_config.json gets, and
+# every search field genai reads (all written, so no value is left to the runtime's own default).
+SEARCH_DEFAULTS = {
+    "diversity_penalty": 0.0,
+    "do_sample": False,
+    "early_stopping": True,
+    "length_penalty": 1.0,
+    "min_length": 0,
+    "no_repeat_ngram_size": 0,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "past_present_share_buffer": False,  # genai_config: True where the fused graph allows it
+    "repetition_penalty": 1.0,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+}
+SOURCE_SEARCH_KEYS = ("diversity_penalty", "do_sample", "length_penalty", "no_repeat_ngram_size", "num_beams",
+                      "num_return_sequences", "repetition_penalty", "temperature", "top_k", "top_p")  # fmt: skip
+
+
+def read_generation_config(model_dir: Path) -> dict:
+    """The source model's generation_config.json ({} when it has none)."""
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EdgepackError(f"{path} is not valid JSON ({e}); fix or remove it") from e
+
+
+def search_config(generation: dict, max_length: int) -> dict:
+    """genai's search section: the source's generation_config values over the builder's defaults."""
+    search = dict(SEARCH_DEFAULTS, max_length=max_length)
+    search.update({k: generation[k] for k in SOURCE_SEARCH_KEYS if generation.get(k) is not None})
+    return dict(sorted(search.items()))
+
+
+def shares_kv_buffer(built: dict | None) -> bool:
+    """True when onnxruntime-genai may bind past and present to one buffer: every present comes straight from
+    GroupQueryAttention (the fused form without Scan groups, whose presents are split from the Scan's)."""
+    if not built:
+        return False
+    return built["build"]["attention_form"] == "fused" and "ai.onnx::Scan" not in built["ops"]
+
+
+def genai_config(model, tokenizer, generation: dict | None = None, built: dict | None = None) -> dict:
+    """onnxruntime-genai's config for our graph ``built`` (write_model's facts: its inputs, its block form);
+    ``generation``: the source's generation_config.json."""
     from edgepack.model import DecoderDims
 
     dims = DecoderDims.from_config(model.config)
     cfg = model.config
-    eos = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_token_id
-    pad = getattr(cfg, "pad_token_id", None)
+    generation = generation or {}
+    eos = generation.get("eos_token_id", cfg.eos_token_id)
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    bos = generation.get("bos_token_id", cfg.bos_token_id)
+    pad = generation.get("pad_token_id", getattr(cfg, "pad_token_id", None))
     return {
         "model": {
-            "bos_token_id": cfg.bos_token_id if cfg.bos_token_id is not None else tokenizer.bos_token_id,
+            "bos_token_id": bos if bos is not None else tokenizer.bos_token_id,
             "context_length": dims.max_positions,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": "model.onnx",
                 "head_size": dims.head_dim,
                 "hidden_size": dims.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "position_ids": "position_ids",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
+                "inputs": genai_inputs(built),
                 "outputs": {
                     "logits": "logits",
                     "present_key_names": "present.%d.key",
@@ -342,17 +461,22 @@ def genai_config(model, tokenizer) -> dict:
             "vocab_size": dims.vocab_size,
         },
         "search": {
-            "do_sample": False,
-            "max_length": dims.max_positions,
-            "min_length": 0,
-            "num_beams": 1,
-            "num_return_sequences": 1,
-            "past_present_share_buffer": False,
-            "repetition_penalty": 1.0,
-            "temperature": 1.0,
-            "top_k": 1,
-            "top_p": 1.0,
+            **search_config(generation, dims.max_positions),
+            "past_present_share_buffer": shares_kv_buffer(built),
         },
+    }
+
+
+def genai_inputs(built: dict | None) -> dict:
+    """genai's input names: position_ids only where the graph takes it (the fused form derives positions)."""
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids"}
+    if built:
+        graph_inputs = {spec["name"] for spec in built["io"]["inputs"]}
+        names = {k: v for k, v in names.items() if v in graph_inputs}
+    return {
+        **names,
+        "past_key_names": "past_key_values.%d.key",
+        "past_value_names": "past_key_values.%d.value",
     }
 
 
@@ -412,8 +536,42 @@ Made by edgepack {version} for target `{target}` from `{arch}` ({layers} layers,
 {mb:.2f} MB model file). Recipe: `{recipe}`.
 
 ## Load
-Python (onnxruntime): `ort.InferenceSession("model.onnx")`. onnxruntime-genai: `og.Model(".")` (genai_config.json).
+Python (onnxruntime): `ort.InferenceSession("{model_file}")`. onnxruntime-genai: `og.Model(".")` (genai_config.json
+names `{genai_file}`).
 {ort_line}
+## Tokenizer
+Files: {tokenizer_files}. On a device, run `tokenizer.json` with onnxruntime-genai's tokenizer (Python
+`og.Tokenizer(model)`, Java/Kotlin `ai.onnxruntime.genai.Tokenizer` from its Android AAR) or with
+onnxruntime-extensions (it reads the same tokenizer.json / tokenizer_config.json); any tokenizer that reproduces
+transformers' ids works, the graph only sees ids.
+
+## BOS, EOS and the stop rule
+- BOS id {bos_id}; {bos_rule}
+  onnxruntime-genai 0.18 adds no special tokens unless told: call `tokenizer.update_options(add_special_tokens="true")`
+  (then its greedy output equals transformers').
+- EOS id(s) {eos_ids}: stop when the next token is one of them (do not emit it), or at the context length.
+
+## Context length
+{context_length} positions (prompt + generated tokens); the rotary tables end there.
+
+## KV cache and memory
+{kv_layers} KV inputs (`past_key_values.*`, {kv_dtype}): {kv_per_token:,} bytes per token.
+| context | KV cache | + model file | total (weights + KV, before activations) |
+|---|---|---|---|
+{memory_rows}
+
+## Threads
+One intra-op thread per big core: `setIntraOpNumThreads(4)` on a 4+4 phone (default in EdgepackDecoder.kt);
+more threads than big cores slow decoding down. `runner.py --threads N` measures it on the device.
+
+## Sampling defaults
+From the source model's generation_config.json over onnxruntime-genai's builder defaults (genai_config.json's
+`search`): {sampling}.
+`do_sample` false means greedy; set it true to sample with these top_k / top_p / temperature.
+
+## Quality against the original float model
+{quality}
+
 ## Inputs
 {inputs}
 ## Outputs
@@ -423,22 +581,82 @@ Prefill: feed the prompt ids with `position_ids = 0..S-1`, `attention_mask` all 
 `past_key_values.*` as an empty tensor (past length 0). Decode: feed the next token (S = 1), its position,
 a mask one longer, and each `present.{{i}}.*` from the last call as `past_key_values.{{i}}.*`.
 Logits are float32 over the vocabulary; take the argmax (or sample) of the last position.
-
+{android}
 `manifest.json` lists every file's SHA-256 (`edgepack inspect .` verifies them), the ops used, and the
 parity figures measured against the PyTorch model at export time.
 """
 
+ANDROID_README = """
+## Android
+- `EdgepackDecoder.kt`: a complete greedy generate loop (prefill, decode carrying the KV cache, EOS stop) on the
+  ONNX Runtime Java API. Gradle: `implementation("com.microsoft.onnxruntime:onnxruntime-android:{ort_version}")`.
+- Reduced runtime: `required_operators.config` lists the ops and opsets `model.ort` uses. Build a smaller
+  onnxruntime with only those kernels from an onnxruntime checkout:
+  `./build.sh --android --android_sdk_path $ANDROID_HOME --android_ndk_path $ANDROID_NDK_HOME --android_abi arm64-v8a
+  --android_api 24 --minimal_build --include_ops_by_config required_operators.config --build_java --config MinSizeRel`
+  (`--minimal_build` loads .ort files only; use the full `onnxruntime-android` AAR otherwise).
+- Execution provider: use the CPU EP (the default; XNNPACK optional for float MatMul). {accelerators}
+  The quantized matmuls (com.microsoft.MatMulNBits / GatherBlockQuantized) run only on the CPU EP, and every
+  partition boundary copies activations between the accelerator and the CPU at each token, so NNAPI/CoreML would
+  be slower than the CPU EP's ARM64 kernels here.
+- `runner.py`: the same benchmark on a device with Python + onnxruntime + numpy (`python runner.py . --threads 4`).
+"""
+
+
+def kv_facts(inputs: list[dict]) -> tuple[int, int, str]:
+    """(number of KV inputs, bytes per token over all of them, dtype) from the graph's past_key_values inputs."""
+    itemsize = {"float": 4, "float32": 4, "float16": 2, "bfloat16": 2}
+    kv = [s for s in inputs if s["name"].startswith("past_key_values.")]
+    per_token = sum(
+        int(s["shape"][1]) * int(s["shape"][3]) * itemsize[s["dtype"]] for s in kv
+    )  # [B, H, past, D]
+    return len(kv), per_token, kv[0]["dtype"] if kv else "none"
+
+
+def quality_text(quality: dict | None) -> str:
+    """The README's quality paragraph from manifest['quality']."""
+    if not quality or not quality.get("measured"):
+        reason = (quality or {}).get("reason", "not measured")
+        return f"Not measured: {reason}."
+    q = quality
+    return (
+        f"On {q['text']} ({q['tokens']:,} tokens): top-1 agreement with the original {q['top1_agreement']:.3f}; "
+        f"perplexity {q['perplexity_original']:.3f} (original) -> {q['perplexity']:.3f} "
+        f"(delta {q['perplexity_delta']:+.3f}). Measured with the compressed PyTorch model, which the parity check "
+        "ties to this graph."
+    )
+
 
 def write_app_readme(folder: Path, m: dict) -> None:
+    """README.md: the integration guide an app team needs, from the manifest and the folder's own files."""
+
     def rows(specs):
         return "\n".join(f"- `{s['name']}` {s['dtype']} [{', '.join(s['shape'])}]" for s in specs[:5]) + (
             f"\n- ... and {len(specs) - 5} more of the same pattern" if len(specs) > 5 else ""
         )
 
+    genai = json.loads((folder / GENAI_CONFIG).read_text())
+    facts = token_facts(folder)
+    kv_layers, kv_per_token, kv_dtype = kv_facts(m["io"]["inputs"])
+    memory_rows = "\n".join(
+        f"| {n:,} tokens{'' if n <= facts.context_length else ' (beyond this model)'} | "
+        f"{kv_per_token * n / 2**20:.2f} MiB | {m['model_bytes'] / 2**20:.2f} MiB | "
+        f"{(kv_per_token * n + m['model_bytes']) / 2**20:.2f} MiB |"
+        for n in (1024, 4096)
+    )
+    android = ""
     ort_line = ""
     if m["target"]["file_format"] == "ort":
+        import onnxruntime
+
+        from edgepack.targets.android import accelerator_fit
+
         ort_line = "Android: `model.ort` with the ONNX Runtime Android package; see `EdgepackDecoder.kt` and `runner.py`.\n"
+        android = ANDROID_README.format(
+            ort_version=onnxruntime.__version__, accelerators=accelerator_fit(folder / "model.onnx")
+        )
     steps = [s["kind"] for s in m["recipe"]["steps"]] or ["none (float)"]
+    search = genai["search"]
     text = APP_README.format(
         name=Path(m["source"]["path"]).name,
         version=m["edgepack_version"],
@@ -448,8 +666,29 @@ def write_app_readme(folder: Path, m: dict) -> None:
         params=m["parameters"],
         mb=m["model_bytes"] / 1e6,
         recipe=" -> ".join(steps),
+        model_file="model.ort" if m["target"]["file_format"] == "ort" else "model.onnx",
+        genai_file=genai["model"]["decoder"]["filename"],
         ort_line=ort_line,
+        tokenizer_files=", ".join(f"`{n}`" for n in TOKENIZER_FILES if (folder / n).is_file()),
+        bos_id="none" if facts.bos_id is None else facts.bos_id,
+        bos_rule=(
+            "transformers' tokenizer puts it first, so prepend it to every prompt (EdgepackDecoder.ADD_BOS)."
+            if facts.add_bos
+            else "transformers' tokenizer does not add it, so do not prepend it."
+        ),
+        eos_ids=", ".join(str(i) for i in facts.eos_ids),
+        context_length=facts.context_length,
+        kv_layers=kv_layers,
+        kv_dtype=kv_dtype,
+        kv_per_token=kv_per_token,
+        memory_rows=memory_rows,
+        sampling=", ".join(
+            f"`{k}` {json.dumps(search[k])}"
+            for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+        ),  # fmt: skip
+        quality=quality_text(m.get("quality")),
         inputs=rows(m["io"]["inputs"]),
         outputs=rows(m["io"]["outputs"]),
+        android=android,
     )
     (folder / "README.md").write_text(text)

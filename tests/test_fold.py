@@ -16,6 +16,7 @@ from edgepack.compressor.fold import (
     shared_parameter_names,
     unique_parameter_count,
 )
+from edgepack.compressor.fold_plan import removal_count, resolve_groups
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from edgepack.errors import EdgepackError
@@ -121,9 +122,8 @@ def test_bad_config(kwargs, message):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(remove=0.95), r"would delete all 5 blocks; pass remove < 0.90"),
-        (dict(remove=0.2, share_group=3), "does not divide the 4 retained blocks"),
-        (dict(remove=0.2, share_group=[[0, 1], [2]]), r"does not cover the 4 retained positions exactly"),
+        (dict(remove=0.95), r"would delete all 5 blocks; pass --remove below 0.90"),
+        (dict(remove=0.2, share_group=[[0, 1], [2]]), r"--share-groups 0,1;2 does not cover the 4 retained"),
         (dict(remove=0.2, share_group=[[0, 2], [1], [3]]), "not a run of consecutive positions"),
         (dict(remove=0.4, distill_layers=4), "pass distill_layers <= 3"),
         (dict(remove=0.2, share_pairs=2), r"share_pairs=2 needs 5 retained blocks, only 4 are left"),
@@ -207,6 +207,16 @@ def test_share_pairs_picks_least_important_neighbours(model, ids):
     layers = model.model.layers
     assert layers[2].mlp.up_proj.weight is layers[3].mlp.up_proj.weight
     assert report.block_params_after == 4 * per_block - (per_block - 2 * model.config.hidden_size)
+
+
+def test_uneven_share_groups_end_with_a_shorter_group(model, ids):
+    # The case: --remove 0.25 --share-groups 2 on 12 blocks keeps 9; the last group is [8].
+    assert resolve_groups(2, 12 - removal_count(0.25, 12))[-2:] == [[6, 7], [8]]
+    report = fold(model, FoldConfig(**{**FAST, "remove": 0.2, "share_group": 3}), ids)
+    assert report.groups == [[0, 1, 2], [3]]
+    layers = model.model.layers
+    assert layers[0].mlp.up_proj.weight is layers[2].mlp.up_proj.weight
+    assert layers[3].mlp.up_proj.weight is not layers[2].mlp.up_proj.weight
 
 
 def test_folded_model_kv_cache_decode_equals_full_forward(model, ids):

@@ -105,7 +105,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     [
         (["--remove", "1.0"], "remove"),
         (["--remove", "0.2", "--share-groups", "0,1;2"], "group"),
-        (["--share-groups", "3"], "divide"),
+        (["--share-groups", "0"], "must be >= 1"),  # an uneven size is valid: the last group is shorter
     ],
 )
 def test_bad_fold_input(stories, shakespeare, tmp_path, args, needle):

@@ -160,3 +160,29 @@ def test_fused_w4_export_matches_builder_layout(mix, tmp_path):
     ops = ops_of(tmp_path / "w4" / "model.onnx")
     assert ops["MatMulNBits"] == 12 * 4 + 1 and ops["GroupQueryAttention"] == 12
     assert {level for _, level in kernel_attrs(tmp_path / "w4" / "model.onnx")} == {4}
+
+
+def test_fused_genai_config_shares_the_kv_buffer(llama16, tmp_path):
+    """The fused form's presents come straight from GroupQueryAttention, so genai_config turns on
+    past_present_share_buffer (and lists no position_ids); onnxruntime-genai then decodes with one KV buffer
+    and agrees with a plain onnxruntime loop token for token."""
+    import json
+
+    import onnxruntime_genai as og
+    from edgepack.exporter.parity import OrtDecoder, ort_greedy
+
+    out = tmp_path / "g"
+    export(ExportRequest(llama16, out, recipe=Recipe([QuantConfig(wbits=4, group_size=32)]), new_tokens=8))
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["search"]["past_present_share_buffer"] is True
+    assert "position_ids" not in cfg["model"]["decoder"]["inputs"]
+    prompt = PROMPTS[0]
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array([prompt], np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    genai_tokens = list(gen.get_sequence(0))[len(prompt) :]
+    assert genai_tokens == ort_greedy(OrtDecoder(out / "model.onnx"), prompt, len(genai_tokens))

@@ -1,0 +1,188 @@
+"""The app hand-off: genai_config, BOS handling, the shared .ort weight, quality vs the original, the README."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from edgepack.cli import cli
+from edgepack.model import load_model
+from edgepack.pipeline import SEARCH_DEFAULTS, kv_facts, search_config, token_facts
+
+og = pytest.importorskip("onnxruntime_genai")
+PROMPT = "Once upon a time, there was a little"
+STUBS = Path(__file__).resolve().parent / "kotlin_ort_stubs"  # signature stubs of the ORT Java API
+
+
+def export(out: Path, *args: str) -> Path:
+    result = CliRunner().invoke(cli, ["export", "-o", str(out), *args])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def w4_android(tmp_path_factory, stories: Path, shakespeare: Path) -> Path:
+    """stories260k, W4 (tied head + embedding share one packed weight), Android bundle, quality measured."""
+    out = tmp_path_factory.mktemp("bundle") / "w4"
+    return export(out, "--model", str(stories), "--target", "android", "--wbits", "4", "--eval", str(shakespeare))
+
+
+def test_search_takes_the_source_values_over_the_builder_defaults() -> None:
+    search = search_config({"do_sample": True, "temperature": 0.7, "top_k": None, "bos_token_id": 1}, 256)
+    assert set(SEARCH_DEFAULTS) | {"max_length"} == set(search)
+    assert search["do_sample"] is True and search["temperature"] == 0.7 and search["top_k"] == 50
+    assert search["max_length"] == 256
+
+
+def test_android_genai_config_names_the_ort_and_samples(w4_android: Path) -> None:
+    config = json.loads((w4_android / "genai_config.json").read_text())
+    assert config["model"]["decoder"]["filename"] == "model.ort"
+    assert config["search"]["top_k"] == 50  # stories260k's generation_config sets no sampling field
+    model = og.Model(str(w4_android))  # onnxruntime-genai loads the .ort
+    tokenizer = og.Tokenizer(model)
+    tokenizer.update_options(add_special_tokens="true")
+    outputs = set()
+    for seed in range(4):
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=True, max_length=24, random_seed=seed)
+        generator = og.Generator(model, params)
+        generator.append_tokens(tokenizer.encode(PROMPT))
+        while not generator.is_done():
+            generator.generate_next_token()
+        outputs.add(tuple(generator.get_sequence(0)))
+    assert len(outputs) > 1  # sampling is on: top_k 50, not 1
+
+
+@pytest.mark.parametrize("which", ["stories", "mix"])
+def test_genai_greedy_equals_transformers(which: str, request, tmp_path: Path) -> None:
+    source = request.getfixturevalue(which)
+    art = export(tmp_path / which, "--model", str(source), "--no-parity")
+    model = og.Model(str(art))
+    tokenizer = og.Tokenizer(model)
+    tokenizer.update_options(add_special_tokens="true")  # the README's BOS rule for onnxruntime-genai
+    ids = [int(i) for i in tokenizer.encode(PROMPT)]
+    from transformers import AutoTokenizer
+
+    hf_ids = AutoTokenizer.from_pretrained(str(art))(PROMPT)["input_ids"]
+    assert ids == hf_ids
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + 40)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    while not generator.is_done():
+        generator.generate_next_token()
+    genai = [int(t) for t in generator.get_sequence(0)]
+    hf = load_model(source).generate(torch.tensor([hf_ids]), max_new_tokens=40, do_sample=False)[0].tolist()
+    n = min(len(genai), len(hf))  # both stop at EOS
+    assert genai[:n] == hf[:n] and n > len(ids)
+
+
+def test_ort_keeps_the_tied_weight_once(w4_android: Path) -> None:
+    graph = onnx.load(str(w4_android / "model.onnx")).graph
+    blob = (w4_android / "model.ort").read_bytes()
+    big = [i for i in graph.initializer if numpy_helper.to_array(i).nbytes >= 1024]
+    assert any(i.name.startswith("lm_head") for i in big)
+    copies = {i.name: blob.count(numpy_helper.to_array(i).tobytes()[:512]) for i in big}
+    assert set(copies.values()) == {1}, copies
+
+
+def test_quality_vs_original_in_manifest(w4_android: Path) -> None:
+    quality = json.loads((w4_android / "manifest.json").read_text())["quality"]
+    assert quality["measured"] and quality["tokens"] >= 1024
+    assert 0.3 < quality["top1_agreement"] < 1.0  # W4 moves some argmaxes on a 260k model
+    assert quality["perplexity_delta"] == pytest.approx(quality["perplexity"] - quality["perplexity_original"], abs=1e-3)
+
+
+def test_readme_has_every_integration_item(w4_android: Path) -> None:
+    readme = (w4_android / "README.md").read_text()
+    manifest = json.loads((w4_android / "manifest.json").read_text())
+    genai = json.loads((w4_android / "genai_config.json").read_text())
+    facts = token_facts(w4_android)
+    session = ort.InferenceSession(str(w4_android / "model.ort"), providers=["CPUExecutionProvider"])
+    kv = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+    per_token = sum(i.shape[1] * i.shape[3] * 4 for i in kv)  # float32 KV, [B, H, past, D]
+    assert kv_facts(manifest["io"]["inputs"])[1] == per_token
+    q = manifest["quality"]
+    required = {
+        "tokenizer files": "`tokenizer.json`",
+        "tokenizer on Android": "onnxruntime-extensions",
+        "genai tokenizer": "ai.onnxruntime.genai.Tokenizer",
+        "BOS id": f"BOS id {facts.bos_id};",
+        "genai BOS rule": 'update_options(add_special_tokens="true")',
+        "EOS ids": f"EOS id(s) {', '.join(map(str, facts.eos_ids))}: stop when",
+        "context length": f"{facts.context_length} positions",
+        "KV bytes per token": f"{per_token:,} bytes per token",
+        "memory at 1k": f"| 1,024 tokens (beyond this model) | {per_token * 1024 / 2**20:.2f} MiB",
+        "memory at 4k": f"| 4,096 tokens (beyond this model) | {per_token * 4096 / 2**20:.2f} MiB",
+        "threads": "setIntraOpNumThreads(4)",
+        "sampling defaults": f"`top_k` {genai['search']['top_k']}, `top_p` {genai['search']['top_p']}",
+        "quality": f"top-1 agreement with the original {q['top1_agreement']:.3f}",
+        "perplexity delta": f"(delta {q['perplexity_delta']:+.3f})",
+        "reduced build": "--include_ops_by_config required_operators.config",
+        "CPU EP": "use the CPU EP",
+        "usability checker": "NNAPI could take",
+        "Gradle": 'implementation("com.microsoft.onnxruntime:onnxruntime-android:',
+    }
+    missing = [item for item, needle in required.items() if needle not in readme]
+    assert missing == []
+    assert re.search(r"NNAPI could take \d+ of \d+ nodes, split into \d+ partitions", readme)
+
+
+def test_kotlin_has_a_complete_generate_loop(w4_android: Path) -> None:
+    kotlin = (w4_android / "EdgepackDecoder.kt").read_text()
+    facts = token_facts(w4_android)
+    for needle in ("fun generate(", "while (out.size < maxNewTokens", "if (next in EOS_IDS) break",
+                   "previous.close()", f"val EOS_IDS = setOf({facts.eos_ids[0]}L)",
+                   f"const val BOS_ID = {facts.bos_id}L", f"const val CONTEXT_LENGTH = {facts.context_length}",
+                   'implementation("com.microsoft.onnxruntime:onnxruntime-android:'):  # fmt: skip
+        assert needle in kotlin
+    assert kotlin.count("{") == kotlin.count("}")
+
+
+def test_kv_facts_counts_every_past_input() -> None:
+    inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["b", "s"]}] + [
+        {"name": f"past_key_values.{i}.{kind}", "dtype": "float16", "shape": ["b", "2", "p", "64"]}
+        for i in range(3)
+        for kind in ("key", "value")
+    ]
+    assert kv_facts(inputs) == (6, 6 * 2 * 64 * 2, "float16")
+    assert np.isfinite(kv_facts(inputs)[1])
+
+
+def test_missing_eval_file_is_one_line_and_writes_nothing(tmp_path: Path, stories: Path) -> None:
+    out = tmp_path / "out"
+    args = ["export", "--model", str(stories), "--wbits", "4", "--eval", str(tmp_path / "nope.txt"), "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2
+    assert "nope.txt does not exist; pass a local UTF-8 text file to --eval" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.slow
+def test_kotlin_compiles_against_the_ort_java_api(w4_android: Path, tmp_path: Path) -> None:
+    kotlinc, javac = shutil.which("kotlinc"), shutil.which("javac")
+    if kotlinc is None or javac is None:
+        pytest.skip("kotlinc/javac not installed (apt-get install kotlin default-jdk-headless)")
+    stubs = sorted((STUBS / "ai" / "onnxruntime").glob("*.java"))
+    subprocess.run([javac, "-d", str(tmp_path / "classes"), *map(str, stubs)], check=True, capture_output=True)
+    done = subprocess.run(
+        [kotlinc, str(w4_android / "EdgepackDecoder.kt"), "-cp", str(tmp_path / "classes"), "-d", str(tmp_path / "kt.jar")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "error:" not in done.stderr
+    with zipfile.ZipFile(tmp_path / "kt.jar") as jar:
+        assert "EdgepackDecoder.class" in jar.namelist()
