@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 import torch
+from edgepack.exporter.kv_cache import PlainKV
 from torch import nn
 
 from edgepack.model import DecoderDims
@@ -40,6 +41,7 @@ class BuildOptions:
     dtype: str = "float32"
     loop_shared_blocks: bool = True  # a folded group of positions sharing weights becomes one Scan
     quantized_embedding: bool = True  # share the packed lm_head with the embedding via GatherBlockQuantized
+    kv_layout: object | None = None  # exporter.kv_cache layout (PlainKV when None)
 
 
 @dataclass
@@ -158,13 +160,12 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     b = Builder(opts)
     act = b.ir_dtype
     n_layers = len(model.model.layers)
-    hd, nkv = dims.head_dim, dims.num_kv_heads
+    hd = dims.head_dim
 
-    batch, seq, total, past = (
+    batch, seq, total = (
         ir.SymbolicDim("batch_size"),
         ir.SymbolicDim("sequence_length"),
         ir.SymbolicDim("total_sequence_length"),
-        ir.SymbolicDim("past_sequence_length"),
     )
 
     def graph_input(name: str, dtype: ir.DataType, shape: list) -> ir.Value:
@@ -173,11 +174,8 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     input_ids = graph_input("input_ids", ir.DataType.INT64, [batch, seq])
     attention_mask = graph_input("attention_mask", ir.DataType.INT64, [batch, total])
     position_ids = graph_input("position_ids", ir.DataType.INT64, [batch, seq])
-    pasts = []
-    for i in range(n_layers):
-        pk = graph_input(f"past_key_values.{i}.key", act, [batch, nkv, past, hd])
-        pv = graph_input(f"past_key_values.{i}.value", act, [batch, nkv, past, hd])
-        pasts.append((pk, pv))
+    layout = opts.kv_layout if opts.kv_layout is not None else PlainKV()
+    pasts = layout.begin(b, n_layers, dims)  # each layer's past (K, V) (B, kv, P, D), restored if compressed
 
     # Embedding lookup (a quantized tied embedding is lowered with the lm_head; see quant_lowering).
     h = lower_embedding(b, model, input_ids)  # (B, S, H)
@@ -239,15 +237,9 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     outputs = [logits]
     logits.name = "logits"
     logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, dims.vocab_size])
-    for i, (k, v) in enumerate(presents):
-        for value, kind in ((k, "key"), (v, "value")):
-            # Route through Identity so each present has its own producer even if a pass rewires Concat.
-            out = b.op("Identity", value)
-            out.name = f"present.{i}.{kind}"
-            out.type, out.shape = ir.TensorType(act), ir.Shape([batch, nkv, total, hd])
-            outputs.append(out)
+    outputs.extend(layout.finish(b, presents))  # the layout names (and, if compressed, stores) the presents
 
-    inputs = [input_ids, attention_mask, position_ids] + [v for pair in pasts for v in pair]
+    inputs = [input_ids, attention_mask, position_ids] + layout.graph_inputs
     opsets = {"": OPSET}
     if any(n.domain == MS_DOMAIN for n in b.tape.nodes):
         opsets[MS_DOMAIN] = 1
