@@ -105,9 +105,17 @@ def export(req: ExportRequest) -> ExportResult:
         parity = None
         if req.parity:
             parity = run_parity(
-                model, tokenizer, target, tmp / "model.onnx", built["thresholds"], req.new_tokens
+                model,
+                tokenizer,
+                target,
+                tmp / "model.onnx",
+                built["thresholds"],
+                req.new_tokens,
+                kv_plan(reports),
             )
-        write_side_files(req.model_dir, tmp, model, raw_config, tokenizer)
+        write_side_files(
+            req.model_dir, tmp, model, raw_config, tokenizer, genai=kv_layout(reports).compressed is False
+        )
         if target.android_bundle:
             from edgepack.targets.android import make_android_bundle
 
@@ -132,6 +140,8 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         quant is not None
         and (quant.method != "rtn" or quant.budget_bpw is not None or quant.size_budget is not None)
     )
+    kv = kinds.get("kv")
+    needs_calib = needs_calib or (kv is not None and kv.merge == "minicache")
     if needs_calib and req.calib is None:
         raise EdgepackError(
             "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
@@ -173,7 +183,28 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
                 plan = plan_mixed_precision(model, step, calib_ids, step.budget_bpw, step.size_budget)
                 step = dataclasses.replace(step, overrides={**step.overrides, **plan})
             reports["quantize"] = quantize(model, step, calib_ids if needs_calib else None)
+        elif kind == "kv":
+            reports["kv"] = plan_kv(model, tokenizer, req, step)
     return reports
+
+
+def plan_kv(model, tokenizer, req: ExportRequest, step) -> dict:
+    """Resolve the KV-cache step (MiniCache start layer and thresholds on calibration text) into a plan."""
+    from edgepack.compressor.minicache import plan_kv_cache
+    from edgepack.exporter.kv_cache import make_layout
+
+    calib_ids = calibration_ids(tokenizer, req, step) if step.merge == "minicache" else None
+    plan, search = plan_kv_cache(model, step, calib_ids)
+    if make_layout(plan).compressed:
+        log.warning(
+            "compressed KV cache (merge %s from layer %s, %s-bit %s groups): onnxruntime-genai cannot run this "
+            "artifact (no genai_config.json); run it with onnxruntime (runner.py, edgepack bench)",
+            plan.merge,
+            plan.start_layer,
+            plan.bits,
+            plan.group,
+        )
+    return {"plan": plan.to_dict(), "search": search}
 
 
 def calibration_ids(tokenizer, req: ExportRequest, step):
@@ -197,7 +228,9 @@ def write_model(model, target: Target, out: Path, reports: dict) -> dict:
 
     quant = reports.get("quantize")
     abits = 8 if quant and any(layer.get("abits", 16) == 8 for layer in quant["layers"]) else 16
-    opts = BuildOptions(dtype=target.dtype, quantized_embedding=target.quantized_embedding)
+    opts = BuildOptions(
+        dtype=target.dtype, quantized_embedding=target.quantized_embedding, kv_layout=kv_layout(reports)
+    )
     graph = build_decoder(model, opts)
     run_target_passes(graph, target)
     if quant:
@@ -240,6 +273,23 @@ def write_model(model, target: Target, out: Path, reports: dict) -> dict:
     }
 
 
+def kv_plan(reports: dict):
+    """The MiniCachePlan of the recipe's kv step, or None."""
+    from edgepack.compressor.minicache import MiniCachePlan
+
+    if "kv" not in reports:
+        return None
+    fields = {k: v for k, v in reports["kv"]["plan"].items() if k != "pairs"}
+    return MiniCachePlan(**fields)
+
+
+def kv_layout(reports: dict):
+    """The exporter's KV layout for the recipe (PlainKV without a kv step)."""
+    from edgepack.exporter.kv_cache import make_layout
+
+    return make_layout(kv_plan(reports))
+
+
 def io_spec(value) -> dict:
     return {
         "name": value.name,
@@ -248,9 +298,12 @@ def io_spec(value) -> dict:
     }
 
 
-def run_parity(model, tokenizer, target: Target, onnx_path: Path, thresholds: str, new_tokens: int) -> dict:
+def run_parity(
+    model, tokenizer, target: Target, onnx_path: Path, thresholds: str, new_tokens: int, plan=None
+) -> dict:
     import onnxruntime as ort
 
+    from edgepack.compressor.minicache import CompressedCache
     from edgepack.exporter.parity import DEFAULT_PROMPTS, check_parity
 
     providers = ["CPUExecutionProvider"]
@@ -260,7 +313,8 @@ def run_parity(model, tokenizer, target: Target, onnx_path: Path, thresholds: st
     ):
         providers.insert(0, target.execution_provider)
     prompts = [tokenizer(p)["input_ids"] for p in DEFAULT_PROMPTS]
-    report = check_parity(model, onnx_path, prompts, thresholds, new_tokens, providers)
+    factory = (lambda: CompressedCache(plan)) if plan is not None else None  # noqa: E731
+    report = check_parity(model, onnx_path, prompts, thresholds, new_tokens, providers, factory)
     log.info("parity (%s, %s): %s", thresholds, providers[0], report.summary())
     if not report.passed:
         raise EdgepackError(
@@ -270,8 +324,11 @@ def run_parity(model, tokenizer, target: Target, onnx_path: Path, thresholds: st
     return {**report.to_dict(), "provider": providers[0]}
 
 
-def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokenizer) -> None:
-    """Tokenizer files, the (possibly folded) config.json, and genai_config.json."""
+def write_side_files(
+    model_dir: Path, out: Path, model, raw_config: dict, tokenizer, genai: bool = True
+) -> None:
+    """Tokenizer files, the (possibly folded) config.json, and genai_config.json (not for a compressed KV
+    layout, which onnxruntime-genai cannot run)."""
     for name in TOKENIZER_FILES:
         src = Path(model_dir) / name
         if src.is_file():
@@ -281,7 +338,8 @@ def write_side_files(model_dir: Path, out: Path, model, raw_config: dict, tokeni
     if "layer_types" in config:  # fold keeps the types of the positions it kept
         config["layer_types"] = list(model.config.layer_types)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer), indent=4) + "\n")
+    if genai:
+        (out / "genai_config.json").write_text(json.dumps(genai_config(model, tokenizer), indent=4) + "\n")
 
 
 def genai_config(model, tokenizer) -> dict:
@@ -420,6 +478,15 @@ parity figures measured against the PyTorch model at export time.
 """
 
 
+KV_README = """
+**Compressed KV cache** (merge `{merge}` from layer {start_layer}, pairs {pairs}, KV bits {bits}, groups `{group}`):
+onnxruntime-genai cannot run this artifact (its cache is one float past/present per layer), so there is no
+genai_config.json; drive it with onnxruntime (`runner.py`). Every `past_key_values.X` input is fed from the
+`present.X` output of the previous call and starts empty (all symbolic dims 0 except batch): `.codes` uint8,
+`.scale`/`.low` float16, `.residual`/`.magnitude`/`.retained` float, `.retained_index` int64 positions.
+"""
+
+
 def write_app_readme(folder: Path, m: dict) -> None:
     def rows(specs):
         return "\n".join(f"- `{s['name']}` {s['dtype']} [{', '.join(s['shape'])}]" for s in specs[:5]) + (
@@ -429,6 +496,8 @@ def write_app_readme(folder: Path, m: dict) -> None:
     ort_line = ""
     if m["target"]["file_format"] == "ort":
         ort_line = "Android: `model.ort` with the ONNX Runtime Android package; see `EdgepackDecoder.kt` and `runner.py`.\n"
+    if "kv" in m["compression"] and not (folder / "genai_config.json").exists():
+        ort_line += KV_README.format(**m["compression"]["kv"]["plan"])
     steps = [s["kind"] for s in m["recipe"]["steps"]] or ["none (float)"]
     text = APP_README.format(
         name=Path(m["source"]["path"]).name,

@@ -19,9 +19,10 @@ from edgepack.errors import EdgepackError
 def step_types() -> dict[str, type]:
     """Registry of recipe step kinds -> config dataclass (imported lazily: torch-heavy modules)."""
     from edgepack.compressor.fold import FoldConfig
+    from edgepack.compressor.minicache import KVCacheConfig
     from edgepack.compressor.quantize import QuantConfig
 
-    return {"fold": FoldConfig, "quantize": QuantConfig}
+    return {"fold": FoldConfig, "quantize": QuantConfig, "kv": KVCacheConfig}
 
 
 @dataclass
@@ -50,9 +51,10 @@ class Recipe:
                 raise EdgepackError(f"recipe step kind {kind!r} is not known; use one of: {', '.join(types)}")
             steps.append(types[kind].from_dict(raw))
         kinds = [kind_of(s) for s in steps]
-        if kinds != sorted(kinds, key=["fold", "quantize"].index):
+        if kinds != sorted(kinds, key=["fold", "quantize", "kv"].index):
             raise EdgepackError(
-                "recipe steps must fold before they quantize (quantized weights cannot be folded)"
+                "recipe steps must fold before they quantize (quantized weights cannot be folded), "
+                "and plan the KV cache (kind kv) last, on the final weights"
             )
         return cls(steps=steps, version=int(d.get("version", 1)))
 

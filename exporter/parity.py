@@ -8,6 +8,7 @@ and fails when a threshold for its dtype / activation bits is missed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,6 +61,14 @@ class ParityReport:
         )
 
 
+PAST_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(uint8)": np.uint8,  # quantized KV codes
+    "tensor(int64)": np.int64,  # MiniCache retained positions
+}
+
+
 class OrtDecoder:
     """Minimal prefill + decode driver for an edgepack decoder graph (batch 1)."""
 
@@ -72,10 +81,11 @@ class OrtDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
+        """Every past input empty: symbolic dims 0 (batch_size = ``batch``), dtype from the graph (any KV layout)."""
         cache = {}
         for i in self.past_inputs:
-            dtype = np.float16 if "float16" in i.type else np.float32
-            cache[i.name] = np.zeros((batch, i.shape[1], 0, i.shape[3]), dtype)
+            shape = [batch if d == "batch_size" else (d if isinstance(d, int) else 0) for d in i.shape]
+            cache[i.name] = np.zeros(shape, PAST_DTYPES[i.type])
         return cache
 
     def step(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int) -> tuple[np.ndarray, dict]:
@@ -95,9 +105,13 @@ class OrtDecoder:
 
 
 @torch.no_grad()
-def torch_greedy(model, ids: torch.Tensor, new_tokens: int) -> tuple[list[int], torch.Tensor]:
-    """Greedy tokens from a HF model through its own KV cache, and the logits of every step (T+N-1, V)."""
-    out = model(input_ids=ids, use_cache=True)
+def torch_greedy(
+    model, ids: torch.Tensor, new_tokens: int, cache_factory: Callable[[], object] | None = None
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens from a HF model through its KV cache (``cache_factory()``, e.g. the MiniCache reference, or
+    transformers' default), and the logits of every step (T+N-1, V)."""
+    cache = cache_factory() if cache_factory is not None else None
+    out = model(input_ids=ids, use_cache=True, past_key_values=cache)
     logits = [out.logits[0]]
     cache, tokens = out.past_key_values, []
     for _ in range(new_tokens):
@@ -150,12 +164,14 @@ def check_parity(
     thresholds: str,
     new_tokens: int = 32,
     providers: list[str] | None = None,
+    cache_factory: Callable[[], object] | None = None,
 ) -> ParityReport:
-    """Compare the artifact at ``onnx_path`` with ``model`` (the compressed PyTorch model it was built from)."""
+    """Compare the artifact at ``onnx_path`` with ``model`` (the compressed PyTorch model it was built from);
+    a compressed KV layout is compared against its PyTorch reference cache from ``cache_factory``."""
     dec = OrtDecoder(onnx_path, providers)
     max_err, agree, total, greedy = 0.0, 0, 0, []
     for prompt in prompt_ids:
-        ref_tokens, ref_logits = torch_greedy(model, torch.tensor([prompt]), new_tokens)
+        ref_tokens, ref_logits = torch_greedy(model, torch.tensor([prompt]), new_tokens, cache_factory)
         got = ort_logits_teacher_forced(dec, prompt, ref_tokens)
         ref = ref_logits.cpu().numpy()
         max_err = max(max_err, float(np.abs(got - ref).max()))

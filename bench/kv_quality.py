@@ -1,0 +1,130 @@
+"""KV-cache quality vs bytes: perplexity at a long context through the MiniCache PyTorch reference.
+
+Rows: no merge, MiniCache (start layer chosen on calibration text within 2% perplexity), int8 KV, int4 KV (per
+token and per channel), MiniCache + int4, and the cross-layer baseline (layer l+1 reuses layer l's KV, same
+pairs as MiniCache). Every row runs the text token by token through ``CompressedCache`` (decode mode: each token
+attends over the compressed past plus itself), so the numbers do not depend on the export; the exported graph
+matches the reference (tests/test_minicache.py). Calibration: Tiny Shakespeare's first 90%; evaluation: its
+held-out 10% (in domain) and WikiText-2 test (off domain). Bytes per token are what the layout really stored.
+
+    nice -n 10 .venv/bin/python bench/kv_quality.py --model ../shared/models/mix-llama-14m --context 1024 \
+        --json docs/results/kv_mix-llama-14m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from edgepack.compressor.minicache import (
+    KVCacheConfig,
+    decode_nll,
+    make_plan,
+    plain_bytes_per_token,
+    plan_kv_cache,
+)
+
+from edgepack.model import load_model, load_tokenizer
+from edgepack.textdata import calibration_samples, read_text, split_text, tokenize
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+log = logging.getLogger("kv_quality")
+
+
+def eval_windows(tokenizer, text: str, context: int, n: int) -> torch.Tensor:
+    """``n`` consecutive windows of ``context`` + 1 tokens from the start of ``text``: (n, context + 1)."""
+    ids = tokenize(tokenizer, text, max_tokens=n * (context + 1))
+    if len(ids) < n * (context + 1):
+        raise SystemExit(f"text too short for {n} windows of {context} tokens")
+    return ids.view(n, context + 1)
+
+
+def rows(model, calib: torch.Tensor) -> list[tuple[str, object]]:
+    """(name, plan or None) for every row; MiniCache's start layer is searched on ``calib``."""
+    mini = KVCacheConfig(merge="minicache", n_samples=calib.shape[0], seq_len=calib.shape[1])
+    plan, search = plan_kv_cache(model, mini, calib)
+    log.info("MiniCache plan: start %s, thresholds %s, search %s", plan.start_layer, plan.thresholds, search)
+    kv = None
+    start = plan.start_layer
+    out = [("no merge (float)", None), (f"MiniCache (start {start})", plan)]
+    for name, cfg in (
+        ("int8 KV (per token)", KVCacheConfig(bits=8)),
+        ("int4 KV (per token)", KVCacheConfig(bits=4)),
+        ("int4 KV (per channel, 32 tokens)", KVCacheConfig(bits=4, group="channel")),
+        (f"MiniCache (start {start}) + int4 per token", KVCacheConfig(merge="minicache", bits=4)),
+        (f"cross-layer share (start {start})", KVCacheConfig(merge="share")),
+    ):
+        if cfg.merge == "minicache":
+            p = make_plan(model, cfg, None, None)
+            p.start_layer, p.thresholds = start, plan.thresholds  # the same merge, directions quantized
+        else:
+            p = make_plan(model, cfg, kv, start if cfg.merge == "share" else None)
+        out.append((name, p))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=SHARED / "models" / "mix-llama-14m")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--windows", type=int, default=1, help="evaluation windows per dataset")
+    ap.add_argument("--calib-samples", type=int, default=2)
+    ap.add_argument("--calib-len", type=int, default=256)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(1)
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    train, held = split_text(read_text(SHARED / "data" / "tinyshakespeare.txt"))
+    calib = calibration_samples(tok, train, args.calib_samples, args.calib_len)
+    data = {
+        "shakespeare held-out": eval_windows(tok, held, args.context, args.windows),
+        "wikitext-2": eval_windows(
+            tok, read_text(SHARED / "data" / "wikitext2-raw-test.txt"), args.context, args.windows
+        ),
+    }
+    base_bytes = plain_bytes_per_token(model.config, 4)
+    results = []
+    for name, plan in rows(model, calib):
+        t0 = time.perf_counter()
+        entry = {"row": name, "plan": plan.to_dict() if plan is not None else None, "ppl": {}}
+        for dname, ids in data.items():
+            nll, n, stats = decode_nll(model, ids, plan)
+            entry["ppl"][dname] = math.exp(nll / n)
+            entry.update(stats)
+        per_token = entry.get("bytes_per_token", base_bytes)
+        per_token16 = entry.get("bytes_per_token_fp16", base_bytes / 2)
+        entry["compression_vs_fp32"] = base_bytes / per_token
+        entry["compression_vs_fp16"] = base_bytes / 2 / per_token16
+        entry["seconds"] = time.perf_counter() - t0
+        results.append(entry)
+        log.info("%s: %s", name, json.dumps({k: v for k, v in entry.items() if k != "plan"}))
+    base = results[0]["ppl"]
+    print(f"\n{args.model.name}, context {args.context}, decode mode, {args.windows} window(s) per dataset")
+    print(
+        "| KV layout | bytes/token (fp32 artifact) | x fewer (fp32) | x fewer (fp16 artifact) | retained | "
+        + " | ".join(f"ppl {d} (delta)" for d in data)
+        + " |"
+    )
+    print("|---|---|---|---|---|" + "---|" * len(data))
+    for r in results:
+        cells = [f"{r['ppl'][d]:.2f} ({100 * (r['ppl'][d] / base[d] - 1):+.1f}%)" for d in data]
+        print(
+            f"| {r['row']} | {r.get('bytes_per_token', base_bytes):.0f} | {r['compression_vs_fp32']:.2f} | "
+            f"{r['compression_vs_fp16']:.2f} | {r.get('retained_fraction', 0):.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"model": args.model.name, "context": args.context, "rows": results}, indent=2) + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
