@@ -1,10 +1,10 @@
 """KV-cache quality vs bytes: perplexity at a long context through the MiniCache PyTorch reference.
 
-Rows: no merge, MiniCache (start layer chosen on calibration text within 2% perplexity), int8 KV, int4 KV (per
-token and per channel), MiniCache + int4, and the cross-layer baseline (layer l+1 reuses layer l's KV, same
-pairs as MiniCache). Every row runs the text token by token through ``CompressedCache`` (decode mode: each token
-attends over the compressed past plus itself), so the numbers do not depend on the export; the exported graph
-matches the reference (tests/test_minicache.py). Calibration: Tiny Shakespeare's first 90%; evaluation: its
+Rows: no merge; MiniCache from mid-depth (the paper's setting) and from the earliest start layer that keeps
+calibration perplexity within 2% (the default plan search), each also with int4 KV; int8 KV; int4 KV (per token
+and per channel); the cross-layer baseline (layer l+1 reuses layer l's KV, the mid-depth pairs).
+Every row runs the text token by token through ``CompressedCache`` (decode mode: each token attends over the
+compressed past plus itself), so the numbers do not depend on the export; the exported graph matches the reference (tests/test_minicache.py). Calibration: Tiny Shakespeare's first 90%; evaluation: its
 held-out 10% (in domain) and WikiText-2 test (off domain). Bytes per token are what the layout really stored.
 
     nice -n 10 .venv/bin/python bench/kv_quality.py --model ../shared/models/mix-llama-14m --context 1024 \
@@ -18,12 +18,14 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from edgepack.compressor.minicache import (
     KVCacheConfig,
     decode_nll,
+    layer_kv,
     make_plan,
     plain_bytes_per_token,
     plan_kv_cache,
@@ -45,26 +47,28 @@ def eval_windows(tokenizer, text: str, context: int, n: int) -> torch.Tensor:
 
 
 def rows(model, calib: torch.Tensor) -> list[tuple[str, object]]:
-    """(name, plan or None) for every row; MiniCache's start layer is searched on ``calib``."""
+    """(name, plan or None) per row: MiniCache from mid-depth (the paper's setting) and from the earliest start
+    layer that keeps calibration perplexity within 2% (the default plan search), each also with int4 KV."""
+    n = model.config.num_hidden_layers
     mini = KVCacheConfig(merge="minicache", n_samples=calib.shape[0], seq_len=calib.shape[1])
-    plan, search = plan_kv_cache(model, mini, calib)
-    log.info("MiniCache plan: start %s, thresholds %s, search %s", plan.start_layer, plan.thresholds, search)
-    kv = None
-    start = plan.start_layer
-    out = [("no merge (float)", None), (f"MiniCache (start {start})", plan)]
+    auto, search = plan_kv_cache(model, mini, calib)
+    log.info("MiniCache auto plan: start %s, search %s", auto.start_layer, search)
+    kv = layer_kv(model, calib)
+    mid = make_plan(model, mini, kv, n // 2)
+    out = [("no merge (float)", None)]
+    for label, plan in (
+        (f"mid-depth, start {mid.start_layer}", mid),
+        (f"auto, start {auto.start_layer}", auto),
+    ):
+        out.append((f"MiniCache ({label})", plan))
+        out.append((f"MiniCache ({label}) + int4 per token", replace(plan, bits=4)))
     for name, cfg in (
         ("int8 KV (per token)", KVCacheConfig(bits=8)),
         ("int4 KV (per token)", KVCacheConfig(bits=4)),
         ("int4 KV (per channel, 32 tokens)", KVCacheConfig(bits=4, group="channel")),
-        (f"MiniCache (start {start}) + int4 per token", KVCacheConfig(merge="minicache", bits=4)),
-        (f"cross-layer share (start {start})", KVCacheConfig(merge="share")),
+        (f"cross-layer share (start {mid.start_layer})", KVCacheConfig(merge="share")),
     ):
-        if cfg.merge == "minicache":
-            p = make_plan(model, cfg, None, None)
-            p.start_layer, p.thresholds = start, plan.thresholds  # the same merge, directions quantized
-        else:
-            p = make_plan(model, cfg, kv, start if cfg.merge == "share" else None)
-        out.append((name, p))
+        out.append((name, make_plan(model, cfg, None, mid.start_layer if cfg.merge == "share" else None)))
     return out
 
 
