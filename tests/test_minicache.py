@@ -90,14 +90,7 @@ def test_exported_graph_matches_reference(model, ids, tmp_path: Path, case: str)
     plan = make_plan(model, cfg, layer_kv(model, ids), cfg.start_layer)
     path = tmp_path / "model.onnx"
     ir.save(build_decoder(model, BuildOptions(kv_layout=make_layout(plan))), path)
-    dec, cache = OrtDecoder(path), CompressedCache(plan)
-    past, err, length = dec.empty_cache(), 0.0, 0
-    for chunk in [ids[:, :13], *(ids[:, j : j + 1] for j in range(13, 40))]:
-        logits, past = dec.step(chunk.numpy(), past, length)
-        with torch.no_grad():
-            ref = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits.numpy()
-        err = max(err, float(np.abs(logits - ref).max()))
-        length += chunk.shape[1]
+    err, past, cache = replay(path, model, plan, ids)
     tol = 2e-3 if cfg.group == "token" else 5e-3  # a per-channel code may round the other way (1 ulp)
     assert err < tol
     assert sum(v.nbytes for v in past.values()) == cache.stored_bytes()
@@ -108,6 +101,47 @@ def test_exported_graph_matches_reference(model, ids, tmp_path: Path, case: str)
         assert past["past_key_values.1_2.retained_index"].dtype == np.int64
         ops = {n.op_type for n in ir.load(path).graph.all_nodes()}
         assert {"Acos", "ScatterElements", "NonZero"} <= ops
+
+
+def replay(path: Path, model, plan: MiniCachePlan, ids: torch.Tensor) -> tuple[float, dict, CompressedCache]:
+    """Prefill 13 tokens then decode the rest one by one through the graph and the reference cache."""
+    dec, cache = OrtDecoder(path), CompressedCache(plan)
+    past, err, length = dec.empty_cache(), 0.0, 0
+    for chunk in [ids[:, :13], *(ids[:, j : j + 1] for j in range(13, ids.shape[1]))]:
+        logits, past = dec.step(chunk.numpy(), past, length)
+        with torch.no_grad():
+            ref = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits.numpy()
+        err = max(err, float(np.abs(logits - ref).max()))
+        length += chunk.shape[1]
+    return err, past, cache
+
+
+def test_composes_with_fold_and_weight_quantization(stories: Path, tmp_path: Path) -> None:
+    """A folded (shared blocks as one Scan) W4 model with MiniCache + int4 KV still matches its reference."""
+    from edgepack.compressor.fold import FoldConfig, fold
+    from edgepack.compressor.quantize import QuantConfig, quantize
+
+    model = load_model(stories)
+    torch.manual_seed(0)
+    calib = torch.randint(3, 500, (4, 64))
+    fold(
+        model,
+        FoldConfig(remove=0.2, share_group=2, cure_steps=0, gate_steps=2, n_samples=4, seq_len=64),
+        calib,
+    )
+    quantize(model, QuantConfig(wbits=4, group_size=32), None)
+    ids = calib[:1, :40]
+    plan = make_plan(
+        model,
+        KVCacheConfig(merge="minicache", start_layer=0, max_retained=0.3, bits=4),
+        layer_kv(model, ids),
+        0,
+    )
+    graph = build_decoder(model, BuildOptions(kv_layout=make_layout(plan)))
+    assert {"Scan", "MatMulNBits", "ScatterElements"} <= {n.op_type for n in graph.graph.all_nodes()}
+    ir.save(graph, tmp_path / "model.onnx")
+    err, past, cache = replay(tmp_path / "model.onnx", model, plan, ids)
+    assert err < 2e-3 and sum(v.nbytes for v in past.values()) == cache.stored_bytes()
 
 
 def test_int4_halves_int8_bytes(model, ids) -> None:
