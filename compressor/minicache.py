@@ -192,7 +192,11 @@ class FloatStream:
 
 
 class TokenStream(FloatStream):
-    """int8/int4 codes with one fp16 (scale, low) per token and head."""
+    """int8/int4 codes with one fp16 (scale, low) per token and head.
+
+    ``x`` keeps the dequantized values beside the codes (a token's values never change once it is quantized),
+    so decoding a long past costs no per-step dequantization; only ``tensors()`` (the layout) counts as stored.
+    """
 
     def __init__(self, bits: int) -> None:
         super().__init__()
@@ -200,21 +204,20 @@ class TokenStream(FloatStream):
         self.state: list[torch.Tensor] | None = None  # codes (B,kv,P,D or D/2), scale, low (B,kv,P,1)
 
     def decode(self, like: torch.Tensor) -> torch.Tensor:
-        if self.state is None:
-            return like[:, :, :0]
-        codes, scale, low = self.state
-        codes = unpack_int4(codes) if self.bits == 4 else codes
-        return dequantize_groups(codes, scale, low).to(like.dtype)
+        return super().decode(like).to(like.dtype)
 
     def append(self, new: torch.Tensor) -> None:
         codes, scale, low = quantize_groups(new.float(), self.bits, dim=-1)
-        codes = pack_int4(codes) if self.bits == 4 else codes
-        parts = [codes, scale, low]
-        self.state = (
-            parts
-            if self.state is None
-            else [torch.cat([o, n], 2) for o, n in zip(self.state, parts, strict=True)]
-        )
+        self._store(codes, scale, low, dequantize_groups(codes, scale, low))
+
+    def _store(self, codes, scale, low, values: torch.Tensor) -> None:
+        """Append codes (packed if int4), scale and low to the layout and ``values`` to the decoded past."""
+        parts = [pack_int4(codes) if self.bits == 4 else codes, scale, low]
+        if self.state is None:
+            self.state = parts
+        else:
+            self.state = [torch.cat([o, n], 2) for o, n in zip(self.state, parts, strict=True)]
+        super().append(values)
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.state or [])
@@ -229,20 +232,8 @@ class ChannelStream(TokenStream):
         self.residual: torch.Tensor | None = None
 
     def decode(self, like: torch.Tensor) -> torch.Tensor:
-        parts = []
-        if self.state is not None:
-            codes, scale, low = self.state
-            codes = unpack_int4(codes) if self.bits == 4 else codes
-            b, h, p, d = codes.shape
-            grouped = codes.reshape(b, h, p // self.group, self.group, d)
-            parts.append(
-                dequantize_groups(grouped, scale.unsqueeze(3), low.unsqueeze(3))
-                .reshape(b, h, p, d)
-                .to(like.dtype)
-            )
-        if self.residual is not None:
-            parts.append(self.residual)
-        return torch.cat(parts, dim=2) if parts else like[:, :, :0]
+        parts = [super().decode(like)] + ([self.residual] if self.residual is not None else [])
+        return torch.cat(parts, dim=2)
 
     def append(self, new: torch.Tensor) -> None:
         x = new if self.residual is None else torch.cat([self.residual, new], dim=2)
@@ -253,13 +244,8 @@ class ChannelStream(TokenStream):
         b, h, _, d = x.shape
         grouped = x[:, :, :full].float().reshape(b, h, full // self.group, self.group, d)
         codes, scale, low = quantize_groups(grouped, self.bits, dim=3)  # scale/low (B,kv,G,1,D)
-        codes = codes.reshape(b, h, full, d)
-        codes = pack_int4(codes) if self.bits == 4 else codes
-        parts = [codes, scale.squeeze(3), low.squeeze(3)]
-        if self.state is None:
-            self.state = parts
-        else:
-            self.state = [torch.cat([o, n], 2) for o, n in zip(self.state, parts, strict=True)]
+        values = dequantize_groups(codes, scale, low).reshape(b, h, full, d)
+        self._store(codes.reshape(b, h, full, d), scale.squeeze(3), low.squeeze(3), values)
 
     def tensors(self) -> list[torch.Tensor]:
         return [*super().tensors(), *([self.residual] if self.residual is not None else [])]

@@ -108,10 +108,22 @@ def quantize_groups(b, x: ir.Value, bits: int, axis: int) -> tuple[ir.Value, ir.
 
 
 def dequantize_groups(b, codes: ir.Value, scale: ir.Value, low: ir.Value) -> ir.Value:
-    """code * scale + low in float32."""
+    """code * scale + low in float32 (``codes`` already float, from codes_to_float)."""
     f32 = ir.DataType.FLOAT
-    x = b.op("Cast", codes, to=f32)
-    return b.op("Add", b.op("Mul", x, b.op("Cast", scale, to=f32)), b.op("Cast", low, to=f32))
+    return b.op("Add", b.op("Mul", codes, b.op("Cast", scale, to=f32)), b.op("Cast", low, to=f32))
+
+
+# byte -> (low nibble, high nibble) as floats: int4 unpack + cast as one Gather
+INT4_TABLE = np.array([[i & 15, i >> 4] for i in range(256)], np.float32)
+
+
+def codes_to_float(b, codes: ir.Value, bits: int, dim: int) -> ir.Value:
+    """uint8 codes (..., D or D/2 packed) -> float32 (..., D); int4 unpacks through a 256x2 table."""
+    if bits == 8:
+        return b.op("Cast", codes, to=ir.DataType.FLOAT)
+    table = b.weight("kv_cache.int4_table", INT4_TABLE, key="kv_cache.int4_table")
+    pairs = b.op("Gather", table, b.op("Cast", codes, to=ir.DataType.INT32))  # Gather indexes int32/int64
+    return b.op("Reshape", pairs, b.ints(0, 0, 0, dim))  # (..., D/2, 2) -> (..., D), even index first
 
 
 def pack_int4(b, codes: ir.Value, dim: int) -> ir.Value:
@@ -119,14 +131,6 @@ def pack_int4(b, codes: ir.Value, dim: int) -> ir.Value:
     even = b.op("Slice", codes, b.ints(0), b.ints(dim), b.ints(-1), b.ints(2))
     odd = b.op("Slice", codes, b.ints(1), b.ints(dim), b.ints(-1), b.ints(2))
     return b.op("BitwiseOr", even, b.op("BitShift", odd, b.const(np.uint8(4)), direction="LEFT"))
-
-
-def unpack_int4(b, packed: ir.Value, dim: int) -> ir.Value:
-    """Inverse of pack_int4: (..., D/2) uint8 -> (..., D)."""
-    lo = b.op("BitwiseAnd", packed, b.const(np.uint8(15)))
-    hi = b.op("BitShift", packed, b.const(np.uint8(4)), direction="RIGHT")
-    pairs = b.op("Concat", b.op("Unsqueeze", lo, b.ints(-1)), b.op("Unsqueeze", hi, b.ints(-1)), axis=-1)
-    return b.op("Reshape", pairs, b.ints(0, 0, 0, dim))
 
 
 # ----------------------------------------------------------------------------- streams
@@ -170,9 +174,7 @@ class Stream:
         if self.plan.bits == 16:
             return self.inputs[0]
         d = self.dims.head_dim
-        codes = self.inputs[0]
-        if self.plan.bits == 4:
-            codes = unpack_int4(b, codes, d)
+        codes = codes_to_float(b, self.inputs[0], self.plan.bits, d)
         if self.plan.group == "token":
             return to_act(b, dequantize_groups(b, codes, self.inputs[1], self.inputs[2]))
         g = self.plan.channel_group
