@@ -9,6 +9,9 @@ held-out 10% (in domain) and WikiText-2 test (off domain). Bytes per token are w
 
     nice -n 10 .venv/bin/python bench/kv_quality.py --model ../shared/models/mix-llama-14m --context 1024 \
         --json docs/results/kv_mix-llama-14m.json
+
+``--make-qwen05 DIR`` writes the random-weight Qwen2.5-0.5B-shaped model that docs/results/kv.md exports and
+benchmarks with ``edgepack bench --context 1024,4096`` (memory and speed; its perplexity means nothing).
 """
 
 from __future__ import annotations
@@ -46,30 +49,71 @@ def eval_windows(tokenizer, text: str, context: int, n: int) -> torch.Tensor:
     return ids.view(n, context + 1)
 
 
-def rows(model, calib: torch.Tensor) -> list[tuple[str, object]]:
+def rows(
+    model, calib: torch.Tensor, only: set[int] | None = None, t: float = 0.5
+) -> list[tuple[str, object]]:
     """(name, plan or None) per row: MiniCache from mid-depth (the paper's setting) and from the earliest start
-    layer that keeps calibration perplexity within 2% (the default plan search), each also with int4 KV."""
+    layer that keeps calibration perplexity within 2% (the default plan search), each also with int4 KV.
+    ``only`` keeps the rows with those indices (the plan search runs only when an "auto" row is kept)."""
     n = model.config.num_hidden_layers
-    mini = KVCacheConfig(merge="minicache", n_samples=calib.shape[0], seq_len=calib.shape[1])
-    auto, search = plan_kv_cache(model, mini, calib)
-    log.info("MiniCache auto plan: start %s, search %s", auto.start_layer, search)
-    kv = layer_kv(model, calib)
-    mid = make_plan(model, mini, kv, n // 2)
-    out = [("no merge (float)", None)]
-    for label, plan in (
-        (f"mid-depth, start {mid.start_layer}", mid),
-        (f"auto, start {auto.start_layer}", auto),
-    ):
-        out.append((f"MiniCache ({label})", plan))
-        out.append((f"MiniCache ({label}) + int4 per token", replace(plan, bits=4)))
+    keep = only if only is not None else set(range(9))
+    # t fixed (default: the paper's 0.5) for these rows, so the start-layer search is what they compare
+    mini = KVCacheConfig(merge="minicache", t=t, n_samples=calib.shape[0], seq_len=calib.shape[1])
+    mid = make_plan(model, mini, layer_kv(model, calib), n // 2)
+    auto = None
+    if keep & {3, 4}:
+        auto, search = plan_kv_cache(model, mini, calib)
+        log.info("MiniCache auto plan: start %s, search %s", auto.start_layer, search)
+    table = [("no merge (float)", lambda: None)]
+    mid_label = f"mid-depth, start {mid.start_layer}" + (f", t {t}" if t != 0.5 else "")
+    for label, plan in ((mid_label, lambda: mid), ("auto", lambda: auto)):
+        table.append((f"MiniCache ({label})", plan))
+        table.append((f"MiniCache ({label}) + int4 per token", lambda p=plan: replace(p(), bits=4)))
     for name, cfg in (
         ("int8 KV (per token)", KVCacheConfig(bits=8)),
         ("int4 KV (per token)", KVCacheConfig(bits=4)),
         ("int4 KV (per channel, 32 tokens)", KVCacheConfig(bits=4, group="channel")),
         (f"cross-layer share (start {mid.start_layer})", KVCacheConfig(merge="share")),
     ):
-        out.append((name, make_plan(model, cfg, None, mid.start_layer if cfg.merge == "share" else None)))
+        start = mid.start_layer if cfg.merge == "share" else None
+        table.append((name, lambda c=cfg, s=start: make_plan(model, c, None, s)))
+    out = []
+    for k, (name, plan) in enumerate(table):
+        if k in keep:
+            p = plan()
+            out.append((name.replace("auto", f"auto, start {p.start_layer}") if p is not None else name, p))
     return out
+
+
+QWEN05 = dict(  # Qwen2.5-0.5B's exact shape; random weights: for KV memory and decode speed, not quality
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    use_sliding_window=False,
+    architectures=["Qwen2ForCausalLM"],
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def make_qwen05(folder: Path) -> None:
+    """Write a random-weight model with Qwen2.5-0.5B's config (q/k/v bias) and stories260k's tokenizer."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model("qwen2", **QWEN05))
+    model.save_pretrained(folder, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(SHARED / "models" / "stories260k" / name, folder / name)
 
 
 def main() -> None:
@@ -80,7 +124,13 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=2)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--rows", default="", help="comma-separated row indices to run (default: all 9)")
+    ap.add_argument("--t", type=float, default=0.5, help="MiniCache SLERP position for the MiniCache rows")
+    ap.add_argument("--make-qwen05", type=Path, default=None, help="only write the random 0.5B model there")
     args = ap.parse_args()
+    if args.make_qwen05 is not None:
+        make_qwen05(args.make_qwen05)
+        return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
     model, tok = load_model(args.model), load_tokenizer(args.model)
@@ -94,7 +144,8 @@ def main() -> None:
     }
     base_bytes = plain_bytes_per_token(model.config, 4)
     results = []
-    for name, plan in rows(model, calib):
+    only = {int(r) for r in args.rows.split(",") if r.strip()} or None
+    for name, plan in rows(model, calib, only, args.t):
         t0 = time.perf_counter()
         entry = {"row": name, "plan": plan.to_dict() if plan is not None else None, "ppl": {}}
         for dname, ids in data.items():
@@ -108,7 +159,7 @@ def main() -> None:
         entry["seconds"] = time.perf_counter() - t0
         results.append(entry)
         log.info("%s: %s", name, json.dumps({k: v for k, v in entry.items() if k != "plan"}))
-    base = results[0]["ppl"]
+    base = results[0]["ppl"]  # row 0 (no merge) must be among --rows for the deltas
     print(f"\n{args.model.name}, context {args.context}, decode mode, {args.windows} window(s) per dataset")
     print(
         "| KV layout | bytes/token (fp32 artifact) | x fewer (fp32) | x fewer (fp16 artifact) | retained | "

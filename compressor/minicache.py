@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 MERGE_MODES = ("none", "minicache", "share")  # share = layer l+1 reuses layer l's KV (cross-layer baseline)
 KV_BITS = (16, 8, 4)  # 16 = float (the activation dtype)
 KV_GROUPS = ("token", "channel")
+T_GRID = (0.25, 0.5, 0.75)  # SLERP positions the plan tries when t is not given
+DEFAULT_T = 0.5  # the paper's midpoint, used while searching the start layer
 MIN_SCALE = 1e-5  # above fp16's smallest subnormal, so a constant group never divides by zero
 SLERP_EPS = 1e-4  # below this sin(angle), SLERP falls back to linear interpolation
 NORM_EPS = 1e-12
@@ -46,7 +48,7 @@ class KVCacheConfig:
 
     merge: str = "none"  # none | minicache | share
     start_layer: int | None = None  # first merged layer; None = the earliest within max_ppl_loss on calib
-    t: float = 0.5  # SLERP position between layer l (0) and l+1 (1)
+    t: float | None = None  # SLERP position between layer l (0) and l+1 (1); None = best of T_GRID on calib
     max_retained: float = 0.05  # fraction of calibration tokens per pair kept unmerged (sets the threshold)
     bits: int = 16  # 16 (float), 8 or 4
     group: str = "token"  # token | channel
@@ -67,7 +69,7 @@ class KVCacheConfig:
             raise EdgepackError(f"kv group={self.group!r} is unknown; choose token or channel")
         if not isinstance(self.channel_group, int) or self.channel_group < 2:
             raise EdgepackError(f"kv channel_group={self.channel_group!r} must be an integer >= 2, e.g. 32")
-        if not 0.0 <= float(self.t) <= 1.0:
+        if self.t is not None and not 0.0 <= float(self.t) <= 1.0:
             raise EdgepackError(f"kv t={self.t!r} must lie in [0, 1] (0 = layer l's direction)")
         if not 0.0 <= float(self.max_retained) < 1.0:
             raise EdgepackError(f"kv max_retained={self.max_retained!r} must be a fraction in [0, 1)")
@@ -445,13 +447,26 @@ def pair_thresholds(kv: list, pairs: list[tuple[int, int]], t: float, max_retain
     return out
 
 
-def make_plan(model, cfg: KVCacheConfig, kv: list | None, start: int | None) -> MiniCachePlan:
-    """A plan for ``start`` (thresholds from the calibration KV ``kv``)."""
+def make_plan(
+    model, cfg: KVCacheConfig, kv: list | None, start: int | None, t: float | None = None
+) -> MiniCachePlan:
+    """A plan for ``start`` and ``t`` (default: the config's, else DEFAULT_T); thresholds from calibration ``kv``."""
     n = model.config.num_hidden_layers
-    plan = MiniCachePlan(n, cfg.merge, start, cfg.t, [], cfg.bits, cfg.group, cfg.channel_group)
+    t = t if t is not None else (cfg.t if cfg.t is not None else DEFAULT_T)
+    plan = MiniCachePlan(n, cfg.merge, start, t, [], cfg.bits, cfg.group, cfg.channel_group)
     if cfg.merge == "minicache" and plan.pairs:
-        plan.thresholds = pair_thresholds(kv, plan.pairs, cfg.t, cfg.max_retained)
+        plan.thresholds = pair_thresholds(kv, plan.pairs, t, cfg.max_retained)
     return plan
+
+
+def choose_t(model, cfg: KVCacheConfig, kv: list, start: int, calib_ids: torch.Tensor) -> tuple[float, list]:
+    """The SLERP position of T_GRID with the lowest calibration perplexity at ``start`` (float KV)."""
+    float_cfg = KVCacheConfig(**{**cfg.to_dict(), "bits": 16})
+    trials = [
+        (decode_perplexity(model, calib_ids, make_plan(model, float_cfg, kv, start, t))[0], t) for t in T_GRID
+    ]
+    log.info("kv plan: t -> calib ppl %s", trials)
+    return min(trials)[1], [{"t": t, "ppl": ppl} for ppl, t in trials]
 
 
 def plan_kv_cache(model, cfg: KVCacheConfig, calib_ids: torch.Tensor | None) -> tuple[MiniCachePlan, dict]:
@@ -469,7 +484,10 @@ def plan_kv_cache(model, cfg: KVCacheConfig, calib_ids: torch.Tensor | None) -> 
         )
     kv = layer_kv(model, calib_ids)
     if cfg.start_layer is not None:
-        return make_plan(model, cfg, kv, cfg.start_layer), {}
+        if cfg.merge != "minicache" or cfg.t is not None:
+            return make_plan(model, cfg, kv, cfg.start_layer), {}
+        t, t_trials = choose_t(model, cfg, kv, cfg.start_layer, calib_ids)
+        return make_plan(model, cfg, kv, cfg.start_layer, t), {"t_trials": t_trials}
     base, _ = decode_perplexity(model, calib_ids, None, chunk=calib_ids.shape[1])
     float_cfg = KVCacheConfig(**{**cfg.to_dict(), "bits": 16})
     chosen, trials = None, []
@@ -490,4 +508,8 @@ def plan_kv_cache(model, cfg: KVCacheConfig, calib_ids: torch.Tensor | None) -> 
             100 * cfg.max_ppl_loss,
             chosen,
         )
-    return make_plan(model, cfg, kv, chosen), {"calib_ppl": base, "trials": trials}
+    search = {"calib_ppl": base, "trials": trials}
+    if cfg.merge != "minicache" or cfg.t is not None:
+        return make_plan(model, cfg, kv, chosen), search
+    t, search["t_trials"] = choose_t(model, cfg, kv, chosen, calib_ids)
+    return make_plan(model, cfg, kv, chosen, t), search

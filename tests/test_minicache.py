@@ -193,6 +193,8 @@ def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Pat
     step = m["recipe"]["steps"][0]
     assert step["kind"] == "kv" and step["merge"] == "minicache" and step["bits"] == 4
     assert m["compression"]["kv"]["plan"]["pairs"] == [[1, 2], [3, 4]]
+    t_trials = m["compression"]["kv"]["search"]["t_trials"]  # t chosen on the calibration text
+    assert m["compression"]["kv"]["plan"]["t"] == min(t_trials, key=lambda r: r["ppl"])["t"]
     assert m["parity"]["max_abs_logit"] < 2e-3 and m["parity"]["greedy"] == 1.0
     assert (
         not (out / "genai_config.json").exists()
