@@ -38,6 +38,9 @@ THRESHOLDS = {
     "float32": Thresholds(max_abs_logit=2e-3, min_top1=0.99, min_greedy=0.9),
     "float16": Thresholds(max_abs_logit=0.25, min_top1=0.9, min_greedy=0.5),
     "int8-activations": Thresholds(max_abs_logit=1.5, min_top1=0.8, min_greedy=0.25),
+    # A compressed KV cache on fp16 activations: which tokens MiniCache retains and how KV codes round are decided
+    # on fp16 K/V, so a few cached tokens differ from the fp32 reference; top-1 agreement is the quality measure.
+    "float16-kv": Thresholds(max_abs_logit=3.0, min_top1=0.9, min_greedy=0.25),
 }
 
 
