@@ -161,6 +161,16 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
 )
+@click.option(
+    "--kv-merge", help="KV cache across depth: minicache (MiniCache, arXiv 2405.14366), share or none."
+)
+@click.option(
+    "--kv-start", help="MiniCache: first merged layer (default: chosen on --calib within 2% perplexity)."
+)
+@click.option("--kv-bits", help="Quantize the KV cache: 8 or 4 (default 16 = float).")
+@click.option(
+    "--kv-group", help="KV quantization groups: token (per token and head) or channel (per channel)."
+)
 @click.option("--calib", type=click.Path(path_type=Path), help="Calibration/cure text file (UTF-8).")
 @click.option(
     "--activations",
@@ -210,6 +220,10 @@ def export(
     bpw,
     remove,
     share_groups,
+    kv_merge,
+    kv_start,
+    kv_bits,
+    kv_group,
     calib,
     eval_text,
     activations,
@@ -235,12 +249,15 @@ def export(
     if not out_dir.strip():  # Path("") would silently mean the current directory
         raise EdgepackError("-o is empty; pass the artifact folder to create, e.g. -o out/model")
     out_dir = Path(out_dir)
+    kv = parse_kv_flags(kv_merge, kv_start, kv_bits, kv_group)
     if recipe is not None:
         rec = Recipe.load(recipe)
     else:
         rec = recipe_from_flags(
             wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups
         )
+        if kv is not None:
+            rec.steps.append(kv)
     req = ExportRequest(
         model_dir=model_dir or DEFAULT_MODEL,
         out_dir=out_dir,
@@ -272,7 +289,10 @@ def export(
 
 
 QUANT_DETAIL_FLAGS = ("group_size", "symmetric", "abits", "method", "skip")
-COMPRESSION_FLAGS = ("wbits", "remove", "share_groups", "size_budget", "bpw", *QUANT_DETAIL_FLAGS)
+COMPRESSION_FLAGS = (
+    "wbits", "remove", "share_groups", "size_budget", "bpw", *QUANT_DETAIL_FLAGS,
+    "kv_merge", "kv_start", "kv_bits", "kv_group",
+)  # fmt: skip
 
 
 def flag(name: str) -> str:
@@ -298,6 +318,30 @@ def check_flag_combinations(ctx: click.Context) -> None:
             f"{', '.join(orphans)} apply only when quantizing; add --wbits (e.g. --wbits 4) or a budget "
             "(--bpw / --size-budget)"
         )
+
+
+def parse_kv_flags(merge: str | None, start: str | None, bits: str | None, group: str | None):
+    """--kv-* flags -> a KVCacheConfig step (None when no flag is given); bad values raise one-line errors."""
+    from edgepack.compressor.minicache import KVCacheConfig
+
+    if all(x is None for x in (merge, start, bits, group)):
+        return None
+
+    def integer(flag: str, text: str | None, example: str) -> int | None:
+        if text is None:
+            return None
+        try:
+            return int(text)
+        except ValueError as e:
+            raise EdgepackError(f"cannot read {flag} {text!r}; pass an integer such as {example}") from e
+
+    values = {
+        "merge": merge or ("minicache" if start is not None else "none"),
+        "start_layer": integer("--kv-start", start, "6"),
+        "bits": integer("--kv-bits", bits, "8 or 4"),
+        "group": group,
+    }
+    return KVCacheConfig.from_dict({k: v for k, v in values.items() if v is not None})
 
 
 def recipe_from_flags(

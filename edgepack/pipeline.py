@@ -87,16 +87,18 @@ def export(req: ExportRequest) -> ExportResult:
                 built["thresholds"],
                 req.new_tokens,
                 built["abits"],
+                kv_plan(reports),
             )
         quality = measure_quality(req, model, tokenizer)
-        write_side_files(req.model_dir, tmp, model, raw_config, tokenizer, built)
+        genai = kv_layout(reports).compressed is False
+        genai_cfg = write_side_files(req.model_dir, tmp, model, raw_config, tokenizer, built, genai=genai)
         if target.android_bundle:
             from edgepack.targets.android import make_android_bundle
 
             make_android_bundle(tmp, target.allowed_ops)
         manifest = build_manifest(req, target, arch.name, model, built, reports, parity, tmp)
         manifest["quality"] = quality
-        write_app_readme(tmp, manifest)
+        write_app_readme(tmp, manifest, genai_cfg)
         manifest["files"] = file_table(tmp, exclude=(PARTIAL_MARKER,))
         manifest["file_bytes"] = file_sizes(tmp, exclude=(PARTIAL_MARKER,))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -115,6 +117,8 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         quant is not None
         and (quant.method != "rtn" or quant.budget_bpw is not None or quant.size_budget is not None)
     )
+    kv = kinds.get("kv")
+    needs_calib = needs_calib or (kv is not None and kv.merge == "minicache")
     if needs_calib and req.calib is None:
         raise EdgepackError(
             "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
@@ -168,7 +172,28 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
             reports["quantize"] = quantize(model, step, calib_ids if needs_calib else None)
             if mixed:
                 reports["quantize"]["budget"] = {"bpw": step.budget_bpw, "bytes": step.size_budget}
+        elif kind == "kv":
+            reports["kv"] = plan_kv(model, tokenizer, req, step)
     return reports
+
+
+def plan_kv(model, tokenizer, req: ExportRequest, step) -> dict:
+    """Resolve the KV-cache step (MiniCache start layer and thresholds on calibration text) into a plan."""
+    from edgepack.compressor.minicache import plan_kv_cache
+    from edgepack.exporter.kv_cache import make_layout
+
+    calib_ids = calibration_ids(tokenizer, req, step) if step.merge == "minicache" else None
+    plan, search = plan_kv_cache(model, step, calib_ids)
+    if make_layout(plan).compressed:
+        log.warning(
+            "compressed KV cache (merge %s from layer %s, %s-bit %s groups): onnxruntime-genai cannot run this "
+            "artifact (no genai_config.json); run it with onnxruntime (runner.py, edgepack bench)",
+            plan.merge,
+            plan.start_layer,
+            plan.bits,
+            plan.group,
+        )
+    return {"plan": plan.to_dict(), "search": search}
 
 
 def calibration_ids(tokenizer, req: ExportRequest, step):
@@ -216,7 +241,7 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
         from edgepack.compressor.mixed import BUDGET_LOWERING
 
         overrides = {**(overrides or {}), "lowering": BUDGET_LOWERING}  # the planner counted compact bytes
-    opts = build_options(target, overrides)
+    opts = dataclasses.replace(build_options(target, overrides), kv_layout=kv_layout(reports))
     abits = 16
     if quant and (
         opts.activations == "int8" or any(layer.get("abits", 16) == 8 for layer in quant["layers"])
@@ -236,7 +261,9 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
     else:
         ir.save(graph, path)
     ops = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph.all_nodes())
-    if target.dtype == "float16":
+    if target.dtype == "float16" and kv_layout(reports).compressed:
+        thresholds = "float16-kv"  # KV codes / retained tokens decided on fp16 K/V (exporter/parity.py)
+    elif target.dtype == "float16":
         thresholds = "float16"
     else:
         thresholds = "int8-activations" if abits == 8 else "float32"
@@ -265,6 +292,23 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
     }
 
 
+def kv_plan(reports: dict):
+    """The MiniCachePlan of the recipe's kv step, or None."""
+    from edgepack.compressor.minicache import MiniCachePlan
+
+    if "kv" not in reports:
+        return None
+    fields = {k: v for k, v in reports["kv"]["plan"].items() if k != "pairs"}
+    return MiniCachePlan(**fields)
+
+
+def kv_layout(reports: dict):
+    """The exporter's KV layout for the recipe (PlainKV without a kv step)."""
+    from edgepack.exporter.kv_cache import make_layout
+
+    return make_layout(kv_plan(reports))
+
+
 def io_spec(value) -> dict:
     return {
         "name": value.name,
@@ -274,12 +318,21 @@ def io_spec(value) -> dict:
 
 
 def run_parity(
-    model, tokenizer, target: Target, onnx_path: Path, thresholds: str, new_tokens: int, abits: int = 16
+    model,
+    tokenizer,
+    target: Target,
+    onnx_path: Path,
+    thresholds: str,
+    new_tokens: int,
+    abits: int = 16,
+    plan=None,
 ) -> dict:
     """The artifact against the PyTorch model it was built from, with the kernels' activation quantization
-    reproduced in PyTorch when the low-bit matmuls run on int8 activations (``abits`` 8)."""
+    reproduced in PyTorch when the low-bit matmuls run on int8 activations (``abits`` 8), and the compressed
+    KV cache reproduced by CompressedCache when ``plan`` (a MiniCache/KV quantization plan) is given."""
     import onnxruntime as ort
 
+    from edgepack.compressor.minicache import CompressedCache
     from edgepack.compressor.quantize import kernel_activations
     from edgepack.exporter.parity import DEFAULT_PROMPTS, check_parity
 
@@ -290,8 +343,9 @@ def run_parity(
     ):
         providers.insert(0, target.execution_provider)
     prompts = [tokenizer(p)["input_ids"] for p in DEFAULT_PROMPTS]
+    factory = (lambda: CompressedCache(plan)) if plan is not None else None  # noqa: E731
     with kernel_activations(model, abits):
-        report = check_parity(model, onnx_path, prompts, thresholds, new_tokens, providers)
+        report = check_parity(model, onnx_path, prompts, thresholds, new_tokens, providers, factory)
     log.info("parity (%s, %s): %s", thresholds, providers[0], report.summary())
     if not report.passed:
         raise EdgepackError(
@@ -332,9 +386,16 @@ def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
 
 
 def write_side_files(
-    model_dir: Path, out: Path, model, raw_config: dict, tokenizer, built: dict | None = None
-) -> None:
-    """Tokenizer files, the (possibly folded) config.json, and genai_config.json for the graph ``built``."""
+    model_dir: Path,
+    out: Path,
+    model,
+    raw_config: dict,
+    tokenizer,
+    built: dict | None = None,
+    genai: bool = True,
+) -> dict:
+    """Tokenizer files, the (possibly folded) config.json, and genai_config.json for the graph ``built`` (not
+    for a compressed KV layout, which onnxruntime-genai cannot run)."""
     for name in TOKENIZER_FILES:
         src = Path(model_dir) / name
         if src.is_file():
@@ -344,9 +405,10 @@ def write_side_files(
     if "layer_types" in config:  # fold keeps the types of the positions it kept
         config["layer_types"] = list(model.config.layer_types)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    generation = read_generation_config(Path(model_dir))
-    config = genai_config(model, tokenizer, generation, built)
-    (out / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
+    config = genai_config(model, tokenizer, read_generation_config(Path(model_dir)), built)
+    if genai:
+        (out / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
+    return config  # the README's token facts and sampling defaults, also where no file is written
 
 
 @dataclass(frozen=True)
@@ -359,11 +421,12 @@ class TokenFacts:
     context_length: int  # positions the graph's rotary tables cover: prompt + generated tokens
 
 
-def token_facts(folder: Path) -> TokenFacts:
-    """TokenFacts of an artifact folder, from its genai_config.json and its own tokenizer files."""
+def token_facts(folder: Path, genai: dict | None = None) -> TokenFacts:
+    """TokenFacts of an artifact folder, from its genai_config.json (or ``genai``, that config's contents)
+    and its own tokenizer files."""
     from transformers import AutoTokenizer
 
-    model = json.loads((folder / GENAI_CONFIG).read_text())["model"]
+    model = (genai or json.loads((folder / GENAI_CONFIG).read_text()))["model"]
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     probe = "Hello"
     with_special = tokenizer(probe)["input_ids"]
@@ -607,9 +670,10 @@ def kv_facts(inputs: list[dict]) -> tuple[int, int, str]:
     """(number of KV inputs, bytes per token over all of them, dtype) from the graph's past_key_values inputs."""
     itemsize = {"float": 4, "float32": 4, "float16": 2, "bfloat16": 2}
     kv = [s for s in inputs if s["name"].startswith("past_key_values.")]
+    plain = [s for s in kv if s["dtype"] in itemsize and len(s["shape"]) == 4]
     per_token = sum(
-        int(s["shape"][1]) * int(s["shape"][3]) * itemsize[s["dtype"]] for s in kv
-    )  # [B, H, past, D]
+        int(s["shape"][1]) * int(s["shape"][3]) * itemsize[s["dtype"]] for s in plain
+    )  # [B, H, past, D]; a compressed layout's streams are sized by its own README section
     return len(kv), per_token, kv[0]["dtype"] if kv else "none"
 
 
@@ -627,7 +691,16 @@ def quality_text(quality: dict | None) -> str:
     )
 
 
-def write_app_readme(folder: Path, m: dict) -> None:
+KV_README = """
+**Compressed KV cache** (merge `{merge}` from layer {start_layer}, pairs {pairs}, KV bits {bits}, groups `{group}`):
+onnxruntime-genai cannot run this artifact (its cache is one float past/present per layer), so there is no
+genai_config.json; drive it with onnxruntime (`runner.py`). Every `past_key_values.X` input is fed from the
+`present.X` output of the previous call and starts empty (all symbolic dims 0 except batch): `.codes` uint8,
+`.scale`/`.low` float16, `.residual`/`.magnitude`/`.retained` float, `.retained_index` int64 positions.
+"""
+
+
+def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
     """README.md: the integration guide an app team needs, from the manifest and the folder's own files."""
 
     def rows(specs):
@@ -635,8 +708,8 @@ def write_app_readme(folder: Path, m: dict) -> None:
             f"\n- ... and {len(specs) - 5} more of the same pattern" if len(specs) > 5 else ""
         )
 
-    genai = json.loads((folder / GENAI_CONFIG).read_text())
-    facts = token_facts(folder)
+    genai = genai or json.loads((folder / GENAI_CONFIG).read_text())
+    facts = token_facts(folder, genai)
     kv_layers, kv_per_token, kv_dtype = kv_facts(m["io"]["inputs"])
     memory_rows = "\n".join(
         f"| {n:,} tokens{'' if n <= facts.context_length else ' (beyond this model)'} | "
@@ -655,6 +728,8 @@ def write_app_readme(folder: Path, m: dict) -> None:
         android = ANDROID_README.format(
             ort_version=onnxruntime.__version__, accelerators=accelerator_fit(folder / "model.onnx")
         )
+    if "kv" in m["compression"] and not (folder / "genai_config.json").exists():
+        ort_line += KV_README.format(**m["compression"]["kv"]["plan"])
     steps = [s["kind"] for s in m["recipe"]["steps"]] or ["none (float)"]
     search = genai["search"]
     text = APP_README.format(

@@ -21,9 +21,10 @@ from edgepack.errors import EdgepackError
 def step_types() -> dict[str, type]:
     """Registry of recipe step kinds -> config dataclass (imported lazily: torch-heavy modules)."""
     from edgepack.compressor.fold import FoldConfig
+    from edgepack.compressor.minicache import KVCacheConfig
     from edgepack.compressor.quantize import QuantConfig
 
-    return {"fold": FoldConfig, "quantize": QuantConfig}
+    return {"fold": FoldConfig, "quantize": QuantConfig, "kv": KVCacheConfig}
 
 
 @dataclass
@@ -62,9 +63,10 @@ class Recipe:
             check_types(kind, types[kind], raw)
             steps.append(types[kind].from_dict(raw))
         kinds = [kind_of(s) for s in steps]
-        if kinds != sorted(kinds, key=["fold", "quantize"].index):
+        if kinds != sorted(kinds, key=["fold", "quantize", "kv"].index):
             raise EdgepackError(
-                "recipe steps must fold before they quantize (quantized weights cannot be folded)"
+                "recipe steps must fold before they quantize (quantized weights cannot be folded), "
+                "and plan the KV cache (kind kv) last, on the final weights"
             )
         return cls(steps=steps, version=version)
 

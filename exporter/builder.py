@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import onnx_ir as ir
 import torch
+from edgepack.exporter.kv_cache import PlainKV
 from torch import nn
 
 from edgepack.artifact import bias_name, stacked_name, weight_name
@@ -57,9 +58,11 @@ class BuildOptions:
     activations: str = "int8"  # low-bit matmuls: "int8" = accuracy_level 4 (fast), "float" = level 0 (exact)
     lowering: str = "auto"  # kernels.packing.LOWERINGS: how other widths map onto 2/4/8-bit kernels
     attention: str = "auto"  # ATTENTION_FORMS: "auto" = fused where the model allows it
+    kv_layout: object | None = None  # exporter.kv_cache layout (PlainKV when None)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options a manifest records (the KV layout is recorded by the recipe's kv step)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "kv_layout"}
 
 
 @dataclass
@@ -343,13 +346,11 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     form = attention_form(spec, opts)
     layers = list(decoder_layers(model))
     n_layers = len(layers)
-    hd, nkv = spec.head_dim, spec.num_kv_heads
 
-    batch, seq, total, past = (
+    batch, seq, total = (
         ir.SymbolicDim("batch_size"),
         ir.SymbolicDim("sequence_length"),
         ir.SymbolicDim("total_sequence_length"),
-        ir.SymbolicDim("past_sequence_length"),
     )
 
     def graph_input(name: str, dtype: ir.DataType, shape: list) -> ir.Value:
@@ -358,11 +359,8 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     input_ids = graph_input("input_ids", ir.DataType.INT64, [batch, seq])
     attention_mask = graph_input("attention_mask", ir.DataType.INT64, [batch, total])
     position_ids = graph_input("position_ids", ir.DataType.INT64, [batch, seq]) if form == "plain" else None
-    pasts = []
-    for i in range(n_layers):
-        pk = graph_input(f"past_key_values.{i}.key", act, [batch, nkv, past, hd])
-        pv = graph_input(f"past_key_values.{i}.value", act, [batch, nkv, past, hd])
-        pasts.append((pk, pv))
+    layout = opts.kv_layout if opts.kv_layout is not None else PlainKV()
+    pasts = layout.begin(b, n_layers, spec)  # each layer's past (K, V) (B, kv, P, D), restored if compressed
 
     # Embedding lookup (a quantized tied embedding is lowered with the lm_head; see quant_lowering).
     h = lower_embedding(b, model, input_ids)  # (B, S, H)
@@ -413,18 +411,10 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     outputs = [logits]
     logits.name = "logits"
     logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, spec.vocab_size])
-    for i, (k, v) in enumerate(presents):
-        for value, kind in ((k, "key"), (v, "value")):
-            # The fused form names GroupQueryAttention's own outputs (so past and present can share a
-            # buffer); elsewhere an Identity gives each present its own producer even if a pass rewires Concat.
-            out = value if form == "fused" and value.producer().op_type == "GroupQueryAttention" else None
-            out = out or b.op("Identity", value)
-            out.name = f"present.{i}.{kind}"
-            out.type, out.shape = ir.TensorType(act), ir.Shape([batch, nkv, total, hd])
-            outputs.append(out)
+    outputs.extend(layout.finish(b, presents))  # the layout names (and, if compressed, stores) the presents
 
     inputs = [input_ids, attention_mask] + ([position_ids] if position_ids is not None else [])
-    inputs += [v for pair in pasts for v in pair]
+    inputs += layout.graph_inputs
     opsets = {"": OPSET}
     if any(n.domain == MS_DOMAIN for n in b.tape.nodes):
         opsets[MS_DOMAIN] = 1

@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 
@@ -66,6 +67,8 @@ def runner_args(config: RunConfig) -> list[str]:
     ]
     if config.sweep:
         args.append("--sweep=" + ",".join(str(length) for length in config.sweep))
+    if config.contexts:
+        args.append("--context=" + ",".join(str(c) for c in config.contexts))
     return args
 
 
@@ -241,6 +244,35 @@ METRICS: tuple[Metric, ...] = (
 )
 
 
+def context_value(context: int, key: str, scale: float) -> Callable[[ArtifactResult], float | None]:
+    """A ``--context`` point's measurement (scaled), or None when the artifact has no such point."""
+
+    def value(r: ArtifactResult) -> float | None:
+        point = next((p for p in r.runner.get("contexts", []) if p["context"] == context), None)
+        return None if point is None or point[key] is None else point[key] * scale
+
+    return value
+
+
+def context_metrics(context: int) -> list[Metric]:
+    """Rows for one ``--context`` point: KV bytes per token and in all, decode tok/s, peak RSS."""
+    rows = (
+        ("KV bytes/token", "kv_bytes_per_token", 1.0, 0),
+        ("KV cache (MiB)", "kv_bytes", 1 / MIB, 2),
+        ("decode (tok/s)", "decode_tok_s", 1.0, 1),
+        ("peak RSS (MiB)", "peak_rss_mib", 1.0, 0),
+    )
+    metrics = []
+    for label, key, scale, digits in rows:
+        value = context_value(context, key, scale)
+        metrics.append(Metric(f"@{context}: {label}", value, partial(_text, value, digits)))
+    return metrics
+
+
+def _text(value: Callable[[ArtifactResult], float | None], digits: int, r: ArtifactResult) -> str:
+    return _fmt_optional(value(r), digits)
+
+
 @dataclass
 class BenchReport:
     """Everything one ``edgepack bench`` invocation measured."""
@@ -255,8 +287,9 @@ class BenchReport:
     )  # host 1-minute load before and after: a busy host skews it
 
     def metrics(self) -> list[Metric]:
-        """The rows that have a value for some artifact (GPU memory only on CUDA)."""
-        return [m for m in METRICS if any(m.value(r) is not None for r in self.results)]
+        """The rows that have a value for some artifact (GPU memory only on CUDA), then one block per context."""
+        rows = [*METRICS, *(m for c in self.config.contexts for m in context_metrics(c))]
+        return [m for m in rows if any(m.value(r) is not None for r in self.results)]
 
     def ratios(self) -> dict[str, float | None]:
         """Second artifact over first, per metric (medians measured in this one invocation)."""

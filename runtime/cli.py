@@ -21,6 +21,17 @@ from edgepack.targets.devices import PROFILES, get_profile
 from edgepack.errors import EdgepackError
 
 
+def parse_contexts(text: str) -> tuple[int, ...]:
+    """'1024,4096' -> (1024, 4096); anything else is one clear error."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as e:
+        raise EdgepackError(f"cannot read --context {text!r}; pass context lengths like 1024,4096") from e
+    if any(v < 1 for v in values):
+        raise EdgepackError(f"--context {text!r} must list positive context lengths, like 1024,4096")
+    return values
+
+
 @click.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
@@ -71,6 +82,12 @@ from edgepack.errors import EdgepackError
     help=f"{BACKENDS[0]} runs model.onnx; {TORCH_BACKEND} runs its weights in PyTorch on the Triton kernels (CUDA)",
 )
 @click.option(
+    "--context",
+    "contexts",
+    default="",
+    help="comma-separated contexts (e.g. 1024,4096): KV bytes/token, KV bytes, peak RSS and decode tok/s at each",
+)
+@click.option(
     "--json", "json_path", type=click.Path(path_type=Path), default=None, help="write the report here"
 )
 @click.option(
@@ -87,6 +104,7 @@ def bench(
     warmup: int,
     device: str | None,
     backend: str,
+    contexts: str,
     json_path: Path | None,
     plot_path: Path | None,
 ) -> None:
@@ -114,6 +132,7 @@ def bench(
         warmup=warmup,
         device=device
         or (device_profile.device if device_profile else ("cuda" if backend == TORCH_BACKEND else "cpu")),
+        contexts=parse_contexts(contexts),
     )
     report = run_bench(artifacts, config, device_profile, with_sweep=plot_path is not None, backend=backend)
     click.echo(report.table())

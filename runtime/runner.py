@@ -38,8 +38,14 @@ RUNNER_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 GENAI_CONFIG_NAME = "genai_config.json"
 MODEL_FILES = ("model.ort", "model.onnx")  # load order: the mobile format first
-PAST_NAME = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+PAST_NAME = re.compile(r"^past_key_values\.(.+)$")  # any KV layout: past_key_values.X is fed from present.X
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(uint8)": np.uint8,  # quantized KV codes
+    "tensor(int64)": np.int64,  # MiniCache retained positions
+}
+PREFILL_CHUNK = 256  # --context prefills in chunks, so attention scores stay (chunk x context)
 PROMPT_SEED = 0
 
 
@@ -58,6 +64,7 @@ class RunConfig:
     warmup: int = 1
     device: str = "cpu"
     sweep: tuple[int, ...] = ()  # extra prompt lengths timed after the main runs (latency vs prompt length)
+    contexts: tuple[int, ...] = ()  # contexts filled before timing decode (KV bytes, RSS, tok/s vs context)
 
 
 # ---------------------------------------------------------------------------------------------- artifact checks
@@ -223,9 +230,16 @@ class KVSlot:
 
     past: str
     present: str
-    kv_heads: int
-    head_dim: int
+    empty_shape: tuple[int, ...]  # the past at length 0 (batch 1, every symbolic length 0)
     dtype: type
+
+    @property
+    def kv_heads(self) -> int:
+        return self.empty_shape[1] if len(self.empty_shape) == 4 else 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.empty_shape[3] if len(self.empty_shape) == 4 else 0
 
 
 @dataclass(frozen=True)
@@ -236,11 +250,6 @@ class DecoderIO:
     has_position_ids: bool
     vocab_size: int | None
     kv: tuple[KVSlot, ...]
-
-    @property
-    def kv_bytes_per_position(self) -> int:
-        """Bytes of K and V, over all layers, that one more token of context adds (and a decode step reads)."""
-        return sum(s.kv_heads * s.head_dim * np.dtype(s.dtype).itemsize for s in self.kv)
 
     @classmethod
     def from_session(cls, session: ort.InferenceSession) -> DecoderIO:
@@ -255,17 +264,18 @@ class DecoderIO:
             match = PAST_NAME.match(name)
             if not match:
                 continue
-            present = f"present.{match.group(1)}.{match.group(2)}"
-            _, kv_heads, _, head_dim = info.shape
-            if present not in outputs or not isinstance(kv_heads, int) or not isinstance(head_dim, int):
+            present = f"present.{match.group(1)}"
+            if present not in outputs:
                 raise RunnerError(
-                    f"{name} has no matching {present} output or a symbolic head shape {info.shape}: "
-                    "re-export the artifact with `edgepack export`"
+                    f"{name} has no matching {present} output: re-export the artifact with `edgepack export`"
                 )
             if info.type not in ORT_DTYPES:
                 raise RunnerError(f"{name} has type {info.type}; the runner supports {', '.join(ORT_DTYPES)}")
-            slots.append(KVSlot(name, present, kv_heads, head_dim, ORT_DTYPES[info.type]))
-        slots.sort(key=lambda s: (int(PAST_NAME.match(s.past).group(1)), s.past))
+            empty = tuple(1 if d == "batch_size" else (d if isinstance(d, int) else 0) for d in info.shape)
+            slots.append(KVSlot(name, present, empty, ORT_DTYPES[info.type]))
+        slots.sort(
+            key=lambda s: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", s.past)]
+        )
         vocab = outputs["logits"].shape[-1]
         return cls(
             has_attention_mask="attention_mask" in inputs,
@@ -287,7 +297,7 @@ class Decoder(ABC):
         self.session = session
         self.io = io
         self.length = 0  # cached positions
-        self.empty_past = {s.past: np.zeros((1, s.kv_heads, 0, s.head_dim), s.dtype) for s in io.kv}
+        self.empty_past = {s.past: np.zeros(s.empty_shape, s.dtype) for s in io.kv}
 
     def reset(self) -> None:
         """Start a new sequence (empty cache)."""
@@ -306,6 +316,10 @@ class Decoder(ABC):
     @abstractmethod
     def step(self, ids: np.ndarray) -> np.ndarray:
         """Feed ``ids`` (1, S) after the cached context; return the last position's logits (V,)."""
+
+    @abstractmethod
+    def kv_bytes(self) -> int:
+        """Bytes the KV cache holds now (every past tensor, whatever the layout)."""
 
 
 class RunDecoder(Decoder):
@@ -332,6 +346,9 @@ class RunDecoder(Decoder):
         self.length += ids.shape[1]
         return logits[0, -1]
 
+    def kv_bytes(self) -> int:
+        return sum(v.nbytes for v in self.past.values())
+
 
 class BindingDecoder(Decoder):
     """IOBinding: the KV cache never leaves ``kv_device`` (the GPU on CUDA).
@@ -354,6 +371,14 @@ class BindingDecoder(Decoder):
     def reset(self) -> None:
         super().reset()
         self.past = None
+
+    def kv_bytes(self) -> int:
+        if self.past is None:
+            return 0
+        sizes = {v.past: np.dtype(v.dtype).itemsize for v in self.io.kv}
+        return sum(
+            int(np.prod(v.shape())) * sizes[s.past] for v, s in zip(self.past, self.io.kv, strict=True)
+        )
 
     def step(self, ids: np.ndarray) -> np.ndarray:
         b = self.binding  # binding a name again replaces it, so nothing needs clearing between steps
@@ -559,7 +584,7 @@ def check_config(config: RunConfig, context: int | None) -> None:
     for name in ("prompt_len", "gen", "runs"):
         if getattr(config, name) < 1:
             raise RunnerError(f"--{name.replace('_', '-')} must be at least 1")
-    longest = max((config.prompt_len, *config.sweep)) + config.gen
+    longest = max((config.prompt_len, *config.sweep, *config.contexts)) + config.gen
     if context is not None and longest > context:
         raise RunnerError(
             f"prompt length + gen = {longest} exceeds the model's context_length {context}: "
@@ -591,6 +616,7 @@ def run_benchmark(
     for _ in range(config.warmup):
         generate(decoder, prompt, config.gen)
     timings = [generate(decoder, prompt, config.gen) for _ in range(config.runs)]
+    kv_now = decoder.kv_bytes()  # the cache after prompt + gen - 1 fed tokens
     peak_rss = peak_rss_mib()
     gpu_mib, gpu_source = gpu_memory(gpu_before) if config.device == "cuda" else (None, None)
 
@@ -612,12 +638,13 @@ def run_benchmark(
         "python": platform.python_version(),
         "platform": platform.platform(),
         "kv": {
-            "layers": len(io.kv) // 2,
+            "layers": len(io.kv) // 2,  # past tensors / 2 (a compressed layout has several per layer)
             "kv_heads": io.kv[0].kv_heads if io.kv else 0,
             "head_dim": io.kv[0].head_dim if io.kv else 0,
             "dtype": np.dtype(io.kv[0].dtype).name if io.kv else None,
-            "bytes_per_position": io.kv_bytes_per_position,
+            "bytes_per_position": kv_now / max(1, decoder.length),  # measured: exact for any layout
         },
+        "kv_bytes": kv_now,
         "load_s": load_s,
         "ttft_ms": spread([t.prefill_s * 1e3 for t in timings]),
         "prefill_tok_s": spread([config.prompt_len / t.prefill_s for t in timings]),
@@ -632,7 +659,36 @@ def run_benchmark(
     }
     if config.sweep:
         report["sweep"] = [sweep_point(decoder, length, io.vocab_size, config) for length in config.sweep]
+    if config.contexts:
+        report["contexts"] = [
+            context_point(decoder, c, io.vocab_size, config) for c in sorted(config.contexts)
+        ]
     return report
+
+
+def context_point(decoder: Decoder, context: int, vocab: int | None, config: RunConfig) -> dict:
+    """Fill ``context`` tokens (chunked prefill), then time ``gen`` decode steps: KV bytes, peak RSS, tok/s."""
+    decoder.reset()
+    prompt = make_prompt(context, vocab)
+    start = time.perf_counter()
+    for s in range(0, context, PREFILL_CHUNK):
+        logits = decoder.step(prompt[:, s : s + PREFILL_CHUNK])
+    prefill_s = time.perf_counter() - start
+    kv = decoder.kv_bytes()
+    token, step_s = int(np.argmax(logits)), []
+    for _ in range(config.gen):
+        start = time.perf_counter()
+        token = int(np.argmax(decoder.step(np.array([[token]], np.int64))))
+        step_s.append(time.perf_counter() - start)
+    return {
+        "context": context,
+        "prefill_s": prefill_s,
+        "kv_bytes": kv,
+        "kv_bytes_per_token": kv / context,
+        "decode_tok_s": len(step_s) / sum(step_s),
+        "decode_token_ms": percentiles([t * 1e3 for t in step_s]),
+        "peak_rss_mib": peak_rss_mib(),
+    }
 
 
 def sweep_point(decoder: Decoder, length: int, vocab: int | None, config: RunConfig) -> dict:
@@ -687,6 +743,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--sweep", default="", help="comma-separated extra prompt lengths (latency vs length)"
     )
     parser.add_argument(
+        "--context", default="", help="comma-separated contexts: KV bytes, peak RSS and decode tok/s at each"
+    )
+    parser.add_argument(
         "--model-file", default=None, help="model file inside the folder (default model.ort/.onnx)"
     )
     parser.add_argument("--no-verify", action="store_true", help="skip the manifest.json checksum check")
@@ -698,10 +757,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         sweep = tuple(int(v) for v in args.sweep.split(",") if v.strip())
+        contexts = tuple(int(v) for v in args.context.split(",") if v.strip())
     except ValueError:
-        print(f"error: --sweep {args.sweep!r} is not a comma-separated list of integers", file=sys.stderr)
+        print(
+            f"error: --sweep/--context {args.sweep or args.context!r} is not a comma-separated list of integers",
+            file=sys.stderr,
+        )
         return 2
-    config = RunConfig(args.threads, args.prompt_len, args.gen, args.runs, args.warmup, args.device, sweep)
+    config = RunConfig(
+        args.threads, args.prompt_len, args.gen, args.runs, args.warmup, args.device, sweep, contexts
+    )
     try:
         if args.json is not None:
             check_output_file(args.json, "--json", (args.artifact,))

@@ -36,7 +36,7 @@ OpKey = tuple[str, str]  # (domain, op_type); "" is the default ONNX domain
 # Note: onnxruntime registers SimplifiedLayerNormalization in the ONNX domain, not com.microsoft
 # (com.microsoft.SimplifiedLayerNormalization fails at session creation in 1.31.1).
 STANDARD_OPS = """
-    Abs Add And ArgMax Attention BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Cast Ceil Clip Concat Constant ConstantOfShape Cos CumSum DequantizeLinear Div
+    Abs Acos Add And ArgMax Attention BitShift BitwiseAnd BitwiseNot BitwiseOr BitwiseXor Cast Ceil Clip Concat Constant ConstantOfShape Cos CumSum DequantizeLinear Div
     Dropout DynamicQuantizeLinear Einsum Equal Erf Exp Expand Flatten Floor Gather GatherElements GatherND Gelu
     Gemm Greater GreaterOrEqual HardSigmoid Identity If IsInf IsNaN LayerNormalization LeakyRelu Less
     LessOrEqual Log LogSoftmax MatMul MatMulInteger Max Mean Min Mod Mul Neg NonZero Not Or Pad Pow

@@ -50,6 +50,18 @@ STANDARD_OPS = frozenset(
         "BitwiseOr",
         "ReduceSum",
         "SimplifiedLayerNormalization",  # registered by onnxruntime in the ONNX domain
+        # compressed KV cache (exporter/kv_cache.py): quantize, pack int4, SLERP merge, retained tokens
+        "Acos",
+        "BitwiseOr",
+        "Clip",
+        "Expand",
+        "Less",
+        "Max",
+        "NonZero",
+        "ReduceMax",
+        "ReduceMin",
+        "Round",
+        "ScatterElements",
     )
 )
 # ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.

@@ -1,0 +1,356 @@
+"""KV-cache layouts for the decoder graph: how past K/V enter as graph inputs and new K/V leave as outputs.
+
+``build_decoder`` asks its layout for each layer's past K/V (B, kv, P, D) before the blocks run (``begin``) and
+hands it every layer's present (restored past ++ exact new tokens) afterwards (``finish``); the layout turns
+those into graph outputs. Attention itself (plain ops or a fused op) only ever sees ordinary past K/V tensors.
+
+- ``PlainKV``: ``past_key_values.{i}.key/.value`` -> ``present.{i}.key/.value`` (optimum / onnxruntime-genai).
+- ``CompressedKV``: a ``MiniCachePlan`` (compressor/minicache.py), mirrored op for op:
+
+  per unmerged layer i, a *stream* ``past_key_values.{i}.key`` (and ``.value``):
+    float:            ``...key``                              (B, kv, P, D) act dtype
+    bits 8/4, token:  ``...key.codes`` uint8 (B, kv, P, D or D/2), ``.scale``/``.low`` fp16 (B, kv, P, 1)
+    bits 8/4, channel:``...key.codes`` uint8 (B, kv, Pq, D or D/2), ``.scale``/``.low`` fp16 (B, kv, Pq/G, D),
+                      ``.residual`` (B, kv, P - Pq, D) act dtype (the last incomplete group of G tokens)
+  per merged pair (a, b):
+    ``past_key_values.{a}_{b}.key.direction``[+ stream suffixes]  the shared SLERP direction, quantized if asked
+    ``past_key_values.{a}.key.magnitude``, ``...{b}.key.magnitude`` (B, kv, P, 1) act dtype
+    ``past_key_values.{a}_{b}.retained_index`` int64 (R,): positions kept unmerged (shared by K and V)
+    ``past_key_values.{a}.key.retained``, ``...{b}.key.retained`` (B, kv, R, D): their exact vectors
+  (and the same for ``value``). Every present is named ``present.`` + the input's suffix and grows along axis 2.
+  ``share`` mode (the cross-layer baseline): the second layer of a pair has no KV I/O and attends over the
+  first layer's past.
+
+Bytes per token of a merged pair drop from 2 x 2 x kv x D to 2 x kv x (D + 2) (+ retained tokens); quantized
+streams store D x bits / 8 bytes plus 4 bytes of fp16 scale/low per group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+from edgepack.compressor.minicache import MIN_SCALE, NORM_EPS, SLERP_EPS, MiniCachePlan
+
+PAST, PRESENT = "past_key_values.", "present."
+INT64_MAX = np.iinfo(np.int64).max
+
+
+def graph_input(name: str, dtype: ir.DataType, shape: list) -> ir.Value:
+    """A named graph input value."""
+    return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+
+
+def name_output(b, value: ir.Value, name: str, like: ir.Value) -> ir.Value:
+    """Give ``value`` the present name and ``like``'s type: GroupQueryAttention's own output directly (so
+    onnxruntime-genai can bind past and present to one buffer), anything else through an Identity (its own
+    producer, whatever a pass later rewires)."""
+    producer = value.producer()
+    direct = (
+        producer is not None and producer.op_type == "GroupQueryAttention" and not value.is_graph_output()
+    )
+    out = value if direct else b.op("Identity", value)
+    out.name = name
+    out.type = like.type
+    out.shape = ir.Shape([d if isinstance(d, int) else None for d in like.shape])
+    return out
+
+
+@dataclass
+class PlainKV:
+    """One float past/present pair per layer and kind: the layout every ONNX LLM runtime understands."""
+
+    graph_inputs: list[ir.Value] = field(default_factory=list)
+    compressed = False
+
+    def begin(self, b, n_layers: int, dims) -> list[tuple[ir.Value, ir.Value]]:
+        """Declare the past inputs; return each layer's past (K, V) (B, kv, P, D)."""
+        shape = ["batch_size", dims.num_kv_heads, "past_sequence_length", dims.head_dim]
+        pasts = []
+        for i in range(n_layers):
+            pair = tuple(graph_input(f"{PAST}{i}.{kind}", b.ir_dtype, shape) for kind in ("key", "value"))
+            self.graph_inputs.extend(pair)
+            pasts.append(pair)
+        return pasts
+
+    def finish(self, b, presents: list[tuple[ir.Value, ir.Value]]) -> list[ir.Value]:
+        """Each layer's present K/V as graph outputs."""
+        outs = []
+        for i, kv in enumerate(presents):
+            for value, kind, past in zip(
+                kv, ("key", "value"), self.graph_inputs[2 * i : 2 * i + 2], strict=True
+            ):
+                outs.append(name_output(b, value, f"{PRESENT}{i}.{kind}", past))
+                outs[-1].shape = ir.Shape(
+                    ["batch_size", past.shape[1], "total_sequence_length", past.shape[3]]
+                )
+        return outs
+
+
+# ----------------------------------------------------------------------------- quantizer ops (mirror minicache.py)
+
+
+def to_float(b, x: ir.Value) -> ir.Value:
+    return x if b.opts.dtype == "float32" else b.op("Cast", x, to=ir.DataType.FLOAT)
+
+
+def to_act(b, x: ir.Value) -> ir.Value:
+    return x if b.opts.dtype == "float32" else b.op("Cast", x, to=b.ir_dtype)
+
+
+def quantize_groups(b, x: ir.Value, bits: int, axis: int) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """float32 x -> uint8 codes, fp16 scale and low over ``axis`` (keepdims), as minicache.quantize_groups."""
+    f16, f32 = ir.DataType.FLOAT16, ir.DataType.FLOAT
+    low = b.op("Cast", b.op("ReduceMin", x, b.ints(axis), keepdims=1), to=f16)
+    low_f = b.op("Cast", low, to=f32)
+    hi = b.op("ReduceMax", x, b.ints(axis), keepdims=1)
+    span = b.op("Div", b.op("Sub", hi, low_f), b.const(np.float32(2**bits - 1)))
+    scale = b.op("Cast", b.op("Max", span, b.const(np.float32(MIN_SCALE))), to=f16)
+    q = b.op("Round", b.op("Div", b.op("Sub", x, low_f), b.op("Cast", scale, to=f32)))
+    q = b.op("Clip", q, b.const(np.float32(0)), b.const(np.float32(2**bits - 1)))
+    return b.op("Cast", q, to=ir.DataType.UINT8), scale, low
+
+
+def dequantize_groups(b, codes: ir.Value, scale: ir.Value, low: ir.Value) -> ir.Value:
+    """code * scale + low in float32 (``codes`` already float, from codes_to_float)."""
+    f32 = ir.DataType.FLOAT
+    return b.op("Add", b.op("Mul", codes, b.op("Cast", scale, to=f32)), b.op("Cast", low, to=f32))
+
+
+# byte -> (low nibble, high nibble) as floats: int4 unpack + cast as one Gather
+INT4_TABLE = np.array([[i & 15, i >> 4] for i in range(256)], np.float32)
+
+
+def codes_to_float(b, codes: ir.Value, bits: int, dim: int) -> ir.Value:
+    """uint8 codes (..., D or D/2 packed) -> float32 (..., D); int4 unpacks through a 256x2 table."""
+    if bits == 8:
+        return b.op("Cast", codes, to=ir.DataType.FLOAT)
+    table = b.weight("kv_cache.int4_table", INT4_TABLE, key="kv_cache.int4_table")
+    pairs = b.op("Gather", table, b.op("Cast", codes, to=ir.DataType.INT32))  # Gather indexes int32/int64
+    return b.op("Reshape", pairs, b.ints(0, 0, 0, dim))  # (..., D/2, 2) -> (..., D), even index first
+
+
+def pack_int4(b, codes: ir.Value, dim: int) -> ir.Value:
+    """Two codes per byte along the last axis (even index in the low nibble)."""
+    even = b.op("Slice", codes, b.ints(0), b.ints(dim), b.ints(-1), b.ints(2))
+    odd = b.op("Slice", codes, b.ints(1), b.ints(dim), b.ints(-1), b.ints(2))
+    return b.op("BitwiseOr", even, b.op("BitShift", odd, b.const(np.uint8(4)), direction="LEFT"))
+
+
+# ----------------------------------------------------------------------------- streams
+
+
+@dataclass
+class Stream:
+    """One stored (B, kv, P, D) tensor: its graph inputs and how to decode and append to it."""
+
+    name: str
+    plan: MiniCachePlan
+    dims: object
+    inputs: list[ir.Value] = field(default_factory=list)
+
+    def declare(self, b) -> None:
+        """Create this stream's past inputs."""
+        kv, d = self.dims.num_kv_heads, self.dims.head_dim
+        dc = d // 2 if self.plan.bits == 4 else d
+        u8, f16 = ir.DataType.UINT8, ir.DataType.FLOAT16
+        if self.plan.bits == 16:
+            specs = [("", b.ir_dtype, [kv, "past_sequence_length", d])]
+        elif self.plan.group == "token":
+            specs = [
+                (".codes", u8, [kv, "past_sequence_length", dc]),
+                (".scale", f16, [kv, "past_sequence_length", 1]),
+                (".low", f16, [kv, "past_sequence_length", 1]),
+            ]
+        else:
+            specs = [
+                (".codes", u8, [kv, "past_quantized_length", dc]),
+                (".scale", f16, [kv, "past_group_count", d]),
+                (".low", f16, [kv, "past_group_count", d]),
+                (".residual", b.ir_dtype, [kv, "past_residual_length", d]),
+            ]
+        self.inputs = [
+            graph_input(f"{PAST}{self.name}{s}", t, ["batch_size", *shape]) for s, t, shape in specs
+        ]
+
+    def decode(self, b) -> ir.Value:
+        """The stored past as (B, kv, P, D) in the activation dtype."""
+        if self.plan.bits == 16:
+            return self.inputs[0]
+        d = self.dims.head_dim
+        codes = codes_to_float(b, self.inputs[0], self.plan.bits, d)
+        if self.plan.group == "token":
+            return to_act(b, dequantize_groups(b, codes, self.inputs[1], self.inputs[2]))
+        g = self.plan.channel_group
+        grouped = b.op("Reshape", codes, b.ints(0, 0, -1, g, d))  # (B, kv, Pq/G, G, D)
+        scale, low = (b.op("Unsqueeze", v, b.ints(3)) for v in self.inputs[1:3])
+        x = b.op("Reshape", dequantize_groups(b, grouped, scale, low), b.ints(0, 0, -1, d))
+        return b.op("Concat", to_act(b, x), self.inputs[3], axis=2)
+
+    def append(self, b, new: ir.Value) -> list[ir.Value]:
+        """Present tensors (one per input) after storing ``new`` (B, kv, S, D)."""
+        if self.plan.bits == 16:
+            return [b.op("Concat", self.inputs[0], new, axis=2)]
+        d, bits = self.dims.head_dim, self.plan.bits
+        if self.plan.group == "token":
+            codes, scale, low = quantize_groups(b, to_float(b, new), bits, -1)
+            codes = pack_int4(b, codes, d) if bits == 4 else codes
+            return [
+                b.op("Concat", old, v, axis=2)
+                for old, v in zip(self.inputs, (codes, scale, low), strict=True)
+            ]
+        g = self.plan.channel_group
+        x = b.op("Concat", self.inputs[3], new, axis=2)  # residual ++ new
+        n = b.op("Shape", x, start=2, end=3)
+        full = b.op("Mul", b.op("Div", n, b.ints(g)), b.ints(g))  # whole groups (integer division)
+        head = b.op("Slice", x, b.ints(0), full, b.ints(2))
+        rest = b.op("Slice", x, full, b.ints(INT64_MAX), b.ints(2))
+        grouped = b.op("Reshape", to_float(b, head), b.ints(0, 0, -1, g, d))
+        codes, scale, low = quantize_groups(b, grouped, bits, 3)  # scale/low (B, kv, G', 1, D)
+        codes = b.op("Reshape", codes, b.ints(0, 0, -1, d))
+        codes = pack_int4(b, codes, d) if bits == 4 else codes
+        scale, low = (b.op("Squeeze", v, b.ints(3)) for v in (scale, low))
+        presents = [
+            b.op("Concat", old, v, axis=2)
+            for old, v in zip(self.inputs[:3], (codes, scale, low), strict=True)
+        ]
+        return [*presents, rest]
+
+
+def slerp_merge(b, a: ir.Value, c: ir.Value, t: float) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
+    """Graph twin of minicache.slerp_merge on float32 (B, kv, S, D): direction, magnitudes, distance (B, kv, S, 1)."""
+
+    def norm(x):
+        return b.op("Sqrt", b.op("ReduceSum", b.op("Mul", x, x), b.ints(-1), keepdims=1))
+
+    na, nc = norm(a), norm(c)
+    eps = b.const(np.float32(NORM_EPS))
+    ua, uc = b.op("Div", a, b.op("Max", na, eps)), b.op("Div", c, b.op("Max", nc, eps))
+    cos = b.op("ReduceSum", b.op("Mul", ua, uc), b.ints(-1), keepdims=1)
+    omega = b.op("Acos", b.op("Clip", cos, b.const(np.float32(-1)), b.const(np.float32(1))))
+    so = b.op("Sin", omega)
+    small = b.op("Less", so, b.const(np.float32(SLERP_EPS)))
+    safe = b.op("Where", small, b.const(np.float32(1)), so)
+
+    def weight(w: float) -> ir.Value:
+        slerp = b.op("Div", b.op("Sin", b.op("Mul", omega, b.const(np.float32(w)))), safe)
+        return b.op("Where", small, b.const(np.float32(w)), slerp)
+
+    direction = b.op("Add", b.op("Mul", weight(1 - t), ua), b.op("Mul", weight(t), uc))
+    return direction, na, nc, b.op("Div", omega, b.const(np.float32(math.pi)))
+
+
+@dataclass
+class CompressedKV:
+    """The MiniCache / quantized layout of a ``MiniCachePlan`` (see the module docstring for the tensors)."""
+
+    plan: MiniCachePlan
+    graph_inputs: list[ir.Value] = field(default_factory=list)
+    compressed = True
+
+    def begin(self, b, n_layers: int, dims) -> list[tuple[ir.Value, ir.Value]]:
+        """Declare inputs; restore every layer's past K/V before the blocks run."""
+        self.dims, self.pasts = dims, []
+        self.streams: dict[str, Stream] = {}
+        kinds = ("key", "value")
+        pasts: list = [None] * n_layers
+        for i in range(n_layers):
+            role, p = self.plan.role(i)
+            if role == "plain" or (self.plan.merge == "share" and role == "first"):
+                pasts[i] = tuple(self._stream(b, f"{i}.{k}").decode(b) for k in kinds)
+        for a, c in self.plan.pairs:
+            if self.plan.merge == "share":
+                pasts[c] = pasts[a]
+                continue
+            index = self._input(b, f"{a}_{c}.retained_index", ir.DataType.INT64, ["past_retained_length"])
+            for layer in (a, c):
+                pasts[layer] = tuple(self._restore(b, a, c, layer, k, index) for k in kinds)
+        self.pasts = pasts
+        return pasts
+
+    def _input(self, b, name: str, dtype: ir.DataType, shape: list) -> ir.Value:
+        value = graph_input(PAST + name, dtype, shape)
+        self.graph_inputs.append(value)
+        return value
+
+    def _stream(self, b, name: str) -> Stream:
+        s = Stream(name, self.plan, self.dims)
+        s.declare(b)
+        self.graph_inputs.extend(s.inputs)
+        self.streams[name] = s
+        return s
+
+    def _restore(self, b, a: int, c: int, layer: int, kind: str, index: ir.Value) -> ir.Value:
+        """magnitude * shared direction, with the retained tokens' exact vectors scattered back in."""
+        kv, d = self.dims.num_kv_heads, self.dims.head_dim
+        key = f"{a}_{c}.{kind}.direction"
+        direction = self.streams[key].decode(b) if key in self.streams else self._stream(b, key).decode(b)
+        shape = ["batch_size", kv, "past_sequence_length", 1]
+        mag = self._input(b, f"{layer}.{kind}.magnitude", b.ir_dtype, shape)
+        kept = self._input(
+            b, f"{layer}.{kind}.retained", b.ir_dtype, ["batch_size", kv, "past_retained_length", d]
+        )
+        x = b.op("Mul", mag, direction)
+        where = b.op("Expand", b.op("Reshape", index, b.ints(1, 1, -1, 1)), b.op("Shape", kept))
+        return b.op("ScatterElements", x, where, kept, axis=2)
+
+    def finish(self, b, presents: list[tuple[ir.Value, ir.Value]]) -> list[ir.Value]:
+        """Store each layer's new tokens (merging pairs once both layers ran); name every present output."""
+        new = [
+            None
+            if p is None
+            else tuple(self._new(b, x, past) for x, past in zip(p, self.pasts[i], strict=True))
+            for i, p in enumerate(presents)
+        ]
+        outs: dict[str, ir.Value] = {}
+        for i in range(len(presents)):
+            role, _ = self.plan.role(i)
+            if role == "plain" or (self.plan.merge == "share" and role == "first"):
+                for kind, x in zip(("key", "value"), new[i], strict=True):
+                    s = self.streams[f"{i}.{kind}"]
+                    outs.update(zip((v.name for v in s.inputs), s.append(b, x), strict=True))
+        if self.plan.merge == "minicache":
+            for p, (a, c) in enumerate(self.plan.pairs):
+                outs.update(self._merge(b, p, a, c, new[a], new[c]))
+        return [name_output(b, outs[v.name], PRESENT + v.name[len(PAST) :], v) for v in self.graph_inputs]
+
+    def _new(self, b, present: ir.Value, past: ir.Value) -> ir.Value:
+        """The exact new tokens of a layer: its present after the restored past."""
+        start = b.op("Shape", past, start=2, end=3)
+        return b.op("Slice", present, start, b.ints(INT64_MAX), b.ints(2))
+
+    def _merge(self, b, p: int, a: int, c: int, new_a, new_c) -> dict[str, ir.Value]:
+        """Merge a pair's new tokens: shared directions, magnitudes, retained positions and vectors."""
+        t, thr = self.plan.t, self.plan.thresholds[p]
+        merged = {
+            kind: slerp_merge(b, to_float(b, x), to_float(b, y), t)
+            for kind, x, y in zip(("key", "value"), new_a, new_c, strict=True)
+        }
+        dist = b.op("Max", merged["key"][3], merged["value"][3])  # (B, kv, S, 1)
+        score = b.op("ReduceMax", dist, b.ints(0, 1, 3), keepdims=0)  # (S,)
+        keep = b.op("Reshape", b.op("NonZero", b.op("Greater", score, b.const(np.float32(thr)))), b.ints(-1))
+        index_in = next(v for v in self.graph_inputs if v.name == f"{PAST}{a}_{c}.retained_index")
+        offset = b.op("Shape", self.pasts[a][0], start=2, end=3)
+        outs = {index_in.name: b.op("Concat", index_in, b.op("Add", keep, offset), axis=0)}
+        for ki, kind in enumerate(("key", "value")):
+            direction, na, nc, _ = merged[kind]
+            s = self.streams[f"{a}_{c}.{kind}.direction"]
+            outs.update(zip((v.name for v in s.inputs), s.append(b, to_act(b, direction)), strict=True))
+            for layer, mag, x in ((a, na, new_a[ki]), (c, nc, new_c[ki])):
+                for field_, value in (
+                    ("magnitude", to_act(b, mag)),
+                    ("retained", b.op("Gather", x, keep, axis=2)),
+                ):
+                    name = f"{PAST}{layer}.{kind}.{field_}"
+                    past = next(v for v in self.graph_inputs if v.name == name)
+                    outs[name] = b.op("Concat", past, value, axis=2)
+        return outs
+
+
+def make_layout(plan: MiniCachePlan | None):
+    """PlainKV for no plan (or a plan that changes nothing), else CompressedKV."""
+    if plan is None or (not plan.pairs and plan.bits == 16):
+        return PlainKV()
+    return CompressedKV(plan)

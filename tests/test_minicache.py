@@ -1,0 +1,246 @@
+"""MiniCache + quantized KV: the PyTorch reference, the exported graph against it, bytes, CLI and runner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from edgepack.compressor.minicache import (
+    CompressedCache,
+    KVCacheConfig,
+    MiniCachePlan,
+    decode_perplexity,
+    layer_kv,
+    make_plan,
+    pack_int4,
+    quantize_groups,
+    slerp_merge,
+    unpack_int4,
+)
+from edgepack.exporter.builder import BuildOptions, build_decoder
+from edgepack.exporter.kv_cache import make_layout
+from edgepack.exporter.parity import OrtDecoder
+from edgepack.runtime import runner
+
+from edgepack.cli import cli
+from edgepack.errors import EdgepackError
+from edgepack.model import load_model
+
+
+@pytest.fixture(scope="module")
+def model(stories: Path):
+    return load_model(stories)
+
+
+@pytest.fixture(scope="module")
+def ids() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randint(3, 500, (1, 40))
+
+
+def test_slerp_and_quant_math() -> None:
+    torch.manual_seed(1)
+    a, b = torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)
+    d, na, nb, dist = slerp_merge(a, b, 0.0)  # t = 0: the shared direction is layer a's own
+    torch.testing.assert_close(na * d, a)
+    d, na, nb, dist = slerp_merge(a, b, 0.5)
+    torch.testing.assert_close(torch.linalg.vector_norm(d, dim=-1), torch.ones(1, 2, 5))  # SLERP stays unit
+    assert ((dist >= 0) & (dist <= 1)).all() and slerp_merge(a, a, 0.5)[3].max() < 1e-3
+    codes, scale, low = quantize_groups(a, 4, -1)
+    assert codes.max() <= 15 and scale.dtype == torch.float16
+    err = (codes.float() * scale.float() + low.float() - a).abs()
+    assert (
+        err <= scale.float() / 2 + 1e-2
+    ).all()  # round-to-nearest: half a step (plus fp16 rounding of low)
+    assert torch.equal(unpack_int4(pack_int4(codes)), codes)
+
+
+def test_reference_retaining_everything_is_exact(model, ids) -> None:
+    """With every token retained the merged layout must reproduce the uncompressed model."""
+    plan = make_plan(model, KVCacheConfig(merge="minicache", start_layer=1), layer_kv(model, ids), 1)
+    plan.thresholds = [-1.0] * len(plan.pairs)
+    base, _ = decode_perplexity(model, ids, None)
+    got, stats = decode_perplexity(model, ids, plan)
+    assert got == pytest.approx(base, rel=1e-5) and stats["retained_fraction"] == 1.0
+    merged, _ = decode_perplexity(model, ids, make_plan(model, KVCacheConfig(merge="minicache"), None, None))
+    assert merged == pytest.approx(base, rel=1e-6)  # start None: no pair, nothing merged
+
+
+CASES = {
+    "minicache": dict(merge="minicache", start_layer=1, max_retained=0.3),
+    "minicache-int4-channel": dict(
+        merge="minicache", start_layer=1, max_retained=0.3, bits=4, group="channel", channel_group=4
+    ),
+    "int8-token": dict(bits=8),
+    "int4-token": dict(bits=4),
+    "share": dict(merge="share", start_layer=1),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_exported_graph_matches_reference(model, ids, tmp_path: Path, case: str) -> None:
+    """Prefill 13 tokens then 27 decode steps: logits and every stored byte equal the PyTorch reference."""
+    cfg = KVCacheConfig(**CASES[case])
+    plan = make_plan(model, cfg, layer_kv(model, ids), cfg.start_layer)
+    path = tmp_path / "model.onnx"
+    ir.save(build_decoder(model, BuildOptions(kv_layout=make_layout(plan))), path)
+    err, past, cache = replay(path, model, plan, ids)
+    tol = 2e-3 if cfg.group == "token" else 5e-3  # a per-channel code may round the other way (1 ulp)
+    assert err < tol
+    assert sum(v.nbytes for v in past.values()) == cache.stored_bytes()
+    plain = 5 * 2 * 4 * 8 * 4 * 40  # layers x (K, V) x kv heads x head_dim x fp32 x tokens
+    assert cache.stored_bytes() < plain
+    if cfg.merge == "minicache":
+        assert 0 < cache.retained_fraction() < 1
+        assert past["past_key_values.1_2.retained_index"].dtype == np.int64
+        ops = {n.op_type for n in ir.load(path).graph.all_nodes()}
+        assert {"Acos", "ScatterElements", "NonZero"} <= ops
+
+
+def replay(path: Path, model, plan: MiniCachePlan, ids: torch.Tensor) -> tuple[float, dict, CompressedCache]:
+    """Prefill 13 tokens then decode the rest one by one through the graph and the reference cache."""
+    dec, cache = OrtDecoder(path), CompressedCache(plan)
+    past, err, length = dec.empty_cache(), 0.0, 0
+    for chunk in [ids[:, :13], *(ids[:, j : j + 1] for j in range(13, ids.shape[1]))]:
+        logits, past = dec.step(chunk.numpy(), past, length)
+        with torch.no_grad():
+            ref = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits.numpy()
+        err = max(err, float(np.abs(logits - ref).max()))
+        length += chunk.shape[1]
+    return err, past, cache
+
+
+def test_composes_with_fold_and_weight_quantization(stories: Path, tmp_path: Path) -> None:
+    """A folded (shared blocks as one Scan) W4 model with MiniCache + int4 KV still matches its reference."""
+    from edgepack.compressor.fold import FoldConfig, fold
+    from edgepack.compressor.quantize import QuantConfig, quantize
+
+    model = load_model(stories)
+    torch.manual_seed(0)
+    calib = torch.randint(3, 500, (4, 64))
+    fold(
+        model,
+        FoldConfig(remove=0.2, share_group=2, cure_steps=0, gate_steps=2, n_samples=4, seq_len=64),
+        calib,
+    )
+    quantize(model, QuantConfig(wbits=4, group_size=32), None)
+    ids = calib[:1, :40]
+    plan = make_plan(
+        model,
+        KVCacheConfig(merge="minicache", start_layer=0, max_retained=0.3, bits=4),
+        layer_kv(model, ids),
+        0,
+    )
+    # float activations: the replay's reference is the fake-quant model (exact low-bit kernels)
+    graph = build_decoder(model, BuildOptions(activations="float", kv_layout=make_layout(plan)))
+    assert {"Scan", "MatMulNBits", "ScatterElements"} <= {n.op_type for n in graph.graph.all_nodes()}
+    ir.save(graph, tmp_path / "model.onnx")
+    err, past, cache = replay(tmp_path / "model.onnx", model, plan, ids)
+    assert err < 2e-3 and sum(v.nbytes for v in past.values()) == cache.stored_bytes()
+
+
+def test_int4_halves_int8_bytes(model, ids) -> None:
+    stats = {
+        b: decode_perplexity(model, ids, make_plan(model, KVCacheConfig(bits=b), None, None))[1]
+        for b in (8, 4)
+    }
+    plain = 5 * 2 * 4 * 8 * 4
+    # head_dim 8: int8 = 8 B + 4 B fp16 scale/low per head, int4 = 4 + 4
+    assert stats[8]["bytes_per_token"] == 5 * 2 * 4 * 12 and stats[4]["bytes_per_token"] == 5 * 2 * 4 * 8
+    assert plain / stats[4]["bytes_per_token"] == 4.0
+
+
+def test_config_rejects_bad_values() -> None:
+    for bad in (dict(bits=3), dict(group="row"), dict(merge="avg"), dict(t=1.5), dict(max_retained=1.0)):
+        with pytest.raises(EdgepackError):
+            KVCacheConfig(**bad)
+    with pytest.raises(EdgepackError, match="unknown kv keys"):
+        KVCacheConfig.from_dict({"bitz": 4})
+    assert MiniCachePlan(5, "minicache", 1).pairs == [(1, 2), (3, 4)]
+    assert MiniCachePlan(6, "minicache", 2).pairs == [(2, 3), (4, 5)]
+
+
+def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Path) -> None:
+    """--kv-merge/--kv-bits end to end: parity vs the reference, manifest recipe, README, runner --context."""
+    out = tmp_path / "kv"
+    res = CliRunner().invoke(
+        cli,
+        [
+            "export",
+            "--model",
+            str(stories),
+            "--kv-merge",
+            "minicache",
+            "--kv-start",
+            "1",
+            "--kv-bits",
+            "4",
+            "--kv-group",
+            "token",
+            "--calib",
+            str(shakespeare),
+            "-o",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    step = m["recipe"]["steps"][0]
+    assert step["kind"] == "kv" and step["merge"] == "minicache" and step["bits"] == 4
+    assert m["compression"]["kv"]["plan"]["pairs"] == [[1, 2], [3, 4]]
+    t_trials = m["compression"]["kv"]["search"]["t_trials"]  # t chosen on the calibration text
+    assert m["compression"]["kv"]["plan"]["t"] == min(t_trials, key=lambda r: r["ppl"])["t"]
+    assert m["parity"]["max_abs_logit"] < 2e-3 and m["parity"]["greedy"] == 1.0
+    assert (
+        not (out / "genai_config.json").exists()
+        and "onnxruntime-genai cannot run" in (out / "README.md").read_text()
+    )
+    report_path = tmp_path / "r.json"
+    argv = [
+        str(out),
+        "--json",
+        str(report_path),
+        "--prompt-len=8",
+        "--gen=4",
+        "--runs=1",
+        "--warmup=0",
+        "--threads=1",
+    ]
+    assert runner.main([*argv, "--context=64,200"]) == 0
+    report = json.loads(report_path.read_text())
+    points = report["contexts"]
+    assert [p["context"] for p in points] == [64, 200]
+    assert points[1]["kv_bytes"] > points[0]["kv_bytes"] and all(p["decode_tok_s"] > 0 for p in points)
+    assert report["kv"]["bytes_per_position"] < 1280  # the plain layout stores 1280 B per token
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kv-bits", "3"], "kv bits=3 is not supported"),
+        (["--kv-group", "row"], "kv group='row' is unknown"),
+        (["--kv-start", "x"], "cannot read --kv-start"),
+        (["--kv-merge", "minicache"], "needs calibration text"),
+    ],
+)
+def test_cli_bad_kv_flags(tmp_path: Path, flags: list[str], message: str) -> None:
+    res = CliRunner().invoke(cli, ["export", *flags, "-o", str(tmp_path / "x")])
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_runner_reads_any_kv_layout(model, tmp_path: Path) -> None:
+    """The runner derives empty pasts (uint8 codes, fp16 scales, int64 indices) from the graph alone."""
+    plan = MiniCachePlan(5, "minicache", 3, 0.5, [0.5], bits=4, group="channel", channel_group=8)
+    path = tmp_path / "model.onnx"
+    ir.save(build_decoder(model, BuildOptions(kv_layout=make_layout(plan))), path)
+    io = runner.DecoderIO.from_session(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]))
+    dtypes = {np.dtype(s.dtype).name for s in io.kv}
+    assert dtypes == {"uint8", "float16", "float32", "int64"}
+    assert all(s.present == "present." + s.past.removeprefix("past_key_values.") for s in io.kv)
