@@ -10,6 +10,12 @@ It verifies the artifact's checksums (manifest.json) before loading, loads ``mod
 (else ``model.onnx``), and reports medians and spread of time to first token, prefill and decode tokens/s, the
 process's own peak RSS, model load time and, on CUDA, GPU memory. A bad artifact or option prints one line on
 stderr and exits with status 2.
+
+It also drives other tools' decoders with the same I/O names (the onnxruntime-genai model builder's, with
+``--no-verify``): the KV cache is fed in the layout the artifact declares. ``concat``: past (1, kv, T, D) in,
+present (1, kv, T+S, D) out, fed back. ``shared``: genai_config.json's ``past_present_share_buffer`` (fused
+GroupQueryAttention): one (1, kv, capacity, D) buffer per cache tensor, bound as both past and present, which the
+kernel writes in place; the attention mask's sum says how much of it is valid.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class RunConfig:
     warmup: int = 1
     device: str = "cpu"
     sweep: tuple[int, ...] = ()  # extra prompt lengths timed after the main runs (latency vs prompt length)
+    kv_layout: str = "auto"  # auto = what the artifact declares (see KV_LAYOUTS)
 
 
 # ---------------------------------------------------------------------------------------------- artifact checks
@@ -124,12 +131,20 @@ def model_bytes(model_path: Path) -> int:
     return model_path.stat().st_size + sum(p.stat().st_size for p in extra)
 
 
-def context_length(artifact_dir: Path) -> int | None:
-    """The model's context length from genai_config.json, if the artifact has one."""
+def read_genai_config(artifact_dir: Path) -> dict:
+    """genai_config.json of the artifact, or {} when it has none."""
     path = artifact_dir / GENAI_CONFIG_NAME
     if not path.is_file():
-        return None
-    value = json.loads(path.read_text()).get("model", {}).get("context_length")
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RunnerError(f"{path} is not valid JSON ({exc}): re-export the artifact") from None
+
+
+def context_length(artifact_dir: Path) -> int | None:
+    """The model's context length from genai_config.json, if the artifact has one."""
+    value = read_genai_config(artifact_dir).get("model", {}).get("context_length")
     return int(value) if value else None
 
 
@@ -162,7 +177,10 @@ class DecoderIO:
         return sum(s.kv_heads * s.head_dim * np.dtype(s.dtype).itemsize for s in self.kv)
 
     @classmethod
-    def from_session(cls, session: ort.InferenceSession) -> DecoderIO:
+    def from_session(cls, session: ort.InferenceSession, genai: dict | None = None) -> DecoderIO:
+        """Read names and KV shapes from the graph; symbolic head sizes (the builder's) from genai_config.json."""
+        decoder = (genai or {}).get("model", {}).get("decoder", {})
+        declared = {"kv_heads": decoder.get("num_key_value_heads"), "head_dim": decoder.get("head_size")}
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         if "input_ids" not in inputs or "logits" not in outputs:
@@ -176,10 +194,12 @@ class DecoderIO:
                 continue
             present = f"present.{match.group(1)}.{match.group(2)}"
             _, kv_heads, _, head_dim = info.shape
+            kv_heads = kv_heads if isinstance(kv_heads, int) else declared["kv_heads"]
+            head_dim = head_dim if isinstance(head_dim, int) else declared["head_dim"]
             if present not in outputs or not isinstance(kv_heads, int) or not isinstance(head_dim, int):
                 raise RunnerError(
-                    f"{name} has no matching {present} output or a symbolic head shape {info.shape}: "
-                    "re-export the artifact with `edgepack export`"
+                    f"{name} has no matching {present} output or a symbolic head shape {info.shape} that "
+                    "genai_config.json does not resolve: re-export the artifact with `edgepack export`"
                 )
             if info.type not in ORT_DTYPES:
                 raise RunnerError(f"{name} has type {info.type}; the runner supports {', '.join(ORT_DTYPES)}")
@@ -302,17 +322,95 @@ class BindingDecoder(Decoder):
         return logits[0, -1]
 
 
+class SharedBufferDecoder(Decoder):
+    """Shared past/present buffer (onnxruntime-genai's ``past_present_share_buffer``), through IOBinding.
+
+    Each cache tensor is one (1, kv, capacity, D) OrtValue bound as both the past input and the present output;
+    GroupQueryAttention sees the same address on both and appends the new positions in place, so no step copies
+    the cache. The attention mask (1, cached + S) tells the kernel how many positions are valid.
+    """
+
+    kv_cache = "shared past/present buffer, IOBinding"
+
+    def __init__(self, session: ort.InferenceSession, io: DecoderIO, capacity: int, kv_device: str) -> None:
+        super().__init__(session, io)
+        if not io.has_attention_mask:
+            raise RunnerError(
+                "a shared past/present buffer needs an attention_mask input (it carries the valid length): "
+                "pass --kv-layout concat"
+            )
+        self.capacity = capacity
+        self.binding = session.io_binding()
+        self.buffers = [
+            ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((1, s.kv_heads, capacity, s.head_dim), s.dtype), kv_device
+            )
+            for s in io.kv
+        ]
+        self.binding.bind_output("logits", "cpu")  # first, so it stays get_outputs()[0] when bound again
+        # Bound once: the same buffers serve every step (indexed, not zip(strict=): py3.8).
+        for i, slot in enumerate(io.kv):
+            self.binding.bind_ortvalue_input(slot.past, self.buffers[i])
+            self.binding.bind_ortvalue_output(slot.present, self.buffers[i])
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        if self.length + ids.shape[1] > self.capacity:
+            raise RunnerError(f"the shared KV buffer holds {self.capacity} positions: raise its capacity")
+        for name, value in self.int_feeds(ids).items():
+            self.binding.bind_cpu_input(name, value)
+        self.binding.bind_output("logits", "cpu")  # again each step: a bound output keeps its first shape
+        self.session.run_with_iobinding(self.binding)
+        self.length += ids.shape[1]
+        return self.binding.get_outputs()[0].numpy()[0, -1]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the KV cache travels between steps, and the decoder that implements it on a device."""
+
+    description: str
+    decoder: Callable[[ort.InferenceSession, DecoderIO, RunConfig], Decoder]
+
+
+KV_LAYOUTS: dict[str, KVLayout] = {
+    "concat": KVLayout(
+        "past (1, kv, T, D) in, present (1, kv, T+S, D) out, fed back",
+        lambda session, io, config: DEVICES[config.device].decoder(session, io),
+    ),
+    "shared": KVLayout(
+        "one (1, kv, capacity, D) buffer per cache tensor, bound as past and present (in-place append)",
+        lambda session, io, config: SharedBufferDecoder(
+            session, io, capacity_needed(config), DEVICES[config.device].kv_device
+        ),
+    ),
+}
+
+
+def capacity_needed(config: RunConfig) -> int:
+    """Positions a shared buffer must hold: the longest prompt plus the decode steps and the first token."""
+    return max((config.prompt_len, *config.sweep)) + config.gen + 1
+
+
+def declared_kv_layout(genai: dict, io: DecoderIO) -> str:
+    """``shared`` when genai_config.json asks for a shared past/present buffer and the graph can take one."""
+    shared = bool(genai.get("search", {}).get("past_present_share_buffer", False))
+    return "shared" if shared and io.has_attention_mask and io.kv else "concat"
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """How one ``--device`` runs: its execution provider and the decoder that keeps its KV cache."""
 
     provider: str
     decoder: Callable[[ort.InferenceSession, DecoderIO], Decoder]
+    kv_device: str  # where a shared KV buffer lives
 
 
 DEVICES: dict[str, DeviceSpec] = {
-    "cpu": DeviceSpec(provider="CPUExecutionProvider", decoder=RunDecoder),
-    "cuda": DeviceSpec(provider="CUDAExecutionProvider", decoder=partial(BindingDecoder, kv_device="cuda")),
+    "cpu": DeviceSpec(provider="CPUExecutionProvider", decoder=RunDecoder, kv_device="cpu"),
+    "cuda": DeviceSpec(
+        provider="CUDAExecutionProvider", decoder=partial(BindingDecoder, kv_device="cuda"), kv_device="cuda"
+    ),
 }
 
 
@@ -455,6 +553,10 @@ def make_prompt(length: int, vocab: int | None) -> np.ndarray:
 def check_config(config: RunConfig, context: int | None) -> None:
     if config.device not in DEVICES:
         raise RunnerError(f"unknown --device {config.device}: use one of {', '.join(DEVICES)}")
+    if config.kv_layout != "auto" and config.kv_layout not in KV_LAYOUTS:
+        raise RunnerError(
+            f"unknown --kv-layout {config.kv_layout}: use auto or one of {', '.join(KV_LAYOUTS)}"
+        )
     for name in ("prompt_len", "gen", "runs"):
         if getattr(config, name) < 1:
             raise RunnerError(f"--{name.replace('_', '-')} must be at least 1")
@@ -481,8 +583,10 @@ def run_benchmark(
     session = make_session(model_path, config)
     load_s = time.perf_counter() - start
     rss_after_load = _proc_status_mib("VmRSS")
-    io = DecoderIO.from_session(session)
-    decoder = DEVICES[config.device].decoder(session, io)
+    genai = read_genai_config(artifact_dir)
+    io = DecoderIO.from_session(session, genai)
+    layout = declared_kv_layout(genai, io) if config.kv_layout == "auto" else config.kv_layout
+    decoder = KV_LAYOUTS[layout].decoder(session, io, config)
     prompt = make_prompt(config.prompt_len, io.vocab_size)
 
     for _ in range(config.warmup):
@@ -500,6 +604,7 @@ def run_benchmark(
         "device": config.device,
         "provider": session.get_providers()[0],
         "kv_cache": decoder.kv_cache,
+        "kv_layout": layout,
         "threads": config.threads,
         "prompt_len": config.prompt_len,
         "gen": config.gen,
@@ -578,6 +683,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model-file", default=None, help="model file inside the folder (default model.ort/.onnx)"
     )
+    parser.add_argument(
+        "--kv-layout",
+        choices=["auto", *KV_LAYOUTS],
+        default="auto",
+        help="KV cache layout (auto = genai_config.json's past_present_share_buffer: shared, else concat)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the manifest.json checksum check")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     return parser.parse_args(argv)
@@ -590,7 +701,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         print(f"error: --sweep {args.sweep!r} is not a comma-separated list of integers", file=sys.stderr)
         return 2
-    config = RunConfig(args.threads, args.prompt_len, args.gen, args.runs, args.warmup, args.device, sweep)
+    config = RunConfig(
+        args.threads, args.prompt_len, args.gen, args.runs, args.warmup, args.device, sweep, args.kv_layout
+    )
     try:
         report = run_benchmark(args.artifact, config, verify=not args.no_verify, model_file=args.model_file)
     except RunnerError as exc:
