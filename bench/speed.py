@@ -118,6 +118,11 @@ def random_qwen05b(cache: Path) -> Path:
     )
     model = Qwen2ForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(staging, safe_serialization=True)
+    config_path = (
+        staging / "config.json"
+    )  # transformers 5 writes rope_parameters only; older readers want this
+    saved = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**saved, "rope_theta": QWEN05B_CONFIG["rope_theta"]}, indent=2) + "\n")
     tokenizer = SHARED / "models" / "mix-llama-14m"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer / name, staging / name)
@@ -446,6 +451,25 @@ def compute_ratios(rows: list[Measurement], ratios: list[Ratio]) -> list[dict]:
     return out
 
 
+def driver_agreement(rows: list[Measurement]) -> list[dict]:
+    """Per ONNX artifact, thread count and round: do runner.py and onnxruntime-genai generate the same ids?"""
+    by_key: dict[tuple, dict[str, list[int]]] = {}
+    for r in rows:
+        if r.driver in DRIVERS and not r.error:
+            by_key.setdefault((r.model, r.label, r.threads, r.round), {})[r.driver] = r.generated_ids
+    return [
+        {
+            "model": k[0],
+            "artifact": k[1],
+            "threads": k[2],
+            "round": k[3],
+            "same_tokens": ids[DRIVERS[0]] == ids[DRIVERS[1]],
+        }  # fmt: skip
+        for k, ids in by_key.items()
+        if len(ids) == len(DRIVERS)
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -505,6 +529,16 @@ def markdown(result: dict) -> str:
                 f"| {x['ratio']} | {fmt_values(x['per_round'], 2)} | {x['goal'] or '—'} |" for x in ratios
             ]
             lines.append("")
+        agree = [
+            x for x in result.get("driver_agreement", []) if x["model"] == model and x["threads"] == threads
+        ]
+        differ = sorted({x["artifact"] for x in agree if not x["same_tokens"]})
+        if agree:
+            lines.append(
+                "Greedy tokens, runner.py vs onnxruntime-genai: "
+                + (f"differ for {', '.join(differ)}." if differ else f"identical for all {len(agree)} pairs.")
+            )
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -553,6 +587,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="keep artifacts here (default: a temp folder)")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
     p.add_argument("--tag", default="", help="suffix for speed<tag>.json / .md")
+    p.add_argument(
+        "--render", type=Path, default=None, help="only redo the tables (and ratios) of a speed JSON"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -595,6 +632,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
     )
+    if args.render is not None:
+        return render(args.render)
     if args.quick:
         args.threads, args.rounds, args.runs = "1", 1, 2
     unknown = [m for m in args.models.split(",") if m not in MODELS]
@@ -636,6 +675,7 @@ def main(argv: list[str] | None = None) -> int:
         "artifacts": [{**asdict(a), "path": str(a.path) if a.path else None} for a in artifacts],
         "measurements": [asdict(r) for r in rows],
         "ratios": compute_ratios(rows, ratio_table()),
+        "driver_agreement": driver_agreement(rows),
         "host": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
@@ -652,6 +692,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {args.out / f'speed{args.tag}.json'} and speed{args.tag}.tables.md")
     if work_ctx:
         work_ctx.cleanup()
+    return 0
+
+
+def render(path: Path) -> int:
+    """Recompute ratios and driver agreement of a saved speed JSON and rewrite it and its tables beside it."""
+    result = json.loads(path.read_text())
+    rows = [Measurement(**r) for r in result["measurements"]]
+    result["ratios"] = compute_ratios(rows, ratio_table())
+    result["driver_agreement"] = driver_agreement(rows)
+    path.write_text(json.dumps(result, indent=1) + "\n")
+    tables = path.with_name(path.stem + ".tables.md")
+    tables.write_text(markdown(result) + "\n")
+    print(f"wrote {path} and {tables}")
     return 0
 
 

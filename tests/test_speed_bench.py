@@ -109,10 +109,16 @@ def test_measure_rows_ratios_and_tables(stories_fp32: Path, builder_gqa: tuple[P
     assert len(ratios) == 1 and len(ratios[0]["per_round"]) == 2
     assert ratios[0]["per_round"][0] == pytest.approx(rows[2].decode_tok_s / rows[0].decode_tok_s)
 
+    agreement = speed.driver_agreement(rows)
+    assert [(a["artifact"], a["same_tokens"]) for a in agreement] == [
+        ("edgepack fp32", True),
+        ("builder fp32", True),
+    ]
     result = {"measurements": [asdict(r) for r in rows], "ratios": ratios, "host": {"cpus": 2}}
+    result["driver_agreement"] = agreement
     table = speed.markdown(result)
     assert "| builder fp32 | onnxruntime-genai |" in table and "failed: build failed" in table
-    assert "| fp32 builder / edgepack |" in table
+    assert "| fp32 builder / edgepack |" in table and "identical for all 2 pairs" in table
 
 
 def test_variant_option_and_llama_skip_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
