@@ -129,3 +129,14 @@ def test_variant_option_and_llama_skip_message(monkeypatch: pytest.MonkeyPatch, 
         speed.parse_args(["--variant", "no-equals-sign"])
     monkeypatch.setattr(speed, "LLAMA_BIN", tmp_path / "bin")
     assert speed.llama_missing().startswith("llama.cpp skipped: ")
+
+
+def test_parse_llama_bench_json() -> None:
+    """llama-bench -o json rows (pp64 then tg32, fields as tools/llama-bench writes them) -> prefill, decode."""
+    rows = [
+        {"n_prompt": 64, "n_gen": 0, "avg_ts": 1500.5, "samples_ts": [1490.0, 1511.0]},
+        {"n_prompt": 0, "n_gen": 32, "avg_ts": 410.25, "samples_ts": [400.5, 420.0]},
+    ]
+    prefill, decode, samples = speed.parse_llama_bench(rows, speed.Settings(prompt_len=64, gen=32))
+    assert (prefill, decode, samples) == (1500.5, 410.25, [400.5, 420.0])
+    assert speed.parse_llama_bench(rows, speed.Settings(prompt_len=16, gen=32))[0] is None
