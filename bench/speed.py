@@ -25,9 +25,11 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -326,14 +328,20 @@ def measure_onnx(art: Artifact, driver: str, threads: int, s: Settings, tmp: Pat
 
 
 def parse_llama_bench(rows: list[dict], s: Settings) -> tuple[float | None, float | None, list[float]]:
-    """(prefill tok/s, decode tok/s, decode samples) from ``llama-bench -o json`` rows."""
+    """(prefill tok/s, decode tok/s, decode samples) from ``llama-bench -o json`` rows: medians of the samples
+    (as the ONNX drivers report), its mean ``avg_ts`` where a row has no samples."""
+
+    def median_ts(row: dict) -> float:
+        samples = row.get("samples_ts") or []
+        return statistics.median(samples) if samples else row["avg_ts"]
+
     prefill = decode = None
     samples: list[float] = []
     for row in rows:
         if row.get("n_prompt") == s.prompt_len and row.get("n_gen") == 0:
-            prefill = row["avg_ts"]
+            prefill = median_ts(row)
         elif row.get("n_gen") == s.gen and row.get("n_prompt") == 0:
-            decode, samples = row["avg_ts"], list(row.get("samples_ts") or [])
+            decode, samples = median_ts(row), list(row.get("samples_ts") or [])
     return prefill, decode, samples
 
 
@@ -343,7 +351,10 @@ def measure_llama(art: Artifact, threads: int, s: Settings, tmp: Path) -> dict:
            "-n", str(s.gen), "-r", str(s.runs), "-o", "json"]  # fmt: skip
     with open(tmp / "llama.json", "w") as out, open(tmp / "llama.log", "w") as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err)
+        timer = threading.Timer(s.timeout, proc.kill)  # wait4 (for the child's rusage) has no timeout
+        timer.start()
         _, status, usage = os.wait4(proc.pid, 0)
+        timer.cancel()
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         lines = (tmp / "llama.log").read_text(errors="replace").strip().splitlines() or ["no output"]
