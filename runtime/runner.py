@@ -137,9 +137,14 @@ def read_genai_config(artifact_dir: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise RunnerError(f"{path} is not valid JSON ({exc}): re-export the artifact") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunnerError(
+            f"{path} is corrupt ({exc}): re-export the artifact with `edgepack export`"
+        ) from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+        raise RunnerError(f'{path} is not a genai config (no "model" table): re-export the artifact')
+    return config
 
 
 def context_length(artifact_dir: Path) -> int | None:
