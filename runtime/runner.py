@@ -10,6 +10,12 @@ It verifies the artifact's checksums (manifest.json) before loading, loads ``mod
 (else ``model.onnx``), and reports medians and spread of time to first token, prefill and decode tokens/s, the
 process's own peak RSS, model load time and, on CUDA, GPU memory. A bad artifact or option prints one line on
 stderr and exits with status 2.
+
+It also drives other tools' decoders with the same I/O names (the onnxruntime-genai model builder's, with
+``--no-verify``): the KV cache is fed in the layout the artifact declares. ``concat``: past (1, kv, T, D) in,
+present (1, kv, T+S, D) out, fed back. ``shared``: genai_config.json's ``past_present_share_buffer`` (fused
+GroupQueryAttention): one (1, kv, capacity, D) buffer per cache tensor, bound as both past and present, which the
+kernel writes in place; the attention mask's sum says how much of it is valid.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ class RunConfig:
     device: str = "cpu"
     sweep: tuple[int, ...] = ()  # extra prompt lengths timed after the main runs (latency vs prompt length)
     contexts: tuple[int, ...] = ()  # contexts filled before timing decode (KV bytes, RSS, tok/s vs context)
+    kv_layout: str = "auto"  # auto = what the artifact declares (see KV_LAYOUTS)
 
 
 # ---------------------------------------------------------------------------------------------- artifact checks
@@ -207,17 +214,30 @@ def model_bytes(model_path: Path) -> int:
     return model_path.stat().st_size + sum(p.stat().st_size for p in extra)
 
 
-def context_length(artifact_dir: Path) -> int | None:
-    """The model's context length from genai_config.json (verify the artifact first), if it has one."""
+def read_genai_config(artifact_dir: Path) -> dict:
+    """genai_config.json of the artifact, or {} when it has none."""
     path = artifact_dir / GENAI_CONFIG_NAME
     if not path.is_file():
-        return None
+        return {}
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("context_length")
-        return int(value) if value else None
-    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise RunnerError(
             f"{path} is corrupt ({exc}): re-export the artifact with `edgepack export`"
+        ) from exc
+    if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
+        raise RunnerError(f'{path} is not a genai config (no "model" table): re-export the artifact')
+    return config
+
+
+def context_length(artifact_dir: Path) -> int | None:
+    """The model's context length from genai_config.json (verify the artifact first), if it has one."""
+    value = read_genai_config(artifact_dir).get("model", {}).get("context_length")
+    try:
+        return int(value) if value else None
+    except (ValueError, TypeError) as exc:
+        raise RunnerError(
+            f"{artifact_dir / GENAI_CONFIG_NAME} is corrupt ({exc}): re-export the artifact with `edgepack export`"
         ) from exc
 
 
@@ -252,7 +272,10 @@ class DecoderIO:
     kv: tuple[KVSlot, ...]
 
     @classmethod
-    def from_session(cls, session: ort.InferenceSession) -> DecoderIO:
+    def from_session(cls, session: ort.InferenceSession, genai: dict | None = None) -> DecoderIO:
+        """Read names and KV shapes from the graph; symbolic head sizes (the builder's) from genai_config.json."""
+        decoder = (genai or {}).get("model", {}).get("decoder", {})
+        declared = {"kv_heads": decoder.get("num_key_value_heads"), "head_dim": decoder.get("head_size")}
         inputs = {i.name: i for i in session.get_inputs()}
         outputs = {o.name: o for o in session.get_outputs()}
         if "input_ids" not in inputs or "logits" not in outputs:
@@ -269,9 +292,18 @@ class DecoderIO:
                 raise RunnerError(
                     f"{name} has no matching {present} output: re-export the artifact with `edgepack export`"
                 )
+            shape = list(info.shape)
+            if len(shape) == 4:  # (B, kv, T, D): symbolic head sizes (the builder's) from genai_config.json
+                shape[1] = shape[1] if isinstance(shape[1], int) else declared["kv_heads"]
+                shape[3] = shape[3] if isinstance(shape[3], int) else declared["head_dim"]
+                if not isinstance(shape[1], int) or not isinstance(shape[3], int):
+                    raise RunnerError(
+                        f"{name} has a symbolic head shape {info.shape} that genai_config.json does not resolve: "
+                        "re-export the artifact with `edgepack export`"
+                    )
             if info.type not in ORT_DTYPES:
                 raise RunnerError(f"{name} has type {info.type}; the runner supports {', '.join(ORT_DTYPES)}")
-            empty = tuple(1 if d == "batch_size" else (d if isinstance(d, int) else 0) for d in info.shape)
+            empty = tuple(1 if d == "batch_size" else (d if isinstance(d, int) else 0) for d in shape)
             slots.append(KVSlot(name, present, empty, ORT_DTYPES[info.type]))
         slots.sort(
             key=lambda s: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", s.past)]
@@ -408,17 +440,103 @@ class BindingDecoder(Decoder):
         return logits[0, -1]
 
 
+class SharedBufferDecoder(Decoder):
+    """Shared past/present buffer (onnxruntime-genai's ``past_present_share_buffer``), through IOBinding.
+
+    Each cache tensor is one (1, kv, capacity, D) OrtValue bound as both the past input and the present output;
+    GroupQueryAttention sees the same address on both and appends the new positions in place, so no step copies
+    the cache. The attention mask (1, cached + S) tells the kernel how many positions are valid.
+    """
+
+    kv_cache = "shared past/present buffer, IOBinding"
+
+    def __init__(self, session: ort.InferenceSession, io: DecoderIO, capacity: int, kv_device: str) -> None:
+        super().__init__(session, io)
+        if not io.has_attention_mask:
+            raise RunnerError(
+                "a shared past/present buffer needs an attention_mask input (it carries the valid length): "
+                "pass --kv-layout concat"
+            )
+        self.capacity = capacity
+        self.binding = session.io_binding()
+        self.buffers = [
+            ort.OrtValue.ortvalue_from_numpy(
+                np.zeros((1, s.kv_heads, capacity, s.head_dim), s.dtype), kv_device
+            )
+            for s in io.kv
+        ]
+        self.binding.bind_output("logits", "cpu")  # first, so it stays get_outputs()[0] when bound again
+        # Bound once: the same buffers serve every step (indexed, not zip(strict=): py3.8).
+        for i, slot in enumerate(io.kv):
+            self.binding.bind_ortvalue_input(slot.past, self.buffers[i])
+            self.binding.bind_ortvalue_output(slot.present, self.buffers[i])
+
+    def kv_bytes(self) -> int:
+        """The shared buffers' allocation: fixed at ``capacity`` positions from the first step."""
+        kv = self.io.kv  # indexed, not zip(strict=): the runner also runs on older Pythons
+        return sum(
+            int(np.prod(b.shape())) * np.dtype(kv[i].dtype).itemsize for i, b in enumerate(self.buffers)
+        )
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        if self.length + ids.shape[1] > self.capacity:
+            raise RunnerError(f"the shared KV buffer holds {self.capacity} positions: raise its capacity")
+        for name, value in self.int_feeds(ids).items():
+            self.binding.bind_cpu_input(name, value)
+        self.binding.bind_output("logits", "cpu")  # again each step: a bound output keeps its first shape
+        self.session.run_with_iobinding(self.binding)
+        self.length += ids.shape[1]
+        return self.binding.get_outputs()[0].numpy()[0, -1]
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the KV cache travels between steps, and the decoder that implements it on a device."""
+
+    description: str
+    decoder: Callable[[ort.InferenceSession, DecoderIO, RunConfig], Decoder]
+
+
+KV_LAYOUTS: dict[str, KVLayout] = {
+    "concat": KVLayout(
+        "past (1, kv, T, D) in, present (1, kv, T+S, D) out, fed back",
+        lambda session, io, config: DEVICES[config.device].decoder(session, io),
+    ),
+    "shared": KVLayout(
+        "one (1, kv, capacity, D) buffer per cache tensor, bound as past and present (in-place append)",
+        lambda session, io, config: SharedBufferDecoder(
+            session, io, capacity_needed(config), DEVICES[config.device].kv_device
+        ),
+    ),
+}
+
+
+def capacity_needed(config: RunConfig) -> int:
+    """Positions a shared buffer must hold: the longest prompt or context plus the decode steps and the first
+    token."""
+    return max((config.prompt_len, *config.sweep, *config.contexts)) + config.gen + 1
+
+
+def declared_kv_layout(genai: dict, io: DecoderIO) -> str:
+    """``shared`` when genai_config.json asks for a shared past/present buffer and the graph can take one."""
+    shared = bool(genai.get("search", {}).get("past_present_share_buffer", False))
+    return "shared" if shared and io.has_attention_mask and io.kv else "concat"
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """How one ``--device`` runs: its execution provider and the decoder that keeps its KV cache."""
 
     provider: str
     decoder: Callable[[ort.InferenceSession, DecoderIO], Decoder]
+    kv_device: str  # where a shared KV buffer lives
 
 
 DEVICES: dict[str, DeviceSpec] = {
-    "cpu": DeviceSpec(provider="CPUExecutionProvider", decoder=RunDecoder),
-    "cuda": DeviceSpec(provider="CUDAExecutionProvider", decoder=partial(BindingDecoder, kv_device="cuda")),
+    "cpu": DeviceSpec(provider="CPUExecutionProvider", decoder=RunDecoder, kv_device="cpu"),
+    "cuda": DeviceSpec(
+        provider="CUDAExecutionProvider", decoder=partial(BindingDecoder, kv_device="cuda"), kv_device="cuda"
+    ),
 }
 
 
@@ -581,6 +699,10 @@ def check_config(config: RunConfig, context: int | None) -> None:
         raise RunnerError("--warmup must be 0 or more")
     if any(length < 1 for length in config.sweep):
         raise RunnerError("--sweep prompt lengths must be at least 1")
+    if config.kv_layout != "auto" and config.kv_layout not in KV_LAYOUTS:
+        raise RunnerError(
+            f"unknown --kv-layout {config.kv_layout}: use auto or one of {', '.join(KV_LAYOUTS)}"
+        )
     for name in ("prompt_len", "gen", "runs"):
         if getattr(config, name) < 1:
             raise RunnerError(f"--{name.replace('_', '-')} must be at least 1")
@@ -609,8 +731,10 @@ def run_benchmark(
     session = make_session(model_path, config)
     load_s = time.perf_counter() - start
     rss_after_load = _proc_status_mib("VmRSS")
-    io = DecoderIO.from_session(session)
-    decoder = DEVICES[config.device].decoder(session, io)
+    genai = read_genai_config(artifact_dir)
+    io = DecoderIO.from_session(session, genai)
+    layout = declared_kv_layout(genai, io) if config.kv_layout == "auto" else config.kv_layout
+    decoder = KV_LAYOUTS[layout].decoder(session, io, config)
     prompt = make_prompt(config.prompt_len, io.vocab_size)
 
     for _ in range(config.warmup):
@@ -629,6 +753,7 @@ def run_benchmark(
         "device": config.device,
         "provider": session.get_providers()[0],
         "kv_cache": decoder.kv_cache,
+        "kv_layout": layout,
         "threads": config.threads,
         "prompt_len": config.prompt_len,
         "gen": config.gen,
@@ -748,6 +873,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--model-file", default=None, help="model file inside the folder (default model.ort/.onnx)"
     )
+    parser.add_argument(
+        "--kv-layout",
+        choices=["auto", *KV_LAYOUTS],
+        default="auto",
+        help="KV cache layout (auto = genai_config.json's past_present_share_buffer: shared, else concat)",
+    )
     parser.add_argument("--no-verify", action="store_true", help="skip the manifest.json checksum check")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     return parser.parse_args(argv)
@@ -765,7 +896,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     config = RunConfig(
-        args.threads, args.prompt_len, args.gen, args.runs, args.warmup, args.device, sweep, contexts
+        args.threads,
+        args.prompt_len,
+        args.gen,
+        args.runs,
+        args.warmup,
+        args.device,
+        sweep,
+        contexts,
+        args.kv_layout,
     )
     try:
         if args.json is not None:

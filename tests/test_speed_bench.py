@@ -1,0 +1,142 @@
+"""bench/speed.py: its decode drivers on real artifacts, both KV layouts, and the JSON/table schema it writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import ROOT, make_random_model
+from edgepack.runtime.runner import RunConfig, make_prompt, run_benchmark
+
+from edgepack.cli import cli
+
+SETTINGS = {"prompt_len": 8, "gen": 3, "runs": 1, "warmup": 0}
+
+
+def load_speed():
+    """bench/speed.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("speed", ROOT / "bench" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["speed"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+speed = load_speed()
+
+
+@pytest.fixture(scope="module")
+def stories_fp32(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
+    out = tmp_path_factory.mktemp("speed") / "edgepack-fp32"
+    args = ["export", "--target", "cpu", "--model", str(stories), "-o", str(out), "--no-parity"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def builder_gqa(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A random Llama with head_dim 16 (GroupQueryAttention needs % 16) through the genai builder, fp32."""
+    tmp = tmp_path_factory.mktemp("builder")
+    model_dir = make_random_model(tmp / "hf", "LlamaForCausalLM", num_hidden_layers=2)
+    out = tmp / "builder-fp32"
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
+           "-p", "fp32", "-e", "cpu", "-c", str(tmp / "cache")]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return model_dir, out
+
+
+def torch_greedy(model_dir: Path, prompt, steps: int) -> list[int]:
+    """Reference: transformers greedy decoding of the same prompt (first token + ``steps``)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    ids = torch.from_numpy(prompt)
+    out = model.generate(ids, max_new_tokens=steps + 1, do_sample=False, pad_token_id=0)
+    return out[0, prompt.shape[1] :].tolist()
+
+
+def test_builder_shared_buffer_and_concat_decode_like_transformers(builder_gqa: tuple[Path, Path]) -> None:
+    """The builder's graph declares a shared past/present buffer; both layouts must decode the same greedy tokens."""
+    model_dir, artifact = builder_gqa
+    reports = {
+        layout: run_benchmark(artifact, RunConfig(threads=1, kv_layout=layout, **SETTINGS), verify=False)
+        for layout in ("auto", "shared", "concat")
+    }
+    assert reports["auto"]["kv_layout"] == "shared"  # genai_config.json: past_present_share_buffer
+    assert reports["concat"]["kv_layout"] == "concat"
+    expected = torch_greedy(model_dir, make_prompt(SETTINGS["prompt_len"], 512), SETTINGS["gen"])
+    assert len(set(expected)) > 1
+    for report in reports.values():
+        assert report["generated_ids"] == expected
+
+
+def test_measure_rows_ratios_and_tables(stories_fp32: Path, builder_gqa: tuple[Path, Path]) -> None:
+    """Both drivers through bench/speed.py's measure(): fresh processes, the row schema, ratios and the table."""
+    settings = speed.Settings(**SETTINGS, timeout=120)
+    arts = [
+        speed.Artifact("m", "edgepack", "fp32", stories_fp32, file_mib=speed.folder_mib(stories_fp32)),
+        speed.Artifact("m", "builder", "fp32", builder_gqa[1], file_mib=speed.folder_mib(builder_gqa[1])),
+        speed.Artifact("m", "edgepack", "W3", None, error="exit 2: boom"),
+    ]
+    rows = [speed.measure(a, d, 1, 0, settings) for a in arts[:2] for d in speed.DRIVERS]
+    rows.append(speed.measure(arts[2], "onnxruntime", 1, 0, settings))
+    for row in rows[:4]:
+        assert row.error is None, row.error
+        assert row.decode_tok_s > 0 and row.prefill_tok_s > 0 and row.load_s > 0 and row.peak_rss_mib > 10
+        assert len(row.generated_ids) == SETTINGS["gen"] + 1
+    assert rows[0].generated_ids == rows[1].generated_ids  # runner.py and onnxruntime-genai agree
+    assert rows[2].generated_ids == rows[3].generated_ids
+    assert [r.kv_layout for r in rows[:4]] == ["concat", "concat", "shared", "shared"]
+    assert rows[4].error == "build failed: exit 2: boom" and rows[4].decode_tok_s is None
+    assert set(asdict(rows[0])) == {
+        "model", "tool", "variant", "driver", "threads", "round", "file_mib", "load_s", "prefill_tok_s",
+        "decode_tok_s", "decode_tok_s_min", "decode_tok_s_max", "peak_rss_mib", "kv_layout", "load_average",
+        "generated_ids", "error",
+    }  # fmt: skip
+
+    ratio = speed.Ratio("fp32 builder / edgepack", "decode_tok_s", ("builder", "fp32", "onnxruntime"),
+                        ("edgepack", "fp32", "onnxruntime"))  # fmt: skip
+    second_round = [speed.Measurement(**{**asdict(r), "round": 1}) for r in rows]
+    ratios = speed.compute_ratios(rows + second_round, [ratio])
+    assert len(ratios) == 1 and len(ratios[0]["per_round"]) == 2
+    assert ratios[0]["per_round"][0] == pytest.approx(rows[2].decode_tok_s / rows[0].decode_tok_s)
+
+    agreement = speed.driver_agreement(rows)
+    assert [(a["artifact"], a["same_tokens"]) for a in agreement] == [
+        ("edgepack fp32", True),
+        ("builder fp32", True),
+    ]
+    result = {"measurements": [asdict(r) for r in rows], "ratios": ratios, "host": {"cpus": 2}}
+    result["driver_agreement"] = agreement
+    table = speed.markdown(result)
+    assert "| builder fp32 | onnxruntime-genai |" in table and "failed: build failed" in table
+    assert "| fp32 builder / edgepack |" in table and "identical for all 2 pairs" in table
+
+
+def test_variant_option_and_llama_skip_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--variant NAME=FLAGS adds an export variant; a missing llama.cpp build is skipped with one clear line."""
+    args = speed.parse_args(["--variant", "W3al0=--wbits 3 --accuracy-level 0", "--only", "W4,W3al0"])
+    assert speed.selected_variants(args) == {"W4": "--wbits 4", "W3al0": "--wbits 3 --accuracy-level 0"}
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--variant", "no-equals-sign"])
+    monkeypatch.setattr(speed, "LLAMA_BIN", tmp_path / "bin")
+    assert speed.llama_missing().startswith("llama.cpp skipped: ")
+
+
+def test_parse_llama_bench_json() -> None:
+    """llama-bench -o json rows (pp64 then tg32, fields as tools/llama-bench writes them) -> prefill, decode."""
+    rows = [
+        {"n_prompt": 64, "n_gen": 0, "avg_ts": 1500.5, "samples_ts": [1490.0, 1511.0]},
+        {"n_prompt": 0, "n_gen": 32, "avg_ts": 410.25, "samples_ts": [400.5, 420.0]},
+    ]
+    prefill, decode, samples = speed.parse_llama_bench(rows, speed.Settings(prompt_len=64, gen=32))
+    assert (prefill, decode, samples) == (1500.5, 410.25, [400.5, 420.0])
+    assert speed.parse_llama_bench(rows, speed.Settings(prompt_len=16, gen=32))[0] is None
