@@ -125,7 +125,22 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
 )
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration/cure text file (UTF-8).")
+@click.option(
+    "--calib",
+    default="self",
+    show_default=True,
+    help="Calibration/cure text: 'self' (sampled from the model itself), a UTF-8 text file, or a calib_self.json.",
+)
+@click.option(
+    "--calib-temperature",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="--calib self: sampling temperature.",
+)
+@click.option(
+    "--calib-top-p", type=float, default=0.95, show_default=True, help="--calib self: nucleus top-p."
+)
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check.")
 @click.option(
@@ -147,6 +162,8 @@ def export(
     remove,
     share_groups,
     calib,
+    calib_temperature,
+    calib_top_p,
     force,
     no_parity,
     trust_remote_code,
@@ -178,6 +195,7 @@ def export(
         target=target,
         recipe=rec,
         calib=calib,
+        self_calib={"temperature": calib_temperature, "top_p": calib_top_p},
         trust_remote_code=trust_remote_code,
         parity=not no_parity,
         force=force,

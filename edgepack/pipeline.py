@@ -42,7 +42,8 @@ class ExportRequest:
     out_dir: Path
     target: str = "cpu"
     recipe: Recipe = field(default_factory=Recipe)
-    calib: Path | None = None
+    calib: Path | str | None = None  # a text file, a calib_self.json, or "self" (the default: data-free)
+    self_calib: dict = field(default_factory=dict)  # SelfCalibConfig overrides, e.g. {"temperature": 0.8}
     trust_remote_code: bool = False
     parity: bool = True
     force: bool = False
@@ -100,7 +101,7 @@ def export(req: ExportRequest) -> ExportResult:
         log.info("loading %s (%s)", req.model_dir, arch.name)
         model = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
         tokenizer = load_tokenizer(req.model_dir)
-        reports = compress(model, tokenizer, req)
+        reports = compress(model, tokenizer, req, tmp)
         built = write_model(model, target, tmp, reports)
         parity = None
         if req.parity:
@@ -132,11 +133,11 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         quant is not None
         and (quant.method != "rtn" or quant.budget_bpw is not None or quant.size_budget is not None)
     )
-    if needs_calib and req.calib is None:
-        raise EdgepackError(
-            "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
-        )
-    if req.calib is not None and not Path(req.calib).is_file():
+    if needs_calib and calib_source(req) == "self":
+        from edgepack.compressor.selfcalib import SelfCalibConfig
+
+        SelfCalibConfig.from_dict(req.self_calib)
+    elif calib_source(req) != "self" and not Path(req.calib).is_file():
         raise EdgepackError(
             f"calibration text {req.calib} does not exist; pass a local UTF-8 text file to --calib"
         )
@@ -147,8 +148,8 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         resolve_groups(kinds["fold"].share_group, depth - removal_count(kinds["fold"].remove, depth))
 
 
-def compress(model, tokenizer, req: ExportRequest) -> dict:
-    """Apply the recipe's steps in order; returns each step's report by kind."""
+def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> dict:
+    """Apply the recipe's steps in order; returns each step's report by kind (self-calibration text -> ``out``)."""
     from edgepack.recipe import kind_of
 
     reports: dict = {}
@@ -158,7 +159,8 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
         if kind == "fold":
             from edgepack.compressor.fold import fold
 
-            calib_ids = calib_ids if calib_ids is not None else calibration_ids(tokenizer, req, step)
+            if calib_ids is None:
+                calib_ids = calibration_ids(tokenizer, req, step, model, out, reports)
             reports["fold"] = fold(model, step, calib_ids).to_dict()
         elif kind == "quantize":
             from edgepack.compressor.quantize import quantize
@@ -166,7 +168,7 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
             mixed = step.budget_bpw is not None or step.size_budget is not None
             needs_calib = step.method != "rtn" or mixed
             if needs_calib and calib_ids is None:
-                calib_ids = calibration_ids(tokenizer, req, step)
+                calib_ids = calibration_ids(tokenizer, req, step, model, out, reports)
             if mixed:
                 from edgepack.compressor.mixed import plan_mixed_precision
 
@@ -176,16 +178,34 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
     return reports
 
 
-def calibration_ids(tokenizer, req: ExportRequest, step):
+def calib_source(req: ExportRequest) -> str:
+    """The calibration source: "self" (sampled from the model; the default) or a file path."""
+    from edgepack.compressor.selfcalib import SELF
+
+    return SELF if req.calib is None or str(req.calib) == SELF else str(req.calib)
+
+
+def calibration_ids(tokenizer, req: ExportRequest, step, model, out: Path | None, reports: dict):
+    """The step's (n_samples, seq_len) calibration ids from the request's source; records it in ``reports``."""
+    from edgepack.compressor import selfcalib
     from edgepack.textdata import calibration_samples, read_text
 
-    if req.calib is None:
-        raise EdgepackError(
-            "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
-        )
     n = getattr(step, "n_samples", None) or getattr(step, "options", {}).get("n_samples", 64)
     seq = getattr(step, "seq_len", None) or getattr(step, "options", {}).get("seq_len", 256)
-    return calibration_samples(tokenizer, read_text(req.calib), n, seq)
+    source = calib_source(req)
+    if source == selfcalib.SELF:
+        config = selfcalib.SelfCalibConfig.from_dict({"n_samples": n, "seq_len": seq, **req.self_calib})
+        ids = selfcalib.generate_samples(model, tokenizer, config)
+        if out is not None:
+            selfcalib.write_samples(out, ids, tokenizer, config)
+        reports["calibration"] = {"source": source, "file": selfcalib.FILE_NAME, **dataclasses.asdict(config)}
+        return ids
+    if Path(source).name == selfcalib.FILE_NAME:  # reproduce an earlier self-calibrated export
+        ids = selfcalib.read_samples(Path(source))
+    else:
+        ids = calibration_samples(tokenizer, read_text(source), n, seq)
+    reports["calibration"] = {"source": source, "n_samples": len(ids), "seq_len": ids.shape[1]}
+    return ids
 
 
 def write_model(model, target: Target, out: Path, reports: dict) -> dict:
