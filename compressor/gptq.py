@@ -42,12 +42,15 @@ from edgepack.errors import EdgepackError
 
 log = logging.getLogger(__name__)
 
+HEAD_MODES = ("gptq", "rtn")
+
 
 @dataclass(frozen=True)
 class GPTQOptions(CalibOptions):
     damp: float = 0.01
     act_order: bool = True
     block_size: int = 128
+    head: str = "gptq"  # the tied lm_head/embedding: "gptq" (on final hidden states) or "rtn"
 
 
 # ---------------------------------------------------------------- pure math
@@ -227,6 +230,10 @@ def gptq_method(
 ) -> dict[str, QTensor]:
     """GPTQ every site: the tied head first (on full-precision final hidden states), then the blocks in order."""
     opts = GPTQOptions.from_options(config.options, "gptq")
+    if opts.head not in HEAD_MODES:
+        raise EdgepackError(
+            f"option head={opts.head!r} for method 'gptq' is unknown; choose one of {', '.join(HEAD_MODES)}"
+        )
     ids = require_calibration(calib_ids, "gptq")
     plan = plan_blocks(model, sites)
     out: dict[str, QTensor] = {
@@ -236,13 +243,16 @@ def gptq_method(
     try:
         trace = trace_inputs(model, plan.layers, ids, opts.batch_size, head=model.get_output_embeddings())
         tokens = sum(x.shape[0] * x.shape[1] for x in trace.hidden)
-        if plan.head is not None:
+        if plan.head is not None and opts.head == "rtn":
+            out[plan.head.name] = quantize_on_grid(plan.head.module.weight, plan.head.fmt, opts.bit_balance)
+        elif plan.head is not None:
             k = plan.head.module.in_features
             h = torch.zeros(k, k, device=trace.head_inputs[0].device)
             for x in trace.head_inputs:
                 accumulate_hessian(h, x)
             out[plan.head.name], err = _gptq_site(plan.head, h, tokens, opts)
             log.info("gptq %s: error %.4g", plan.head.name, err)
+        if plan.head is not None:
             qlin = swaps.quantized(plan.head, out[plan.head.name], config.abits)
             emb = tied_embedding(model, plan.head)
             if emb is not None:
