@@ -84,3 +84,17 @@ def test_gptq_needs_calibration_and_known_options(stories):
         quantize(
             model, QuantConfig(method="gptq", options={"epochs": 3}), torch.zeros(2, 8, dtype=torch.long)
         )
+
+
+def test_head_rtn_leaves_the_tied_head_on_the_rtn_grid(setup):
+    """head="rtn": the tied lm_head/embedding gets round-to-nearest codes, the blocks still GPTQ's."""
+    path, calib, _, _ = setup
+    model, plain = load_model(path), load_model(path)
+    quantize(model, QuantConfig(wbits=3, method="gptq", options={"head": "rtn", "batch_size": 4}), calib)
+    quantize(plain, QuantConfig(wbits=3), calib)
+    head, rtn_head = model.get_output_embeddings(), plain.get_output_embeddings()
+    assert torch.equal(head.codes, rtn_head.codes) and torch.equal(head.scales, rtn_head.scales)
+    q, q_rtn = model.model.layers[0].mlp.up_proj, plain.model.layers[0].mlp.up_proj
+    assert not torch.equal(q.codes, q_rtn.codes)
+    with pytest.raises(EdgepackError, match="head='lora'"):
+        quantize(load_model(path), QuantConfig(method="gptq", options={"head": "lora"}), calib)
