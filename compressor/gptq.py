@@ -43,6 +43,7 @@ from edgepack.errors import EdgepackError
 log = logging.getLogger(__name__)
 
 HEAD_MODES = ("gptq", "rtn")
+MIN_TOKENS_PER_INPUT = 16  # calibration tokens per input feature below which the Hessian is poorly estimated
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,15 @@ def gptq_method(
     try:
         trace = trace_inputs(model, plan.layers, ids, opts.batch_size, head=model.get_output_embeddings())
         tokens = sum(x.shape[0] * x.shape[1] for x in trace.hidden)
+        widest = max(s.module.in_features for s in sites)
+        if tokens < MIN_TOKENS_PER_INPUT * widest:
+            log.warning(
+                "gptq: %d calibration tokens for linears with %d inputs: the Hessian is poorly estimated and "
+                "GPTQ may fit the calibration text; use n_samples x seq_len >= %d",
+                tokens,
+                widest,
+                MIN_TOKENS_PER_INPUT * widest,
+            )
         if plan.head is not None and opts.head == "rtn":
             out[plan.head.name] = quantize_on_grid(plan.head.module.weight, plan.head.fmt, opts.bit_balance)
         elif plan.head is not None:

@@ -98,3 +98,16 @@ def test_head_rtn_leaves_the_tied_head_on_the_rtn_grid(setup):
     assert not torch.equal(q.codes, q_rtn.codes)
     with pytest.raises(EdgepackError, match="head='lora'"):
         quantize(load_model(path), QuantConfig(method="gptq", options={"head": "lora"}), calib)
+
+
+def test_too_few_calibration_tokens_are_flagged(setup, caplog):
+    """Fewer than 16 tokens per input feature of the widest linear (stories260k: 172) is a logged warning."""
+    path, calib, _, _ = setup  # 8 x 128 = 1024 tokens < 16 * 172
+    with caplog.at_level("WARNING", logger="edgepack.compressor.gptq"):
+        quantize(load_model(path), QuantConfig(wbits=4, method="gptq"), calib[:, :64])
+    assert "512 calibration tokens for linears with 172 inputs" in caplog.text
+    caplog.clear()
+    enough = calib.repeat(3, 2)  # 24 x 256 = 6144 tokens
+    with caplog.at_level("WARNING", logger="edgepack.compressor.gptq"):
+        quantize(load_model(path), QuantConfig(wbits=4, method="gptq"), enough)
+    assert "calibration tokens" not in caplog.text
