@@ -52,6 +52,7 @@ class GPTQOptions(CalibOptions):
     act_order: bool = True
     block_size: int = 128
     head: str = "gptq"  # the tied lm_head/embedding: "gptq" (on final hidden states) or "rtn"
+    head_damp: float | None = None  # dampening of a *tied* head (None: ``damp``); see gptq_method
 
 
 # ---------------------------------------------------------------- pure math
@@ -210,14 +211,16 @@ def _hessians(
     return hess
 
 
-def _gptq_site(site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptions) -> tuple[QTensor, float]:
+def _gptq_site(
+    site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptions, damp: float | None = None
+) -> tuple[QTensor, float]:
     w = site.module.weight.detach()
     q, err = gptq_quantize(
         w,
         h * (2.0 / n_tokens),
         grid_for(site.fmt, opts.bit_balance),
         effective_group(site.fmt, w.shape[1]),
-        opts.damp,
+        opts.damp if damp is None else damp,
         opts.act_order,
         opts.block_size,
     )
@@ -260,7 +263,11 @@ def gptq_method(
             h = torch.zeros(k, k, device=trace.head_inputs[0].device)
             for x in trace.head_inputs:
                 accumulate_hessian(h, x)
-            out[plan.head.name], err = _gptq_site(plan.head, h, tokens, opts)
+            # A tied head is also the input embedding, whose error is plain ||dW_row||^2: dampening adds
+            # exactly that identity term to the logits Hessian, so head_damp weighs the embedding use.
+            tied = tied_embedding(model, plan.head) is not None
+            damp = opts.head_damp if tied and opts.head_damp is not None else None
+            out[plan.head.name], err = _gptq_site(plan.head, h, tokens, opts, damp)
             log.info("gptq %s: error %.4g", plan.head.name, err)
         if plan.head is not None:
             qlin = swaps.quantized(plan.head, out[plan.head.name], config.abits)

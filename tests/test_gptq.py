@@ -111,3 +111,19 @@ def test_too_few_calibration_tokens_are_flagged(setup, caplog):
     with caplog.at_level("WARNING", logger="edgepack.compressor.gptq"):
         quantize(load_model(path), QuantConfig(wbits=4, method="gptq"), enough)
     assert "calibration tokens" not in caplog.text
+
+
+def test_head_damp_weighs_the_tied_embedding(setup):
+    """head_damp adds the embedding's identity term to the tied head's Hessian: strong damping -> RTN codes."""
+    path, calib, _, _ = setup
+    models = {}
+    for damp in (None, 1e4):
+        model = load_model(path)
+        options = {"batch_size": 4, **({"head_damp": damp} if damp else {})}
+        quantize(model, QuantConfig(wbits=3, method="gptq", options=options), calib)
+        models[damp] = model.get_output_embeddings()
+    rtn = load_model(path)
+    quantize(rtn, QuantConfig(wbits=3), calib)
+    rtn_codes = rtn.get_output_embeddings().codes
+    same = {d: float((m.codes == rtn_codes).float().mean()) for d, m in models.items()}
+    assert same[1e4] > 0.99 and same[None] < 0.9, same
