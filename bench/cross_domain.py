@@ -88,17 +88,25 @@ class Data:
     def __init__(self, model, tok, n_samples: int, eval_tokens: int, seed: int = 0):
         shakes_head, shakes_tail = split_text(read_text(SHARED / "data" / "tinyshakespeare.txt"), 0.1)
         wiki_head, wiki_tail = split_text(read_text(SHARED / "data" / "wikitext2-raw-test.txt"), 0.5)
-        t0 = time.perf_counter()
+        self.model, self.tok, self.n_samples, self.seed = model, tok, n_samples, seed
         self.calib = {
             "shakespeare": calibration_samples(tok, shakes_head, n_samples, SEQ_LEN, seed),
             "wikitext2": calibration_samples(tok, wiki_head, n_samples, SEQ_LEN, seed),
-            "self": generate_samples(model, tok, SelfCalibConfig(n_samples, SEQ_LEN, seed=seed)),
         }
-        self.self_seconds = time.perf_counter() - t0
+        self.self_seconds = 0.0
         self.eval = {
             "shakespeare_tail": tokenize(tok, shakes_tail, eval_tokens + 1),
             "wikitext2_tail": tokenize(tok, wiki_tail, eval_tokens + 1),
         }
+
+    def ids(self, source: str) -> torch.Tensor:
+        """Calibration ids of ``source``; the self-generated ones are sampled on first use (and timed)."""
+        if source not in self.calib:
+            t0 = time.perf_counter()
+            config = SelfCalibConfig(self.n_samples, SEQ_LEN, seed=self.seed)
+            self.calib[source] = generate_samples(self.model, self.tok, config)
+            self.self_seconds = time.perf_counter() - t0
+        return self.calib[source]
 
     def ppl(self, model) -> dict[str, float]:
         return {k: round(perplexity(model, ids, SEQ_LEN), 3) for k, ids in self.eval.items()}
@@ -132,13 +140,65 @@ def quant_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def gptq_grid_rows() -> list[tuple[str, str, dict, str | None]]:
+    """The GPTQ ablation grid: damp x act-order x head at W3 and W4, calibrated on Shakespeare, and RTN."""
+    rows = [(f"RTN {w}", "rtn", WIDTHS[w], None) for w in ("W3 g128", "W4 g128")]
+    for w in ("W3 g128", "W4 g128"):
+        for damp in (0.01, 0.1, 0.3, 1.0):
+            for act_order in (True, False):
+                for head in ("gptq", "rtn"):
+                    opts = {"damp": damp, "act_order": act_order, "head": head}
+                    name = f"GPTQ {w} damp {damp}, act-order {'on' if act_order else 'off'}, head {head}"
+                    rows.append((name, "gptq", {**WIDTHS[w], "options": opts}, "shakespeare"))
+    return rows
+
+
+def gptq_w4_rows() -> list[tuple[str, str, dict, str | None]]:
+    """GPTQ at W4 (where the old defaults lost to RTN off-domain), one change at a time, Shakespeare-calibrated."""
+    w = WIDTHS["W4 g128"]
+    rows = [
+        ("RTN W4 g128", "rtn", w, None),
+        ("GPTQ OLD W4 g128", "gptq", {**w, "options": GPTQ_OLD}, "shakespeare"),
+    ]
+    for label, opts in ABLATION.items():
+        rows.append((f"{label} W4 g128", "gptq", {**w, "options": opts}, "shakespeare"))
+    return rows
+
+
+def abq_ablation_rows() -> list[tuple[str, str, dict, str | None]]:
+    """ABQ at W3: each regulariser alone on top of the old settings, calibrated on Shakespeare and on self."""
+    w = WIDTHS["W3 g128"]
+    changes = {"round_bound 0.5": {"round_bound": 0.5}, "clip_min 0.5": {"clip_min": 0.5},
+               "holdout 0.25": {"holdout": 0.25}}  # fmt: skip
+    return [
+        (f"abq old, {label} W3 g128", "abq", {**w, "options": {**ABQ_OLD, **change}}, source)
+        for source in ("shakespeare", "self")
+        for label, change in changes.items()
+    ]
+
+
+def head_rows() -> list[tuple[str, str, dict, str | None]]:
+    """The tied head at W4 and W3: GPTQ'd, RTN, or GPTQ'd with the embedding term (head_damp 1.0)."""
+    rows = []
+    for w in ("W4 g128", "W3 g128"):
+        rows.append((f"RTN {w}", "rtn", WIDTHS[w], None))
+        for label, extra in (
+            ("head_damp 1.0", {"head_damp": 1.0}),
+            ("head rtn", {"head": "rtn"}),
+            ("head gptq", {}),
+        ):
+            opts = {**GPTQ_OLD, **extra}
+            rows.append((f"gptq old, {label} {w}", "gptq", {**WIDTHS[w], "options": opts}, "shakespeare"))
+    return rows
+
+
 def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str | None) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     config = QuantConfig(**{**cfg, "method": method, "options": {**cfg.get("options", {})}})
     if method == "rtn":
         config = replace(config, options={})
-    quantize(m, config, data.calib[source] if source else None)
+    quantize(m, config, data.ids(source) if source else None)
     seconds = time.perf_counter() - t0
     return Row("quant", name, source, data.ppl(m), round(seconds, 1), {"options": config.options})
 
@@ -161,8 +221,8 @@ def fold_settings(layers: int) -> dict[str, dict]:
 def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    config = FoldConfig(n_samples=len(data.calib[source]), seq_len=SEQ_LEN, **kwargs)
-    report = fold(m, config, data.calib[source], scores=scores.get(config.remove))
+    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
+    report = fold(m, config, data.ids(source), scores=scores.get(config.remove))
     extra = {
         "kept": report.kept,
         "groups": report.groups,
@@ -242,22 +302,35 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         "n_samples": args.n_samples,
         "seq_len": SEQ_LEN,
         "eval_tokens": {k: (len(v) - 1) // SEQ_LEN * SEQ_LEN for k, v in data.eval.items()},
-        "self_calibration_s": round(data.self_seconds, 1),
         "load_start": [round(x, 2) for x in os.getloadavg()],
         "command": f"nice -n 10 python bench/cross_domain.py --models {name} --part {part} "
         f"--n-samples {args.n_samples} --eval-tokens {args.eval_tokens}",
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
-    if part == "quant":
-        jobs = [lambda r=r: run_quant(model, data, *r) for r in quant_rows()]
+    if part in ("quant", "gptq", "gptq-w4", "abq", "head"):
+        rows_for = {
+            "quant": quant_rows,
+            "gptq": gptq_grid_rows,
+            "gptq-w4": gptq_w4_rows,
+            "abq": abq_ablation_rows,
+            "head": head_rows,
+        }
+        rows_for = rows_for[part]
+        jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for()]
     else:
         layers = len(model.model.layers)
         settings = fold_settings(layers)
-        scores = {s: importance_scores(model, data.calib[s], layers, {c["remove"] for c in settings.values()})
-                  for s in SOURCES}  # fmt: skip
+        removes = {c["remove"] for c in settings.values()}
+        scores: dict[str, dict] = {}
+
+        def fold_job(n: str, k: dict, s: str) -> Row:
+            if s not in scores:  # importance once per source, when its first row runs
+                scores[s] = importance_scores(model, data.ids(s), layers, removes)
+            return run_fold(model, data, n, k, s, scores[s])
+
         jobs = [  # source by source, so a partial run holds whole comparisons
-            lambda n=n, k=k, s=s: run_fold(model, data, n, k, s, scores[s])
+            lambda n=n, k=k, s=s: fold_job(n, k, s)
             for s in ("self", "shakespeare", "wikitext2")
             for n, k in settings.items()
         ]
@@ -266,6 +339,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         rows.append(row)
         log.info("%s %s [%s]: %s (%.0f s)", name, row.name, row.source, row.ppl, row.seconds)
         meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
+        meta["self_calibration_s"] = round(data.self_seconds, 1)
         save(path, meta, rows)
     write_page(args.out)
 
@@ -303,6 +377,16 @@ def goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
     def rel(v, e):
         return v / fp[e] - 1
 
+    if part in ("gptq", "gptq-w4", "head"):
+        for w in ("W3 g128", "W4 g128"):
+            rtn = get.get((f"RTN {w}", None))
+            for (n, _src), p in get.items():
+                if rtn and n.lower().startswith("gptq") and w in n:
+                    worse = [e for e in EVALS if p[e] > rtn[e]]
+                    out.append(
+                        f"{n}: "
+                        + ("<= RTN on both texts" if not worse else f"worse than RTN on {', '.join(worse)}")
+                    )
     if part == "quant":
         for name in ("GPTQ W3 g128", "ABQ W3 g128"):
             for s in ("shakespeare", "wikitext2"):
@@ -387,7 +471,7 @@ def write_page(folder: Path) -> None:
         out += [f"## {meta['part']}: {meta['model']}", "",
                 f"`{meta['command']}` ({meta['date']}; calibration {meta['n_samples']} x {meta['seq_len']} tokens; "
                 f"eval tokens {meta['eval_tokens']}; load average {meta['load_start']} -> {meta.get('load_end')}; "
-                f"self-generation {meta['self_calibration_s']} s).", ""]  # fmt: skip
+                f"self-generation {meta.get('self_calibration_s', 0)} s).", ""]  # fmt: skip
         out += table(rows, fp)
         out += ["", "Goals:", ""] + [f"- {line}" for line in goal_lines(meta["part"], rows, fp)] + [""]
         if meta["part"] == "fold":
@@ -407,7 +491,11 @@ def write_page(folder: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="mix-llama-14m,stories260k")
-    ap.add_argument("--part", choices=("quant", "fold", "both", "mechanics"), default="both")
+    ap.add_argument(
+        "--part",
+        choices=("quant", "fold", "gptq", "gptq-w4", "abq", "head", "both", "mechanics"),
+        default="both",
+    )
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)

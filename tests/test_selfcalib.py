@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from edgepack.compressor.fold_importance import mean_nll
 from edgepack.compressor.selfcalib import (
     FILE_NAME,
     SelfCalibConfig,
@@ -15,11 +16,10 @@ from edgepack.compressor.selfcalib import (
     nucleus_sample,
     read_samples,
 )
-from edgepack.compressor.fold_importance import mean_nll
+from edgepack.runtime.runner import sha256_file
 
 from edgepack.errors import EdgepackError
 from edgepack.model import load_model, load_tokenizer
-from edgepack.runtime.runner import sha256_file
 from edgepack.textdata import read_text, tokenize
 
 SMALL = SelfCalibConfig(n_samples=6, seq_len=48, batch_size=3, seed=3)
