@@ -320,7 +320,7 @@ def fold(
         report.distill_loss_before, report.distill_loss_after = result.before, result.after
         report.seconds["cure"] = time.perf_counter() - t0
     if removals:
-        check_sharing(model, removals, teacher, cure_ids, held_ids, config, report)
+        check_sharing(model, removals, teacher, calib_ids, held_ids, config, report)
     model.eval()
     return report
 
@@ -347,15 +347,17 @@ def check_sharing(
     model: nn.Module,
     removals: dict[str, list[int]],
     teacher: nn.Module,
-    cure_ids: torch.Tensor,
+    calib_ids: torch.Tensor,
     held_ids: torch.Tensor,
     config: FoldConfig,
     report: FoldReport,
 ) -> None:
     """Build and cure each plain removal in ``removals`` ({label: kept original blocks}, as many unique
     blocks as the shared fold) like the shared fold; keep whichever model drifts least from ``teacher`` on
-    held-out samples (ties go to removal, the simpler model). Records every loss and the decision."""
+    held-out samples (ties go to removal, the simpler model), then cure the winner afresh on every
+    calibration sample, so a removal that wins equals the plain fold. Records every loss and the decision."""
     t0 = time.perf_counter()
+    cure_ids = calib_ids[: len(calib_ids) - len(held_ids)]
     losses = {"share": held_out_kl(model, teacher, held_ids, config.batch_size)}
     best, best_label, best_result = None, "share", None
     for label, kept in removals.items():
@@ -372,11 +374,18 @@ def check_sharing(
         "held_out_samples": len(held_ids),
         "candidates": removals,
     }
-    report.seconds["share_check"] = time.perf_counter() - t0
     log.info("fold: held-out KL %s -> %s", {k: round(v, 4) for k, v in losses.items()}, best_label)
+    kept, groups = report.kept, report.groups
+    if best is not None:
+        kept = removals[best_label]
+        groups = [[p] for p in range(len(kept))]
+    if config.cure_steps:  # the held-out samples only served the decision
+        best = copy.deepcopy(teacher)
+        restructure(best, kept, groups, report.scores[config.importance], config.init)
+        best_result = cure(best, teacher, calib_ids, config)
+    report.seconds["share_check"] = time.perf_counter() - t0
     if best is None:
         return
-    kept = removals[best_label]
     model.model.layers = best.model.layers
     model.model.norm = best.model.norm
     model.config.num_hidden_layers = best.config.num_hidden_layers
@@ -384,7 +393,7 @@ def check_sharing(
         model.config.layer_types = list(best.config.layer_types)
     report.kept = kept
     report.removed = [i for i in range(report.original_layers) if i not in kept]
-    report.groups = [[p] for p in range(len(kept))]
+    report.groups = groups
     report.block_params_after = unique_parameter_count(decoder_layers(model))
     if best_result is not None:
         report.cure_loss = best_result.curve

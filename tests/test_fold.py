@@ -284,6 +284,15 @@ def test_share_check_keeps_the_fold_with_lower_held_out_kl(base, ids, cure_steps
     tied = [layers[i].mlp.up_proj.weight is layers[i + 1].mlp.up_proj.weight for i in range(len(layers) - 1)]
     assert any(tied) == shared and len(layers) == (4 if shared else 3)
     assert report.kept == ([0, 1, 2, 3] if shared else check["candidates"][check["decision"]])
-    assert held_out_kl(model, base, ids[-1:], 4) == pytest.approx(min(losses.values()), rel=1e-5)
+    if cure_steps == 0:
+        assert held_out_kl(model, base, ids[-1:], 4) == pytest.approx(min(losses.values()), rel=1e-5)
+    if not shared:  # the winner is re-cured on every sample: exactly the plain removal fold
+        plain = copy.deepcopy(base)
+        method = check["decision"].removeprefix("remove:")
+        plain_cfg = {**cfg, "remove": 0.4, "share_pairs": 0, "share_check": False, "importance": method}
+        fold(plain, FoldConfig(**plain_cfg), ids, scores=scores)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids[:2]).logits, plain(input_ids=ids[:2]).logits)
+    assert len(report.cure_loss) == cure_steps
     assert_cache_matches_full(model, ids[:1, :16], prefill=8)
     json.dumps(report.to_dict())
