@@ -153,15 +153,15 @@ def gptq_grid_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
-def gptq_w4_rows() -> list[tuple[str, str, dict, str | None]]:
-    """GPTQ at W4 (where the old defaults lost to RTN off-domain), one change at a time, Shakespeare-calibrated."""
-    w = WIDTHS["W4 g128"]
+def gptq_w4_rows(width: str = "W4 g128") -> list[tuple[str, str, dict, str | None]]:
+    """GPTQ at ``width`` (W4: where the old defaults lost to RTN off-domain), one change at a time, on Shakespeare."""
+    w = WIDTHS[width]
     rows = [
-        ("RTN W4 g128", "rtn", w, None),
-        ("GPTQ OLD W4 g128", "gptq", {**w, "options": GPTQ_OLD}, "shakespeare"),
+        (f"RTN {width}", "rtn", w, None),
+        (f"GPTQ OLD {width}", "gptq", {**w, "options": GPTQ_OLD}, "shakespeare"),
     ]
     for label, opts in ABLATION.items():
-        rows.append((f"{label} W4 g128", "gptq", {**w, "options": opts}, "shakespeare"))
+        rows.append((f"{label} {width}", "gptq", {**w, "options": opts}, "shakespeare"))
     return rows
 
 
@@ -189,6 +189,24 @@ def head_rows() -> list[tuple[str, str, dict, str | None]]:
         ):
             opts = {**GPTQ_OLD, **extra}
             rows.append((f"gptq old, {label} {w}", "gptq", {**WIDTHS[w], "options": opts}, "shakespeare"))
+    return rows
+
+
+def defaults_rows() -> list[tuple[str, str, dict, str | None]]:
+    """The chosen defaults per calibration source at W3 and W4: GPTQ (damp 0.1, tied head by GPTQ or RTN), ABQ."""
+    rows = [(f"RTN {w}", "rtn", WIDTHS[w], None) for w in ("W3 g128", "W4 g128")]
+    gptq = {"damp": 0.1, "act_order": True}
+    for w in ("W3 g128", "W4 g128"):
+        for source in SOURCES:
+            for label, opts in (
+                ("head gptq", {**gptq, "head": "gptq"}),
+                ("head rtn", {**gptq, "head": "rtn"}),
+            ):
+                rows.append((f"GPTQ damp 0.1, {label} {w}", "gptq", {**WIDTHS[w], "options": opts}, source))
+    for w in ("W3 g128", "W4 g128"):
+        for source in SOURCES:
+            opts = {**ABQ_OLD, "clip_min": 0.5}
+            rows.append((f"ABQ clip_min 0.5 {w}", "abq", {**WIDTHS[w], "options": opts}, source))
     return rows
 
 
@@ -308,13 +326,15 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
-    if part in ("quant", "gptq", "gptq-w4", "abq", "head"):
+    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults"):
         rows_for = {
             "quant": quant_rows,
             "gptq": gptq_grid_rows,
             "gptq-w4": gptq_w4_rows,
+            "gptq-w3": lambda: [r for r in gptq_w4_rows("W3 g128") if "OLD" not in r[0]],
             "abq": abq_ablation_rows,
             "head": head_rows,
+            "defaults": defaults_rows,
         }
         rows_for = rows_for[part]
         jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for()]
@@ -377,7 +397,7 @@ def goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
     def rel(v, e):
         return v / fp[e] - 1
 
-    if part in ("gptq", "gptq-w4", "head"):
+    if part in ("gptq", "gptq-w4", "gptq-w3", "head"):
         for w in ("W3 g128", "W4 g128"):
             rtn = get.get((f"RTN {w}", None))
             for (n, _src), p in get.items():
@@ -493,7 +513,18 @@ def main() -> None:
     ap.add_argument("--models", default="mix-llama-14m,stories260k")
     ap.add_argument(
         "--part",
-        choices=("quant", "fold", "gptq", "gptq-w4", "abq", "head", "both", "mechanics"),
+        choices=(
+            "quant",
+            "fold",
+            "gptq",
+            "gptq-w4",
+            "gptq-w3",
+            "abq",
+            "head",
+            "defaults",
+            "both",
+            "mechanics",
+        ),
         default="both",
     )
     ap.add_argument("--n-samples", type=int, default=32)
