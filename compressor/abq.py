@@ -25,9 +25,8 @@ The tied lm_head (it is also the input embedding) is calibrated first, against t
 so that the quantized stream through the blocks starts from the quantized embedding.
 
 Options (``QuantConfig.options``): ``epochs``, ``lr``, ``rounding``, ``round_lr``, the regularisers
-``clip_min`` (default 0.5: learned clipping keeps at least half of each group's range, which generalized best
-across calibration sources), ``round_bound`` and ``holdout`` (both off: they cost quality in the cross-domain
-table, docs/results/generalization.md), plus the common
+``clip_min``, ``round_bound`` and ``holdout`` (all off by default: in the cross-domain table they cost
+mix-llama-14m quality off the calibration domain, docs/results/generalization.md), plus the common
 ``n_samples``, ``seq_len``, ``batch_size``, ``bit_balance``, ``seed``. With ``abits=8``, ``quantize`` rewrites
 the smoothed norm weights in place; the returned codes belong with those norms.
 """
@@ -91,7 +90,7 @@ class ABQOptions(CalibOptions):
     rounding: bool = True  # also learn per-weight rounding offsets
     round_lr: float = 0.01  # Adam step on the offsets, in units of the quantization step
     round_bound: float = 0.0  # > 0: offsets bounded to +-round_bound steps (bound * tanh); 0 = unbounded
-    clip_min: float = 0.5  # learned clipping keeps at least this fraction of each group's range (generalizes)
+    clip_min: float = 0.0  # > 0: learned clipping keeps at least this fraction of each group's range
     holdout: float = 0.0  # fraction of each block's batches held out; stop (and keep the best) when it rises
 
 

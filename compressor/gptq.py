@@ -9,8 +9,9 @@ quantized outputs of the stages before it.
 Options (``QuantConfig.options``): ``damp`` (dampening, fraction of the mean Hessian diagonal; 0.1 by
 default: at 0.01 GPTQ fit the calibration text and lost to RTN on other text), ``act_order`` (quantize columns
 by decreasing Hessian diagonal, with static groups), ``block_size`` (lazy-batch width),
-``head`` ("gptq" or "rtn" for the tied lm_head/embedding: on mix-llama-14m's 8192-token tied head RTN
-generalizes better, on stories260k's 512-token one GPTQ does), ``head_damp``, plus the common ``n_samples``,
+``head`` ("rtn", the default, or "gptq" for the tied lm_head/embedding: GPTQ fits the head's error to the
+calibration hidden states while the same codes also serve as input embeddings; on mix-llama-14m's 8192-token
+tied head RTN generalizes better, on stories260k's 512-token one GPTQ does), ``head_damp``, plus the common ``n_samples``,
 ``seq_len``, ``batch_size``, ``bit_balance``, ``seed``. Measurements: docs/results/generalization.md.
 """
 
@@ -54,7 +55,7 @@ class GPTQOptions(CalibOptions):
     damp: float = 0.1  # 0.01 fit the calibration text (docs/results/generalization.md)
     act_order: bool = True
     block_size: int = 128
-    head: str = "gptq"  # the tied lm_head/embedding: "gptq" (on final hidden states) or "rtn"
+    head: str = "rtn"  # the tied lm_head/embedding: "rtn" or "gptq" (on final hidden states)
     head_damp: float | None = None  # dampening of a *tied* head (None: ``damp``); see gptq_method
 
 

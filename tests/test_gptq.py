@@ -119,7 +119,7 @@ def test_head_damp_weighs_the_tied_embedding(setup):
     models = {}
     for damp in (None, 1e4):
         model = load_model(path)
-        options = {"batch_size": 4, **({"head_damp": damp} if damp else {})}
+        options = {"batch_size": 4, "head": "gptq", **({"head_damp": damp} if damp else {})}
         quantize(model, QuantConfig(wbits=3, method="gptq", options=options), calib)
         models[damp] = model.get_output_embeddings()
     rtn = load_model(path)
