@@ -133,7 +133,9 @@ class Bench:
         self.tokenizer = load_tokenizer(self.model_dir)
         self.layers = len(self.base.model.layers)
         train, held_out = split_text(read_text(SHARED / "data" / "tinyshakespeare.txt"))
-        self.config = FoldConfig(n_samples=args.n_samples, seq_len=args.seq_len, batch_size=4)
+        self.config = FoldConfig(
+            n_samples=args.n_samples, seq_len=args.seq_len, batch_size=4, share_check=False
+        )
         self.calib = calibration_samples(self.tokenizer, train, args.n_samples, args.seq_len, seed=0)
         wiki = read_text(SHARED / "data" / "wikitext2-raw-test.txt")
         self.eval = {

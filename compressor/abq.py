@@ -24,7 +24,9 @@ whose norm weight is shared, so a folded scale never has to fit two norms.
 The tied lm_head (it is also the input embedding) is calibrated first, against the full-precision logits,
 so that the quantized stream through the blocks starts from the quantized embedding.
 
-Options (``QuantConfig.options``): ``epochs``, ``lr``, ``rounding``, ``round_lr`` plus the common
+Options (``QuantConfig.options``): ``epochs``, ``lr``, ``rounding``, ``round_lr``, the regularisers
+``clip_min``, ``round_bound`` and ``holdout`` (all off by default: in the cross-domain table they cost
+mix-llama-14m quality off the calibration domain, docs/results/generalization.md), plus the common
 ``n_samples``, ``seq_len``, ``batch_size``, ``bit_balance``, ``seed``. With ``abits=8``, ``quantize`` rewrites
 the smoothed norm weights in place; the returned codes belong with those norms.
 """
@@ -81,6 +83,9 @@ class ABQOptions(CalibOptions):
     lr: float = 0.1  # Adam step on the clipping logits and log smoothing scales
     rounding: bool = True  # also learn per-weight rounding offsets
     round_lr: float = 0.01  # Adam step on the offsets, in units of the quantization step
+    round_bound: float = 0.0  # > 0: offsets bounded to +-round_bound steps (bound * tanh); 0 = unbounded
+    clip_min: float = 0.0  # > 0: learned clipping keeps at least this fraction of each group's range
+    holdout: float = 0.0  # fraction of each block's batches held out; stop (and keep the best) when it rises
 
 
 # ---------------------------------------------------------------- pure math
@@ -132,10 +137,13 @@ class LearnableQuant(nn.Module):
         abits: int,
         smooth: nn.Parameter | None,
         rounding: bool = False,
+        round_bound: float = 0.0,
+        clip_min: float = 0.0,
     ):
         super().__init__()
         n, k = linear.weight.shape
         self.grid, self.group, self.abits = grid, group, abits
+        self.round_bound, self.clip_min = round_bound, clip_min
         self.act_block = activation_block(group, k)
         self.register_buffer("w", linear.weight.detach().float())
         step = grid_params(self.w, grid, group)[0]  # (N, G): round-to-nearest step, the unit of the offsets
@@ -150,12 +158,22 @@ class LearnableQuant(nn.Module):
 
     def target_weight(self) -> torch.Tensor:
         """The weight to be quantized: (W + offset * step) * s along K (offsets when learning rounding)."""
-        w = self.w if self.offset is None else self.w + self.offset * self.step
+        w = self.w if self.offset is None else self.w + self.rounding_offset() * self.step
         return w if self.log_smooth is None else w * self.log_smooth.exp().unsqueeze(0)
 
+    def rounding_offset(self) -> torch.Tensor:
+        """The learned offset in quantization steps, squashed into +-round_bound when bounded."""
+        if self.round_bound > 0:
+            return self.round_bound * torch.tanh(self.offset / self.round_bound)
+        return self.offset
+
+    def clip(self, logit: torch.Tensor) -> torch.Tensor:
+        """Fraction of the group range kept: sigmoid, floored at ``clip_min``."""
+        return self.clip_min + (1 - self.clip_min) * torch.sigmoid(logit)
+
     def grid_params(self) -> tuple[torch.Tensor, torch.Tensor]:
-        lo = None if self.lo is None else torch.sigmoid(self.lo)
-        return grid_params(self.target_weight(), self.grid, self.group, torch.sigmoid(self.hi), lo)
+        lo = None if self.lo is None else self.clip(self.lo)
+        return grid_params(self.target_weight(), self.grid, self.group, self.clip(self.hi), lo)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.log_smooth is not None:
@@ -176,10 +194,21 @@ class LearnableQuant(nn.Module):
 # ---------------------------------------------------------------- orchestration
 
 
+def split_holdout(n: int, holdout: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices of ``n`` batches; held out: ``holdout`` of them, none unless 2+ batches."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    k = min(max(int(round(holdout * n)), 1 if holdout > 0 else 0), n - 1)
+    return order[k:], order[:k]
+
+
 def _train(
     modules: list[LearnableQuant], steps: list[Callable[[], torch.Tensor]], opts: ABQOptions
 ) -> tuple[float, float]:
-    """Adam on the modules' parameters over the loss closures ``steps``; mean loss of the (first, last) epoch."""
+    """Adam on the modules' parameters over the loss closures ``steps``; mean loss of the (first, last) epoch.
+
+    With ``opts.holdout`` some closures are only evaluated, after every epoch: training stops when their
+    loss no longer falls, and the parameters of the best epoch are kept (early stopping)."""
+    train, held = split_holdout(len(steps), opts.holdout, opts.seed)
     params = list({id(p): p for m in modules for p in m.parameters()}.values())  # shared smoothing once
     offsets = {id(m.offset) for m in modules if m.offset is not None}
     groups = [{"params": [p for p in params if id(p) not in offsets]}]
@@ -188,17 +217,38 @@ def _train(
     optimizer = torch.optim.Adam(groups, lr=opts.lr)
     order = torch.Generator().manual_seed(opts.seed)
     first = last = math.nan
+    best, best_state = _held_loss(steps, held), [p.detach().clone() for p in params]
     for epoch in range(opts.epochs):
         total = 0.0
-        for index in torch.randperm(len(steps), generator=order).tolist():
-            loss = steps[index]()
+        for j in torch.randperm(len(train), generator=order).tolist():
+            loss = steps[train[j]]()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += loss.item()
-        last = total / len(steps)
+        last = total / len(train)
         first = last if epoch == 0 else first
+        if held:
+            now = _held_loss(steps, held)
+            if now >= best:
+                log.info(
+                    "abq: held-out loss %.4g >= best %.4g after epoch %d; keeping the best", now, best, epoch
+                )
+                break
+            best, best_state = now, [p.detach().clone() for p in params]
+    if held:
+        with torch.no_grad():
+            for p, saved in zip(params, best_state, strict=True):
+                p.copy_(saved)
     return first, last
+
+
+def _held_loss(steps: list[Callable[[], torch.Tensor]], held: list[int]) -> float:
+    """Mean loss of the held-out closures (no gradients); inf when nothing is held out."""
+    if not held:
+        return math.inf
+    with torch.no_grad():
+        return sum(steps[i]().item() for i in held) / len(held)
 
 
 def _smooth_groups(
@@ -229,7 +279,14 @@ def _calibrate_head(
     w = site.module.weight
     grid = grid_for(site.fmt, opts.bit_balance)
     module = LearnableQuant(
-        site.module, grid, effective_group(site.fmt, w.shape[1]), config.abits, None, opts.rounding
+        site.module,
+        grid,
+        effective_group(site.fmt, w.shape[1]),
+        config.abits,
+        None,
+        opts.rounding,
+        opts.round_bound,
+        opts.clip_min,
     )
     w_fp, bias = w.detach(), site.module.bias
 
@@ -385,6 +442,8 @@ def _calibrate_block(
             config.abits,
             smooth_of.get(site.name),
             opts.rounding,
+            opts.round_bound,
+            opts.clip_min,
         )
         swaps.set(site, modules[site.name])
     with torch.enable_grad():

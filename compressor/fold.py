@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from edgepack.compressor.fold_cure import cure, norm_parameters
+from edgepack.compressor.fold_cure import cure, held_out_kl, norm_parameters
 from edgepack.compressor.fold_hooks import decoder_layers
 from edgepack.compressor.fold_importance import IMPORTANCE
 from edgepack.compressor.fold_plan import (
@@ -66,6 +66,8 @@ class FoldConfig:
     gate_init: float = 3.0  # gate logit at start: sigmoid(3) = 0.95
     gate_sparsity: float = 1.0  # hinge penalty per unit of gate mass above the kept-block budget
     gate_polarization: float = 0.2  # weight of sum g(1-g), pushing gates to 0 or 1
+    share_check: bool = True  # sharing only if it beats plain removal of as many unique blocks (held-out KL)
+    held_out: float = 0.125  # fraction of the calibration samples the share check holds out of the cure
     seed: int = 0
     version: int = 1
 
@@ -103,6 +105,8 @@ class FoldConfig:
                 raise EdgepackError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise EdgepackError(f"seq_len={self.seq_len!r} must be an integer >= 2")
+        if not 0 < self.held_out < 1:
+            raise EdgepackError(f"held_out={self.held_out!r} must be a fraction in (0, 1), e.g. 0.125")
         for name in ("lr", "gate_lr", "weight_lr_scale"):
             if not getattr(self, name) > 0:
                 raise EdgepackError(f"{name}={getattr(self, name)!r} must be > 0")
@@ -137,6 +141,7 @@ class FoldReport:
     distill_loss_before: float | None = None
     distill_loss_after: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    share_check: dict | None = None  # sharing vs plain removal: held-out KL of each and the decision
 
     @property
     def ranking(self) -> list[int]:
@@ -286,7 +291,12 @@ def fold(
     log.info("fold: %s ranking %s; removing blocks %s", config.importance, order, removed)
 
     changed = n_remove > 0 or any(len(g) > 1 for g in groups)
-    teacher = copy.deepcopy(model) if config.cure_steps and changed else None  # nothing to cure otherwise
+    check = config.share_check and any(len(g) > 1 for g in groups) and len(calib_ids) >= 2
+    cure_ids, held_ids = split_held_out(calib_ids, config.held_out) if check else (calib_ids, None)
+    need_teacher = (config.cure_steps and changed) or check
+    teacher = copy.deepcopy(model) if need_teacher else None  # nothing to cure otherwise
+    n_alt = n_remove + sum(len(g) - 1 for g in groups)  # blocks a plain removal drops for the same size
+    removals = removal_candidates(rankings, (config.importance, "bi"), n - n_alt) if check else {}
     before = unique_parameter_count(layers)
     restructure(model, kept, groups, scores[config.importance], config.init)
     after = unique_parameter_count(decoder_layers(model))
@@ -306,11 +316,88 @@ def fold(
         block_params_after=after,
         seconds=seconds,
     )
-    if teacher is not None:
+    if teacher is not None and config.cure_steps:
         t0 = time.perf_counter()
-        result = cure(model, teacher, calib_ids, config)
+        result = cure(model, teacher, cure_ids, config)
         report.cure_loss = result.curve
         report.distill_loss_before, report.distill_loss_after = result.before, result.after
         report.seconds["cure"] = time.perf_counter() - t0
+    if removals:
+        check_sharing(model, removals, teacher, calib_ids, held_ids, config, report)
     model.eval()
     return report
+
+
+def split_held_out(ids: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cure, held-out) samples: the last ``fraction`` of the rows (at least one) are held out."""
+    k = min(max(1, round(fraction * len(ids))), len(ids) - 1)
+    return ids[:-k], ids[-k:]
+
+
+def removal_candidates(
+    rankings: dict[str, list[int]], methods: tuple[str, ...], n_keep: int
+) -> dict[str, list[int]]:
+    """Plain removals to weigh sharing against: {"remove:<method>": kept blocks}, distinct kept sets only."""
+    out: dict[str, list[int]] = {}
+    for method in dict.fromkeys(methods):
+        kept = sorted(rankings[method][:n_keep])
+        if kept not in out.values():
+            out[f"remove:{method}"] = kept
+    return out
+
+
+def check_sharing(
+    model: nn.Module,
+    removals: dict[str, list[int]],
+    teacher: nn.Module,
+    calib_ids: torch.Tensor,
+    held_ids: torch.Tensor,
+    config: FoldConfig,
+    report: FoldReport,
+) -> None:
+    """Build and cure each plain removal in ``removals`` ({label: kept original blocks}, as many unique
+    blocks as the shared fold) like the shared fold; keep whichever model drifts least from ``teacher`` on
+    held-out samples (ties go to removal, the simpler model), then cure the winner afresh on every
+    calibration sample, so a removal that wins equals the plain fold. Records every loss and the decision."""
+    t0 = time.perf_counter()
+    cure_ids = calib_ids[: len(calib_ids) - len(held_ids)]
+    losses = {"share": held_out_kl(model, teacher, held_ids, config.batch_size)}
+    best, best_label, best_result = None, "share", None
+    for label, kept in removals.items():
+        candidate = copy.deepcopy(teacher)
+        singles = [[p] for p in range(len(kept))]
+        restructure(candidate, kept, singles, report.scores[config.importance], config.init)
+        result = cure(candidate, teacher, cure_ids, config) if config.cure_steps else None
+        losses[label] = held_out_kl(candidate, teacher, held_ids, config.batch_size)
+        if losses[label] <= losses[best_label]:
+            best, best_label, best_result = candidate, label, result
+    report.share_check = {
+        "decision": best_label,
+        "held_out_kl": losses,
+        "held_out_samples": len(held_ids),
+        "candidates": removals,
+    }
+    log.info("fold: held-out KL %s -> %s", {k: round(v, 4) for k, v in losses.items()}, best_label)
+    kept, groups = report.kept, report.groups
+    if best is not None:
+        kept = removals[best_label]
+        groups = [[p] for p in range(len(kept))]
+    if config.cure_steps:  # the held-out samples only served the decision
+        best = copy.deepcopy(teacher)
+        restructure(best, kept, groups, report.scores[config.importance], config.init)
+        best_result = cure(best, teacher, calib_ids, config)
+    report.seconds["share_check"] = time.perf_counter() - t0
+    if best is None:
+        return
+    model.model.layers = best.model.layers
+    model.model.norm = best.model.norm
+    model.config.num_hidden_layers = best.config.num_hidden_layers
+    if isinstance(getattr(best.config, "layer_types", None), list):
+        model.config.layer_types = list(best.config.layer_types)
+    report.kept = kept
+    report.removed = [i for i in range(report.original_layers) if i not in kept]
+    report.groups = groups
+    report.block_params_after = unique_parameter_count(decoder_layers(model))
+    if best_result is not None:
+        report.cure_loss = best_result.curve
+        report.distill_loss_before, report.distill_loss_after = best_result.before, best_result.after

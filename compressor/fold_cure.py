@@ -60,6 +60,19 @@ def distill_loss(
 # ---------------------------------------------------------------- orchestration
 
 
+@torch.no_grad()
+def held_out_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
+    """Mean per-token KL(teacher || student) of next-token distributions over ``ids`` (N, T): the drift from
+    the original, comparable across folds of any depth."""
+    device = next(student.parameters()).device
+    total = 0.0
+    for x in batches(ids, batch_size, device):
+        s_logits = student(input_ids=x, use_cache=False).logits
+        t_logits = teacher(input_ids=x, use_cache=False).logits
+        total += logit_kl(s_logits, t_logits).item() * len(x)
+    return total / len(ids)
+
+
 @dataclass
 class CureResult:
     """Per-step training loss and the distillation loss on fixed samples before and after the cure."""

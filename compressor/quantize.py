@@ -33,7 +33,7 @@ class QuantFormat:
     """How one linear layer is stored: bit width, group size (-1 = per channel), symmetric or not."""
 
     wbits: int = 4
-    group_size: int = 128
+    group_size: int = 64
     symmetric: bool = False
 
     def validate(self, where: str = "") -> None:
@@ -51,7 +51,7 @@ class QuantConfig:
     """Recipe step: quantize the decoder's linear weights (and by default the tied lm_head/embedding)."""
 
     wbits: int = 4
-    group_size: int = 128
+    group_size: int = 64
     symmetric: bool = False
     abits: int = 16
     method: str = "rtn"

@@ -139,7 +139,7 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--group-size",
     type=int,
-    default=128,
+    default=64,
     show_default=True,
     help="Quantization group size; -1 = per channel.",
 )
@@ -171,7 +171,22 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--kv-group", help="KV quantization groups: token (per token and head) or channel (per channel)."
 )
-@click.option("--calib", type=click.Path(path_type=Path), help="Calibration/cure text file (UTF-8).")
+@click.option(
+    "--calib",
+    default="self",
+    show_default=True,
+    help="Calibration/cure text: 'self' (sampled from the model itself), a UTF-8 text file, or a calib_self.json.",
+)
+@click.option(
+    "--calib-temperature",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="--calib self: sampling temperature.",
+)
+@click.option(
+    "--calib-top-p", type=float, default=0.95, show_default=True, help="--calib self: nucleus top-p."
+)
 @click.option(
     "--activations",
     type=click.Choice(["int8", "float"]),
@@ -225,6 +240,8 @@ def export(
     kv_bits,
     kv_group,
     calib,
+    calib_temperature,
+    calib_top_p,
     eval_text,
     activations,
     lowering,
@@ -265,6 +282,7 @@ def export(
         recipe=rec,
         calib=calib,
         eval_text=eval_text,
+        self_calib={"temperature": calib_temperature, "top_p": calib_top_p},
         trust_remote_code=trust_remote_code,
         parity=not no_parity,
         force=force,

@@ -47,7 +47,8 @@ class ExportRequest:
     out_dir: Path
     target: str = "cpu"
     recipe: Recipe = field(default_factory=Recipe)
-    calib: Path | None = None
+    calib: Path | str | None = None  # a text file, a calib_self.json, or "self" (the default: data-free)
+    self_calib: dict = field(default_factory=dict)  # SelfCalibConfig overrides, e.g. {"temperature": 0.8}
     eval_text: Path | None = None  # held-out text for quality vs the original (default: calib's tail)
     trust_remote_code: bool = False
     parity: bool = True
@@ -75,7 +76,7 @@ def export(req: ExportRequest) -> ExportResult:
         log.info("loading %s (%s)", req.model_dir, arch.name)
         model = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
         tokenizer = load_tokenizer(req.model_dir)
-        reports = compress(model, tokenizer, req)
+        reports = compress(model, tokenizer, req, tmp)
         built = write_model(model, target, tmp, reports, req.build)
         parity = None
         if req.parity:
@@ -119,17 +120,16 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
     )
     kv = kinds.get("kv")
     needs_calib = needs_calib or (kv is not None and kv.merge == "minicache")
-    if needs_calib and req.calib is None:
-        raise EdgepackError(
-            "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
-        )
-    if req.calib is not None:
-        from edgepack.textdata import read_text
+    from edgepack.compressor.selfcalib import FILE_NAME, SelfCalibConfig
+    from edgepack.textdata import read_text
 
-        read_text(req.calib)  # missing, a folder, binary or empty: refused before the model loads
+    source = calib_source(req)
+    if source == "self":
+        if needs_calib:
+            SelfCalibConfig.from_dict(req.self_calib)
+    elif not (Path(source).name == FILE_NAME and Path(source).is_file()):
+        read_text(source)  # missing, a folder, binary or empty: refused before the model loads
     if req.eval_text is not None:
-        from edgepack.textdata import read_text
-
         if not Path(req.eval_text).exists():
             raise EdgepackError(
                 f"held-out text {req.eval_text} does not exist; pass a local UTF-8 text file to --eval"
@@ -142,8 +142,8 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         resolve_groups(kinds["fold"].share_group, depth - removal_count(kinds["fold"].remove, depth))
 
 
-def compress(model, tokenizer, req: ExportRequest) -> dict:
-    """Apply the recipe's steps in order; returns each step's report by kind."""
+def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> dict:
+    """Apply the recipe's steps in order; returns each step's report by kind (self-calibration text -> ``out``)."""
     from edgepack.recipe import kind_of
 
     reports: dict = {}
@@ -153,7 +153,8 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
         if kind == "fold":
             from edgepack.compressor.fold import fold
 
-            calib_ids = calib_ids if calib_ids is not None else calibration_ids(tokenizer, req, step)
+            if calib_ids is None:
+                calib_ids = calibration_ids(tokenizer, req, step, model, out, reports)
             reports["fold"] = fold(model, step, calib_ids).to_dict()
         elif kind == "quantize":
             from edgepack.compressor.quantize import quantize
@@ -161,7 +162,7 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
             mixed = step.budget_bpw is not None or step.size_budget is not None
             needs_calib = step.method != "rtn" or mixed
             if needs_calib and calib_ids is None:
-                calib_ids = calibration_ids(tokenizer, req, step)
+                calib_ids = calibration_ids(tokenizer, req, step, model, out, reports)
             if mixed:
                 from edgepack.compressor.mixed import plan_mixed_precision
 
@@ -173,16 +174,20 @@ def compress(model, tokenizer, req: ExportRequest) -> dict:
             if mixed:
                 reports["quantize"]["budget"] = {"bpw": step.budget_bpw, "bytes": step.size_budget}
         elif kind == "kv":
-            reports["kv"] = plan_kv(model, tokenizer, req, step)
+            reports["kv"] = plan_kv(model, tokenizer, req, step, out, reports)
     return reports
 
 
-def plan_kv(model, tokenizer, req: ExportRequest, step) -> dict:
+def plan_kv(
+    model, tokenizer, req: ExportRequest, step, out: Path | None = None, reports: dict | None = None
+) -> dict:
     """Resolve the KV-cache step (MiniCache start layer and thresholds on calibration text) into a plan."""
     from edgepack.compressor.minicache import plan_kv_cache
     from edgepack.exporter.kv_cache import make_layout
 
-    calib_ids = calibration_ids(tokenizer, req, step) if step.merge == "minicache" else None
+    calib_ids = None
+    if step.merge == "minicache":
+        calib_ids = calibration_ids(tokenizer, req, step, model, out, reports if reports is not None else {})
     plan, search = plan_kv_cache(model, step, calib_ids)
     if make_layout(plan).compressed:
         log.warning(
@@ -196,16 +201,34 @@ def plan_kv(model, tokenizer, req: ExportRequest, step) -> dict:
     return {"plan": plan.to_dict(), "search": search}
 
 
-def calibration_ids(tokenizer, req: ExportRequest, step):
+def calib_source(req: ExportRequest) -> str:
+    """The calibration source: "self" (sampled from the model; the default) or a file path."""
+    from edgepack.compressor.selfcalib import SELF
+
+    return SELF if req.calib is None or str(req.calib) == SELF else str(req.calib)
+
+
+def calibration_ids(tokenizer, req: ExportRequest, step, model, out: Path | None, reports: dict):
+    """The step's (n_samples, seq_len) calibration ids from the request's source; records it in ``reports``."""
+    from edgepack.compressor import selfcalib
     from edgepack.textdata import calibration_samples, read_text
 
-    if req.calib is None:
-        raise EdgepackError(
-            "this recipe needs calibration text; pass --calib FILE (any local UTF-8 text file)"
-        )
     n = getattr(step, "n_samples", None) or getattr(step, "options", {}).get("n_samples", 64)
     seq = getattr(step, "seq_len", None) or getattr(step, "options", {}).get("seq_len", 256)
-    return calibration_samples(tokenizer, read_text(req.calib), n, seq)
+    source = calib_source(req)
+    if source == selfcalib.SELF:
+        config = selfcalib.SelfCalibConfig.from_dict({"n_samples": n, "seq_len": seq, **req.self_calib})
+        ids = selfcalib.generate_samples(model, tokenizer, config)
+        if out is not None:
+            selfcalib.write_samples(out, ids, tokenizer, config)
+        reports["calibration"] = {"source": source, "file": selfcalib.FILE_NAME, **dataclasses.asdict(config)}
+        return ids
+    if Path(source).name == selfcalib.FILE_NAME:  # reproduce an earlier self-calibrated export
+        ids = selfcalib.read_samples(Path(source))
+    else:
+        ids = calibration_samples(tokenizer, read_text(source), n, seq)
+    reports["calibration"] = {"source": source, "n_samples": len(ids), "seq_len": ids.shape[1]}
+    return ids
 
 
 def build_options(target: Target, overrides: dict | None = None) -> BuildOptions:
@@ -369,11 +392,14 @@ def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
         return {"measured": False, "reason": "no compression: the artifact is the original float model"}
     if req.eval_text is not None:
         text, name = read_text(req.eval_text), f"{Path(req.eval_text).name} (--eval)"
-    elif req.calib is not None:
+    elif calib_source(req) != "self" and not str(req.calib).endswith(".json"):
         text = split_text(read_text(req.calib), HELD_OUT)[1]
         name = f"{Path(req.calib).name}, last {HELD_OUT:.0%} (held out from calibration)"
     else:
-        return {"measured": False, "reason": "no held-out text: pass --eval FILE (or --calib FILE)"}
+        return {
+            "measured": False,
+            "reason": "no held-out text (self-calibrated): pass --eval FILE (or --calib FILE)",
+        }
     seq_len = min(256, int(getattr(model.config, "max_position_embeddings", 256)))
     ids = tokenize(tokenizer, text, max_tokens=QUALITY_WINDOWS * seq_len + 1)
     if len(ids) <= seq_len:

@@ -108,7 +108,7 @@ def test_folded_weights_are_quantized_once(setup, method, monkeypatch):
     else:
         real = abq.LearnableQuant.freeze
         monkeypatch.setattr(abq.LearnableQuant, "freeze", lambda self: calls.append(1) or real(self))
-    options = FAST if method == "abq" else {}
+    options = FAST if method == "abq" else {"head": "gptq"}  # the head is GPTQ'd once too
     model, report = quantized(setup, fold=True, wbits=3, method=method, options=options)
     assert len(calls) == len(report["layers"]) == 5 * 7 + 1 - 7
     layers = model.model.layers
@@ -138,3 +138,42 @@ def test_w4a8_smoothing_folds_into_norms(setup):
     originals = [layer.input_layernorm.weight for layer in rtn.model.layers]
     assert any(not torch.equal(a, b) for a, b in zip(norms, originals, strict=True))
     assert output_error(setup, model) < output_error(setup, rtn)
+
+
+def test_bounds_hold_the_learned_rounding_and_clipping():
+    """round_bound caps the offsets at +-bound steps (smoothly), clip_min floors the kept range."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16)
+    fmt = QuantFormat(3, 32)
+    module = abq.LearnableQuant(
+        lin, grid_for(fmt), 32, 16, None, rounding=True, round_bound=0.5, clip_min=0.6
+    )
+    with torch.no_grad():
+        module.offset.uniform_(-20, 20)
+        module.hi.fill_(-50.0)
+        module.lo.fill_(-50.0)
+    assert module.rounding_offset().abs().max() <= 0.5
+    assert module.clip(module.hi).min() >= 0.6 - 1e-6
+    # Each code is at most one step from round-to-nearest on the same (clipped) grid.
+    scales, zeros = module.grid_params()
+    q = module.freeze()
+    nearest = torch.round(lin.weight.detach() / scales.repeat_interleave(32, 1)) + zeros.repeat_interleave(
+        32, 1
+    )
+    assert (q.codes.float() - nearest.clamp(0, 7)).abs().max() <= 1
+
+
+def test_split_holdout_and_early_stopping_keep_the_best_epoch():
+    train, held = abq.split_holdout(8, 0.25, seed=0)
+    assert len(held) == 2 and sorted(train + held) == list(range(8))
+    assert abq.split_holdout(1, 0.5, 0) == ([0], [])  # one batch: nothing held out
+    # A held-out loss that gets worse with every step stops training after the first epoch at the start.
+    p = nn.Parameter(torch.zeros(()))
+    module = nn.Module()
+    module.p, module.offset = p, None  # the two attributes _train reads
+    steps = [lambda: (p - 1) ** 2] * 3 + [lambda: (p + 1) ** 2]  # training pulls p to 1, held-out wants -1
+    opts = abq.ABQOptions(epochs=5, lr=0.5, holdout=0.25, seed=0)
+    _, held_idx = abq.split_holdout(4, 0.25, 0)
+    steps = [steps[3] if i in held_idx else steps[0] for i in range(4)]
+    abq._train([module], steps, opts)
+    assert p.item() == 0.0, "the best held-out epoch is the initial state"

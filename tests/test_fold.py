@@ -28,7 +28,9 @@ if not STORIES.is_dir():
     STORIES = ROOT / "edgepack" / "assets" / "stories260k"
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
-FAST = dict(n_samples=8, seq_len=64, batch_size=4, gate_steps=12, cure_steps=0, importance="bi")
+FAST = dict(
+    n_samples=8, seq_len=64, batch_size=4, gate_steps=12, cure_steps=0, importance="bi", share_check=False
+)
 SHARED = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 SHARED += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -264,3 +266,43 @@ def test_cure_lowers_distillation_loss(model, ids):
     assert layers[0].self_attn.q_proj.weight is layers[1].self_attn.q_proj.weight, "cure keeps sharing"
     assert all(p.requires_grad for p in model.parameters())
     assert_cache_matches_full(model, ids[:1, :16], prefill=8)
+
+
+@pytest.mark.parametrize("cure_steps", [0, 6])
+def test_share_check_keeps_the_fold_with_lower_held_out_kl(base, ids, cure_steps):
+    """Sharing is kept only when it drifts less from the original than removing as many unique blocks."""
+    from edgepack.compressor.fold_cure import held_out_kl
+
+    scores = {"bi": [5.0, 1.0, 4.0, 2.0, 3.0], "drop_one": [5.0, 4.0, 3.0, 2.0, 1.0]}
+    cfg = {**FAST, "remove": 0.2, "share_pairs": 1, "share_check": True, "cure_steps": cure_steps}
+    cfg["importance"] = "drop_one"  # removes block 4, shares positions 2 + 3
+    model = copy.deepcopy(base)
+    report = fold(model, FoldConfig(**cfg), ids, scores=scores)
+    check = report.share_check
+    assert check is not None and check["held_out_samples"] == 1
+    # Plain removals of 2 blocks (the size of removing 1 and sharing a pair) by each ranking.
+    assert check["candidates"] == {"remove:drop_one": [0, 1, 2], "remove:bi": [0, 2, 4]}
+    losses = check["held_out_kl"]
+    assert set(losses) == {"share", "remove:drop_one", "remove:bi"} and all(v > 0 for v in losses.values())
+    assert check["decision"] == min(losses, key=lambda k: (losses[k], k == "share"))
+    shared = check["decision"] == "share"
+    # Both alternatives have the same unique block parameters; the model is the one the decision names.
+    per_block = unique_parameter_count(base.model.layers[0])
+    norms = 2 * base.config.hidden_size
+    assert report.block_params_after == 3 * per_block + (norms if shared else 0)
+    layers = model.model.layers
+    tied = [layers[i].mlp.up_proj.weight is layers[i + 1].mlp.up_proj.weight for i in range(len(layers) - 1)]
+    assert any(tied) == shared and len(layers) == (4 if shared else 3)
+    assert report.kept == ([0, 1, 2, 3] if shared else check["candidates"][check["decision"]])
+    if cure_steps == 0:
+        assert held_out_kl(model, base, ids[-1:], 4) == pytest.approx(min(losses.values()), rel=1e-5)
+    if not shared:  # the winner is re-cured on every sample: exactly the plain removal fold
+        plain = copy.deepcopy(base)
+        method = check["decision"].removeprefix("remove:")
+        plain_cfg = {**cfg, "remove": 0.4, "share_pairs": 0, "share_check": False, "importance": method}
+        fold(plain, FoldConfig(**plain_cfg), ids, scores=scores)
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=ids[:2]).logits, plain(input_ids=ids[:2]).logits)
+    assert len(report.cure_loss) == cure_steps
+    assert_cache_matches_full(model, ids[:1, :16], prefill=8)
+    json.dumps(report.to_dict())

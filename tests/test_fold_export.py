@@ -19,7 +19,14 @@ from edgepack.recipe import Recipe
 
 # stories260k has 5 blocks: remove 1 (20%), share the 4 kept positions in 2 groups of 2.
 FAST_FOLD = dict(
-    remove=0.2, share_group=2, importance="bi", cure_steps=4, n_samples=8, seq_len=64, batch_size=4
+    remove=0.2,
+    share_group=2,
+    importance="bi",
+    cure_steps=4,
+    n_samples=8,
+    seq_len=64,
+    batch_size=4,
+    share_check=False,  # these tests pin the sharing mechanics; test_fold.py covers the check
 )
 
 
@@ -115,6 +122,18 @@ def test_bad_fold_input(stories, shakespeare, tmp_path, args, needle):
     assert not (tmp_path / "x").exists()
 
 
-def test_fold_without_calibration_text(stories, tmp_path):
-    r = cli("export", "--model", str(stories), "--remove", "0.2", "-o", str(tmp_path / "x"))
-    assert r.returncode == 2 and "--calib" in r.stderr and not (tmp_path / "x").exists()
+def test_fold_with_missing_calibration_text(stories, tmp_path):
+    """Without --calib the fold self-calibrates (tests/test_selfcalib.py); a missing file is one clear error."""
+    missing = tmp_path / "nope.txt"
+    r = cli(
+        "export",
+        "--model",
+        str(stories),
+        "--remove",
+        "0.2",
+        "--calib",
+        str(missing),
+        "-o",
+        str(tmp_path / "x"),
+    )
+    assert r.returncode == 2 and "nope.txt" in r.stderr and not (tmp_path / "x").exists()

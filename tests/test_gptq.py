@@ -84,3 +84,46 @@ def test_gptq_needs_calibration_and_known_options(stories):
         quantize(
             model, QuantConfig(method="gptq", options={"epochs": 3}), torch.zeros(2, 8, dtype=torch.long)
         )
+
+
+def test_head_rtn_leaves_the_tied_head_on_the_rtn_grid(setup):
+    """head="rtn": the tied lm_head/embedding gets round-to-nearest codes, the blocks still GPTQ's."""
+    path, calib, _, _ = setup
+    model, plain = load_model(path), load_model(path)
+    quantize(model, QuantConfig(wbits=3, method="gptq", options={"head": "rtn", "batch_size": 4}), calib)
+    quantize(plain, QuantConfig(wbits=3), calib)
+    head, rtn_head = model.get_output_embeddings(), plain.get_output_embeddings()
+    assert torch.equal(head.codes, rtn_head.codes) and torch.equal(head.scales, rtn_head.scales)
+    q, q_rtn = model.model.layers[0].mlp.up_proj, plain.model.layers[0].mlp.up_proj
+    assert not torch.equal(q.codes, q_rtn.codes)
+    with pytest.raises(EdgepackError, match="head='lora'"):
+        quantize(load_model(path), QuantConfig(method="gptq", options={"head": "lora"}), calib)
+
+
+def test_too_few_calibration_tokens_are_flagged(setup, caplog):
+    """Fewer than 16 tokens per input feature of the widest linear (stories260k: 172) is a logged warning."""
+    path, calib, _, _ = setup  # 8 x 128 = 1024 tokens < 16 * 172
+    with caplog.at_level("WARNING", logger="edgepack.compressor.gptq"):
+        quantize(load_model(path), QuantConfig(wbits=4, method="gptq"), calib[:, :64])
+    assert "512 calibration tokens for linears with 172 inputs" in caplog.text
+    caplog.clear()
+    enough = calib.repeat(3, 2)  # 24 x 256 = 6144 tokens
+    with caplog.at_level("WARNING", logger="edgepack.compressor.gptq"):
+        quantize(load_model(path), QuantConfig(wbits=4, method="gptq"), enough)
+    assert "calibration tokens" not in caplog.text
+
+
+def test_head_damp_weighs_the_tied_embedding(setup):
+    """head_damp adds the embedding's identity term to the tied head's Hessian: strong damping -> RTN codes."""
+    path, calib, _, _ = setup
+    models = {}
+    for damp in (None, 1e4):
+        model = load_model(path)
+        options = {"batch_size": 4, "head": "gptq", **({"head_damp": damp} if damp else {})}
+        quantize(model, QuantConfig(wbits=3, method="gptq", options=options), calib)
+        models[damp] = model.get_output_embeddings()
+    rtn = load_model(path)
+    quantize(rtn, QuantConfig(wbits=3), calib)
+    rtn_codes = rtn.get_output_embeddings().codes
+    same = {d: float((m.codes == rtn_codes).float().mean()) for d, m in models.items()}
+    assert same[1e4] > 0.99 and same[None] < 0.9, same

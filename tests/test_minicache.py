@@ -226,7 +226,7 @@ def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Pat
         (["--kv-bits", "3"], "kv bits=3 is not supported"),
         (["--kv-group", "row"], "kv group='row' is unknown"),
         (["--kv-start", "x"], "cannot read --kv-start"),
-        (["--kv-merge", "minicache"], "needs calibration text"),
+        (["--kv-merge", "minicache", "--calib", "no-such-text.txt"], "does not exist"),  # (no --calib: self)
     ],
 )
 def test_cli_bad_kv_flags(tmp_path: Path, flags: list[str], message: str) -> None:

@@ -1,0 +1,105 @@
+"""Data-free calibration (--calib self): sampling math, seeded generation on stories260k, the artifact copy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from edgepack.compressor.fold_importance import mean_nll
+from edgepack.compressor.selfcalib import (
+    FILE_NAME,
+    SelfCalibConfig,
+    generate_samples,
+    nucleus_sample,
+    read_samples,
+)
+from edgepack.runtime.runner import sha256_file
+
+from edgepack.errors import EdgepackError
+from edgepack.model import load_model, load_tokenizer
+from edgepack.textdata import read_text, tokenize
+
+SMALL = SelfCalibConfig(n_samples=6, seq_len=48, batch_size=3, seed=3)
+
+
+@pytest.fixture(scope="module")
+def setup(stories):
+    torch.set_num_threads(1)
+    return load_model(stories), load_tokenizer(stories)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=600
+    )
+
+
+def test_nucleus_sample_keeps_to_the_nucleus():
+    logits = torch.tensor([[4.0, 3.0, 0.0, -1.0]]).repeat(200, 1)  # p = 0.71, 0.26, 0.01, 0.005
+    gen = torch.Generator().manual_seed(0)
+    assert set(nucleus_sample(logits, 1.0, 0.5, gen).tolist()) == {0}  # the top token alone covers 0.5
+    two = nucleus_sample(logits, 1.0, 0.9, gen)
+    assert set(two.tolist()) == {0, 1}  # the top two cover 0.97 >= 0.9; the tail is never drawn
+    hot = nucleus_sample(logits, 100.0, 1.0, gen)  # near-uniform at a high temperature
+    assert len(set(hot.tolist())) == 4
+
+
+def test_bad_settings_are_one_line_errors():
+    for kwargs, needle in [({"temperature": 0}, "temperature"), ({"top_p": 1.5}, "top_p")]:
+        with pytest.raises(EdgepackError, match=needle):
+            SelfCalibConfig(**kwargs)
+    with pytest.raises(EdgepackError, match="unknown self-calibration keys"):
+        SelfCalibConfig.from_dict({"temp": 1.0})
+
+
+def test_generation_is_seeded_mixed_and_model_like(setup, shakespeare):
+    model, tok = setup
+    ids = generate_samples(model, tok, SMALL)
+    assert ids.shape == (6, 48) and ids.dtype == torch.long
+    assert torch.equal(ids, generate_samples(model, tok, SMALL)), "same seed, same samples"
+    assert not torch.equal(ids, generate_samples(model, tok, SelfCalibConfig(**{**vars(SMALL), "seed": 4})))
+    bos = model.config.bos_token_id
+    assert ids[0, 0] == bos and ids[3, 0] == bos and ids[1, 0] != bos and ids[2, 0] != bos  # the start mix
+    assert len({tuple(r) for r in ids.tolist()}) == 6, "every sample differs"
+    # The model's own samples are far more likely under it than real text of another domain.
+    text = tokenize(tok, read_text(shakespeare), 6 * 48).view(6, 48)
+    assert mean_nll(model, ids, 6) < 0.6 * mean_nll(model, text, 6)
+
+
+def test_export_self_calibrates_by_default_and_reproduces(stories, tmp_path):
+    """No --calib: GPTQ calibrates on the model's own samples, stored in the artifact and listed in the
+    manifest; --calib with that file reproduces the same model.onnx."""
+    args = ["export", "--model", str(stories), "--wbits", "4", "--method", "gptq", "--no-parity"]
+    r = cli(*args, "-o", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    calib = m["compression"]["calibration"]
+    assert calib["source"] == "self" and calib["file"] == FILE_NAME and calib["temperature"] == 1.0
+    stored = tmp_path / "a" / FILE_NAME
+    assert m["files"][FILE_NAME] == sha256_file(stored)
+    data = json.loads(stored.read_text())
+    ids = read_samples(stored)
+    assert ids.shape == (64, 256) and len(data["text"]) == 64 and data["settings"]["top_p"] == 0.95
+    assert data["text"][1] == load_tokenizer(stories).decode(data["ids"][1])
+    r = cli(*args, "--calib", str(stored), "-o", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    m2 = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m2["compression"]["calibration"]["source"] == str(stored)
+    assert m2["files"]["model.onnx"] == m["files"]["model.onnx"], "same samples, same weights"
+    assert FILE_NAME not in m2["files"]
+
+
+def test_bad_calibration_file_is_one_line(stories, tmp_path):
+    r = cli("export", "--model", str(stories), "--wbits", "4", "--method", "gptq", "--calib",
+            str(tmp_path / "missing.txt"), "-o", str(tmp_path / "x"))  # fmt: skip
+    assert r.returncode == 2 and "missing.txt" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x").exists()
+    bad = tmp_path / FILE_NAME
+    bad.write_text('{"ids": "nope"}')
+    r = cli("export", "--model", str(stories), "--wbits", "4", "--method", "gptq", "--calib", str(bad),
+            "-o", str(tmp_path / "y"))  # fmt: skip
+    assert r.returncode == 2 and "--calib self" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
