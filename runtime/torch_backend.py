@@ -354,6 +354,7 @@ def run_benchmark_torch(artifact_dir: Path, config: RunConfig, dtype: torch.dtyp
         "provider": f"TritonQuantLinear ({'Triton kernels' if runs_kernels(config.device) else 'torch math'}, "
         f"{str(dtype).removeprefix('torch.')} activations)",
         "kv_cache": decoder.kv_cache,
+        "kv_layout": "transformers DynamicCache",
         "threads": config.threads,
         "prompt_len": config.prompt_len,
         "gen": config.gen,
@@ -371,6 +372,12 @@ def run_benchmark_torch(artifact_dir: Path, config: RunConfig, dtype: torch.dtyp
             "dtype": str(dtype).removeprefix("torch."),
             "bytes_per_position": 2 * dims.num_layers * dims.num_kv_heads * dims.head_dim * dtype.itemsize,
         },
+        "kv_bytes": (config.prompt_len + config.gen)
+        * 2
+        * dims.num_layers
+        * dims.num_kv_heads
+        * dims.head_dim
+        * dtype.itemsize,  # the cache after the last timed run, as runner.py's kv_bytes
         "load_s": load_s,
         "ttft_ms": spread([t.prefill_s * 1e3 for t in timings]),
         "prefill_tok_s": spread([config.prompt_len / t.prefill_s for t in timings]),
