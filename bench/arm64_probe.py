@@ -26,14 +26,16 @@ def run(model_file: str, prompts: list[list[int]], new_tokens: int) -> dict[str,
     session = ort.InferenceSession(model_file, options, providers=["CPUExecutionProvider"])
     pasts = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     names = [o.name for o in session.get_outputs()]
+    has_positions = any(i.name == "position_ids" for i in session.get_inputs())  # the fused form has none
 
     def step(ids: list[int], cache: dict, past: int) -> tuple[np.ndarray, dict]:
         feeds = {
             "input_ids": np.array([ids], np.int64),
             "attention_mask": np.ones((1, past + len(ids)), np.int64),
-            "position_ids": np.arange(past, past + len(ids), dtype=np.int64)[None],
             **cache,
         }
+        if has_positions:
+            feeds["position_ids"] = np.arange(past, past + len(ids), dtype=np.int64)[None]
         results = dict(zip(names, session.run(names, feeds), strict=True))
         new = {k.replace("present.", "past_key_values."): v for k, v in results.items() if k != "logits"}
         return results["logits"][0], new
