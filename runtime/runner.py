@@ -117,6 +117,16 @@ def inside(artifact_dir: Path, name: object) -> Path | None:
     return path
 
 
+def read_artifact_json(path: Path) -> object:
+    """One of the artifact's JSON files, or a RunnerError naming it as corrupt."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunnerError(
+            f"{path} is corrupt ({exc}): re-export the artifact with `edgepack export`"
+        ) from exc
+
+
 def read_manifest(artifact_dir: Path) -> dict:
     """manifest.json as a dict whose "files" maps relative paths to SHA-256 digests, or a RunnerError."""
     require_dir(artifact_dir)
@@ -125,12 +135,7 @@ def read_manifest(artifact_dir: Path) -> dict:
         raise RunnerError(
             f"{artifact_dir} has no {MANIFEST_NAME}: pass the folder `edgepack export` wrote, not a bare ONNX folder"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RunnerError(
-            f"{manifest_path} is corrupt ({exc}): re-export the artifact with `edgepack export`"
-        ) from exc
+    manifest = read_artifact_json(manifest_path)
     files = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(files, dict) or not files:
         raise RunnerError(
@@ -219,12 +224,7 @@ def read_genai_config(artifact_dir: Path) -> dict:
     path = artifact_dir / GENAI_CONFIG_NAME
     if not path.is_file():
         return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RunnerError(
-            f"{path} is corrupt ({exc}): re-export the artifact with `edgepack export`"
-        ) from exc
+    config = read_artifact_json(path)
     if not isinstance(config, dict) or not isinstance(config.get("model", {}), dict):
         raise RunnerError(f'{path} is not a genai config (no "model" table): re-export the artifact')
     return config
