@@ -32,7 +32,7 @@ from edgepack.compressor.fold_importance import IMPORTANCE
 from edgepack.compressor.fold_plan import least_important_pairs
 
 from edgepack.evaluate import perplexity
-from edgepack.model import load_model, load_tokenizer, read_config
+from edgepack.model import load_model, load_tokenizer
 from edgepack.textdata import calibration_samples, read_text, split_text, tokenize
 
 log = logging.getLogger("fold_quality")
@@ -109,15 +109,13 @@ def artifact_stats(model, model_dir: Path, tokenizer) -> dict:
     """Export ``model`` with the edgepack exporter (CPU target) and run the runtime: file MB, peak RSS."""
     from edgepack.runtime.bench import run_artifact
     from edgepack.runtime.runner import RunConfig
-    from edgepack.targets.profiles import get_target
 
-    from edgepack.pipeline import file_table, write_model, write_side_files
+    from edgepack.pipeline import export_model
 
     with tempfile.TemporaryDirectory(prefix="fold-bench-") as tmp:
-        folder = Path(tmp)
-        write_model(model, get_target("cpu"), folder, {})
-        write_side_files(model_dir, folder, model, read_config(model_dir)[0], tokenizer)
-        (folder / "manifest.json").write_text(json.dumps({"files": file_table(folder)}))
+        folder = export_model(
+            model, "cpu", Path(tmp) / "artifact", source=model_dir, tokenizer=tokenizer
+        ).out_dir
         size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
         report = run_artifact(folder, RunConfig(threads=1, prompt_len=64, gen=32, runs=1, warmup=0))
     return {"artifact_mb": size / 1e6, "peak_rss_mib": report["peak_rss_mib"]}
@@ -330,7 +328,7 @@ def write_markdown() -> None:
         "ShortGPT (BI removal, no sharing), all with the library's default cure budget; *init* = the same fold "
         "with shared weights started from the mean instead of the most important block. '=N' in the first "
         "column: the same fold as row N (same blocks, groups, init and cure), measured once. Unique blocks and "
-        "params count each shared weight once. Artifact MB: model.onnx from `edgepack.pipeline.write_model` "
+        "params count each shared weight once. Artifact MB: model.onnx from `edgepack.pipeline.export_model` "
         "(CPU target, fp32, shared weights stored once); peak RSS: the runtime's `runner.py` process while "
         "prefilling 64 and generating 32 tokens on one thread.",
         "",

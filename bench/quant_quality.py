@@ -34,12 +34,11 @@ import numpy as np
 import torch
 from edgepack.compressor.mixed import plan_mixed_precision
 from edgepack.compressor.quantize import QuantConfig, quantize
-from edgepack.targets.profiles import get_target
 
 from edgepack.errors import EdgepackError
 from edgepack.evaluate import perplexity
 from edgepack.model import DecoderDims, load_model, load_tokenizer
-from edgepack.pipeline import write_model
+from edgepack.pipeline import export_model
 from edgepack.textdata import calibration_samples, read_text, split_text, tokenize
 
 log = logging.getLogger("quant_quality")
@@ -125,8 +124,10 @@ def evaluate_row(
     row.wiki_ppl = round(perplexity(model, wiki, SEQ_LEN), 3)
     row.held_ppl = round(perplexity(model, held, SEQ_LEN), 3)
     with tempfile.TemporaryDirectory() as tmp:
-        write_model(model, get_target("cpu"), Path(tmp), {"quantize": report} if report else {})
-        row.file_mb = round(sum(p.stat().st_size for p in Path(tmp).glob("model.onnx*")) / 1e6, 3)
+        folder = export_model(
+            model, "cpu", Path(tmp) / "a", reports={"quantize": report} if report else {}
+        ).out_dir
+        row.file_mb = round(sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6, 3)
         if report:
             layers = report["layers"]
             row.bits_per_weight = round(
@@ -205,8 +206,8 @@ def bench_model(
     if cross_check is not None:  # the same model through the exported ONNX graph
         row, quantized = cross_check
         with tempfile.TemporaryDirectory() as tmp:
-            write_model(quantized, get_target("cpu"), Path(tmp), {})
-            ort_ppl = ort_perplexity(Path(tmp) / "model.onnx", held, dims, threads)
+            folder = export_model(quantized, "cpu", Path(tmp) / "a", source=model_dir).out_dir
+            ort_ppl = ort_perplexity(folder / "model.onnx", held, dims, threads)
         check = {"row": row.name, "torch_held_ppl": row.held_ppl, "onnxruntime_held_ppl": round(ort_ppl, 3)}
     return {
         "model": model_dir.name,

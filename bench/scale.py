@@ -90,10 +90,19 @@ MODES = {
     "w3": ["--wbits", "3", "--group-size", "128"],
 }
 PEER_PRECISION = {"fp32": "fp32", "w4": "int4"}  # the builder has no 3-bit
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+# Calibration cost probes (--no-parity, Tiny Shakespeare): small sample counts whose time scales linearly to the
+# defaults' (every cost of these methods is per calibration sample and epoch), see project().
+PROBES: dict[str, dict] = {
+    "gptq-w4": {"kind": "quantize", "wbits": 4, "method": "gptq", "options": {"n_samples": 16}},
+    "abq-w4": {"kind": "quantize", "wbits": 4, "method": "abq", "options": {"n_samples": 4, "epochs": 1}},
+    "fold": {"kind": "fold", "remove": 0.25, "share_group": 2, "gate_steps": 4, "cure_steps": 4, "n_samples": 8},
+}
 
 
 def make_checkpoint(name: str, folder: Path, shard_bytes: int = 1 << 30) -> Path:
-    """A random-weight safetensors checkpoint of CONFIGS[name], written one tensor at a time."""
+    """A random-weight safetensors checkpoint of CONFIGS[name], written one tensor at a time in bfloat16 (the
+    dtype these models are published in, so loaders and the builder read what they would read from the hub)."""
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -123,14 +132,15 @@ def make_checkpoint(name: str, folder: Path, shard_bytes: int = 1 << 30) -> Path
             t = torch.ones(p.shape) if "norm" in key else torch.randn(p.shape, generator=gen) * 0.02
         else:
             t = torch.randn(p.shape, generator=gen) * 0.02
-        shard[key] = t.to(torch.float32)
-        size += t.numel() * 4
+        shard[key] = t.to(torch.bfloat16)
+        size += t.numel() * 2
         if size >= shard_bytes:
             flush()
     flush()
     (folder / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {}, "weight_map": index}, indent=2)
     )
+    config.dtype = torch.bfloat16
     config.save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(STORIES / f, folder / f)
@@ -158,7 +168,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         for mode in args.modes:
             out = args.work / f"{name}-{mode}"
             cmd = [sys.executable, "-m", "edgepack", "export", "--model", str(model), "-o", str(out)]
-            cmd += MODES[mode] + ([] if args.parity else ["--no-parity"])
+            if mode in PROBES:
+                recipe = args.work / f"probe-{mode}.json"
+                recipe.write_text(json.dumps({"steps": [PROBES[mode]]}))
+                cmd += ["--recipe", str(recipe), "--calib", str(SHAKESPEARE), "--no-parity"]
+            else:
+                cmd += MODES[mode] + ([] if args.parity else ["--no-parity"])
             tools = [("edgepack", out, cmd)]
             if args.peer and mode in PEER_PRECISION:
                 peer = args.work / f"{name}-{mode}-genai"
@@ -176,12 +191,19 @@ def run(args: argparse.Namespace) -> list[dict]:
                 tools.append(("genai-builder", peer, cmd))
             for tool, folder, command in tools:
                 shutil.rmtree(folder, ignore_errors=True)
+                load = os.getloadavg()[0]
                 row = {
                     "model": name,
                     "mode": mode,
                     "tool": tool,
                     **measured(command, folder.with_name(folder.name + ".log")),
+                    "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)],
                 }
+                manifest = folder / "manifest.json"
+                if manifest.is_file():  # edgepack's per-step seconds and memory
+                    m = json.loads(manifest.read_text())
+                    row["phases"] = m.get("phases")
+                    row["parity"] = m.get("parity")
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 if not args.keep:
@@ -190,10 +212,16 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| model | mode | tool | seconds | peak RSS GB | ok |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| model | mode | tool | seconds | peak RSS GB | ok | load avg | edgepack steps (s) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
+        steps = ", ".join(f"{k} {v['seconds']:.0f}" for k, v in (r.get("phases") or {}).items())
+        load = " -> ".join(str(x) for x in r.get("load_avg", []))
         lines.append(
-            f"| {r['model']} | {r['mode']} | {r['tool']} | {r['seconds']} | {r['peak_rss_gb']} | {r['ok']} |"
+            f"| {r['model']} | {r['mode']} | {r['tool']} | {r['seconds']} | {r['peak_rss_gb']} | {r['ok']} | {load} "
+            f"| {steps or '—'} |"
         )
     return "\n".join(lines)
 
@@ -201,18 +229,27 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="qwen2.5-0.5b", help=f"comma-separated: {', '.join(CONFIGS)}")
-    parser.add_argument("--modes", default="fp32,w4,w3", help=f"comma-separated: {', '.join(MODES)}")
+    parser.add_argument(
+        "--modes", default="fp32,w4,w3", help=f"comma-separated: {', '.join([*MODES, *PROBES])}"
+    )
     parser.add_argument("--peer", action="store_true", help="also run the onnxruntime-genai builder")
     parser.add_argument("--parity", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--keep", action="store_true", help="keep the artifacts")
     parser.add_argument("--work", type=Path, default=Path("/tmp/edgepack-scale"))
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--make-only", action="store_true", help="only write the random checkpoints")
     args = parser.parse_args()
     args.models = [m for m in args.models.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
-    unknown = [m for m in args.models if m not in CONFIGS] + [m for m in args.modes if m not in MODES]
+    unknown = [m for m in args.models if m not in CONFIGS] + [
+        m for m in args.modes if m not in MODES and m not in PROBES
+    ]
     if unknown:
         parser.error(f"unknown model/mode {', '.join(unknown)}")
+    if args.make_only:
+        for name in args.models:
+            print(make_checkpoint(name, args.work / name))
+        return
     rows = run(args)
     print(table(rows))
     if args.json:

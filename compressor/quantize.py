@@ -147,8 +147,8 @@ def dequantize(
 ) -> torch.Tensor:
     """Float (N, K) weight from codes (N, K), scales and zero points (N, G)."""
     k = codes.shape[1]
-    q = group_view(codes.float(), group)  # (N, G, g)
-    w = (q - zero_points.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    w = group_view(codes.float(), group)  # (N, G, g), a fresh float copy: updated in place below
+    w.sub_(zero_points.float().unsqueeze(-1)).mul_(scales.float().unsqueeze(-1))
     return w.flatten(1)[:, :k]
 
 
@@ -180,9 +180,9 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Round-to-nearest codes (N, K) uint8 of ``w`` on the grid given by scales and zero points."""
     k = w.shape[1]
-    g = group_view(w.float(), group)
-    q = torch.round(g / scales.unsqueeze(-1)) + zero_points.float().unsqueeze(-1)
-    return q.clamp(0, 2**bits - 1).to(torch.uint8).flatten(1)[:, :k]
+    q = group_view(w.float(), group) / scales.unsqueeze(-1)
+    q.round_().add_(zero_points.float().unsqueeze(-1))
+    return q.clamp_(0, 2**bits - 1).to(torch.uint8).flatten(1)[:, :k]
 
 
 def effective_group(fmt: QuantFormat, k: int) -> int:
@@ -227,12 +227,17 @@ class QuantLinear(nn.Module):
     def qtensor(self) -> QTensor:
         return QTensor(self.codes, self.scales, self.zero_points, self.bits, self.group_size)
 
+    cache_weight = True  # keep the dequantized weight between forwards (see ``uncached_weights``)
+
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized float weight (cached: the codes never change after quantization)."""
-        if self._weight_cache is None or self._weight_cache.device != self.codes.device:
-            self._weight_cache = self.qtensor().dequantize().to(self.scales.dtype)
-        return self._weight_cache
+        if self._weight_cache is not None and self._weight_cache.device == self.codes.device:
+            return self._weight_cache
+        weight = self.qtensor().dequantize().to(self.scales.dtype)
+        if self.cache_weight:
+            self._weight_cache = weight
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.abits == 8:
@@ -271,6 +276,20 @@ def kernel_activations(model: nn.Module, abits: int) -> Iterator[None]:
             m.abits = a
 
 
+@contextmanager
+def uncached_weights(model: nn.Module) -> Iterator[None]:
+    """Dequantize every QuantLinear's weight per forward and keep no float copy: the model's memory stays at its
+    codes (1 byte a weight instead of 4), for a few forwards of a large model (the export's parity check)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.cache_weight, m._weight_cache = False, None
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m.cache_weight  # back to the class default
+
+
 def activation_block(group: int, k: int) -> int:
     """The K-block over which MatMulNBits (accuracy_level 4) quantizes activations to int8."""
     return lowering_block_size(group, k)
@@ -283,7 +302,7 @@ def activation_block(group: int, k: int) -> int:
 class LinearSite:
     """One unique linear weight to quantize and every (parent module, attribute) that uses it."""
 
-    name: str  # name of its first use, e.g. "model.layers.0.self_attn.q_proj"
+    name: str  # name of its first use (module path; the family declares the layout)
     module: nn.Linear
     fmt: QuantFormat
     uses: list[tuple[nn.Module, str, str]] = field(default_factory=list)  # (parent, attr, full name)
@@ -319,16 +338,21 @@ def register_method(name: str) -> Callable[[Method], Method]:
     return deco
 
 
+def rtn_tensor(site: LinearSite, config: QuantConfig) -> QTensor:
+    """One site's round-to-nearest codes; ``options["bit_balance"]`` puts 2-bit weights on the W2* grid."""
+    if config.options.get("bit_balance"):
+        from edgepack.compressor.calib_grid import quantize_on_grid
+
+        return quantize_on_grid(site.module.weight.detach(), site.fmt, True)
+    return quantize_rtn(site.module.weight.detach(), site.fmt)
+
+
 @register_method("rtn")
 def rtn_method(
     model: nn.Module, sites: list[LinearSite], config: QuantConfig, calib_ids=None
 ) -> dict[str, QTensor]:
-    """Round-to-nearest: no calibration data; ``options["bit_balance"]`` puts 2-bit weights on the W2* grid."""
-    if config.options.get("bit_balance"):
-        from edgepack.compressor.calib_grid import quantize_on_grid
-
-        return {s.name: quantize_on_grid(s.module.weight.detach(), s.fmt, True) for s in sites}
-    return {s.name: quantize_rtn(s.module.weight.detach(), s.fmt) for s in sites}
+    """Round-to-nearest: no calibration data (``quantize`` runs it site by site, see there)."""
+    return {s.name: rtn_tensor(s, config) for s in sites}
 
 
 def _load_methods() -> None:
@@ -351,14 +375,18 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
     because the exporter stores one packed tensor for both (GatherBlockQuantized).
     """
     sites = linear_sites(model, config)
-    qtensors = METHODS[config.method](model, sites, config, calib_ids)
+    # RTN needs no other layer, so each weight is quantized and replaced in turn: its float tensor is freed
+    # before the next one is read, and peak memory stays at the model plus one layer's temporaries.
+    qtensors = None if config.method == "rtn" else METHODS[config.method](model, sites, config, calib_ids)
     layers = []
-    for site in sites:
-        q = qtensors[site.name]
+    while sites:
+        site = sites.pop(0)
+        q = qtensors.pop(site.name) if qtensors is not None else rtn_tensor(site, config)
         bias = site.module.bias.detach() if site.module.bias is not None else None
         qlin = QuantLinear(q, bias, config.abits, site.fmt.symmetric)
         for parent, attr, _ in site.uses:
             setattr(parent, attr, qlin)
+        del site.module
         layers.append(
             {
                 "name": site.name,
@@ -379,4 +407,5 @@ def _retie_embedding(model: nn.Module) -> None:
     if not isinstance(lm_head, QuantLinear) or not getattr(model.config, "tie_word_embeddings", False):
         return
     emb = model.get_input_embeddings()
-    emb.weight = nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
+    emb.weight = nn.Parameter(lm_head.weight.detach(), requires_grad=False)
+    lm_head._weight_cache = None  # the embedding owns that float copy; the lm_head dequantizes on demand

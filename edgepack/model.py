@@ -34,7 +34,7 @@ class Architecture:
 
 @dataclass(frozen=True)
 class DecoderDims:
-    """Shapes of a Llama-family decoder, read from its config (nanoGPT-style: the few numbers that matter)."""
+    """Shapes of any supported decoder, read from its config (the few numbers the runtime side needs)."""
 
     vocab_size: int
     hidden_size: int
@@ -263,8 +263,9 @@ def hf_config(path: Path) -> Any:
         raise EdgepackError(f"could not read the config in {path}: {first}") from e
 
 
-def load_model(model_dir: str | Path, *, trust_remote_code: bool = False):
-    """Load a causal LM in float32 with eager attention from a local folder (safetensors only, offline).
+def load_model(model_dir: str | Path, *, trust_remote_code: bool = False, dtype: Any = None):
+    """Load a causal LM in float32 (or ``dtype``; "auto": the checkpoint's own) with eager attention from a local
+    folder (safetensors only, offline).
 
     Every checkpoint tensor must be used and every model weight loaded: transformers' missing/unexpected/
     mismatched keys are an error naming them, never a randomly initialised or silently truncated model.
@@ -278,7 +279,7 @@ def load_model(model_dir: str | Path, *, trust_remote_code: bool = False):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
-            dtype=torch.float32,
+            dtype=torch.float32 if dtype is None else dtype,
             use_safetensors=True,
             local_files_only=True,
             trust_remote_code=trust_remote_code,

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from edgepack import __version__
 from edgepack.errors import EdgepackError
@@ -64,48 +67,215 @@ class ExportResult:
     seconds: float
 
 
+@dataclass
+class ExportJob:
+    """What the pipeline's steps read and write, one export at a time (the folder being staged is ``out``)."""
+
+    req: ExportRequest
+    target: Target
+    out: Path
+    raw_config: dict
+    arch: str
+    model: Any = None
+    tokenizer: Any = None
+    reports: dict = field(default_factory=dict)
+    built: dict | None = None
+    parity: dict | None = None
+    quality: dict | None = None
+    genai: dict | None = None
+    manifest: dict | None = None
+    phases: dict = field(default_factory=dict)  # step -> seconds and RSS, recorded in the manifest
+
+
+def reads_weights_once(recipe: Recipe) -> bool:
+    """True for a recipe that only rounds weights (RTN, no size budget; KV quantization without MiniCache): it
+    runs no forward pass before the graph, so the model may load in its checkpoint's dtype (bf16 for most hub
+    models: half the memory of float32) and each weight is upcast exactly where it is quantized."""
+    from edgepack.recipe import kind_of
+
+    def once(step) -> bool:
+        kind = kind_of(step)
+        if kind == "quantize":
+            return step.method == "rtn" and step.budget_bpw is None and step.size_budget is None
+        return kind == "kv" and step.merge != "minicache"
+
+    return any(kind_of(s) == "quantize" for s in recipe.steps) and all(once(s) for s in recipe.steps)
+
+
+def step_load(job: ExportJob) -> None:
+    from edgepack.model import load_model, load_tokenizer
+
+    lean = reads_weights_once(job.req.recipe)
+    log.info("loading %s (%s%s)", job.req.model_dir, job.arch, ", checkpoint dtype" if lean else "")
+    job.model = load_model(
+        job.req.model_dir, trust_remote_code=job.req.trust_remote_code, dtype="auto" if lean else None
+    )
+    job.tokenizer = load_tokenizer(job.req.model_dir)
+
+
+def step_compress(job: ExportJob) -> None:
+    job.reports = compress(job.model, job.tokenizer, job.req, job.out)
+    job.model.float()  # what stayed in the checkpoint's dtype (norms, embedding, skipped linears), exactly
+
+
+def step_graph(job: ExportJob) -> None:
+    job.built = write_model(job.model, job.target, job.out, job.reports, job.req.build)
+
+
+def step_parity(job: ExportJob) -> None:
+    job.parity = run_parity(
+        job.model,
+        job.tokenizer,
+        job.target,
+        job.out / "model.onnx",
+        job.built["thresholds"],
+        job.req.new_tokens,
+        job.built["abits"],
+        kv_plan(job.reports),
+    )
+
+
+def step_quality(job: ExportJob) -> None:
+    job.quality = measure_quality(job.req, job.model, job.tokenizer)
+
+
+def step_side_files(job: ExportJob) -> None:
+    genai = kv_layout(job.reports).compressed is False
+    job.genai = write_side_files(
+        job.req.model_dir, job.out, job.model, job.raw_config, job.tokenizer, job.built, genai=genai
+    )
+
+
+def step_bundle(job: ExportJob) -> None:
+    from edgepack.targets.android import make_android_bundle
+
+    make_android_bundle(job.out, job.target.allowed_ops)
+
+
+def step_manifest(job: ExportJob) -> None:
+    m = build_manifest(job.req, job.target, job.arch, job.model, job.built, job.reports, job.parity, job.out)
+    m["quality"] = job.quality
+    m["phases"] = dict(job.phases)  # the steps before this one (the file cannot time its own writing)
+    write_app_readme(job.out, m, job.genai)
+    m["files"] = file_table(job.out, exclude=(PARTIAL_MARKER,))
+    m["file_bytes"] = file_sizes(job.out, exclude=(PARTIAL_MARKER,))
+    (job.out / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    job.manifest = m
+
+
+@dataclass(frozen=True)
+class Step:
+    """One pipeline step: it runs when ``when(job)`` holds, reading and writing the job."""
+
+    name: str
+    run: Callable[[ExportJob], None]
+    when: Callable[[ExportJob], bool] = lambda job: True
+
+
+STEPS: tuple[Step, ...] = (
+    Step("load", step_load, lambda job: job.model is None),
+    Step("compress", step_compress),
+    Step("graph", step_graph),
+    Step("parity", step_parity, lambda job: job.req.parity),
+    Step("quality", step_quality),
+    Step("side_files", step_side_files),
+    Step("android_bundle", step_bundle, lambda job: job.target.android_bundle),
+    Step("manifest", step_manifest),
+)
+
+
+def rss_gb() -> float:
+    """This process's resident memory now (GB; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError):
+        return 0.0
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far (GB)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+
+
+def run_steps(job: ExportJob, steps: tuple[Step, ...] = STEPS) -> None:
+    """The pipeline: each applicable step in order, timed, with the process's memory after it."""
+    for step in steps:
+        if not step.when(job):
+            continue
+        start = time.perf_counter()
+        step.run(job)
+        now = rss_gb()
+        phase = {
+            "seconds": round(time.perf_counter() - start, 2),
+            "rss_gb": round(now, 3),
+            "peak_rss_gb": round(max(now, peak_rss_gb()), 3),  # two kernel counters: never below the current
+        }
+        job.phases[step.name] = phase
+        log.info("%s: %.1f s, RSS %.2f GB (peak %.2f GB)", step.name, *phase.values())
+
+
 def export(req: ExportRequest) -> ExportResult:
     """Run the whole pipeline for one request; raises EdgepackError for any user-facing problem."""
-    from edgepack.model import load_model, load_tokenizer, read_config
+    from edgepack.model import read_config
 
     t0 = time.perf_counter()
     target = get_target(req.target)
     raw_config, arch = read_config(req.model_dir)
     precheck(req, raw_config)
     with staging_dir(req.out_dir, req.force, req.model_dir) as tmp:
-        log.info("loading %s (%s)", req.model_dir, arch.name)
-        model = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
-        tokenizer = load_tokenizer(req.model_dir)
-        reports = compress(model, tokenizer, req, tmp)
-        built = write_model(model, target, tmp, reports, req.build)
-        parity = None
-        if req.parity:
-            parity = run_parity(
-                model,
-                tokenizer,
-                target,
-                tmp / "model.onnx",
-                built["thresholds"],
-                req.new_tokens,
-                built["abits"],
-                kv_plan(reports),
-            )
-        quality = measure_quality(req, model, tokenizer)
-        genai = kv_layout(reports).compressed is False
-        genai_cfg = write_side_files(req.model_dir, tmp, model, raw_config, tokenizer, built, genai=genai)
-        if target.android_bundle:
-            from edgepack.targets.android import make_android_bundle
-
-            make_android_bundle(tmp, target.allowed_ops)
-        manifest = build_manifest(req, target, arch.name, model, built, reports, parity, tmp)
-        manifest["quality"] = quality
-        write_app_readme(tmp, manifest, genai_cfg)
-        manifest["files"] = file_table(tmp, exclude=(PARTIAL_MARKER,))
-        manifest["file_bytes"] = file_sizes(tmp, exclude=(PARTIAL_MARKER,))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        job = ExportJob(req, target, tmp, raw_config, arch.name)
+        run_steps(job)
     seconds = time.perf_counter() - t0
     log.info("wrote %s in %.1f s", req.out_dir, seconds)
-    return ExportResult(req.out_dir, manifest, seconds)
+    return ExportResult(req.out_dir, job.manifest, seconds)
+
+
+def export_model(
+    model,
+    target: str = "cpu",
+    out: Path | str = "out",
+    *,
+    source: Path | str | None = None,
+    tokenizer=None,
+    reports: dict | None = None,
+    parity: bool = False,
+    force: bool = False,
+    build: dict | None = None,
+    new_tokens: int = 32,
+) -> ExportResult:
+    """Write an artifact from a model already in memory (compressed or not), from Python.
+
+    ``model``: a transformers causal LM, e.g. one bench code compressed itself; ``source``: the local folder it
+    was loaded from (its config, tokenizer and generation config go into the artifact; default: the model's
+    ``name_or_path``); ``reports``: what compressed it (compress()'s reports, e.g. {"quantize": ...}), recorded
+    in the manifest and used for the KV layout and size accounting. The steps of ``edgepack export`` run from
+    the graph on (parity when asked; quality vs the original needs a recipe and is not measured), and the folder
+    appears atomically.
+    """
+    from edgepack.model import load_tokenizer, read_config
+
+    source = Path(source if source is not None else getattr(model.config, "name_or_path", "") or "")
+    if not (source / "config.json").is_file():
+        raise EdgepackError(
+            f"export_model needs the model's source folder (config.json, tokenizer): pass source=, not '{source}'"
+        )
+    t0 = time.perf_counter()
+    raw_config, arch = read_config(source)
+    req = ExportRequest(
+        model_dir=source, out_dir=Path(out), target=target, parity=parity, force=force,
+        new_tokens=new_tokens, build=dict(build or {}),
+    )  # fmt: skip
+    with staging_dir(req.out_dir, req.force, req.model_dir) as tmp:
+        job = ExportJob(req, get_target(target), tmp, raw_config, arch.name, model=model)
+        job.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
+        job.reports = dict(reports or {})
+        job.quality = {"measured": False, "reason": "export_model: compressed outside the pipeline"}
+        run_steps(job, tuple(s for s in STEPS if s.name not in ("compress", "quality")))
+    return ExportResult(req.out_dir, job.manifest, time.perf_counter() - t0)
 
 
 def precheck(req: ExportRequest, raw_config: dict) -> None:
@@ -356,7 +526,7 @@ def run_parity(
     import onnxruntime as ort
 
     from edgepack.compressor.minicache import CompressedCache
-    from edgepack.compressor.quantize import kernel_activations
+    from edgepack.compressor.quantize import kernel_activations, uncached_weights
     from edgepack.exporter.parity import DEFAULT_PROMPTS, check_parity
 
     providers = ["CPUExecutionProvider"]
@@ -367,7 +537,7 @@ def run_parity(
         providers.insert(0, target.execution_provider)
     prompts = [tokenizer(p)["input_ids"] for p in DEFAULT_PROMPTS]
     factory = (lambda: CompressedCache(plan)) if plan is not None else None  # noqa: E731
-    with kernel_activations(model, abits):
+    with kernel_activations(model, abits), uncached_weights(model):
         report = check_parity(model, onnx_path, prompts, thresholds, new_tokens, providers, factory)
     log.info("parity (%s, %s): %s", thresholds, providers[0], report.summary())
     if not report.passed:

@@ -1,8 +1,10 @@
 """ONNX-vs-PyTorch parity: the same prompts through the artifact (onnxruntime) and the model it came from.
 
-Reported: max abs logit error and top-1 agreement over the prompt (prefill) and over teacher-forced decode
-steps through the KV cache, and greedy agreement over ``new_tokens`` free-running tokens. Each export runs it
-and fails when a threshold for its dtype / activation bits is missed.
+The artifact prefills each prompt and decodes ``new_tokens`` greedy tokens through its KV cache with the runner's
+decode loop (runtime/runner.py); the PyTorch model scores the same sequence in one forward pass (a compressed KV
+layout is instead replayed token by token through its reference cache). Reported: max abs logit error and top-1
+agreement over every position (prefill and decode steps), and greedy agreement over the ``new_tokens``. Each
+export runs it and fails when a threshold for its dtype / activation bits is missed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from edgepack.runtime.runner import Decoder, DecoderIO, RunDecoder
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ THRESHOLDS = {
 @dataclass
 class ParityReport:
     max_abs_logit: float
-    top1: float  # prefill + teacher-forced decode positions
+    top1: float  # prefill + decode positions
     greedy: float  # mean over prompts of (leading greedy tokens equal) / new_tokens
     new_tokens: int
     prompts: int
@@ -64,49 +67,58 @@ class ParityReport:
         )
 
 
-PAST_DTYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(uint8)": np.uint8,  # quantized KV codes
-    "tensor(int64)": np.int64,  # MiniCache retained positions
-}
+def open_decoder(path: str | Path, providers: list[str] | None = None, threads: int = 0) -> RunDecoder:
+    """The runner's decoder (runtime/runner.py: the one onnxruntime decode loop, shared by parity, the tests and
+    ``edgepack bench``) on a session of ``path``, any KV layout."""
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+    return RunDecoder(session, DecoderIO.from_session(session))
 
 
-class OrtDecoder:
-    """Minimal prefill + decode driver for an edgepack decoder graph (batch 1)."""
+def ort_decode(
+    dec: Decoder, prompt: list[int], new_tokens: int, forced: list[int] | None = None
+) -> tuple[list[int], np.ndarray]:
+    """Prefill ``prompt``, then decode through the KV cache: the tokens fed are ``forced`` when given, else the
+    artifact's own greedy choices. Returns the tokens and the logits of every step (T+N-1, V)."""
+    dec.reset()
+    rows = [dec.step(np.array([prompt], np.int64), all_positions=True)]
+    tokens: list[int] = []
+    for j in range(new_tokens):
+        tokens.append(int(rows[-1][-1].argmax()) if forced is None else int(forced[j]))
+        if len(tokens) == new_tokens:
+            break
+        rows.append(dec.step(np.array([[tokens[-1]]], np.int64), all_positions=True))
+    return tokens, np.concatenate(rows).astype(np.float32)
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int = 0):
-        so = ort.SessionOptions()
-        if threads:
-            so.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
-        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.has_position_ids = any(i.name == "position_ids" for i in self.session.get_inputs())
-        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def empty_cache(self, batch: int = 1) -> dict[str, np.ndarray]:
-        """Every past input empty: symbolic dims 0 (batch_size = ``batch``), dtype from the graph (any KV layout)."""
-        cache = {}
-        for i in self.past_inputs:
-            shape = [batch if d == "batch_size" else (d if isinstance(d, int) else 0) for d in i.shape]
-            cache[i.name] = np.zeros(shape, PAST_DTYPES[i.type])
-        return cache
+def ort_greedy(dec: Decoder, prompt: list[int], new_tokens: int) -> list[int]:
+    """The artifact's greedy continuation of ``prompt`` (``new_tokens`` ids)."""
+    return ort_decode(dec, prompt, new_tokens)[0]
 
-    def step(self, ids: np.ndarray, cache: dict[str, np.ndarray], past_len: int) -> tuple[np.ndarray, dict]:
-        """Run ids (B, S) after ``past_len`` cached tokens; returns logits (B, S, V) and the new cache."""
-        b, s = ids.shape
-        feed = {
-            "input_ids": ids.astype(np.int64),
-            "attention_mask": np.ones((b, past_len + s), np.int64),
-            **cache,
-        }
-        if self.has_position_ids:
-            feed["position_ids"] = np.arange(past_len, past_len + s, dtype=np.int64)[None].repeat(b, 0)
-        outs = dict(zip(self.output_names, self.session.run(None, feed), strict=True))
-        new_cache = {
-            name.replace("present.", "past_key_values."): v for name, v in outs.items() if name != "logits"
-        }
-        return outs["logits"], new_cache
+
+def length_dependent_rope(model) -> bool:
+    """True when rotary tables switch with the total length (longrope): cached keys keep the tables of the step
+    that wrote them, so one forward over the whole sequence is not what a decode through the cache computes."""
+    from edgepack.families import resolve
+
+    return any(rope.long_inv_freq is not None for rope in resolve(model).ropes.values())
+
+
+@torch.no_grad()
+def torch_logits(model, ids: list[int]) -> torch.Tensor:
+    """The PyTorch model's logits at every position of ``ids`` in one forward pass (T, V)."""
+    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+@torch.no_grad()
+def torch_logits_batch(model, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Each sequence's logits (T_i, V) from one forward pass over the batch, right-padded with token 0."""
+    width = max(len(ids) for ids in sequences)
+    batch = torch.tensor([ids + [0] * (width - len(ids)) for ids in sequences])
+    logits = model(input_ids=batch, use_cache=False).logits.float()
+    return [logits[i, : len(ids)].cpu().numpy() for i, ids in enumerate(sequences)]
 
 
 @torch.no_grad()
@@ -130,29 +142,6 @@ def torch_greedy(
     return tokens, torch.cat(logits).float()
 
 
-def ort_logits_teacher_forced(dec: OrtDecoder, prompt: list[int], forced: list[int]) -> np.ndarray:
-    """Artifact logits over the prompt (prefill) then one decode step per forced token: (T+N-1, V)."""
-    cache = dec.empty_cache()
-    logits, cache = dec.step(np.array([prompt]), cache, 0)
-    rows = [logits[0]]
-    for j, tok in enumerate(forced[:-1]):
-        logits, cache = dec.step(np.array([[tok]]), cache, len(prompt) + j)
-        rows.append(logits[0])
-    return np.concatenate(rows).astype(np.float32)
-
-
-def ort_greedy(dec: OrtDecoder, prompt: list[int], new_tokens: int) -> list[int]:
-    cache = dec.empty_cache()
-    logits, cache = dec.step(np.array([prompt]), cache, 0)
-    tokens = []
-    for j in range(new_tokens):
-        tokens.append(int(logits[0, -1].argmax()))
-        if len(tokens) == new_tokens:
-            break
-        logits, cache = dec.step(np.array([[tokens[-1]]]), cache, len(prompt) + j)
-    return tokens
-
-
 def leading_agreement(a: list[int], b: list[int]) -> float:
     n = 0
     for x, y in zip(a, b, strict=True):
@@ -173,19 +162,29 @@ def check_parity(
 ) -> ParityReport:
     """Compare the artifact at ``onnx_path`` with ``model`` (the compressed PyTorch model it was built from);
     a compressed KV layout is compared against its PyTorch reference cache from ``cache_factory``."""
-    dec = OrtDecoder(onnx_path, providers)
+    dec = open_decoder(onnx_path, providers)
+    pairs: list[tuple[list[int], np.ndarray, np.ndarray]] = []  # (prompt, artifact logits, reference logits)
+    if cache_factory is None and not length_dependent_rope(model):
+        # The artifact decodes greedily through its own KV cache; the reference scores the same sequences in
+        # one batched forward pass (no cache, right padding: causal attention keeps the padding out of every
+        # real position), so the PyTorch side dequantizes each weight once, not once per token.
+        runs = [(prompt, *ort_decode(dec, prompt, new_tokens)) for prompt in prompt_ids]
+        refs = torch_logits_batch(model, [prompt + tokens[:-1] for prompt, tokens, _ in runs])
+        pairs = [(prompt, got, ref) for (prompt, _, got), ref in zip(runs, refs, strict=True)]
+    else:  # a token-by-token reference: a compressed KV layout (CompressedCache), or longrope's switch
+        for prompt in prompt_ids:
+            tokens, ref_logits = torch_greedy(model, torch.tensor([prompt]), new_tokens, cache_factory)
+            got = ort_decode(dec, prompt, new_tokens, forced=tokens)[1]
+            pairs.append((prompt, got, ref_logits.cpu().numpy()))
     max_err, agree, total, greedy = 0.0, 0, 0, []
-    for prompt in prompt_ids:
-        ref_tokens, ref_logits = torch_greedy(model, torch.tensor([prompt]), new_tokens, cache_factory)
-        got = ort_logits_teacher_forced(dec, prompt, ref_tokens)
-        ref = ref_logits.cpu().numpy()
+    for prompt, got, ref in pairs:
         max_err = max(max_err, float(np.abs(got - ref).max()))
         agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
         total += len(ref)
-        # Until the first disagreement a free-running greedy decode sees exactly these inputs, so the
-        # leading agreement of the teacher-forced argmax equals free-running greedy agreement.
-        ort_tokens = got[len(prompt) - 1 :].argmax(-1).tolist()
-        greedy.append(leading_agreement(ref_tokens, ort_tokens))
+        # Until the first disagreement both greedy decodes see exactly these inputs, so the leading agreement
+        # of the two argmaxes over the decoded positions is the free-running greedy agreement.
+        decoded = slice(len(prompt) - 1, None)
+        greedy.append(leading_agreement(got[decoded].argmax(-1).tolist(), ref[decoded].argmax(-1).tolist()))
     t = THRESHOLDS[thresholds]
     report = ParityReport(
         max_abs_logit=max_err,

@@ -6,7 +6,7 @@ uint8 (N, k_groups), W = (codes - zp) * scale per group of `group_size` along K)
     layer = TritonQuantLinear(codes, scales, zero_points, bits=4, group_size=128, bias=None).to("cuda")
     y = layer(x)  # x (..., K) float16 or bfloat16 -> (..., N) in x's dtype
 
-It replaces an `nn.Linear(K, N)` in a model (e.g. every projection of a Llama block, see
+It replaces an `nn.Linear(K, N)` in a model (e.g. every projection of a decoder block, see
 `bench/kernels.py --e2e`). On CUDA it runs the split-K GEMV for M <= 8 rows (decode) and the tiled GEMM
 otherwise (prefill); with no CUDA device it computes the same math in torch (`quantized_linear_reference`).
 """

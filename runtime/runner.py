@@ -346,8 +346,9 @@ class Decoder(ABC):
         return feeds
 
     @abstractmethod
-    def step(self, ids: np.ndarray) -> np.ndarray:
-        """Feed ``ids`` (1, S) after the cached context; return the last position's logits (V,)."""
+    def step(self, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
+        """Feed ``ids`` (1, S) after the cached context; return the last position's logits (V,), or every
+        position's (S, V) with ``all_positions`` (parity compares them all)."""
 
     @abstractmethod
     def kv_bytes(self) -> int:
@@ -372,11 +373,11 @@ class RunDecoder(Decoder):
         super().reset()
         self.past = dict(self.empty_past)
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
+    def step(self, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
         logits, *presents = self.session.run(self.outputs, {**self.int_feeds(ids), **self.past})
         self.past = {slot.past: presents[i] for i, slot in enumerate(self.io.kv)}  # not zip(strict=): py3.8
         self.length += ids.shape[1]
-        return logits[0, -1]
+        return logits[0] if all_positions else logits[0, -1]
 
     def kv_bytes(self) -> int:
         return sum(v.nbytes for v in self.past.values())
@@ -412,7 +413,7 @@ class BindingDecoder(Decoder):
             int(np.prod(v.shape())) * sizes[s.past] for v, s in zip(self.past, self.io.kv, strict=True)
         )
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
+    def step(self, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
         b = self.binding  # binding a name again replaces it, so nothing needs clearing between steps
         for name, value in self.int_feeds(ids).items():
             b.bind_cpu_input(name, value)
@@ -421,7 +422,7 @@ class BindingDecoder(Decoder):
                 b.bind_cpu_input(slot.past, self.empty_past[slot.past])
             else:
                 b.bind_ortvalue_input(slot.past, self.past[i])
-        buffer = self.decode_logits if ids.shape[1] == 1 else None
+        buffer = self.decode_logits if ids.shape[1] == 1 and not all_positions else None
         if buffer is not None:
             b.bind_output("logits", "cpu", 0, buffer.dtype.type, list(buffer.shape), buffer.ctypes.data)
         else:
@@ -437,7 +438,7 @@ class BindingDecoder(Decoder):
         logits = outputs[0].numpy()  # (1, S, V)
         if self.decode_logits is None:
             self.decode_logits = np.empty((1, 1, logits.shape[-1]), logits.dtype)
-        return logits[0, -1]
+        return logits[0] if all_positions else logits[0, -1]
 
 
 class SharedBufferDecoder(Decoder):
@@ -478,7 +479,7 @@ class SharedBufferDecoder(Decoder):
             int(np.prod(b.shape())) * np.dtype(kv[i].dtype).itemsize for i, b in enumerate(self.buffers)
         )
 
-    def step(self, ids: np.ndarray) -> np.ndarray:
+    def step(self, ids: np.ndarray, all_positions: bool = False) -> np.ndarray:
         if self.length + ids.shape[1] > self.capacity:
             raise RunnerError(f"the shared KV buffer holds {self.capacity} positions: raise its capacity")
         for name, value in self.int_feeds(ids).items():
@@ -486,7 +487,8 @@ class SharedBufferDecoder(Decoder):
         self.binding.bind_output("logits", "cpu")  # again each step: a bound output keeps its first shape
         self.session.run_with_iobinding(self.binding)
         self.length += ids.shape[1]
-        return self.binding.get_outputs()[0].numpy()[0, -1]
+        logits = self.binding.get_outputs()[0].numpy()[0]
+        return logits if all_positions else logits[-1]
 
 
 @dataclass(frozen=True)

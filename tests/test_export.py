@@ -13,7 +13,7 @@ import onnx
 import pytest
 import torch
 from conftest import make_random_model
-from edgepack.exporter.parity import OrtDecoder, ort_greedy
+from edgepack.exporter.parity import open_decoder, ort_greedy
 
 from edgepack.model import load_model, load_tokenizer
 from edgepack.pipeline import ExportRequest, export
@@ -51,7 +51,7 @@ def stories_artifact(tmp_path_factory, stories) -> Path:
 
 def test_cli_export_stories_matches_transformers_greedy(stories_artifact, stories):
     ids = load_tokenizer(stories)(PROMPT)["input_ids"]
-    dec = OrtDecoder(stories_artifact / "model.onnx")
+    dec = open_decoder(stories_artifact / "model.onnx")
     assert ort_greedy(dec, ids, 32) == hf_greedy(stories, ids)
 
 
@@ -122,7 +122,7 @@ def test_mix_llama_export_parity(mix, tmp_path):
     p = res.manifest["parity"]
     assert p["passed"] and p["greedy"] == 1.0 and p["top1"] == 1.0 and p["max_abs_logit"] < 1e-3
     ids = load_tokenizer(mix)("To be, or not to be")["input_ids"]
-    assert ort_greedy(OrtDecoder(tmp_path / "mix" / "model.onnx"), ids, 32) == hf_greedy(mix, ids)
+    assert ort_greedy(open_decoder(tmp_path / "mix" / "model.onnx"), ids, 32) == hf_greedy(mix, ids)
 
 
 @pytest.mark.parametrize(
@@ -150,12 +150,12 @@ def test_left_padded_batch_matches_transformers(stories_artifact, stories):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    dec = OrtDecoder(stories_artifact / "model.onnx")
+    dec = open_decoder(stories_artifact / "model.onnx")
     feed = {
         "input_ids": ids.numpy(),
         "attention_mask": mask.numpy(),
         "position_ids": pos.numpy(),
-        **dec.empty_cache(2),
+        **{k: np.repeat(v, 2, axis=0) for k, v in dec.empty_past.items()},
     }
     logits = dec.session.run(["logits"], feed)[0]
     with torch.no_grad():

@@ -169,7 +169,7 @@ def test_fused_genai_config_shares_the_kv_buffer(llama16, tmp_path):
     import json
 
     import onnxruntime_genai as og
-    from edgepack.exporter.parity import OrtDecoder, ort_greedy
+    from edgepack.exporter.parity import open_decoder, ort_greedy
 
     out = tmp_path / "g"
     export(ExportRequest(llama16, out, recipe=Recipe([QuantConfig(wbits=4, group_size=32)]), new_tokens=8))
@@ -185,4 +185,4 @@ def test_fused_genai_config_shares_the_kv_buffer(llama16, tmp_path):
     while not gen.is_done():
         gen.generate_next_token()
     genai_tokens = list(gen.get_sequence(0))[len(prompt) :]
-    assert genai_tokens == ort_greedy(OrtDecoder(out / "model.onnx"), prompt, len(genai_tokens))
+    assert genai_tokens == ort_greedy(open_decoder(out / "model.onnx"), prompt, len(genai_tokens))

@@ -25,7 +25,7 @@ from edgepack.compressor.minicache import (
 )
 from edgepack.exporter.builder import BuildOptions, build_decoder
 from edgepack.exporter.kv_cache import make_layout
-from edgepack.exporter.parity import OrtDecoder
+from edgepack.exporter.parity import open_decoder
 from edgepack.runtime import runner
 
 from edgepack.cli import cli
@@ -105,15 +105,13 @@ def test_exported_graph_matches_reference(model, ids, tmp_path: Path, case: str)
 
 def replay(path: Path, model, plan: MiniCachePlan, ids: torch.Tensor) -> tuple[float, dict, CompressedCache]:
     """Prefill 13 tokens then decode the rest one by one through the graph and the reference cache."""
-    dec, cache = OrtDecoder(path), CompressedCache(plan)
-    past, err, length = dec.empty_cache(), 0.0, 0
+    dec, cache, err = open_decoder(path), CompressedCache(plan), 0.0
     for chunk in [ids[:, :13], *(ids[:, j : j + 1] for j in range(13, ids.shape[1]))]:
-        logits, past = dec.step(chunk.numpy(), past, length)
+        logits = dec.step(chunk.numpy(), all_positions=True)
         with torch.no_grad():
-            ref = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits.numpy()
+            ref = model(input_ids=chunk, past_key_values=cache, use_cache=True).logits[0].numpy()
         err = max(err, float(np.abs(logits - ref).max()))
-        length += chunk.shape[1]
-    return err, past, cache
+    return err, dec.past, cache
 
 
 def test_composes_with_fold_and_weight_quantization(stories: Path, tmp_path: Path) -> None:

@@ -1,0 +1,92 @@
+"""The pipeline as a step registry: export_model() from Python, per-step time/memory in the manifest, and the
+lean load (checkpoint dtype) that RTN-only recipes get."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import make_random_model
+from edgepack.compressor.quantize import QuantConfig, QuantLinear, quantize
+from edgepack.exporter.parity import open_decoder, ort_greedy, torch_logits
+
+from edgepack.artifact import Manifest
+from edgepack.errors import EdgepackError
+from edgepack.model import load_model, load_tokenizer
+from edgepack.pipeline import STEPS, ExportRequest, export, export_model, reads_weights_once
+from edgepack.recipe import Recipe
+
+
+def initializers(path: Path) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+
+
+def test_export_model_from_python(stories, tmp_path):
+    """A model compressed in Python becomes a complete, verified artifact; parity runs when asked."""
+    model = load_model(stories)
+    report = quantize(model, QuantConfig(wbits=4, group_size=32))
+    result = export_model(model, "cpu", tmp_path / "a", reports={"quantize": report}, parity=True)
+    m = Manifest.load(result.out_dir)  # every file's SHA-256 checked
+    assert m.raw["parity"]["passed"] and m.raw["parity"]["thresholds"] == "int8-activations"
+    assert [layer.name for layer in m.quant_layers] == [layer["name"] for layer in report["layers"]]
+    assert m.raw["ops"]["com.microsoft::MatMulNBits"] > 0
+    assert set(m.raw["phases"]) == {"graph", "parity", "side_files"}  # the steps before the manifest
+    assert (result.out_dir / "genai_config.json").is_file() and (result.out_dir / "README.md").is_file()
+    ids = load_tokenizer(stories)("Once upon a time")["input_ids"]
+    tokens = ort_greedy(open_decoder(result.out_dir / "model.onnx"), ids, 8)
+    ref = torch_logits(model, ids + tokens[:-1]).argmax(-1)[len(ids) - 1 :].tolist()
+    assert tokens[:4] == ref[:4]
+    with pytest.raises(EdgepackError, match="already exists"):
+        export_model(model, "cpu", tmp_path / "a", reports={"quantize": report})
+    with pytest.raises(EdgepackError, match="source folder"):
+        export_model(model, "cpu", tmp_path / "b", source=tmp_path)
+
+
+def test_manifest_records_every_step(stories, tmp_path):
+    res = export(ExportRequest(stories, tmp_path / "o", recipe=Recipe([QuantConfig(wbits=4, group_size=32)])))
+    phases = res.manifest["phases"]
+    ran = [s.name for s in STEPS if s.name in phases]
+    assert ran == ["load", "compress", "graph", "parity", "quality", "side_files"]
+    for p in phases.values():
+        assert p["seconds"] >= 0 and 0 < p["rss_gb"] <= p["peak_rss_gb"]
+
+
+def test_rtn_loads_the_checkpoint_dtype_and_writes_the_same_bytes(tmp_path, monkeypatch):
+    """A bf16 checkpoint: RTN reads each weight once, so the model loads in bf16 (half the memory) and the
+    artifact is byte-identical to the one a float32 load writes."""
+    src = make_random_model(tmp_path / "m", "Qwen2ForCausalLM", perturb_norms=True)
+    model = load_model(src)
+    model.to(torch.bfloat16).save_pretrained(src, safe_serialization=True)  # as hub checkpoints ship
+    recipe = Recipe([QuantConfig(wbits=4, group_size=32)])
+    assert reads_weights_once(recipe)
+    assert not reads_weights_once(Recipe([QuantConfig(wbits=4, method="gptq")]))
+    assert not reads_weights_once(Recipe([]))
+    loaded = {}
+
+    def spy(*args, **kwargs):
+        model = load_model(*args, **kwargs)
+        loaded.setdefault("dtype", next(model.parameters()).dtype)
+        return model
+
+    monkeypatch.setattr("edgepack.model.load_model", spy)
+    lean = export(ExportRequest(src, tmp_path / "lean", recipe=recipe))
+    assert loaded["dtype"] == torch.bfloat16
+    monkeypatch.setattr("edgepack.pipeline.reads_weights_once", lambda recipe: False)
+    full = export(ExportRequest(src, tmp_path / "full", recipe=recipe))
+    a, b = initializers(lean.out_dir / "model.onnx"), initializers(full.out_dir / "model.onnx")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    assert lean.manifest["parity"]["passed"] and full.manifest["parity"]["passed"]
+
+
+def test_parity_keeps_no_float_copy_of_quantized_weights(stories, tmp_path):
+    """Parity dequantizes per forward: after the export the QuantLinears hold only their codes."""
+    model = load_model(stories)
+    report = quantize(model, QuantConfig(wbits=4, group_size=32))
+    export_model(model, "cpu", tmp_path / "a", reports={"quantize": report}, parity=True)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m._weight_cache is None for m in layers)
