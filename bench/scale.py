@@ -96,7 +96,14 @@ SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 PROBES: dict[str, dict] = {
     "gptq-w4": {"kind": "quantize", "wbits": 4, "method": "gptq", "options": {"n_samples": 16}},
     "abq-w4": {"kind": "quantize", "wbits": 4, "method": "abq", "options": {"n_samples": 4, "epochs": 1}},
-    "fold": {"kind": "fold", "remove": 0.25, "share_group": 2, "gate_steps": 4, "cure_steps": 4, "n_samples": 8},
+    "fold": {
+        "kind": "fold",
+        "remove": 0.25,
+        "share_group": 2,
+        "gate_steps": 4,
+        "cure_steps": 4,
+        "n_samples": 8,
+    },
 }
 
 

@@ -166,8 +166,8 @@ def quant_params(
         scales = (amax / (half - 1 if bits > 2 else 1)).clamp_min(1e-8)
         zero_points = torch.full_like(scales, half, dtype=torch.uint8)
         return scales, zero_points
-    lo = g.amin(-1).clamp(max=0)
-    hi = g.amax(-1).clamp(min=0)
+    lo, hi = torch.aminmax(g, dim=-1)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
     if clip is not None:
         lo, hi = lo * clip, hi * clip
     scales = ((hi - lo) / qmax).clamp_min(1e-8)
@@ -192,6 +192,7 @@ def effective_group(fmt: QuantFormat, k: int) -> int:
 def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip: torch.Tensor | None = None) -> QTensor:
     """Round-to-nearest quantization of one (N, K) weight."""
     group = effective_group(fmt, w.shape[1])
+    w = w.float()  # once (a bf16 checkpoint's weight is upcast here, exactly)
     scales, zps = quant_params(w, fmt.wbits, group, fmt.symmetric, clip)
     codes = quantize_codes(w, scales, zps, fmt.wbits, group)
     return QTensor(codes, scales.float(), zps, fmt.wbits, group)

@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -30,6 +31,8 @@ from edgepack.runtime.runner import MANIFEST_NAME, artifact_files
 log = logging.getLogger(__name__)
 
 PARTIAL_MARKER = ".edgepack-partial"  # inside a staging folder: "pid hostname" of the export that owns it
+MARKER_DRAFT = PARTIAL_MARKER + ".draft"  # the marker before its atomic rename
+DRAFT_GRACE_S = 10.0  # a folder holding only a draft this old lost its export between mkdtemp and the rename
 TERMINATING_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
 )  # SIGINT is KeyboardInterrupt already; SIGKILL cannot be caught (the next run cleans up)
@@ -263,8 +266,10 @@ def stale(partial: Path) -> bool:
     if partial.is_symlink() or not partial.is_dir():
         return False
     marker = partial / PARTIAL_MARKER
-    if not marker.is_file():
-        return not any(partial.iterdir())
+    if not marker.is_file():  # empty, or killed before its marker was renamed into place
+        entries = list(partial.iterdir())
+        draft = partial / MARKER_DRAFT
+        return not entries or (entries == [draft] and time.time() - draft.stat().st_mtime > DRAFT_GRACE_S)
     try:
         pid_text, host = marker.read_text().split()
         pid = int(pid_text)
@@ -334,7 +339,10 @@ def staging_dir(out_dir: Path | str, force: bool, model_dir: Path | None = None)
             created = make_parents(out.parent)
             clean_stale_partials(out)
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-            (tmp / PARTIAL_MARKER).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+            # Written aside and renamed: a marker is always complete, so a kill at any instant leaves either a
+            # readable marker (cleaned by the next export once this pid is dead) or no marker (see stale()).
+            (tmp / MARKER_DRAFT).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+            os.replace(tmp / MARKER_DRAFT, tmp / PARTIAL_MARKER)
             yield tmp
             (tmp / PARTIAL_MARKER).unlink()
             umask = os.umask(0)

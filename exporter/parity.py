@@ -56,13 +56,18 @@ class ParityReport:
     prompts: int
     thresholds: str
     passed: bool
+    flips: int = 0  # positions whose top-1 differs
+    flips_at_ties: int = (
+        0  # ... of which the reference's top-2 gap is under twice that position's logit error
+    )
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
+        ties = f" ({self.flips_at_ties} of {self.flips} flips at near-ties)" if self.flips else ""
         return (
-            f"max |dlogit| {self.max_abs_logit:.2e}, top-1 {self.top1:.3f}, "
+            f"max |dlogit| {self.max_abs_logit:.2e}, top-1 {self.top1:.3f}{ties}, "
             f"greedy {self.greedy:.3f} over {self.new_tokens} tokens x {self.prompts} prompts"
         )
 
@@ -176,10 +181,16 @@ def check_parity(
             tokens, ref_logits = torch_greedy(model, torch.tensor([prompt]), new_tokens, cache_factory)
             got = ort_decode(dec, prompt, new_tokens, forced=tokens)[1]
             pairs.append((prompt, got, ref_logits.cpu().numpy()))
-    max_err, agree, total, greedy = 0.0, 0, 0, []
+    max_err, agree, total, greedy, flips, ties = 0.0, 0, 0, [], 0, 0
     for prompt, got, ref in pairs:
-        max_err = max(max_err, float(np.abs(got - ref).max()))
-        agree += int((got.argmax(-1) == ref.argmax(-1)).sum())
+        err = np.abs(got - ref).max(-1)  # per position
+        max_err = max(max_err, float(err.max()))
+        flipped = got.argmax(-1) != ref.argmax(-1)
+        top2 = np.partition(ref, -2, axis=-1)[:, -2:]
+        gap = top2.max(-1) - top2.min(-1)  # the reference's top-1 margin
+        flips += int(flipped.sum())
+        ties += int((flipped & (gap < 2 * err)).sum())  # a margin the size of the logit error: a near-tie
+        agree += int((~flipped).sum())
         total += len(ref)
         # Until the first disagreement both greedy decodes see exactly these inputs, so the leading agreement
         # of the two argmaxes over the decoded positions is the free-running greedy agreement.
@@ -194,6 +205,8 @@ def check_parity(
         prompts=len(prompt_ids),
         thresholds=thresholds,
         passed=False,
+        flips=flips,
+        flips_at_ties=ties,
     )
     report.passed = max_err <= t.max_abs_logit and report.top1 >= t.min_top1 and report.greedy >= t.min_greedy
     return report

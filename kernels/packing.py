@@ -36,9 +36,11 @@ def _check_storage_bits(bits: int) -> None:
 def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
     """Pack the last axis of uint8 `values` (length a multiple of 8 // bits) little-endian into bytes."""
     per_byte = 8 // bits
-    grouped = values.astype(np.uint8).reshape(*values.shape[:-1], -1, per_byte)  # (..., L/per_byte, per_byte)
-    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
-    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+    grouped = values.astype(np.uint8, copy=False).reshape(*values.shape[:-1], -1, per_byte)  # (..., L/p, p)
+    out = grouped[..., 0].copy()
+    for j in range(1, per_byte):  # one shifted OR per slot: ~10x faster than a bitwise_or.reduce over slots
+        out |= grouped[..., j] << np.uint8(j * bits)
+    return out
 
 
 def _unpack_rows(packed: np.ndarray, bits: int) -> np.ndarray:

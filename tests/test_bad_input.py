@@ -833,3 +833,24 @@ def test_hub_cache_snapshot_links_and_sharded_index_are_accepted(tmp_path: Path,
     (snap / "tokenizer.model").symlink_to(tmp_path)  # a link leaving the cache is still refused
     with pytest.raises(EdgepackError, match="outside the model folder"):
         read_config(snap)
+
+
+def test_partial_killed_before_its_marker_is_stale(tmp_path: Path) -> None:
+    """The marker is renamed into place whole; a folder left holding only its draft is stale once the grace passed,
+    a complete marker of a dead pid is stale at once, a fresh draft (an export starting now) is not."""
+    from edgepack.staging import DRAFT_GRACE_S, MARKER_DRAFT, PARTIAL_MARKER, stale
+
+    draft = tmp_path / ".out.partial-a"
+    draft.mkdir()
+    (draft / MARKER_DRAFT).write_text("")
+    assert not stale(draft)
+    old = time.time() - DRAFT_GRACE_S - 1
+    os.utime(draft / MARKER_DRAFT, (old, old))
+    assert stale(draft)
+    dead = tmp_path / ".out.partial-b"
+    dead.mkdir()
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    (dead / PARTIAL_MARKER).write_text(f"{child.pid} {socket.gethostname()}\n")
+    (dead / "model.onnx").write_bytes(b"half")
+    assert stale(dead)
