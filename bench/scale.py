@@ -160,12 +160,16 @@ def measured(cmd: list[str], log: Path) -> dict:
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
-    return {
+    ok = os.waitstatus_to_exitcode(status) == 0
+    row = {
         "seconds": round(time.perf_counter() - start, 1),
         "peak_rss_gb": round(usage.ru_maxrss * 1024 / 1e9, 2),
-        "ok": os.waitstatus_to_exitcode(status) == 0,
+        "ok": ok,
         "log": str(log),
     }
+    if not ok:  # the tool's last line: edgepack's one-line error
+        row["error"] = (log.read_text().strip().splitlines() or [""])[-1][:400]
+    return row
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -203,7 +207,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                     "model": name,
                     "mode": mode,
                     "tool": tool,
-                    **measured(command, folder.with_name(folder.name + ".log")),
+                    **measured(
+                        command, folder.with_name(folder.name + ("" if args.parity else "-noparity") + ".log")
+                    ),
                     "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)],
                 }
                 manifest = folder / "manifest.json"

@@ -88,9 +88,10 @@ class ExportJob:
 
 
 def reads_weights_once(recipe: Recipe) -> bool:
-    """True for a recipe that only rounds weights (RTN, no size budget; KV quantization without MiniCache): it
-    runs no forward pass before the graph, so the model may load in its checkpoint's dtype (bf16 for most hub
-    models: half the memory of float32) and each weight is upcast exactly where it is quantized."""
+    """True for a recipe that runs no forward pass before the graph: none (a float export), or one that only
+    rounds weights (RTN, no size budget; KV quantization without MiniCache). The model may then load in its
+    checkpoint's dtype (bf16 for most hub models: half the memory of float32, mapped from the file); each weight
+    is upcast exactly where it is quantized or written, and the rest before the first forward (parity)."""
     from edgepack.recipe import kind_of
 
     def once(step) -> bool:
@@ -99,7 +100,7 @@ def reads_weights_once(recipe: Recipe) -> bool:
             return step.method == "rtn" and step.budget_bpw is None and step.size_budget is None
         return kind == "kv" and step.merge != "minicache"
 
-    return any(kind_of(s) == "quantize" for s in recipe.steps) and all(once(s) for s in recipe.steps)
+    return all(once(s) for s in recipe.steps)
 
 
 def step_load(job: ExportJob) -> None:
@@ -115,7 +116,12 @@ def step_load(job: ExportJob) -> None:
 
 def step_compress(job: ExportJob) -> None:
     job.reports = compress(job.model, job.tokenizer, job.req, job.out)
-    job.model.float()  # what stayed in the checkpoint's dtype (norms, embedding, skipped linears), exactly
+
+
+def float_model(job: ExportJob):
+    """The model in float32 for a forward pass: what a lean load kept in the checkpoint's dtype (norms, the
+    embedding, unquantized linears) is upcast, exactly, after the graph was written from it."""
+    return job.model.float()
 
 
 def step_graph(job: ExportJob) -> None:
@@ -124,7 +130,7 @@ def step_graph(job: ExportJob) -> None:
 
 def step_parity(job: ExportJob) -> None:
     job.parity = run_parity(
-        job.model,
+        float_model(job),
         job.tokenizer,
         job.target,
         job.out / "model.onnx",
@@ -136,7 +142,7 @@ def step_parity(job: ExportJob) -> None:
 
 
 def step_quality(job: ExportJob) -> None:
-    job.quality = measure_quality(job.req, job.model, job.tokenizer)
+    job.quality = measure_quality(job.req, float_model(job), job.tokenizer)
 
 
 def step_side_files(job: ExportJob) -> None:

@@ -63,7 +63,7 @@ def test_rtn_loads_the_checkpoint_dtype_and_writes_the_same_bytes(tmp_path, monk
     recipe = Recipe([QuantConfig(wbits=4, group_size=32)])
     assert reads_weights_once(recipe)
     assert not reads_weights_once(Recipe([QuantConfig(wbits=4, method="gptq")]))
-    assert not reads_weights_once(Recipe([]))
+    assert reads_weights_once(Recipe([]))  # a float export: written from bf16, upcast before parity
     loaded = {}
 
     def spy(*args, **kwargs):
@@ -76,11 +76,17 @@ def test_rtn_loads_the_checkpoint_dtype_and_writes_the_same_bytes(tmp_path, monk
     assert loaded["dtype"] == torch.bfloat16
     monkeypatch.setattr("edgepack.pipeline.reads_weights_once", lambda recipe: False)
     full = export(ExportRequest(src, tmp_path / "full", recipe=recipe))
-    a, b = initializers(lean.out_dir / "model.onnx"), initializers(full.out_dir / "model.onnx")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert np.array_equal(a[name], b[name]), name
-    assert lean.manifest["parity"]["passed"] and full.manifest["parity"]["passed"]
+    monkeypatch.undo()
+    fp32 = export(ExportRequest(src, tmp_path / "fp32", recipe=Recipe([])))  # a lean float export
+    monkeypatch.setattr("edgepack.pipeline.reads_weights_once", lambda recipe: False)
+    fp32_full = export(ExportRequest(src, tmp_path / "fp32-full", recipe=Recipe([])))
+    for x, y in ((lean, full), (fp32, fp32_full)):
+        a, b = initializers(x.out_dir / "model.onnx"), initializers(y.out_dir / "model.onnx")
+        assert a.keys() == b.keys()
+        for name in a:
+            assert np.array_equal(a[name], b[name]), name
+        assert x.manifest["parity"]["passed"] and y.manifest["parity"]["passed"]
+    assert fp32.manifest["parity"]["thresholds"] == "float32"
 
 
 def test_parity_keeps_no_float_copy_of_quantized_weights(stories, tmp_path):
