@@ -96,3 +96,25 @@ def test_parity_keeps_no_float_copy_of_quantized_weights(stories, tmp_path):
     export_model(model, "cpu", tmp_path / "a", reports={"quantize": report}, parity=True)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert layers and all(m._weight_cache is None for m in layers)
+
+
+def test_parity_scoring_counts_every_flip_and_names_near_ties():
+    """Every flip counts against the verdict; the report says which flips sit at near-ties (a reference margin
+    within twice the median rounding error), the situation of random-weight models' near-uniform logits."""
+    from edgepack.exporter.parity import score_pairs
+
+    vocab, n = 8, 8
+    ref = np.zeros((n, vocab), np.float32)
+    ref[:, 1] = 5.0  # a clear top-1 everywhere ...
+    ref[5, 3] = 4.95  # ... but a near-tie at decode position 5
+    noise = np.random.default_rng(0).normal(0, 0.05, ref.shape).astype(np.float32)
+    got = ref + noise
+    got[5, 3] = got[5, 1] + 0.01  # flipped by rounding-sized noise
+    report = score_pairs([([7], got, ref)], "int8-activations", n)
+    assert (report.flips, report.flips_at_ties) == (1, 1) and report.top1 == 0.875 and report.greedy == 0.625
+    assert report.median_margin == 5.0 and report.median_error < 0.2 and report.passed
+    wrong = got.copy()
+    wrong[0, 6] = 5.6  # a clear margin flipped: a wrong token, not a tie
+    report = score_pairs([([7], wrong, ref)], "int8-activations", n)
+    assert report.flips == 2 and report.flips_at_ties == 1 and report.greedy == 0.0 and not report.passed
+    assert not score_pairs([([7], ref + 2.0, ref)], "int8-activations", n).passed  # |dlogit| 2 > 1.5
