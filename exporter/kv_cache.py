@@ -175,10 +175,84 @@ class Stream:
             graph_input(f"{PAST}{self.name}{s}", t, ["batch_size", *shape]) for s, t, shape in specs
         ]
 
+    def length(self, b) -> ir.Value:
+        """P, the stored past's length, as a (1,) int64."""
+        n = b.op("Shape", self.inputs[0], start=2, end=3)
+        if self.plan.bits == 16 or self.plan.group == "token":
+            return n
+        return b.op("Add", n, b.op("Shape", self.inputs[3], start=2, end=3))  # quantized ++ residual
+
+    def float_codes(self, b) -> tuple[ir.Value, ir.Value | None]:
+        """The codes in the activation dtype, built once per stream (a MiniCache pair's two layers read the same
+        direction codes): int8 (B, kv, P, D); int4 the bytes c (B, kv, P, D/2) and their high nibbles
+        hi = floor(c / 16), so the low nibbles are c - 16 hi (all exact in float). Cast, scale and floor are the
+        measured-fastest int4 read on the CPU EP (a 256 x 2 Gather table: 3.5x slower, BitwiseAnd/BitShift: 1.4x)."""
+        if getattr(self, "_codes", None) is None:
+            c = to_act(b, b.op("Cast", self.inputs[0], to=ir.DataType.FLOAT))
+            hi = None
+            if self.plan.bits == 4:
+                hi = b.op("Floor", b.op("Mul", c, b.scalar(1 / 16)))
+            self._codes = (c, hi)
+        return self._codes
+
+    def token_factors(self, b) -> tuple[ir.Value, ir.Value]:
+        """Per-token scale and low as (B, kv, 1, P) rows in the activation dtype (a free reshape of (P, 1))."""
+        return tuple(
+            b.op("Reshape", b.op("Cast", v, to=b.ir_dtype), b.ints(0, 0, 1, -1)) for v in self.inputs[1:3]
+        )
+
+    def scores(self, b, q: ir.Value) -> ir.Value:
+        """q (B, kv, M, D) against the stored keys: (B, kv, M, P).
+
+        Per-token codes: q . (c_t s_t + l_t) = s_t (q . c_t) + l_t sum(q), so the past is never restored;
+        beyond the cast of the codes the work is O(P). int4 bytes c = lo + 16 hi hold channel 2j in lo and
+        2j+1 in hi: q . codes = q_even . c + (q_odd - 16 q_even) . hi."""
+        if self.plan.bits == 16 or self.plan.group != "token":
+            return b.op("MatMul", q, b.op("Transpose", self.decode(b), perm=[0, 1, 3, 2]))
+        scale, low = self.token_factors(b)
+        c, hi = self.float_codes(b)
+        if hi is None:
+            dots = b.op("MatMul", q, b.op("Transpose", c, perm=[0, 1, 3, 2]))
+        else:
+            d = self.dims.head_dim
+            even = b.op("Slice", q, b.ints(0), b.ints(d), b.ints(-1), b.ints(2))
+            odd = b.op("Slice", q, b.ints(1), b.ints(d), b.ints(-1), b.ints(2))
+            odd = b.op("Sub", odd, b.op("Mul", even, b.scalar(16.0)))
+            dots = b.op(
+                "Add",
+                b.op("MatMul", even, b.op("Transpose", c, perm=[0, 1, 3, 2])),
+                b.op("MatMul", odd, b.op("Transpose", hi, perm=[0, 1, 3, 2])),
+            )
+        qsum = b.op("ReduceSum", q, b.ints(-1), keepdims=1)  # (B, kv, M, 1)
+        return b.op("Add", b.op("Mul", dots, scale), b.op("Mul", qsum, low))
+
+    def weighted(self, b, p: ir.Value) -> ir.Value:
+        """p (B, kv, M, P) over the stored values: (B, kv, M, D).
+
+        Per-token codes: sum_t p_t (c_t s_t + l_t) = (p * s) @ C + sum_t p_t l_t; int4: with w = p * s,
+        channel 2j gets w @ c - 16 (w @ hi) and channel 2j+1 gets w @ hi, interleaved on the (M, D) result."""
+        if self.plan.bits == 16 or self.plan.group != "token":
+            return b.op("MatMul", p, self.decode(b))
+        scale, low = self.token_factors(b)
+        c, hi = self.float_codes(b)
+        w = b.op("Mul", p, scale)
+        out = b.op("MatMul", w, c)
+        if hi is not None:
+            odd = b.op("MatMul", w, hi)  # (B, kv, M, D/2)
+            even = b.op("Sub", out, b.op("Mul", odd, b.scalar(16.0)))
+            pairs = b.op("Concat", *(b.op("Unsqueeze", x, b.ints(-1)) for x in (even, odd)), axis=-1)
+            out = b.op("Reshape", pairs, b.ints(0, 0, 0, self.dims.head_dim))
+        return b.op("Add", out, b.op("ReduceSum", b.op("Mul", p, low), b.ints(-1), keepdims=1))
+
     def decode(self, b) -> ir.Value:
-        """The stored past as (B, kv, P, D) in the activation dtype."""
+        """The stored past as (B, kv, P, D) in the activation dtype (built once per stream)."""
         if self.plan.bits == 16:
             return self.inputs[0]
+        if getattr(self, "_decoded", None) is None:
+            self._decoded = self._restore(b)
+        return self._decoded
+
+    def _restore(self, b) -> ir.Value:
         d = self.dims.head_dim
         codes = codes_to_float(b, self.inputs[0], self.plan.bits, d)
         if self.plan.group == "token":
@@ -243,15 +317,68 @@ def slerp_merge(b, a: ir.Value, c: ir.Value, t: float) -> tuple[ir.Value, ir.Val
 
 
 @dataclass
+class MergedView:
+    """One layer's past K or V in a MiniCache pair: ``magnitude * direction`` with the retained tokens exact.
+
+    Attention reads it without restoring it: the direction stream gives q . dir_t (or p @ dir), the per-token
+    magnitudes scale that along the sequence, and the R retained positions get their exact scores substituted
+    (``ScatterElements``) and their exact values added, so the extra work is O(P + R x D).
+    """
+
+    direction: Stream
+    magnitude: ir.Value  # (B, kv, P, 1)
+    retained: ir.Value  # (B, kv, R, D)
+    index: ir.Value  # (R,) int64
+
+    def length(self, b) -> ir.Value:
+        return b.op("Shape", self.magnitude, start=2, end=3)
+
+    def _row(self, b) -> ir.Value:
+        return b.op("Reshape", self.magnitude, b.ints(0, 0, 1, -1))  # (B, kv, 1, P)
+
+    def _where(self, b, like: ir.Value) -> ir.Value:
+        """The retained positions as (B, kv, M, R) indices along the last axis of ``like`` (B, kv, M, R)."""
+        return b.op("Expand", b.op("Reshape", self.index, b.ints(1, 1, 1, -1)), b.op("Shape", like))
+
+    def scores(self, b, q: ir.Value) -> ir.Value:
+        merged = b.op("Mul", self.direction.scores(b, q), self._row(b))  # m_t (q . dir_t): (B, kv, M, P)
+        exact = b.op("MatMul", q, b.op("Transpose", self.retained, perm=[0, 1, 3, 2]))  # (B, kv, M, R)
+        return b.op("ScatterElements", merged, self._where(b, exact), exact, axis=3)
+
+    def weighted(self, b, p: ir.Value) -> ir.Value:
+        shape = b.op("Concat", b.op("Shape", p, start=0, end=3), b.op("Shape", self.index), axis=0)
+        where = b.op("Expand", b.op("Reshape", self.index, b.ints(1, 1, 1, -1)), shape)  # (B, kv, M, R)
+        kept = b.op("GatherElements", p, where, axis=3)  # the retained positions' probabilities
+        zeros = b.op("Mul", kept, b.scalar(0.0))
+        merged = b.op("Mul", b.op("ScatterElements", p, where, zeros, axis=3), self._row(b))
+        return b.op("Add", self.direction.weighted(b, merged), b.op("MatMul", kept, self.retained))
+
+    def decode(self, b) -> ir.Value:
+        """The restored past (B, kv, P, D), for a Scan of shared blocks."""
+        x = b.op("Mul", self.magnitude, self.direction.decode(b))
+        where = b.op("Expand", b.op("Reshape", self.index, b.ints(1, 1, -1, 1)), b.op("Shape", self.retained))
+        return b.op("ScatterElements", x, where, self.retained, axis=2)
+
+
+def new_tokens(b, present: ir.Value, past) -> ir.Value:
+    """The new tokens of a present (restored past ++ new): everything after the stored past's length."""
+    return b.op("Slice", present, past.length(b), b.ints(INT64_MAX), b.ints(2))
+
+
+@dataclass
 class CompressedKV:
-    """The MiniCache / quantized layout of a ``MiniCachePlan`` (see the module docstring for the tensors)."""
+    """The MiniCache / quantized layout of a ``MiniCachePlan`` (see the module docstring for the tensors).
+
+    ``begin`` hands each layer its past as views (``Stream`` or ``MergedView``) that attention reads directly
+    (``scores`` / ``weighted``, see ``builder.attend_compressed``); ``finish`` takes each layer's exact new tokens.
+    """
 
     plan: MiniCachePlan
     graph_inputs: list[ir.Value] = field(default_factory=list)
     compressed = True
 
-    def begin(self, b, n_layers: int, dims) -> list[tuple[ir.Value, ir.Value]]:
-        """Declare inputs; restore every layer's past K/V before the blocks run."""
+    def begin(self, b, n_layers: int, dims) -> list[tuple]:
+        """Declare inputs; return every layer's past (K, V) views."""
         self.dims, self.pasts = dims, []
         self.streams: dict[str, Stream] = {}
         kinds = ("key", "value")
@@ -259,14 +386,14 @@ class CompressedKV:
         for i in range(n_layers):
             role, p = self.plan.role(i)
             if role == "plain" or (self.plan.merge == "share" and role == "first"):
-                pasts[i] = tuple(self._stream(b, f"{i}.{k}").decode(b) for k in kinds)
+                pasts[i] = tuple(self._stream(b, f"{i}.{k}") for k in kinds)
         for a, c in self.plan.pairs:
             if self.plan.merge == "share":
                 pasts[c] = pasts[a]
                 continue
             index = self._input(b, f"{a}_{c}.retained_index", ir.DataType.INT64, ["past_retained_length"])
             for layer in (a, c):
-                pasts[layer] = tuple(self._restore(b, a, c, layer, k, index) for k in kinds)
+                pasts[layer] = tuple(self._view(b, a, c, layer, k, index) for k in kinds)
         self.pasts = pasts
         return pasts
 
@@ -282,44 +409,32 @@ class CompressedKV:
         self.streams[name] = s
         return s
 
-    def _restore(self, b, a: int, c: int, layer: int, kind: str, index: ir.Value) -> ir.Value:
-        """magnitude * shared direction, with the retained tokens' exact vectors scattered back in."""
+    def _view(self, b, a: int, c: int, layer: int, kind: str, index: ir.Value) -> MergedView:
+        """Layer ``layer``'s merged past: the pair's shared direction, its magnitudes and retained vectors."""
         kv, d = self.dims.num_kv_heads, self.dims.head_dim
         key = f"{a}_{c}.{kind}.direction"
-        direction = self.streams[key].decode(b) if key in self.streams else self._stream(b, key).decode(b)
+        direction = self.streams[key] if key in self.streams else self._stream(b, key)
         shape = ["batch_size", kv, "past_sequence_length", 1]
         mag = self._input(b, f"{layer}.{kind}.magnitude", b.ir_dtype, shape)
         kept = self._input(
             b, f"{layer}.{kind}.retained", b.ir_dtype, ["batch_size", kv, "past_retained_length", d]
         )
-        x = b.op("Mul", mag, direction)
-        where = b.op("Expand", b.op("Reshape", index, b.ints(1, 1, -1, 1)), b.op("Shape", kept))
-        return b.op("ScatterElements", x, where, kept, axis=2)
+        return MergedView(direction, mag, kept, index)
 
-    def finish(self, b, presents: list[tuple[ir.Value, ir.Value]]) -> list[ir.Value]:
-        """Store each layer's new tokens (merging pairs once both layers ran); name every present output."""
-        new = [
-            None
-            if p is None
-            else tuple(self._new(b, x, past) for x, past in zip(p, self.pasts[i], strict=True))
-            for i, p in enumerate(presents)
-        ]
+    def finish(self, b, news: list[tuple[ir.Value, ir.Value] | None]) -> list[ir.Value]:
+        """Store each layer's exact new tokens (B, kv, S, D) (merging pairs once both layers ran); name every
+        present output."""
         outs: dict[str, ir.Value] = {}
-        for i in range(len(presents)):
+        for i in range(len(news)):
             role, _ = self.plan.role(i)
             if role == "plain" or (self.plan.merge == "share" and role == "first"):
-                for kind, x in zip(("key", "value"), new[i], strict=True):
+                for kind, x in zip(("key", "value"), news[i], strict=True):
                     s = self.streams[f"{i}.{kind}"]
                     outs.update(zip((v.name for v in s.inputs), s.append(b, x), strict=True))
         if self.plan.merge == "minicache":
             for p, (a, c) in enumerate(self.plan.pairs):
-                outs.update(self._merge(b, p, a, c, new[a], new[c]))
+                outs.update(self._merge(b, p, a, c, news[a], news[c]))
         return [name_output(b, outs[v.name], PRESENT + v.name[len(PAST) :], v) for v in self.graph_inputs]
-
-    def _new(self, b, present: ir.Value, past: ir.Value) -> ir.Value:
-        """The exact new tokens of a layer: its present after the restored past."""
-        start = b.op("Shape", past, start=2, end=3)
-        return b.op("Slice", present, start, b.ints(INT64_MAX), b.ints(2))
 
     def _merge(self, b, p: int, a: int, c: int, new_a, new_c) -> dict[str, ir.Value]:
         """Merge a pair's new tokens: shared directions, magnitudes, retained positions and vectors."""
@@ -332,7 +447,7 @@ class CompressedKV:
         score = b.op("ReduceMax", dist, b.ints(0, 1, 3), keepdims=0)  # (S,)
         keep = b.op("Reshape", b.op("NonZero", b.op("Greater", score, b.const(np.float32(thr)))), b.ints(-1))
         index_in = next(v for v in self.graph_inputs if v.name == f"{PAST}{a}_{c}.retained_index")
-        offset = b.op("Shape", self.pasts[a][0], start=2, end=3)
+        offset = self.pasts[a][0].length(b)
         outs = {index_in.name: b.op("Concat", index_in, b.op("Add", keep, offset), axis=0)}
         for ki, kind in enumerate(("key", "value")):
             direction, na, nc, _ = merged[kind]

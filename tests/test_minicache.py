@@ -77,6 +77,7 @@ CASES = {
     "minicache-int4-channel": dict(
         merge="minicache", start_layer=1, max_retained=0.3, bits=4, group="channel", channel_group=4
     ),
+    "minicache-int4-token": dict(merge="minicache", start_layer=1, max_retained=0.3, bits=4),
     "int8-token": dict(bits=8),
     "int4-token": dict(bits=4),
     "share": dict(merge="share", start_layer=1),
@@ -101,6 +102,45 @@ def test_exported_graph_matches_reference(model, ids, tmp_path: Path, case: str)
         assert past["past_key_values.1_2.retained_index"].dtype == np.int64
         ops = {n.op_type for n in ir.load(path).graph.all_nodes()}
         assert {"Acos", "ScatterElements", "NonZero"} <= ops
+    if cfg.group == "token":
+        assert_reads_past_directly(ir.load(path), cfg.bits)
+
+
+def consumers(graph: ir.Graph, value: ir.Value) -> list[ir.Node]:
+    return [n for n in graph if value in n.inputs]
+
+
+def assert_reads_past_directly(model: ir.Model, bits: int) -> None:
+    """Attention reads a token-quantized / merged past without restoring it to float: the decoded codes feed
+    only matmuls (through a transpose for keys), per-token scales, lows and magnitudes only become (1, P) rows
+    by a reshape, never a (P, D) product, and the retained vectors feed only matmuls (exact scores / values)."""
+    graph = model.graph
+    inputs = {v.name: v for v in graph.inputs}
+    for name, value in inputs.items():
+        if name.endswith(".codes"):
+            (cast,) = [n for n in consumers(graph, value) if n.op_type not in ("Concat", "Shape")]  # append, P
+            assert cast.op_type == "Cast", (name, cast.op_type)
+            readers = consumers(graph, cast.outputs[0])
+            if bits == 4:  # high nibbles: floor(c / 16), one (P, D/2) pass
+                (scale,) = [n for n in readers if n.op_type == "Mul"]
+                (floor,) = consumers(graph, scale.outputs[0])
+                assert floor.op_type == "Floor"
+                readers = [n for n in readers if n is not scale] + consumers(graph, floor.outputs[0])
+            for n in readers:  # keys through a transpose, values straight into the matmul
+                after = consumers(graph, n.outputs[0]) if n.op_type == "Transpose" else [n]
+                assert {m.op_type for m in after} == {"MatMul"}, (name, n.op_type)
+        if name.endswith((".scale", ".low")):
+            for cast in consumers(graph, value):
+                if cast.op_type == "Cast" and any(n.op_type == "Reshape" for n in consumers(graph, cast.outputs[0])):
+                    break
+            else:
+                raise AssertionError(f"{name} is not read as a per-token row")
+        if name.endswith(".magnitude"):
+            ops = {n.op_type for n in consumers(graph, value)}  # the append, its length, the (1, P) row:
+            assert {"Concat", "Reshape"} <= ops <= {"Concat", "Shape", "Reshape"}, (name, ops)  # no m x dir
+        if name.endswith(".retained"):
+            ops = {n.op_type for n in consumers(graph, value)}
+            assert ops <= {"Concat", "Transpose", "MatMul"} and len(ops) > 1, (name, ops)
 
 
 def replay(path: Path, model, plan: MiniCachePlan, ids: torch.Tensor) -> tuple[float, dict, CompressedCache]:
@@ -140,6 +180,27 @@ def test_composes_with_fold_and_weight_quantization(stories: Path, tmp_path: Pat
     # float activations: the replay's reference is the fake-quant model (exact low-bit kernels)
     graph = build_decoder(model, BuildOptions(activations="float", kv_layout=make_layout(plan)))
     assert {"Scan", "MatMulNBits", "ScatterElements"} <= {n.op_type for n in graph.graph.all_nodes()}
+    ir.save(graph, tmp_path / "model.onnx")
+    err, past, cache = replay(tmp_path / "model.onnx", model, plan, ids)
+    assert err < 2e-3 and sum(v.nbytes for v in past.values()) == cache.stored_bytes()
+
+
+@pytest.mark.parametrize("attention", ["fused", "plain"])
+def test_fused_and_plain_forms_read_compressed_kv(mix: Path, tmp_path: Path, attention: str) -> None:
+    """mix-llama-14m (head_dim 64): the fused block form (packed projections, fused norms) and the plain form
+    both attend over MiniCache + int4 KV straight from the stored codes, matching the reference."""
+    model = load_model(mix)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 8000, (1, 24))
+    plan = make_plan(
+        model, KVCacheConfig(merge="minicache", start_layer=8, max_retained=0.3, bits=4), layer_kv(model, ids), 8
+    )
+    graph = build_decoder(model, BuildOptions(attention=attention, kv_layout=make_layout(plan)))
+    assert graph.meta["attention"] == attention
+    ops = {n.op_type for n in graph.graph.all_nodes()}
+    assert "GroupQueryAttention" not in ops
+    assert ("SkipSimplifiedLayerNormalization" in ops) == (attention == "fused")
+    assert_reads_past_directly(graph, 4)
     ir.save(graph, tmp_path / "model.onnx")
     err, past, cache = replay(tmp_path / "model.onnx", model, plan, ids)
     assert err < 2e-3 and sum(v.nbytes for v in past.values()) == cache.stored_bytes()
