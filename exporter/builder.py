@@ -30,7 +30,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import onnx_ir as ir
 import torch
-from edgepack.exporter.kv_cache import PlainKV, new_tokens
+from edgepack.exporter.kv_cache import PlainKV, new_tokens, to_float
 from torch import nn
 
 from edgepack.artifact import bias_name, stacked_name, weight_name
@@ -370,9 +370,9 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
         h = b.op("Mul", h, b.scalar(spec.embed_scale))
     if form == "fused":
         ctx = fused_context(b, spec, attention_mask)
-        if layout.compressed:  # attention over compressed views runs in standard ops: their rotary and masks
-            plain = plain_context(b, spec, input_ids, attention_mask, dense_positions(b, input_ids, attention_mask))
-            ctx.rotary, ctx.masks = plain.rotary, plain.masks
+        if layout.compressed:  # attention over compressed views: RotaryEmbedding and the plain form's masks
+            ctx.position_ids = dense_positions(b, input_ids, attention_mask)
+            ctx.masks = plain_context(b, spec, input_ids, attention_mask, ctx.position_ids).masks
     else:
         ctx = plain_context(b, spec, input_ids, attention_mask, position_ids)
     ctx.compressed = layout.compressed
@@ -468,14 +468,15 @@ class BlockContext:
     total_len: ir.Value | None = None
     caches: dict[str, tuple[ir.Value, ir.Value]] = field(default_factory=dict)
     compressed: bool = False  # the pasts are compressed KV views: attention reads them (attend_compressed)
+    position_ids: ir.Value | None = None  # fused form + compressed KV: (B, S) for RotaryEmbedding
 
 
 def dense_positions(b: Builder, input_ids: ir.Value, attention_mask: ir.Value) -> ir.Value:
-    """position_ids (1, S) of right-padded rows (the fused form's assumption): past length + arange(S)."""
+    """position_ids (B, S) of right-padded rows (the fused form's assumption): past length + arange(S)."""
     total = b.op("Squeeze", b.op("Shape", attention_mask, start=1, end=2), b.ints(0))
     seq = b.op("Squeeze", b.op("Shape", input_ids, start=1, end=2), b.ints(0))
     positions = b.op("Range", b.op("Sub", total, seq), total, b.const(np.array(1, np.int64)))
-    return b.op("Unsqueeze", positions, b.ints(0))
+    return b.op("Expand", positions, b.op("Shape", input_ids))
 
 
 def select_long(b: Builder, total: ir.Value, rope: Rope, short: ir.Value, long: ir.Value) -> ir.Value:
@@ -757,9 +758,17 @@ def heads_qkv(
     if d.family.qk_norm:
         qn, kn = d.family.qk_norm
         q, k = head_norm(b, c, q, norms[qn], nh), head_norm(b, c, k, norms[kn], nkv)
+    if c.form == "fused":  # one RotaryEmbedding node per tensor on (B, S, heads * D), GroupQueryAttention's caches
+        cos_cache, sin_cache = c.caches[where.rope]
+        q, k = (
+            b.op("RotaryEmbedding", x, c.position_ids, cos_cache, sin_cache, domain=MS_DOMAIN, num_heads=n)
+            for x, n in ((q, nh), (k, nkv))
+        )
     q = b.op("Transpose", b.op("Reshape", q, b.ints(0, 0, nh, hd)), perm=[0, 2, 1, 3])  # (B, nh, S, D)
     k = b.op("Transpose", b.op("Reshape", k, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])  # (B, nkv, S, D)
     v = b.op("Transpose", b.op("Reshape", v, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])
+    if c.form == "fused":
+        return q, k, v
     cos, sin = c.rotary[where.rope]
     return rotate(b, q, cos, sin, d.rotary_dim, hd), rotate(b, k, cos, sin, d.rotary_dim, hd), v
 
@@ -782,29 +791,28 @@ def attend_compressed(
     hd, nh, nkv = d.head_dim, d.num_heads, d.num_kv_heads
     act = b.ir_dtype
     q, k, v = heads_qkv(b, c, qkv, norms, where)
+    kf, vf = to_float(b, k), to_float(b, v)  # attention in float32: fp16 dots of raw codes could overflow
     # Grouped-query attention without repeating K/V: queries as (B, nkv, rep * S, D).
-    qg = b.op("Reshape", b.op("Mul", q, b.scalar(d.attn_scale)), b.ints(0, nkv, -1, hd))
+    qg = b.op("Reshape", b.op("Mul", to_float(b, q), b.const(np.float32(d.attn_scale))), b.ints(0, nkv, -1, hd))
     scores = b.op(
         "Concat",
         past_k.scores(b, qg),  # (B, nkv, rep * S, P)
-        b.op("MatMul", qg, b.op("Transpose", k, perm=[0, 1, 3, 2])),  # (B, nkv, rep * S, S)
+        b.op("MatMul", qg, b.op("Transpose", kf, perm=[0, 1, 3, 2])),  # (B, nkv, rep * S, S)
         axis=-1,
     )
     flat = b.op("Shape", scores)  # (B, nkv, rep * S, T)
     seq = b.op("Shape", q, start=2, end=3)
     scores = b.op("Reshape", scores, b.op("Concat", b.ints(0, nkv, nh // nkv), seq, b.ints(-1), axis=0))
-    if act != ir.DataType.FLOAT:
-        scores = b.op("Cast", scores, to=ir.DataType.FLOAT)
     if d.attn_softcap is not None:
         scores = softcap(b, scores, d.attn_softcap, np.float32)
     probs = b.op("Softmax", b.op("Add", scores, c.masks[where.window]), axis=-1)
-    if act != ir.DataType.FLOAT:
-        probs = b.op("Cast", probs, to=act)
     probs = b.op("Reshape", probs, flat)  # (B, nkv, rep, S, T) -> (B, nkv, rep * S, T)
     p_len = past_k.length(b)
     p_past = b.op("Slice", probs, b.ints(0), p_len, b.ints(-1))
     p_new = b.op("Slice", probs, p_len, b.ints(INT64_MAX), b.ints(-1))
-    out = b.op("Add", past_v.weighted(b, p_past), b.op("MatMul", p_new, v))  # (B, nkv, rep * S, D)
+    out = b.op("Add", past_v.weighted(b, p_past), b.op("MatMul", p_new, vf))  # (B, nkv, rep * S, D)
+    if act != ir.DataType.FLOAT:
+        out = b.op("Cast", out, to=act)
     out = b.op("Reshape", out, b.ints(0, nh, -1, hd))  # (B, nh, S, D)
     out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.ints(0, 0, nh * hd))  # (B, S, nh*D)
     return out, k, v

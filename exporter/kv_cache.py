@@ -43,14 +43,16 @@ def graph_input(name: str, dtype: ir.DataType, shape: list) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
 
 
+# Producers whose output becomes a present directly: GroupQueryAttention's (a shareable past/present buffer),
+# a compressed stream's append (an Identity would copy the whole stored past again every step).
+DIRECT_OUTPUTS = ("GroupQueryAttention", "Concat")
+
+
 def name_output(b, value: ir.Value, name: str, like: ir.Value) -> ir.Value:
-    """Give ``value`` the present name and ``like``'s type: GroupQueryAttention's own output directly (so
-    onnxruntime-genai can bind past and present to one buffer), anything else through an Identity (its own
-    producer, whatever a pass later rewires)."""
+    """Give ``value`` the present name and ``like``'s type: a ``DIRECT_OUTPUTS`` producer's output directly,
+    anything else through an Identity (its own producer, whatever a pass later rewires)."""
     producer = value.producer()
-    direct = (
-        producer is not None and producer.op_type == "GroupQueryAttention" and not value.is_graph_output()
-    )
+    direct = producer is not None and producer.op_type in DIRECT_OUTPUTS and not value.is_graph_output()
     out = value if direct else b.op("Identity", value)
     out.name = name
     out.type = like.type
@@ -188,27 +190,28 @@ class Stream:
         hi = floor(c / 16), so the low nibbles are c - 16 hi (all exact in float). Cast, scale and floor are the
         measured-fastest int4 read on the CPU EP (a 256 x 2 Gather table: 3.5x slower, BitwiseAnd/BitShift: 1.4x)."""
         if getattr(self, "_codes", None) is None:
-            c = to_act(b, b.op("Cast", self.inputs[0], to=ir.DataType.FLOAT))
+            c = b.op("Cast", self.inputs[0], to=ir.DataType.FLOAT)
             hi = None
             if self.plan.bits == 4:
-                hi = b.op("Floor", b.op("Mul", c, b.scalar(1 / 16)))
+                hi = b.op("Floor", b.op("Mul", c, b.const(np.float32(1 / 16))))
             self._codes = (c, hi)
         return self._codes
 
     def token_factors(self, b) -> tuple[ir.Value, ir.Value]:
-        """Per-token scale and low as (B, kv, 1, P) rows in the activation dtype (a free reshape of (P, 1))."""
+        """Per-token scale and low as (B, kv, 1, P) float32 rows (a free reshape of (P, 1))."""
         return tuple(
-            b.op("Reshape", b.op("Cast", v, to=b.ir_dtype), b.ints(0, 0, 1, -1)) for v in self.inputs[1:3]
+            b.op("Reshape", b.op("Cast", v, to=ir.DataType.FLOAT), b.ints(0, 0, 1, -1)) for v in self.inputs[1:3]
         )
 
     def scores(self, b, q: ir.Value) -> ir.Value:
-        """q (B, kv, M, D) against the stored keys: (B, kv, M, P).
+        """q (B, kv, M, D) float32 against the stored keys: (B, kv, M, P) float32 (fp16 dots of raw codes could
+        overflow).
 
         Per-token codes: q . (c_t s_t + l_t) = s_t (q . c_t) + l_t sum(q), so the past is never restored;
         beyond the cast of the codes the work is O(P). int4 bytes c = lo + 16 hi hold channel 2j in lo and
         2j+1 in hi: q . codes = q_even . c + (q_odd - 16 q_even) . hi."""
         if self.plan.bits == 16 or self.plan.group != "token":
-            return b.op("MatMul", q, b.op("Transpose", self.decode(b), perm=[0, 1, 3, 2]))
+            return b.op("MatMul", q, b.op("Transpose", to_float(b, self.decode(b)), perm=[0, 1, 3, 2]))
         scale, low = self.token_factors(b)
         c, hi = self.float_codes(b)
         if hi is None:
@@ -217,7 +220,7 @@ class Stream:
             d = self.dims.head_dim
             even = b.op("Slice", q, b.ints(0), b.ints(d), b.ints(-1), b.ints(2))
             odd = b.op("Slice", q, b.ints(1), b.ints(d), b.ints(-1), b.ints(2))
-            odd = b.op("Sub", odd, b.op("Mul", even, b.scalar(16.0)))
+            odd = b.op("Sub", odd, b.op("Mul", even, b.const(np.float32(16))))
             dots = b.op(
                 "Add",
                 b.op("MatMul", even, b.op("Transpose", c, perm=[0, 1, 3, 2])),
@@ -227,19 +230,19 @@ class Stream:
         return b.op("Add", b.op("Mul", dots, scale), b.op("Mul", qsum, low))
 
     def weighted(self, b, p: ir.Value) -> ir.Value:
-        """p (B, kv, M, P) over the stored values: (B, kv, M, D).
+        """p (B, kv, M, P) float32 over the stored values: (B, kv, M, D) float32.
 
         Per-token codes: sum_t p_t (c_t s_t + l_t) = (p * s) @ C + sum_t p_t l_t; int4: with w = p * s,
         channel 2j gets w @ c - 16 (w @ hi) and channel 2j+1 gets w @ hi, interleaved on the (M, D) result."""
         if self.plan.bits == 16 or self.plan.group != "token":
-            return b.op("MatMul", p, self.decode(b))
+            return b.op("MatMul", p, to_float(b, self.decode(b)))
         scale, low = self.token_factors(b)
         c, hi = self.float_codes(b)
         w = b.op("Mul", p, scale)
         out = b.op("MatMul", w, c)
         if hi is not None:
             odd = b.op("MatMul", w, hi)  # (B, kv, M, D/2)
-            even = b.op("Sub", out, b.op("Mul", odd, b.scalar(16.0)))
+            even = b.op("Sub", out, b.op("Mul", odd, b.const(np.float32(16))))
             pairs = b.op("Concat", *(b.op("Unsqueeze", x, b.ints(-1)) for x in (even, odd)), axis=-1)
             out = b.op("Reshape", pairs, b.ints(0, 0, 0, self.dims.head_dim))
         return b.op("Add", out, b.op("ReduceSum", b.op("Mul", p, low), b.ints(-1), keepdims=1))
@@ -334,7 +337,7 @@ class MergedView:
         return b.op("Shape", self.magnitude, start=2, end=3)
 
     def _row(self, b) -> ir.Value:
-        return b.op("Reshape", self.magnitude, b.ints(0, 0, 1, -1))  # (B, kv, 1, P)
+        return b.op("Reshape", to_float(b, self.magnitude), b.ints(0, 0, 1, -1))  # (B, kv, 1, P)
 
     def _where(self, b, like: ir.Value) -> ir.Value:
         """The retained positions as (B, kv, M, R) indices along the last axis of ``like`` (B, kv, M, R)."""
@@ -342,16 +345,16 @@ class MergedView:
 
     def scores(self, b, q: ir.Value) -> ir.Value:
         merged = b.op("Mul", self.direction.scores(b, q), self._row(b))  # m_t (q . dir_t): (B, kv, M, P)
-        exact = b.op("MatMul", q, b.op("Transpose", self.retained, perm=[0, 1, 3, 2]))  # (B, kv, M, R)
+        kept = b.op("Transpose", to_float(b, self.retained), perm=[0, 1, 3, 2])
+        exact = b.op("MatMul", q, kept)  # (B, kv, M, R)
         return b.op("ScatterElements", merged, self._where(b, exact), exact, axis=3)
 
     def weighted(self, b, p: ir.Value) -> ir.Value:
-        shape = b.op("Concat", b.op("Shape", p, start=0, end=3), b.op("Shape", self.index), axis=0)
-        where = b.op("Expand", b.op("Reshape", self.index, b.ints(1, 1, 1, -1)), shape)  # (B, kv, M, R)
-        kept = b.op("GatherElements", p, where, axis=3)  # the retained positions' probabilities
-        zeros = b.op("Mul", kept, b.scalar(0.0))
-        merged = b.op("Mul", b.op("ScatterElements", p, where, zeros, axis=3), self._row(b))
-        return b.op("Add", self.direction.weighted(b, merged), b.op("MatMul", kept, self.retained))
+        kept = b.op("Gather", p, self.index, axis=3)  # the retained positions' probabilities (B, kv, M, R)
+        zeros = b.op("Mul", kept, b.const(np.float32(0)))
+        merged = b.op("ScatterElements", p, self._where(b, kept), zeros, axis=3)  # the merged part's share
+        merged = b.op("Mul", merged, self._row(b))
+        return b.op("Add", self.direction.weighted(b, merged), b.op("MatMul", kept, to_float(b, self.retained)))
 
     def decode(self, b) -> ir.Value:
         """The restored past (B, kv, P, D), for a Scan of shared blocks."""

@@ -55,6 +55,7 @@ STANDARD_OPS = frozenset(
         "BitwiseOr",
         "Clip",
         "Expand",
+        "Floor",  # int4 KV read: high nibbles as floor(c / 16)
         "Less",
         "Max",
         "NonZero",
@@ -71,6 +72,7 @@ CONTRIB_OPS = frozenset(
         "MatMulNBits",
         "GatherBlockQuantized",
         "GroupQueryAttention",
+        "RotaryEmbedding",  # fused form with a compressed KV cache (attention in standard ops)
         "SkipSimplifiedLayerNormalization",
     )
 )
