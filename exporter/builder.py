@@ -391,7 +391,9 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
             j += 1
         if j - i > 1:
             group = pasts[i:j]
-            if layout.compressed:  # a Scan iterates over stacked float pasts: restore them, keep the new tokens
+            if (
+                layout.compressed
+            ):  # a Scan iterates over stacked float pasts: restore them, keep the new tokens
                 group = [(k.decode(b), v.decode(b)) for k, v in group]
             scan_ctx = dataclasses.replace(ctx, compressed=False)  # the body attends over float pasts
             h, group_presents = emit_shared_group(b, scan_ctx, materialize(b, stream), layers[i:j], i, group)
@@ -469,6 +471,7 @@ class BlockContext:
     caches: dict[str, tuple[ir.Value, ir.Value]] = field(default_factory=dict)
     compressed: bool = False  # the pasts are compressed KV views: attention reads them (attend_compressed)
     position_ids: ir.Value | None = None  # fused form + compressed KV: (B, S) for RotaryEmbedding
+    flat_masks: dict[int | None, ir.Value] = field(default_factory=dict)  # masks as (B, 1, rep * S, T)
 
 
 def dense_positions(b: Builder, input_ids: ir.Value, attention_mask: ir.Value) -> ir.Value:
@@ -758,7 +761,9 @@ def heads_qkv(
     if d.family.qk_norm:
         qn, kn = d.family.qk_norm
         q, k = head_norm(b, c, q, norms[qn], nh), head_norm(b, c, k, norms[kn], nkv)
-    if c.form == "fused":  # one RotaryEmbedding node per tensor on (B, S, heads * D), GroupQueryAttention's caches
+    if (
+        c.form == "fused"
+    ):  # one RotaryEmbedding node per tensor on (B, S, heads * D), GroupQueryAttention's caches
         cos_cache, sin_cache = c.caches[where.rope]
         q, k = (
             b.op("RotaryEmbedding", x, c.position_ids, cos_cache, sin_cache, domain=MS_DOMAIN, num_heads=n)
@@ -793,20 +798,21 @@ def attend_compressed(
     q, k, v = heads_qkv(b, c, qkv, norms, where)
     kf, vf = to_float(b, k), to_float(b, v)  # attention in float32: fp16 dots of raw codes could overflow
     # Grouped-query attention without repeating K/V: queries as (B, nkv, rep * S, D).
-    qg = b.op("Reshape", b.op("Mul", to_float(b, q), b.const(np.float32(d.attn_scale))), b.ints(0, nkv, -1, hd))
+    qg = b.op(
+        "Reshape", b.op("Mul", to_float(b, q), b.const(np.float32(d.attn_scale))), b.ints(0, nkv, -1, hd)
+    )
     scores = b.op(
         "Concat",
         past_k.scores(b, qg),  # (B, nkv, rep * S, P)
         b.op("MatMul", qg, b.op("Transpose", kf, perm=[0, 1, 3, 2])),  # (B, nkv, rep * S, S)
         axis=-1,
     )
-    flat = b.op("Shape", scores)  # (B, nkv, rep * S, T)
-    seq = b.op("Shape", q, start=2, end=3)
-    scores = b.op("Reshape", scores, b.op("Concat", b.ints(0, nkv, nh // nkv), seq, b.ints(-1), axis=0))
     if d.attn_softcap is not None:
         scores = softcap(b, scores, d.attn_softcap, np.float32)
-    probs = b.op("Softmax", b.op("Add", scores, c.masks[where.window]), axis=-1)
-    probs = b.op("Reshape", probs, flat)  # (B, nkv, rep, S, T) -> (B, nkv, rep * S, T)
+    if where.window not in c.flat_masks:  # (B, 1, 1, S, T) -> (B, 1, rep * S, T), once per window
+        mask = b.op("Squeeze", c.masks[where.window], b.ints(2))
+        c.flat_masks[where.window] = b.op("Tile", mask, b.ints(1, 1, nh // nkv, 1))
+    probs = b.op("Softmax", b.op("Add", scores, c.flat_masks[where.window]), axis=-1)
     p_len = past_k.length(b)
     p_past = b.op("Slice", probs, b.ints(0), p_len, b.ints(-1))
     p_new = b.op("Slice", probs, p_len, b.ints(INT64_MAX), b.ints(-1))

@@ -200,7 +200,8 @@ class Stream:
     def token_factors(self, b) -> tuple[ir.Value, ir.Value]:
         """Per-token scale and low as (B, kv, 1, P) float32 rows (a free reshape of (P, 1))."""
         return tuple(
-            b.op("Reshape", b.op("Cast", v, to=ir.DataType.FLOAT), b.ints(0, 0, 1, -1)) for v in self.inputs[1:3]
+            b.op("Reshape", b.op("Cast", v, to=ir.DataType.FLOAT), b.ints(0, 0, 1, -1))
+            for v in self.inputs[1:3]
         )
 
     def scores(self, b, q: ir.Value) -> ir.Value:
@@ -319,6 +320,32 @@ def slerp_merge(b, a: ir.Value, c: ir.Value, t: float) -> tuple[ir.Value, ir.Val
     return direction, na, nc, b.op("Div", omega, b.const(np.float32(math.pi)))
 
 
+def append_streams(b, streams: list[Stream], news: list[ir.Value]) -> dict[str, ir.Value]:
+    """Every stream's present tensors by input name after storing its new tokens (B, kv, S, D).
+
+    Per-token streams of one layer (or one pair's K and V directions) quantize in one pass over their heads
+    stacked (B, n x kv, S, D), then split: the same groups and codes, a third of the nodes (a decode step's
+    cost at these sizes is mostly per-node overhead)."""
+    plan = streams[0].plan
+    if plan.bits == 16 or plan.group != "token" or len(streams) == 1:
+        out = {}
+        for s, x in zip(streams, news, strict=True):
+            out.update(zip((v.name for v in s.inputs), s.append(b, x), strict=True))
+        return out
+    n, d = len(streams), streams[0].dims.head_dim
+    codes, scale, low = quantize_groups(b, to_float(b, b.op("Concat", *news, axis=1)), plan.bits, -1)
+    codes = pack_int4(b, codes, d) if plan.bits == 4 else codes
+    parts = [
+        b.tape.op_multi_out("Split", [x], {"axis": 1, "num_outputs": n}, num_outputs=n)
+        for x in (codes, scale, low)
+    ]
+    out = {}
+    for i, s in enumerate(streams):
+        for old, new in zip(s.inputs, (part[i] for part in parts), strict=True):
+            out[old.name] = b.op("Concat", old, new, axis=2)
+    return out
+
+
 @dataclass
 class MergedView:
     """One layer's past K or V in a MiniCache pair: ``magnitude * direction`` with the retained tokens exact.
@@ -354,7 +381,9 @@ class MergedView:
         zeros = b.op("Mul", kept, b.const(np.float32(0)))
         merged = b.op("ScatterElements", p, self._where(b, kept), zeros, axis=3)  # the merged part's share
         merged = b.op("Mul", merged, self._row(b))
-        return b.op("Add", self.direction.weighted(b, merged), b.op("MatMul", kept, to_float(b, self.retained)))
+        return b.op(
+            "Add", self.direction.weighted(b, merged), b.op("MatMul", kept, to_float(b, self.retained))
+        )
 
     def decode(self, b) -> ir.Value:
         """The restored past (B, kv, P, D), for a Scan of shared blocks."""
@@ -431,9 +460,9 @@ class CompressedKV:
         for i in range(len(news)):
             role, _ = self.plan.role(i)
             if role == "plain" or (self.plan.merge == "share" and role == "first"):
-                for kind, x in zip(("key", "value"), news[i], strict=True):
-                    s = self.streams[f"{i}.{kind}"]
-                    outs.update(zip((v.name for v in s.inputs), s.append(b, x), strict=True))
+                outs.update(
+                    append_streams(b, [self.streams[f"{i}.{k}"] for k in ("key", "value")], list(news[i]))
+                )
         if self.plan.merge == "minicache":
             for p, (a, c) in enumerate(self.plan.pairs):
                 outs.update(self._merge(b, p, a, c, news[a], news[c]))
@@ -452,10 +481,11 @@ class CompressedKV:
         index_in = next(v for v in self.graph_inputs if v.name == f"{PAST}{a}_{c}.retained_index")
         offset = self.pasts[a][0].length(b)
         outs = {index_in.name: b.op("Concat", index_in, b.op("Add", keep, offset), axis=0)}
-        for ki, kind in enumerate(("key", "value")):
-            direction, na, nc, _ = merged[kind]
-            s = self.streams[f"{a}_{c}.{kind}.direction"]
-            outs.update(zip((v.name for v in s.inputs), s.append(b, to_act(b, direction)), strict=True))
+        kinds = ("key", "value")
+        streams = [self.streams[f"{a}_{c}.{kind}.direction"] for kind in kinds]
+        outs.update(append_streams(b, streams, [to_act(b, merged[kind][0]) for kind in kinds]))
+        for ki, kind in enumerate(kinds):
+            _, na, nc, _ = merged[kind]
             for layer, mag, x in ((a, na, new_a[ki]), (c, nc, new_c[ki])):
                 for field_, value in (
                     ("magnitude", to_act(b, mag)),

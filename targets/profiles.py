@@ -63,6 +63,7 @@ STANDARD_OPS = frozenset(
         "ReduceMin",
         "Round",
         "ScatterElements",
+        "Tile",  # attention over compressed KV: the mask repeated over a kv head's query heads
     )
 )
 # ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.

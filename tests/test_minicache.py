@@ -118,7 +118,9 @@ def assert_reads_past_directly(model: ir.Model, bits: int) -> None:
     inputs = {v.name: v for v in graph.inputs}
     for name, value in inputs.items():
         if name.endswith(".codes"):
-            (cast,) = [n for n in consumers(graph, value) if n.op_type not in ("Concat", "Shape")]  # append, P
+            (cast,) = [
+                n for n in consumers(graph, value) if n.op_type not in ("Concat", "Shape")
+            ]  # append, P
             assert cast.op_type == "Cast", (name, cast.op_type)
             readers = consumers(graph, cast.outputs[0])
             if bits == 4:  # high nibbles: floor(c / 16), one (P, D/2) pass
@@ -131,7 +133,9 @@ def assert_reads_past_directly(model: ir.Model, bits: int) -> None:
                 assert {m.op_type for m in after} == {"MatMul"}, (name, n.op_type)
         if name.endswith((".scale", ".low")):
             for cast in consumers(graph, value):
-                if cast.op_type == "Cast" and any(n.op_type == "Reshape" for n in consumers(graph, cast.outputs[0])):
+                if cast.op_type == "Cast" and any(
+                    n.op_type == "Reshape" for n in consumers(graph, cast.outputs[0])
+                ):
                     break
             else:
                 raise AssertionError(f"{name} is not read as a per-token row")
@@ -193,7 +197,10 @@ def test_fused_and_plain_forms_read_compressed_kv(mix: Path, tmp_path: Path, att
     torch.manual_seed(0)
     ids = torch.randint(3, 8000, (1, 24))
     plan = make_plan(
-        model, KVCacheConfig(merge="minicache", start_layer=8, max_retained=0.3, bits=4), layer_kv(model, ids), 8
+        model,
+        KVCacheConfig(merge="minicache", start_layer=8, max_retained=0.3, bits=4),
+        layer_kv(model, ids),
+        8,
     )
     graph = build_decoder(model, BuildOptions(attention=attention, kv_layout=make_layout(plan)))
     assert graph.meta["attention"] == attention
