@@ -362,6 +362,10 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     attention_mask = graph_input("attention_mask", ir.DataType.INT64, [batch, total])
     position_ids = graph_input("position_ids", ir.DataType.INT64, [batch, seq]) if form == "plain" else None
     layout = opts.kv_layout if opts.kv_layout is not None else PlainKV()
+    layout.form = form
+    fused_reads = getattr(
+        layout, "fused_reads", False
+    )  # GroupQueryAttention reads the compressed cache itself
     pasts = layout.begin(b, n_layers, spec)  # each layer's past (K, V): (B, kv, P, D), or compressed views
 
     # Embedding lookup (a quantized tied embedding is lowered with the lm_head; see quant_lowering).
@@ -370,12 +374,14 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
         h = b.op("Mul", h, b.scalar(spec.embed_scale))
     if form == "fused":
         ctx = fused_context(b, spec, attention_mask)
-        if layout.compressed:  # attention over compressed views: RotaryEmbedding and the plain form's masks
+        if (
+            layout.compressed and not fused_reads
+        ):  # attention over compressed views: RotaryEmbedding and the plain form's masks
             ctx.position_ids = dense_positions(b, input_ids, attention_mask)
             ctx.masks = plain_context(b, spec, input_ids, attention_mask, ctx.position_ids).masks
     else:
         ctx = plain_context(b, spec, input_ids, attention_mask, position_ids)
-    ctx.compressed = layout.compressed
+    ctx.compressed = layout.compressed and not fused_reads
 
     presents: list[tuple[ir.Value, ir.Value]] = []
     stream: Stream = (h, None)
@@ -384,6 +390,7 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
         j = i + 1
         while (
             opts.loop_shared_blocks
+            and not fused_reads  # a Scan's body attends over restored float pasts
             and j < n_layers
             and spec.layers[j] == spec.layers[i]
             and shares_weights(fam, layers[i], layers[j])
@@ -708,9 +715,15 @@ def attend_fused(
     }
     if d.attn_softcap is not None:
         attrs["softcap"] = float(d.attn_softcap)
+    scales = []
+    if not isinstance(past_k, ir.Value):  # a static per-channel quantized cache the kernel reads and writes
+        bits = past_k.plan.bits
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=bits)
+        scales = [None, None, None, past_k.scale, past_v.scale]  # position_ids, bias, head_sink, k/v scales
+        past_k, past_v = past_k.codes, past_v.codes
     out, k, v = b.tape.op_multi_out(
         "GroupQueryAttention",
-        [*inputs, past_k, past_v, c.seqlens_k, c.total_len, cos_cache, sin_cache],
+        [*inputs, past_k, past_v, c.seqlens_k, c.total_len, cos_cache, sin_cache, *scales],
         attrs,
         domain=MS_DOMAIN,
         num_outputs=3,
@@ -797,6 +810,8 @@ def attend_compressed(
     act = b.ir_dtype
     q, k, v = heads_qkv(b, c, qkv, norms, where)
     kf, vf = to_float(b, k), to_float(b, v)  # attention in float32: fp16 dots of raw codes could overflow
+    if hasattr(past_k, "quantize"):  # static codes: a token attends over its own key/value as stored
+        kf, vf = past_k.quantize(b, k)[1], past_v.quantize(b, v)[1]
     # Grouped-query attention without repeating K/V: queries as (B, nkv, rep * S, D).
     qg = b.op(
         "Reshape", b.op("Mul", to_float(b, q), b.const(np.float32(d.attn_scale))), b.ints(0, nkv, -1, hd)

@@ -320,6 +320,102 @@ def slerp_merge(b, a: ir.Value, c: ir.Value, t: float) -> tuple[ir.Value, ir.Val
     return direction, na, nc, b.op("Div", omega, b.const(np.float32(math.pi)))
 
 
+@dataclass
+class StaticStream:
+    """A group "static" stream: symmetric codes with fixed per-channel scales (minicache.StaticStream).
+
+    The fused form hands ``codes`` and ``scale`` to GroupQueryAttention (its quantized cache, PER_CHANNEL);
+    the plain form reads it here: the per-channel scale folds into q (keys) or into the output (values), so
+    beyond the cast of the codes the read is O(D). int4 bytes hold ``code + 8``, channel 2j in the low nibble.
+    """
+
+    name: str
+    plan: MiniCachePlan
+    dims: object
+    scale_values: list  # (kv, D)
+    inputs: list[ir.Value] = field(default_factory=list)
+
+    def declare(self, b) -> None:
+        kv, d = self.dims.num_kv_heads, self.dims.head_dim
+        dtype = ir.DataType.INT8 if self.plan.bits == 8 else ir.DataType.UINT8
+        width = d if self.plan.bits == 8 else d // 2
+        self.inputs = [
+            graph_input(f"{PAST}{self.name}", dtype, ["batch_size", kv, "past_sequence_length", width])
+        ]
+        array = np.asarray(self.scale_values, np.float32).reshape(1, kv, 1, d)
+        self.scale = b.weight(f"kv_cache.{self.name}.scale", array)  # (1, kv, 1, D)
+
+    @property
+    def codes(self) -> ir.Value:
+        return self.inputs[0]
+
+    def length(self, b) -> ir.Value:
+        return b.op("Shape", self.codes, start=2, end=3)
+
+    def _bytes(self, b) -> tuple[ir.Value, ir.Value | None]:
+        """Codes as float32: int8 (B, kv, P, D); int4 the bytes c (B, kv, P, D/2) and hi = floor(c / 16)."""
+        if getattr(self, "_float", None) is None:
+            c = b.op("Cast", self.codes, to=ir.DataType.FLOAT)
+            hi = b.op("Floor", b.op("Mul", c, b.const(np.float32(1 / 16)))) if self.plan.bits == 4 else None
+            self._float = (c, hi)
+        return self._float
+
+    def scores(self, b, q: ir.Value) -> ir.Value:
+        q = b.op("Mul", q, self.scale)  # q . (code * s) = (q * s) . code
+        c, hi = self._bytes(b)
+        if hi is None:
+            return b.op("MatMul", q, b.op("Transpose", c, perm=[0, 1, 3, 2]))
+        d = self.dims.head_dim
+        even = b.op("Slice", q, b.ints(0), b.ints(d), b.ints(-1), b.ints(2))
+        odd = b.op("Slice", q, b.ints(1), b.ints(d), b.ints(-1), b.ints(2))
+        odd16 = b.op("Sub", odd, b.op("Mul", even, b.const(np.float32(16))))
+        dots = b.op(
+            "Add",
+            b.op("MatMul", even, b.op("Transpose", c, perm=[0, 1, 3, 2])),
+            b.op("MatMul", odd16, b.op("Transpose", hi, perm=[0, 1, 3, 2])),
+        )  # q_even . lo + q_odd . hi over the stored nibbles (code + 8)
+        return b.op(
+            "Sub", dots, b.op("Mul", b.op("ReduceSum", q, b.ints(-1), keepdims=1), b.const(np.float32(8)))
+        )
+
+    def weighted(self, b, p: ir.Value) -> ir.Value:
+        c, hi = self._bytes(b)
+        out = b.op("MatMul", p, c)
+        if hi is not None:
+            odd = b.op("MatMul", p, hi)  # (B, kv, M, D/2)
+            even = b.op("Sub", out, b.op("Mul", odd, b.const(np.float32(16))))
+            pairs = b.op("Concat", *(b.op("Unsqueeze", x, b.ints(-1)) for x in (even, odd)), axis=-1)
+            out = b.op("Reshape", pairs, b.ints(0, 0, 0, self.dims.head_dim))
+            mass = b.op("ReduceSum", p, b.ints(-1), keepdims=1)
+            out = b.op("Sub", out, b.op("Mul", mass, b.const(np.float32(8))))  # nibbles hold code + 8
+        return b.op("Mul", out, self.scale)
+
+    def quantize(self, b, new: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """New tokens (B, kv, S, D) -> (codes to store, the float32 values attention reads: code * scale);
+        built once per value (attention and the append share it)."""
+        memo = self.__dict__.setdefault("_quantized", {})
+        if id(new) not in memo:
+            memo[id(new)] = self._quantize(b, new)
+        return memo[id(new)]
+
+    def _quantize(self, b, new: ir.Value) -> tuple[ir.Value, ir.Value]:
+        top = 2 ** (self.plan.bits - 1)
+        q = b.op("Round", b.op("Div", to_float(b, new), self.scale))
+        q = b.op("Clip", q, b.const(np.float32(-top)), b.const(np.float32(top - 1)))
+        values = b.op("Mul", q, self.scale)
+        if self.plan.bits == 8:
+            return b.op("Cast", q, to=ir.DataType.INT8), values
+        codes = b.op("Cast", b.op("Add", q, b.const(np.float32(8))), to=ir.DataType.UINT8)
+        return pack_int4(b, codes, self.dims.head_dim), values
+
+    def decode(self, b) -> ir.Value:
+        """The stored past as (B, kv, P, D) in the activation dtype (a Scan of shared blocks reads it)."""
+        if self.plan.bits == 8:
+            return to_act(b, b.op("Mul", b.op("Cast", self.codes, to=ir.DataType.FLOAT), self.scale))
+        codes = b.op("Sub", codes_to_float(b, self.codes, 4, self.dims.head_dim), b.const(np.float32(8)))
+        return to_act(b, b.op("Mul", codes, self.scale))
+
+
 def append_streams(b, streams: list[Stream], news: list[ir.Value]) -> dict[str, ir.Value]:
     """Every stream's present tensors by input name after storing its new tokens (B, kv, S, D).
 
@@ -327,6 +423,10 @@ def append_streams(b, streams: list[Stream], news: list[ir.Value]) -> dict[str, 
     stacked (B, n x kv, S, D), then split: the same groups and codes, a third of the nodes (a decode step's
     cost at these sizes is mostly per-node overhead)."""
     plan = streams[0].plan
+    if plan.group == "static":  # the new tokens' codes (attention already read them as stored)
+        return {
+            s.codes.name: b.op("Concat", s.codes, s.quantize(b, x)[0], axis=2) for s, x in zip(streams, news)
+        }
     if plan.bits == 16 or plan.group != "token" or len(streams) == 1:
         out = {}
         for s, x in zip(streams, news, strict=True):
@@ -408,6 +508,13 @@ class CompressedKV:
     plan: MiniCachePlan
     graph_inputs: list[ir.Value] = field(default_factory=list)
     compressed = True
+    form: str = "plain"  # the block form (set by build_decoder before ``begin``)
+
+    @property
+    def fused_reads(self) -> bool:
+        """GroupQueryAttention reads and writes this cache itself (static per-channel codes, fused form): it gets
+        each layer's codes and scales and returns the presents."""
+        return self.plan.group == "static" and self.plan.bits != 16 and self.form == "fused"
 
     def begin(self, b, n_layers: int, dims) -> list[tuple]:
         """Declare inputs; return every layer's past (K, V) views."""
@@ -434,8 +541,13 @@ class CompressedKV:
         self.graph_inputs.append(value)
         return value
 
-    def _stream(self, b, name: str) -> Stream:
-        s = Stream(name, self.plan, self.dims)
+    def _stream(self, b, name: str) -> Stream | StaticStream:
+        if self.plan.group == "static" and self.plan.bits != 16:
+            layer, kind = name.split(".")
+            scales = self.plan.static_scales[int(layer)][("key", "value").index(kind)]
+            s = StaticStream(name, self.plan, self.dims, scales)
+        else:
+            s = Stream(name, self.plan, self.dims)
         s.declare(b)
         self.graph_inputs.extend(s.inputs)
         self.streams[name] = s
@@ -456,6 +568,12 @@ class CompressedKV:
     def finish(self, b, news: list[tuple[ir.Value, ir.Value] | None]) -> list[ir.Value]:
         """Store each layer's exact new tokens (B, kv, S, D) (merging pairs once both layers ran); name every
         present output."""
+        if self.fused_reads:  # GroupQueryAttention's presents: past codes ++ new codes
+            return [
+                name_output(b, value, PRESENT + s.codes.name[len(PAST) :], s.codes)
+                for i, kv in enumerate(news)
+                for value, s in zip(kv, (self.streams[f"{i}.key"], self.streams[f"{i}.value"]), strict=True)
+            ]
         outs: dict[str, ir.Value] = {}
         for i in range(len(news)):
             role, _ = self.plan.role(i)
