@@ -186,7 +186,7 @@ def plan_kv(
     from edgepack.exporter.kv_cache import make_layout
 
     calib_ids = None
-    if step.merge == "minicache":
+    if step.merge != "none" or (step.group == "static" and step.bits != 16):  # thresholds / static scales
         calib_ids = calibration_ids(tokenizer, req, step, model, out, reports if reports is not None else {})
     plan, search = plan_kv_cache(model, step, calib_ids)
     if make_layout(plan).compressed:
