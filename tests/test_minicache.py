@@ -315,6 +315,24 @@ def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Pat
     assert report["kv"]["bytes_per_position"] < 1280  # the plain layout stores 1280 B per token
 
 
+def test_cli_export_static_kv(mix: Path, shakespeare: Path, tmp_path: Path) -> None:
+    """--kv-group static end to end on mix-llama-14m (fused form): calibrated per-channel scales in the plan,
+    GroupQueryAttention's int4 cache in the graph, parity against the reference, the runner decodes it."""
+    out = tmp_path / "static"
+    flags = ["--kv-bits", "4", "--kv-group", "static", "--calib", str(shakespeare)]
+    res = CliRunner().invoke(cli, ["export", "--model", str(mix), *flags, "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "manifest.json").read_text())
+    scales = m["compression"]["kv"]["plan"]["static_scales"]
+    assert len(scales) == 12 and np.array(scales).shape == (12, 2, 1, 64) and np.min(scales) > 0
+    assert m["parity"]["max_abs_logit"] < 2e-3 and m["parity"]["greedy"] == 1.0
+    graph = ir.load(out / "model.onnx")
+    gqa = [n for n in graph.graph.all_nodes() if n.op_type == "GroupQueryAttention"]
+    assert len(gqa) == 12 and all(n.attributes["kv_cache_bit_width"].value == 4 for n in gqa)
+    report = runner.run_benchmark(out, runner.RunConfig(threads=1, prompt_len=8, gen=4, runs=1, warmup=0))
+    assert report["kv"]["bytes_per_position"] == 12 * 2 * 32  # int4 codes only: 8x fewer than fp32
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
@@ -322,6 +340,7 @@ def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Pat
         (["--kv-group", "row"], "kv group='row' is unknown"),
         (["--kv-start", "x"], "cannot read --kv-start"),
         (["--kv-merge", "minicache", "--calib", "no-such-text.txt"], "does not exist"),  # (no --calib: self)
+        (["--kv-merge", "minicache", "--kv-group", "static", "--kv-bits", "8"], "not combined with merging"),
     ],
 )
 def test_cli_bad_kv_flags(tmp_path: Path, flags: list[str], message: str) -> None:
