@@ -24,12 +24,15 @@ import numpy as np
 from edgepack.runtime import runner
 
 
-def open_decoder(artifact: Path, config: runner.RunConfig) -> tuple[runner.Decoder, str, int | None]:
-    """runner.py's decoder for ``artifact`` in the KV layout it declares: (decoder, layout, vocab)."""
+def open_decoder(spec: str, config: runner.RunConfig) -> tuple[runner.Decoder, str, int | None]:
+    """runner.py's decoder for ``spec`` (ARTIFACT, or ARTIFACT@LAYOUT to override the KV layout it declares,
+    e.g. a static-KV artifact in GroupQueryAttention's shared buffer): (decoder, layout, vocab)."""
+    path, _, forced = spec.partition("@")
+    artifact = Path(path)
     session = runner.make_session(runner.find_model_file(artifact), config)
     genai = runner.read_genai_config(artifact)
     io = runner.DecoderIO.from_session(session, genai)
-    layout = runner.declared_kv_layout(genai, io)
+    layout = forced or runner.declared_kv_layout(genai, io)
     return runner.KV_LAYOUTS[layout].decoder(session, io, config), layout, io.vocab_size
 
 
@@ -44,7 +47,11 @@ def fill(decoder: runner.Decoder, context: int, vocab: int | None) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("artifacts", type=Path, nargs="+", help="the first is the reference of the ratios")
+    ap.add_argument(
+        "artifacts",
+        nargs="+",
+        help="ARTIFACT or ARTIFACT@concat|shared; the first is the reference of the ratios",
+    )
     ap.add_argument("--context", type=int, default=960, help="tokens filled before timing")
     ap.add_argument("--steps", type=int, default=60, help="decode steps per round (context .. context+steps)")
     ap.add_argument("--rounds", type=int, default=3)
@@ -73,7 +80,7 @@ def main() -> None:
         med = statistics.median(times)
         rows.append(
             {
-                "artifact": str(artifact),
+                "artifact": artifact,
                 "kv_layout": layout,
                 "kv_bytes_per_token": decoder.kv_bytes() / (args.context + args.steps),
                 "median_step_ms": med * 1e3,
