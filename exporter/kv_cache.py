@@ -141,6 +141,43 @@ def pack_int4(b, codes: ir.Value, dim: int) -> ir.Value:
     return b.op("BitwiseOr", even, b.op("BitShift", odd, b.const(np.uint8(4)), direction="LEFT"))
 
 
+def read_codes(b, codes: ir.Value, bits: int) -> tuple[ir.Value, ir.Value | None]:
+    """uint8/int8 codes as float32 for a direct read: int8 (..., D); int4 the bytes c (..., D/2) and their high
+    nibbles hi = floor(c / 16), so the low nibbles are c - 16 hi (all exact in float). Cast, scale and floor are
+    the measured-fastest int4 read on the CPU EP (a 256 x 2 Gather table: 3.5x slower, BitwiseAnd/BitShift:
+    1.4x; docs/results/kv.md)."""
+    c = b.op("Cast", codes, to=ir.DataType.FLOAT)
+    hi = b.op("Floor", b.op("Mul", c, b.const(np.float32(1 / 16)))) if bits == 4 else None
+    return c, hi
+
+
+def dot_codes(b, q: ir.Value, c: ir.Value, hi: ir.Value | None, dim: int) -> ir.Value:
+    """q (B, kv, M, D) . codes (B, kv, P, D) -> (B, kv, M, P); int4 (channel 2j in the low nibble, 2j+1 in the
+    high one): q_even . c + (q_odd - 16 q_even) . hi."""
+    if hi is None:
+        return b.op("MatMul", q, b.op("Transpose", c, perm=[0, 1, 3, 2]))
+    even = b.op("Slice", q, b.ints(0), b.ints(dim), b.ints(-1), b.ints(2))
+    odd = b.op("Slice", q, b.ints(1), b.ints(dim), b.ints(-1), b.ints(2))
+    odd = b.op("Sub", odd, b.op("Mul", even, b.const(np.float32(16))))
+    return b.op(
+        "Add",
+        b.op("MatMul", even, b.op("Transpose", c, perm=[0, 1, 3, 2])),
+        b.op("MatMul", odd, b.op("Transpose", hi, perm=[0, 1, 3, 2])),
+    )
+
+
+def weigh_codes(b, w: ir.Value, c: ir.Value, hi: ir.Value | None, dim: int) -> ir.Value:
+    """w (B, kv, M, P) @ codes (B, kv, P, D) -> (B, kv, M, D); int4: channel 2j gets w @ c - 16 (w @ hi), channel
+    2j+1 gets w @ hi, interleaved on the small (M, D) result."""
+    out = b.op("MatMul", w, c)
+    if hi is None:
+        return out
+    odd = b.op("MatMul", w, hi)  # (B, kv, M, D/2)
+    even = b.op("Sub", out, b.op("Mul", odd, b.const(np.float32(16))))
+    pairs = b.op("Concat", *(b.op("Unsqueeze", x, b.ints(-1)) for x in (even, odd)), axis=-1)
+    return b.op("Reshape", pairs, b.ints(0, 0, 0, dim))
+
+
 # ----------------------------------------------------------------------------- streams
 
 
@@ -185,16 +222,9 @@ class Stream:
         return b.op("Add", n, b.op("Shape", self.inputs[3], start=2, end=3))  # quantized ++ residual
 
     def float_codes(self, b) -> tuple[ir.Value, ir.Value | None]:
-        """The codes in the activation dtype, built once per stream (a MiniCache pair's two layers read the same
-        direction codes): int8 (B, kv, P, D); int4 the bytes c (B, kv, P, D/2) and their high nibbles
-        hi = floor(c / 16), so the low nibbles are c - 16 hi (all exact in float). Cast, scale and floor are the
-        measured-fastest int4 read on the CPU EP (a 256 x 2 Gather table: 3.5x slower, BitwiseAnd/BitShift: 1.4x)."""
+        """``read_codes`` of this stream, built once (a MiniCache pair's two layers read the same direction)."""
         if getattr(self, "_codes", None) is None:
-            c = b.op("Cast", self.inputs[0], to=ir.DataType.FLOAT)
-            hi = None
-            if self.plan.bits == 4:
-                hi = b.op("Floor", b.op("Mul", c, b.const(np.float32(1 / 16))))
-            self._codes = (c, hi)
+            self._codes = read_codes(b, self.inputs[0], self.plan.bits)
         return self._codes
 
     def token_factors(self, b) -> tuple[ir.Value, ir.Value]:
@@ -214,19 +244,7 @@ class Stream:
         if self.plan.bits == 16 or self.plan.group != "token":
             return b.op("MatMul", q, b.op("Transpose", to_float(b, self.decode(b)), perm=[0, 1, 3, 2]))
         scale, low = self.token_factors(b)
-        c, hi = self.float_codes(b)
-        if hi is None:
-            dots = b.op("MatMul", q, b.op("Transpose", c, perm=[0, 1, 3, 2]))
-        else:
-            d = self.dims.head_dim
-            even = b.op("Slice", q, b.ints(0), b.ints(d), b.ints(-1), b.ints(2))
-            odd = b.op("Slice", q, b.ints(1), b.ints(d), b.ints(-1), b.ints(2))
-            odd = b.op("Sub", odd, b.op("Mul", even, b.const(np.float32(16))))
-            dots = b.op(
-                "Add",
-                b.op("MatMul", even, b.op("Transpose", c, perm=[0, 1, 3, 2])),
-                b.op("MatMul", odd, b.op("Transpose", hi, perm=[0, 1, 3, 2])),
-            )
+        dots = dot_codes(b, q, *self.float_codes(b), self.dims.head_dim)
         qsum = b.op("ReduceSum", q, b.ints(-1), keepdims=1)  # (B, kv, M, 1)
         return b.op("Add", b.op("Mul", dots, scale), b.op("Mul", qsum, low))
 
@@ -238,14 +256,7 @@ class Stream:
         if self.plan.bits == 16 or self.plan.group != "token":
             return b.op("MatMul", p, to_float(b, self.decode(b)))
         scale, low = self.token_factors(b)
-        c, hi = self.float_codes(b)
-        w = b.op("Mul", p, scale)
-        out = b.op("MatMul", w, c)
-        if hi is not None:
-            odd = b.op("MatMul", w, hi)  # (B, kv, M, D/2)
-            even = b.op("Sub", out, b.op("Mul", odd, b.const(np.float32(16))))
-            pairs = b.op("Concat", *(b.op("Unsqueeze", x, b.ints(-1)) for x in (even, odd)), axis=-1)
-            out = b.op("Reshape", pairs, b.ints(0, 0, 0, self.dims.head_dim))
+        out = weigh_codes(b, b.op("Mul", p, scale), *self.float_codes(b), self.dims.head_dim)
         return b.op("Add", out, b.op("ReduceSum", b.op("Mul", p, low), b.ints(-1), keepdims=1))
 
     def decode(self, b) -> ir.Value:
@@ -352,42 +363,24 @@ class StaticStream:
     def length(self, b) -> ir.Value:
         return b.op("Shape", self.codes, start=2, end=3)
 
-    def _bytes(self, b) -> tuple[ir.Value, ir.Value | None]:
-        """Codes as float32: int8 (B, kv, P, D); int4 the bytes c (B, kv, P, D/2) and hi = floor(c / 16)."""
+    def _codes(self, b) -> tuple[ir.Value, ir.Value | None]:
         if getattr(self, "_float", None) is None:
-            c = b.op("Cast", self.codes, to=ir.DataType.FLOAT)
-            hi = b.op("Floor", b.op("Mul", c, b.const(np.float32(1 / 16)))) if self.plan.bits == 4 else None
-            self._float = (c, hi)
+            self._float = read_codes(b, self.codes, self.plan.bits)
         return self._float
 
     def scores(self, b, q: ir.Value) -> ir.Value:
         q = b.op("Mul", q, self.scale)  # q . (code * s) = (q * s) . code
-        c, hi = self._bytes(b)
-        if hi is None:
-            return b.op("MatMul", q, b.op("Transpose", c, perm=[0, 1, 3, 2]))
-        d = self.dims.head_dim
-        even = b.op("Slice", q, b.ints(0), b.ints(d), b.ints(-1), b.ints(2))
-        odd = b.op("Slice", q, b.ints(1), b.ints(d), b.ints(-1), b.ints(2))
-        odd16 = b.op("Sub", odd, b.op("Mul", even, b.const(np.float32(16))))
-        dots = b.op(
-            "Add",
-            b.op("MatMul", even, b.op("Transpose", c, perm=[0, 1, 3, 2])),
-            b.op("MatMul", odd16, b.op("Transpose", hi, perm=[0, 1, 3, 2])),
-        )  # q_even . lo + q_odd . hi over the stored nibbles (code + 8)
-        return b.op(
-            "Sub", dots, b.op("Mul", b.op("ReduceSum", q, b.ints(-1), keepdims=1), b.const(np.float32(8)))
-        )
+        dots = dot_codes(b, q, *self._codes(b), self.dims.head_dim)
+        if self.plan.bits == 8:
+            return dots
+        qsum = b.op("ReduceSum", q, b.ints(-1), keepdims=1)
+        return b.op("Sub", dots, b.op("Mul", qsum, b.const(np.float32(8))))  # nibbles hold code + 8
 
     def weighted(self, b, p: ir.Value) -> ir.Value:
-        c, hi = self._bytes(b)
-        out = b.op("MatMul", p, c)
-        if hi is not None:
-            odd = b.op("MatMul", p, hi)  # (B, kv, M, D/2)
-            even = b.op("Sub", out, b.op("Mul", odd, b.const(np.float32(16))))
-            pairs = b.op("Concat", *(b.op("Unsqueeze", x, b.ints(-1)) for x in (even, odd)), axis=-1)
-            out = b.op("Reshape", pairs, b.ints(0, 0, 0, self.dims.head_dim))
+        out = weigh_codes(b, p, *self._codes(b), self.dims.head_dim)
+        if self.plan.bits == 4:  # nibbles hold code + 8
             mass = b.op("ReduceSum", p, b.ints(-1), keepdims=1)
-            out = b.op("Sub", out, b.op("Mul", mass, b.const(np.float32(8))))  # nibbles hold code + 8
+            out = b.op("Sub", out, b.op("Mul", mass, b.const(np.float32(8))))
         return b.op("Mul", out, self.scale)
 
     def quantize(self, b, new: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -425,7 +418,8 @@ def append_streams(b, streams: list[Stream], news: list[ir.Value]) -> dict[str, 
     plan = streams[0].plan
     if plan.group == "static":  # the new tokens' codes (attention already read them as stored)
         return {
-            s.codes.name: b.op("Concat", s.codes, s.quantize(b, x)[0], axis=2) for s, x in zip(streams, news)
+            s.codes.name: b.op("Concat", s.codes, s.quantize(b, x)[0], axis=2)
+            for s, x in zip(streams, news, strict=True)
         }
     if plan.bits == 16 or plan.group != "token" or len(streams) == 1:
         out = {}
