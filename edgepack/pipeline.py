@@ -91,7 +91,9 @@ def export(req: ExportRequest) -> ExportResult:
                 kv_plan(reports),
             )
         quality = measure_quality(req, model, tokenizer)
-        genai = kv_layout(reports).compressed is False
+        from edgepack.exporter.kv_cache import genai_can_run
+
+        genai = genai_can_run(kv_plan(reports), built["build"]["attention_form"])
         genai_cfg = write_side_files(req.model_dir, tmp, model, raw_config, tokenizer, built, genai=genai)
         if target.android_bundle:
             from edgepack.targets.android import make_android_bundle
@@ -189,7 +191,7 @@ def plan_kv(
     if step.merge != "none" or (step.group == "static" and step.bits != 16):  # thresholds / static scales
         calib_ids = calibration_ids(tokenizer, req, step, model, out, reports if reports is not None else {})
     plan, search = plan_kv_cache(model, step, calib_ids)
-    if make_layout(plan).compressed:
+    if make_layout(plan).compressed and plan.group != "static":  # static: genai runs it in the fused form
         log.warning(
             "compressed KV cache (merge %s from layer %s, %s-bit %s groups): onnxruntime-genai cannot run this "
             "artifact (no genai_config.json); run it with onnxruntime (runner.py, edgepack bench)",

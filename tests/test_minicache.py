@@ -329,8 +329,32 @@ def test_cli_export_static_kv(mix: Path, shakespeare: Path, tmp_path: Path) -> N
     graph = ir.load(out / "model.onnx")
     gqa = [n for n in graph.graph.all_nodes() if n.op_type == "GroupQueryAttention"]
     assert len(gqa) == 12 and all(n.attributes["kv_cache_bit_width"].value == 4 for n in gqa)
+    # GroupQueryAttention's own cache: onnxruntime-genai runs it, past and present in one shared buffer
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
     report = runner.run_benchmark(out, runner.RunConfig(threads=1, prompt_len=8, gen=4, runs=1, warmup=0))
-    assert report["kv"]["bytes_per_position"] == 12 * 2 * 32  # int4 codes only: 8x fewer than fp32
+    assert report["kv_layout"] == "shared"
+    concat = runner.run_benchmark(
+        out, runner.RunConfig(threads=1, prompt_len=8, gen=4, runs=1, warmup=0, kv_layout="concat")
+    )
+    assert concat["kv"]["bytes_per_position"] == 12 * 2 * 32  # int4 codes only: 8x fewer than fp32
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = list(range(10, 40))
+    params = og.GeneratorParams(model := og.Model(str(out)))
+    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    genai_tokens = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        genai_tokens.append(int(gen.get_next_tokens()[0]))
+    dec = OrtDecoder(out / "model.onnx")
+    logits, past = dec.step(np.array([prompt]), dec.empty_cache(), 0)
+    ours = [int(np.argmax(logits[0, -1]))]
+    for j in range(len(genai_tokens) - 1):
+        logits, past = dec.step(np.array([[ours[-1]]]), past, len(prompt) + j)
+        ours.append(int(np.argmax(logits[0, -1])))
+    assert genai_tokens == ours
 
 
 @pytest.mark.parametrize(
