@@ -56,7 +56,7 @@ def rows(
     layer that keeps calibration perplexity within 2% (the default plan search), each also with int4 KV.
     ``only`` keeps the rows with those indices (the plan search runs only when an "auto" row is kept)."""
     n = model.config.num_hidden_layers
-    keep = only if only is not None else set(range(9))
+    keep = only if only is not None else set(range(11))
     # t fixed (default: the paper's 0.5) for these rows, so the start-layer search is what they compare
     mini = KVCacheConfig(merge="minicache", t=t, n_samples=calib.shape[0], seq_len=calib.shape[1])
     mid = make_plan(model, mini, layer_kv(model, calib), n // 2)
@@ -77,6 +77,14 @@ def rows(
     ):
         start = mid.start_layer if cfg.merge == "share" else None
         table.append((name, lambda c=cfg, s=start: make_plan(model, c, None, s)))
+    for bits in (8, 4):  # fixed per-channel scales from the calibration text (GroupQueryAttention's cache)
+        cfg = KVCacheConfig(bits=bits, group="static")
+        table.append(
+            (
+                f"int{bits} KV (static per channel)",
+                lambda c=cfg: make_plan(model, c, layer_kv(model, calib), None),
+            )
+        )
     out = []
     for k, (name, plan) in enumerate(table):
         if k in keep:
@@ -124,7 +132,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=2)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--json", type=Path, default=None)
-    ap.add_argument("--rows", default="", help="comma-separated row indices to run (default: all 9)")
+    ap.add_argument("--rows", default="", help="comma-separated row indices to run (default: all 11)")
     ap.add_argument("--t", type=float, default=0.5, help="MiniCache SLERP position for the MiniCache rows")
     ap.add_argument("--make-qwen05", type=Path, default=None, help="only write the random 0.5B model there")
     args = ap.parse_args()

@@ -84,7 +84,9 @@ def check_share_group(share_group) -> None:
     if share_group is None:
         return
     if isinstance(share_group, bool):
-        raise EdgepackError(f"share_group must be a group size or a list of groups, not a bool; e.g. {GROUPS_HINT}")
+        raise EdgepackError(
+            f"share_group must be a group size or a list of groups, not a bool; e.g. {GROUPS_HINT}"
+        )
     if isinstance(share_group, int):
         if share_group < 1:
             raise EdgepackError(f"--share-groups {share_group} must be >= 1 (1 = no sharing)")

@@ -11,6 +11,11 @@ and fp16 low value per group, ``x ~ code * scale + low``:
 - ``group="token"``: one group per token and head (over head_dim);
 - ``group="channel"``: one group per channel over ``channel_group`` consecutive tokens (KIVI-style); the last
   incomplete group stays in float (the "residual") until it fills.
+- ``group="static"``: symmetric, one fixed fp32 scale per layer, kv head and channel, calibrated (max |x| on the
+  calibration text over the code range), ``x ~ code * scale``; int8 codes, or int4 stored as ``code + 8`` two per
+  byte. This is the cache onnxruntime's GroupQueryAttention reads and writes itself (``k_quant_type``
+  PER_CHANNEL), so the fused graph attends over it with no extra op; a token attends over its own key/value
+  as stored (quantized), as that kernel does. Not combined with merging.
 Under MiniCache the shared directions are quantized; magnitudes and retained vectors stay in float.
 
 This module is the PyTorch reference: ``CompressedCache`` is a transformers ``DynamicCache`` that returns, for
@@ -34,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MERGE_MODES = ("none", "minicache", "share")  # share = layer l+1 reuses layer l's KV (cross-layer baseline)
 KV_BITS = (16, 8, 4)  # 16 = float (the activation dtype)
-KV_GROUPS = ("token", "channel")
+KV_GROUPS = ("token", "channel", "static")
 T_GRID = (0.25, 0.5, 0.75)  # SLERP positions the plan tries when t is not given
 DEFAULT_T = 0.5  # the paper's midpoint, used while searching the start layer
 MIN_SCALE = 1e-5  # above fp16's smallest subnormal, so a constant group never divides by zero
@@ -51,7 +56,7 @@ class KVCacheConfig:
     t: float | None = None  # SLERP position between layer l (0) and l+1 (1); None = best of T_GRID on calib
     max_retained: float = 0.05  # fraction of calibration tokens per pair kept unmerged (sets the threshold)
     bits: int = 16  # 16 (float), 8 or 4
-    group: str = "token"  # token | channel
+    group: str = "token"  # token | channel | static
     channel_group: int = 32  # tokens per group when group == "channel"
     max_ppl_loss: float = 0.02  # relative perplexity loss allowed when choosing start_layer
     n_samples: int = 4
@@ -66,7 +71,11 @@ class KVCacheConfig:
         if self.bits not in KV_BITS:
             raise EdgepackError(f"kv bits={self.bits!r} is not supported; choose 8, 4 or 16 (float)")
         if self.group not in KV_GROUPS:
-            raise EdgepackError(f"kv group={self.group!r} is unknown; choose token or channel")
+            raise EdgepackError(f"kv group={self.group!r} is unknown; choose token, channel or static")
+        if self.group == "static" and self.merge != "none":
+            raise EdgepackError(
+                "kv group=static (fixed per-channel scales) is not combined with merging; use token"
+            )
         if not isinstance(self.channel_group, int) or self.channel_group < 2:
             raise EdgepackError(f"kv channel_group={self.channel_group!r} must be an integer >= 2, e.g. 32")
         if self.t is not None and not 0.0 <= float(self.t) <= 1.0:
@@ -107,6 +116,7 @@ class MiniCachePlan:
     bits: int = 16
     group: str = "token"
     channel_group: int = 32
+    static_scales: list = field(default_factory=list)  # group "static": per layer [K, V] scales (kv, D)
 
     @property
     def pairs(self) -> list[tuple[int, int]]:
@@ -253,10 +263,50 @@ class ChannelStream(TokenStream):
         return [*super().tensors(), *([self.residual] if self.residual is not None else [])]
 
 
-def make_stream(plan: MiniCachePlan) -> FloatStream:
-    """The stream type the plan's quantization asks for."""
+class StaticStream(FloatStream):
+    """Symmetric codes with fixed per-channel scales (group "static"): int8, or int4 as ``code + 8`` packed two
+    per byte, exactly as GroupQueryAttention's quantized cache (PER_CHANNEL) stores them."""
+
+    def __init__(self, bits: int, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.bits, self.scale = bits, scale[None, :, None, :]  # (1, kv, 1, D)
+        self.codes: torch.Tensor | None = None
+
+    def quantize(self, new: torch.Tensor) -> torch.Tensor:
+        """The stored (dequantized) values of ``new``: what attention reads, the new tokens included."""
+        q = static_codes(new.float(), self.scale, self.bits)
+        parts = q.to(torch.int8) if self.bits == 8 else pack_int4((q + 8).to(torch.uint8))
+        self.codes = parts if self.codes is None else torch.cat([self.codes, parts], 2)
+        return (q * self.scale).to(new.dtype)
+
+    def decode(self, like: torch.Tensor) -> torch.Tensor:
+        return super().decode(like).to(like.dtype)
+
+    def append(self, new: torch.Tensor) -> None:
+        super().append(self.quantize(new))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.codes] if self.codes is not None else []
+
+
+def static_codes(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """round(x / scale) clamped to the signed code range (float, integral)."""
+    top = 2 ** (bits - 1)
+    return torch.round(x / scale).clamp(-top, top - 1)
+
+
+def static_scales(kv: list, bits: int) -> list[list[list[list[float]]]]:
+    """Per layer, [K, V] symmetric per-channel scales (kv, D): max |x| over calibration tokens / the largest code."""
+    top = 2 ** (bits - 1) - 1
+    return [[(x.abs().amax(dim=(0, 2)) / top).clamp_min(MIN_SCALE).tolist() for x in pair] for pair in kv]
+
+
+def make_stream(plan: MiniCachePlan, layer: int | None = None, kind: int = 0) -> FloatStream:
+    """The stream type the plan's quantization asks for (``layer``/``kind`` pick a static stream's scales)."""
     if plan.bits == 16:
         return FloatStream()
+    if plan.group == "static":
+        return StaticStream(plan.bits, torch.tensor(plan.static_scales[layer][kind], dtype=torch.float32))
     if plan.group == "token":
         return TokenStream(plan.bits)
     return ChannelStream(plan.bits, plan.channel_group)
@@ -302,7 +352,7 @@ class CompressedCache(DynamicCache):
     def __init__(self, plan: MiniCachePlan) -> None:
         super().__init__()
         self.plan = plan
-        self.plain = {i: (make_stream(plan), make_stream(plan)) for i in range(plan.num_layers)}
+        self.plain = {i: (make_stream(plan, i, 0), make_stream(plan, i, 1)) for i in range(plan.num_layers)}
         self.merged = [(MergedPair(plan), MergedPair(plan)) for _ in plan.pairs]
         self.index: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long) for _ in plan.pairs]
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -317,6 +367,8 @@ class CompressedCache(DynamicCache):
             past_k, past_v = ks.decode(key_states), vs.decode(value_states)
             ks.append(key_states)
             vs.append(value_states)
+            if self.plan.group == "static" and self.plan.bits != 16:  # attends over its new tokens as stored
+                key_states, value_states = ks.x[:, :, past_k.shape[2] :], vs.x[:, :, past_v.shape[2] :]
         elif self.plan.merge == "share":
             past_k, past_v = self._share(role, layer_idx, key_states, value_states)
         else:
@@ -456,6 +508,8 @@ def make_plan(
     plan = MiniCachePlan(n, cfg.merge, start, t, [], cfg.bits, cfg.group, cfg.channel_group)
     if cfg.merge == "minicache" and plan.pairs:
         plan.thresholds = pair_thresholds(kv, plan.pairs, t, cfg.max_retained)
+    if cfg.group == "static" and cfg.bits != 16:
+        plan.static_scales = static_scales(kv, cfg.bits)
     return plan
 
 
@@ -476,12 +530,13 @@ def plan_kv_cache(model, cfg: KVCacheConfig, calib_ids: torch.Tensor | None) -> 
         raise EdgepackError(
             f"kv start_layer={cfg.start_layer} leaves no pair to merge in a {n}-layer model; pass at most {n - 2}"
         )
-    if cfg.merge == "none":
-        return make_plan(model, cfg, None, None), {}
-    if calib_ids is None:
+    static = cfg.group == "static" and cfg.bits != 16
+    if (cfg.merge != "none" or static) and calib_ids is None:
         raise EdgepackError(
-            "KV merging needs calibration text; pass --calib FILE (any local UTF-8 text file)"
+            "KV merging and static KV scales need calibration text; pass --calib FILE (any local UTF-8 text file)"
         )
+    if cfg.merge == "none":
+        return make_plan(model, cfg, layer_kv(model, calib_ids) if static else None, None), {}
     kv = layer_kv(model, calib_ids)
     if cfg.start_layer is not None:
         if cfg.merge != "minicache" or cfg.t is not None:

@@ -169,7 +169,9 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 )
 @click.option("--kv-bits", help="Quantize the KV cache: 8 or 4 (default 16 = float).")
 @click.option(
-    "--kv-group", help="KV quantization groups: token (per token and head) or channel (per channel)."
+    "--kv-group",
+    help="KV quantization groups: token (per token and head), channel (per channel over 32 tokens) or static "
+    "(fixed per-channel scales from --calib; GroupQueryAttention reads it directly: the fastest decode).",
 )
 @click.option(
     "--calib",

@@ -98,7 +98,8 @@ def reads_weights_once(recipe: Recipe) -> bool:
         kind = kind_of(step)
         if kind == "quantize":
             return step.method == "rtn" and step.budget_bpw is None and step.size_budget is None
-        return kind == "kv" and step.merge != "minicache"
+        # KV quantization with per-token/channel groups; not merging nor static scales (both run calibration)
+        return kind == "kv" and step.merge == "none" and not (step.group == "static" and step.bits != 16)
 
     return all(once(s) for s in recipe.steps)
 
@@ -146,7 +147,9 @@ def step_quality(job: ExportJob) -> None:
 
 
 def step_side_files(job: ExportJob) -> None:
-    genai = kv_layout(job.reports).compressed is False
+    from edgepack.exporter.kv_cache import genai_can_run
+
+    genai = genai_can_run(kv_plan(job.reports), job.built["build"]["attention_form"])
     job.genai = write_side_files(
         job.req.model_dir, job.out, job.model, job.raw_config, job.tokenizer, job.built, genai=genai
     )
@@ -362,10 +365,10 @@ def plan_kv(
     from edgepack.exporter.kv_cache import make_layout
 
     calib_ids = None
-    if step.merge == "minicache":
+    if step.merge != "none" or (step.group == "static" and step.bits != 16):  # thresholds / static scales
         calib_ids = calibration_ids(tokenizer, req, step, model, out, reports if reports is not None else {})
     plan, search = plan_kv_cache(model, step, calib_ids)
-    if make_layout(plan).compressed:
+    if make_layout(plan).compressed and plan.group != "static":  # static: genai runs it in the fused form
         log.warning(
             "compressed KV cache (merge %s from layer %s, %s-bit %s groups): onnxruntime-genai cannot run this "
             "artifact (no genai_config.json); run it with onnxruntime (runner.py, edgepack bench)",

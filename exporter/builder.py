@@ -22,6 +22,7 @@ I/O (the names optimum's ORTModelForCausalLM and onnxruntime-genai use):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import onnx_ir as ir
 import torch
-from edgepack.exporter.kv_cache import PlainKV
+from edgepack.exporter.kv_cache import PlainKV, new_tokens, to_float
 from torch import nn
 
 from edgepack.artifact import bias_name, stacked_name, weight_name
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 OPSET = 21
 IR_VERSION = 10  # onnxruntime 1.31 refuses IR 13 (facts.md)
 MS_DOMAIN = "com.microsoft"
+INT64_MAX = np.iinfo(np.int64).max
 
 DTYPES = {"float32": (ir.DataType.FLOAT, np.float32), "float16": (ir.DataType.FLOAT16, np.float16)}
 
@@ -360,7 +362,11 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     attention_mask = graph_input("attention_mask", ir.DataType.INT64, [batch, total])
     position_ids = graph_input("position_ids", ir.DataType.INT64, [batch, seq]) if form == "plain" else None
     layout = opts.kv_layout if opts.kv_layout is not None else PlainKV()
-    pasts = layout.begin(b, n_layers, spec)  # each layer's past (K, V) (B, kv, P, D), restored if compressed
+    layout.form = form
+    fused_reads = getattr(
+        layout, "fused_reads", False
+    )  # GroupQueryAttention reads the compressed cache itself
+    pasts = layout.begin(b, n_layers, spec)  # each layer's past (K, V): (B, kv, P, D), or compressed views
 
     # Embedding lookup (a quantized tied embedding is lowered with the lm_head; see quant_lowering).
     h = lower_embedding(b, model, input_ids)  # (B, S, H)
@@ -368,8 +374,14 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
         h = b.op("Mul", h, b.scalar(spec.embed_scale))
     if form == "fused":
         ctx = fused_context(b, spec, attention_mask)
+        if (
+            layout.compressed and not fused_reads
+        ):  # attention over compressed views: RotaryEmbedding and the plain form's masks
+            ctx.position_ids = dense_positions(b, input_ids, attention_mask)
+            ctx.masks = plain_context(b, spec, input_ids, attention_mask, ctx.position_ids).masks
     else:
         ctx = plain_context(b, spec, input_ids, attention_mask, position_ids)
+    ctx.compressed = layout.compressed and not fused_reads
 
     presents: list[tuple[ir.Value, ir.Value]] = []
     stream: Stream = (h, None)
@@ -378,14 +390,26 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
         j = i + 1
         while (
             opts.loop_shared_blocks
+            and not fused_reads  # a Scan's body attends over restored float pasts
             and j < n_layers
             and spec.layers[j] == spec.layers[i]
             and shares_weights(fam, layers[i], layers[j])
         ):
             j += 1
         if j - i > 1:
-            h, group_presents = emit_shared_group(b, ctx, materialize(b, stream), layers[i:j], i, pasts[i:j])
+            group = pasts[i:j]
+            if (
+                layout.compressed
+            ):  # a Scan iterates over stacked float pasts: restore them, keep the new tokens
+                group = [(k.decode(b), v.decode(b)) for k, v in group]
+            scan_ctx = dataclasses.replace(ctx, compressed=False)  # the body attends over float pasts
+            h, group_presents = emit_shared_group(b, scan_ctx, materialize(b, stream), layers[i:j], i, group)
             stream = (h, None)
+            if layout.compressed:
+                group_presents = [
+                    (new_tokens(b, k, pk), new_tokens(b, v, pv))
+                    for (k, v), (pk, pv) in zip(group_presents, pasts[i:j], strict=True)
+                ]
             presents.extend(group_presents)
         else:
             p = fam.layer_name(i)
@@ -411,7 +435,8 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     outputs = [logits]
     logits.name = "logits"
     logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, spec.vocab_size])
-    outputs.extend(layout.finish(b, presents))  # the layout names (and, if compressed, stores) the presents
+    # the layout names the presents (plain: past ++ new), or stores the new tokens (compressed)
+    outputs.extend(layout.finish(b, presents))
 
     inputs = [input_ids, attention_mask] + ([position_ids] if position_ids is not None else [])
     inputs += layout.graph_inputs
@@ -451,6 +476,17 @@ class BlockContext:
     seqlens_k: ir.Value | None = None
     total_len: ir.Value | None = None
     caches: dict[str, tuple[ir.Value, ir.Value]] = field(default_factory=dict)
+    compressed: bool = False  # the pasts are compressed KV views: attention reads them (attend_compressed)
+    position_ids: ir.Value | None = None  # fused form + compressed KV: (B, S) for RotaryEmbedding
+    flat_masks: dict[int | None, ir.Value] = field(default_factory=dict)  # masks as (B, 1, rep * S, T)
+
+
+def dense_positions(b: Builder, input_ids: ir.Value, attention_mask: ir.Value) -> ir.Value:
+    """position_ids (B, S) of right-padded rows (the fused form's assumption): past length + arange(S)."""
+    total = b.op("Squeeze", b.op("Shape", attention_mask, start=1, end=2), b.ints(0))
+    seq = b.op("Squeeze", b.op("Shape", input_ids, start=1, end=2), b.ints(0))
+    positions = b.op("Range", b.op("Sub", total, seq), total, b.const(np.array(1, np.int64)))
+    return b.op("Expand", positions, b.op("Shape", input_ids))
 
 
 def select_long(b: Builder, total: ir.Value, rope: Rope, short: ir.Value, long: ir.Value) -> ir.Value:
@@ -601,7 +637,7 @@ def emit_block(
     block's norm scales by module name (the family's ``block_norms``).
     """
     fam = c.spec.family
-    attend = attend_fused if c.form == "fused" else attend_plain
+    attend = attend_compressed if c.compressed else attend_fused if c.form == "fused" else attend_plain
     x, h = pre_norm(b, c, stream, norms[fam.norms.attn_in])
     qkv = projections(b, c, x, layer, fam.qkv, p)  # packed (B, S, (nh + 2 nkv) * D) or q, k, v
     out, k, v = attend(b, c, qkv, norms, where, past_k, past_v)  # out (B, S, nh * D)
@@ -679,9 +715,15 @@ def attend_fused(
     }
     if d.attn_softcap is not None:
         attrs["softcap"] = float(d.attn_softcap)
+    scales = []
+    if not isinstance(past_k, ir.Value):  # a static per-channel quantized cache the kernel reads and writes
+        bits = past_k.plan.bits
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=bits)
+        scales = [None, None, None, past_k.scale, past_v.scale]  # position_ids, bias, head_sink, k/v scales
+        past_k, past_v = past_k.codes, past_v.codes
     out, k, v = b.tape.op_multi_out(
         "GroupQueryAttention",
-        [*inputs, past_k, past_v, c.seqlens_k, c.total_len, cos_cache, sin_cache],
+        [*inputs, past_k, past_v, c.seqlens_k, c.total_len, cos_cache, sin_cache, *scales],
         attrs,
         domain=MS_DOMAIN,
         num_outputs=3,
@@ -702,16 +744,7 @@ def attend_plain(
     d = c.spec
     hd, nh, nkv = d.head_dim, d.num_heads, d.num_kv_heads
     act = b.ir_dtype
-    q, k, v = split_qkv(b, c, qkv[0]) if len(qkv) == 1 else qkv
-    if d.family.qk_norm:
-        qn, kn = d.family.qk_norm
-        q, k = head_norm(b, c, q, norms[qn], nh), head_norm(b, c, k, norms[kn], nkv)
-    q = b.op("Transpose", b.op("Reshape", q, b.ints(0, 0, nh, hd)), perm=[0, 2, 1, 3])  # (B, nh, S, D)
-    k = b.op("Transpose", b.op("Reshape", k, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])  # (B, nkv, S, D)
-    v = b.op("Transpose", b.op("Reshape", v, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])
-    cos, sin = c.rotary[where.rope]
-    q = rotate(b, q, cos, sin, d.rotary_dim, hd)
-    k = rotate(b, k, cos, sin, d.rotary_dim, hd)
+    q, k, v = heads_qkv(b, c, qkv, norms, where)
     k = b.op("Concat", past_k, k, axis=2)  # (B, nkv, T, D)
     v = b.op("Concat", past_v, v, axis=2)
     # Grouped-query attention without repeating K/V: queries as (B, nkv, rep, S, D).
@@ -726,6 +759,81 @@ def attend_plain(
     if act != ir.DataType.FLOAT:
         probs = b.op("Cast", probs, to=act)
     out = b.op("MatMul", probs, b.op("Unsqueeze", v, b.ints(2)))  # (B, nkv, rep, S, D)
+    out = b.op("Reshape", out, b.ints(0, nh, -1, hd))  # (B, nh, S, D)
+    out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.ints(0, 0, nh * hd))  # (B, S, nh*D)
+    return out, k, v
+
+
+def heads_qkv(
+    b: Builder, c: BlockContext, qkv: list[ir.Value], norms: dict[str, ir.Value], where: LayerSpec
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Projections -> q (B, nh, S, D), k, v (B, nkv, S, D), q/k normalized (if the family does) and rotated."""
+    d = c.spec
+    hd, nh, nkv = d.head_dim, d.num_heads, d.num_kv_heads
+    q, k, v = split_qkv(b, c, qkv[0]) if len(qkv) == 1 else qkv
+    if d.family.qk_norm:
+        qn, kn = d.family.qk_norm
+        q, k = head_norm(b, c, q, norms[qn], nh), head_norm(b, c, k, norms[kn], nkv)
+    if (
+        c.form == "fused"
+    ):  # one RotaryEmbedding node per tensor on (B, S, heads * D), GroupQueryAttention's caches
+        cos_cache, sin_cache = c.caches[where.rope]
+        q, k = (
+            b.op("RotaryEmbedding", x, c.position_ids, cos_cache, sin_cache, domain=MS_DOMAIN, num_heads=n)
+            for x, n in ((q, nh), (k, nkv))
+        )
+    q = b.op("Transpose", b.op("Reshape", q, b.ints(0, 0, nh, hd)), perm=[0, 2, 1, 3])  # (B, nh, S, D)
+    k = b.op("Transpose", b.op("Reshape", k, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])  # (B, nkv, S, D)
+    v = b.op("Transpose", b.op("Reshape", v, b.ints(0, 0, nkv, hd)), perm=[0, 2, 1, 3])
+    if c.form == "fused":
+        return q, k, v
+    cos, sin = c.rotary[where.rope]
+    return rotate(b, q, cos, sin, d.rotary_dim, hd), rotate(b, k, cos, sin, d.rotary_dim, hd), v
+
+
+def attend_compressed(
+    b: Builder,
+    c: BlockContext,
+    qkv: list[ir.Value],
+    norms: dict[str, ir.Value],
+    where: LayerSpec,
+    past_k,
+    past_v,
+) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Attention that reads a compressed past directly (exporter/kv_cache.py views: ``scores`` / ``weighted``)
+    plus the exact new tokens: out (B, S, nh * D) and the new k, v (B, kv, S, D) for the layout to store.
+
+    Scores over the past and over the new tokens are concatenated before one softmax (mask added over the
+    whole length); the probabilities are split again, the past's go to the view, the new tokens' to v."""
+    d = c.spec
+    hd, nh, nkv = d.head_dim, d.num_heads, d.num_kv_heads
+    act = b.ir_dtype
+    q, k, v = heads_qkv(b, c, qkv, norms, where)
+    kf, vf = to_float(b, k), to_float(b, v)  # attention in float32: fp16 dots of raw codes could overflow
+    if hasattr(past_k, "quantize"):  # static codes: a token attends over its own key/value as stored
+        kf, vf = past_k.quantize(b, k)[1], past_v.quantize(b, v)[1]
+    # Grouped-query attention without repeating K/V: queries as (B, nkv, rep * S, D).
+    qg = b.op(
+        "Reshape", b.op("Mul", to_float(b, q), b.const(np.float32(d.attn_scale))), b.ints(0, nkv, -1, hd)
+    )
+    scores = b.op(
+        "Concat",
+        past_k.scores(b, qg),  # (B, nkv, rep * S, P)
+        b.op("MatMul", qg, b.op("Transpose", kf, perm=[0, 1, 3, 2])),  # (B, nkv, rep * S, S)
+        axis=-1,
+    )
+    if d.attn_softcap is not None:
+        scores = softcap(b, scores, d.attn_softcap, np.float32)
+    if where.window not in c.flat_masks:  # (B, 1, 1, S, T) -> (B, 1, rep * S, T), once per window
+        mask = b.op("Squeeze", c.masks[where.window], b.ints(2))
+        c.flat_masks[where.window] = b.op("Tile", mask, b.ints(1, 1, nh // nkv, 1))
+    probs = b.op("Softmax", b.op("Add", scores, c.flat_masks[where.window]), axis=-1)
+    p_len = past_k.length(b)
+    p_past = b.op("Slice", probs, b.ints(0), p_len, b.ints(-1))
+    p_new = b.op("Slice", probs, p_len, b.ints(INT64_MAX), b.ints(-1))
+    out = b.op("Add", past_v.weighted(b, p_past), b.op("MatMul", p_new, vf))  # (B, nkv, rep * S, D)
+    if act != ir.DataType.FLOAT:
+        out = b.op("Cast", out, to=act)
     out = b.op("Reshape", out, b.ints(0, nh, -1, hd))  # (B, nh, S, D)
     out = b.op("Reshape", b.op("Transpose", out, perm=[0, 2, 1, 3]), b.ints(0, 0, nh * hd))  # (B, S, nh*D)
     return out, k, v

@@ -43,14 +43,16 @@ def graph_input(name: str, dtype: ir.DataType, shape: list) -> ir.Value:
     return ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
 
 
+# Producers whose output becomes a present directly: GroupQueryAttention's (a shareable past/present buffer),
+# a compressed stream's append (an Identity would copy the whole stored past again every step).
+DIRECT_OUTPUTS = ("GroupQueryAttention", "Concat")
+
+
 def name_output(b, value: ir.Value, name: str, like: ir.Value) -> ir.Value:
-    """Give ``value`` the present name and ``like``'s type: GroupQueryAttention's own output directly (so
-    onnxruntime-genai can bind past and present to one buffer), anything else through an Identity (its own
-    producer, whatever a pass later rewires)."""
+    """Give ``value`` the present name and ``like``'s type: a ``DIRECT_OUTPUTS`` producer's output directly,
+    anything else through an Identity (its own producer, whatever a pass later rewires)."""
     producer = value.producer()
-    direct = (
-        producer is not None and producer.op_type == "GroupQueryAttention" and not value.is_graph_output()
-    )
+    direct = producer is not None and producer.op_type in DIRECT_OUTPUTS and not value.is_graph_output()
     out = value if direct else b.op("Identity", value)
     out.name = name
     out.type = like.type
@@ -139,6 +141,43 @@ def pack_int4(b, codes: ir.Value, dim: int) -> ir.Value:
     return b.op("BitwiseOr", even, b.op("BitShift", odd, b.const(np.uint8(4)), direction="LEFT"))
 
 
+def read_codes(b, codes: ir.Value, bits: int) -> tuple[ir.Value, ir.Value | None]:
+    """uint8/int8 codes as float32 for a direct read: int8 (..., D); int4 the bytes c (..., D/2) and their high
+    nibbles hi = floor(c / 16), so the low nibbles are c - 16 hi (all exact in float). Cast, scale and floor are
+    the measured-fastest int4 read on the CPU EP (a 256 x 2 Gather table: 3.5x slower, BitwiseAnd/BitShift:
+    1.4x; docs/results/kv.md)."""
+    c = b.op("Cast", codes, to=ir.DataType.FLOAT)
+    hi = b.op("Floor", b.op("Mul", c, b.const(np.float32(1 / 16)))) if bits == 4 else None
+    return c, hi
+
+
+def dot_codes(b, q: ir.Value, c: ir.Value, hi: ir.Value | None, dim: int) -> ir.Value:
+    """q (B, kv, M, D) . codes (B, kv, P, D) -> (B, kv, M, P); int4 (channel 2j in the low nibble, 2j+1 in the
+    high one): q_even . c + (q_odd - 16 q_even) . hi."""
+    if hi is None:
+        return b.op("MatMul", q, b.op("Transpose", c, perm=[0, 1, 3, 2]))
+    even = b.op("Slice", q, b.ints(0), b.ints(dim), b.ints(-1), b.ints(2))
+    odd = b.op("Slice", q, b.ints(1), b.ints(dim), b.ints(-1), b.ints(2))
+    odd = b.op("Sub", odd, b.op("Mul", even, b.const(np.float32(16))))
+    return b.op(
+        "Add",
+        b.op("MatMul", even, b.op("Transpose", c, perm=[0, 1, 3, 2])),
+        b.op("MatMul", odd, b.op("Transpose", hi, perm=[0, 1, 3, 2])),
+    )
+
+
+def weigh_codes(b, w: ir.Value, c: ir.Value, hi: ir.Value | None, dim: int) -> ir.Value:
+    """w (B, kv, M, P) @ codes (B, kv, P, D) -> (B, kv, M, D); int4: channel 2j gets w @ c - 16 (w @ hi), channel
+    2j+1 gets w @ hi, interleaved on the small (M, D) result."""
+    out = b.op("MatMul", w, c)
+    if hi is None:
+        return out
+    odd = b.op("MatMul", w, hi)  # (B, kv, M, D/2)
+    even = b.op("Sub", out, b.op("Mul", odd, b.const(np.float32(16))))
+    pairs = b.op("Concat", *(b.op("Unsqueeze", x, b.ints(-1)) for x in (even, odd)), axis=-1)
+    return b.op("Reshape", pairs, b.ints(0, 0, 0, dim))
+
+
 # ----------------------------------------------------------------------------- streams
 
 
@@ -175,10 +214,60 @@ class Stream:
             graph_input(f"{PAST}{self.name}{s}", t, ["batch_size", *shape]) for s, t, shape in specs
         ]
 
+    def length(self, b) -> ir.Value:
+        """P, the stored past's length, as a (1,) int64."""
+        n = b.op("Shape", self.inputs[0], start=2, end=3)
+        if self.plan.bits == 16 or self.plan.group == "token":
+            return n
+        return b.op("Add", n, b.op("Shape", self.inputs[3], start=2, end=3))  # quantized ++ residual
+
+    def float_codes(self, b) -> tuple[ir.Value, ir.Value | None]:
+        """``read_codes`` of this stream, built once (a MiniCache pair's two layers read the same direction)."""
+        if getattr(self, "_codes", None) is None:
+            self._codes = read_codes(b, self.inputs[0], self.plan.bits)
+        return self._codes
+
+    def token_factors(self, b) -> tuple[ir.Value, ir.Value]:
+        """Per-token scale and low as (B, kv, 1, P) float32 rows (a free reshape of (P, 1))."""
+        return tuple(
+            b.op("Reshape", b.op("Cast", v, to=ir.DataType.FLOAT), b.ints(0, 0, 1, -1))
+            for v in self.inputs[1:3]
+        )
+
+    def scores(self, b, q: ir.Value) -> ir.Value:
+        """q (B, kv, M, D) float32 against the stored keys: (B, kv, M, P) float32 (fp16 dots of raw codes could
+        overflow).
+
+        Per-token codes: q . (c_t s_t + l_t) = s_t (q . c_t) + l_t sum(q), so the past is never restored;
+        beyond the cast of the codes the work is O(P). int4 bytes c = lo + 16 hi hold channel 2j in lo and
+        2j+1 in hi: q . codes = q_even . c + (q_odd - 16 q_even) . hi."""
+        if self.plan.bits == 16 or self.plan.group != "token":
+            return b.op("MatMul", q, b.op("Transpose", to_float(b, self.decode(b)), perm=[0, 1, 3, 2]))
+        scale, low = self.token_factors(b)
+        dots = dot_codes(b, q, *self.float_codes(b), self.dims.head_dim)
+        qsum = b.op("ReduceSum", q, b.ints(-1), keepdims=1)  # (B, kv, M, 1)
+        return b.op("Add", b.op("Mul", dots, scale), b.op("Mul", qsum, low))
+
+    def weighted(self, b, p: ir.Value) -> ir.Value:
+        """p (B, kv, M, P) float32 over the stored values: (B, kv, M, D) float32.
+
+        Per-token codes: sum_t p_t (c_t s_t + l_t) = (p * s) @ C + sum_t p_t l_t; int4: with w = p * s,
+        channel 2j gets w @ c - 16 (w @ hi) and channel 2j+1 gets w @ hi, interleaved on the (M, D) result."""
+        if self.plan.bits == 16 or self.plan.group != "token":
+            return b.op("MatMul", p, to_float(b, self.decode(b)))
+        scale, low = self.token_factors(b)
+        out = weigh_codes(b, b.op("Mul", p, scale), *self.float_codes(b), self.dims.head_dim)
+        return b.op("Add", out, b.op("ReduceSum", b.op("Mul", p, low), b.ints(-1), keepdims=1))
+
     def decode(self, b) -> ir.Value:
-        """The stored past as (B, kv, P, D) in the activation dtype."""
+        """The stored past as (B, kv, P, D) in the activation dtype (built once per stream)."""
         if self.plan.bits == 16:
             return self.inputs[0]
+        if getattr(self, "_decoded", None) is None:
+            self._decoded = self._restore(b)
+        return self._decoded
+
+    def _restore(self, b) -> ir.Value:
         d = self.dims.head_dim
         codes = codes_to_float(b, self.inputs[0], self.plan.bits, d)
         if self.plan.group == "token":
@@ -243,15 +332,186 @@ def slerp_merge(b, a: ir.Value, c: ir.Value, t: float) -> tuple[ir.Value, ir.Val
 
 
 @dataclass
+class StaticStream:
+    """A group "static" stream: symmetric codes with fixed per-channel scales (minicache.StaticStream).
+
+    The fused form hands ``codes`` and ``scale`` to GroupQueryAttention (its quantized cache, PER_CHANNEL);
+    the plain form reads it here: the per-channel scale folds into q (keys) or into the output (values), so
+    beyond the cast of the codes the read is O(D). int4 bytes hold ``code + 8``, channel 2j in the low nibble.
+    """
+
+    name: str
+    plan: MiniCachePlan
+    dims: object
+    scale_values: list  # (kv, D)
+    inputs: list[ir.Value] = field(default_factory=list)
+
+    def declare(self, b) -> None:
+        kv, d = self.dims.num_kv_heads, self.dims.head_dim
+        dtype = ir.DataType.INT8 if self.plan.bits == 8 else ir.DataType.UINT8
+        width = d if self.plan.bits == 8 else d // 2
+        self.inputs = [
+            graph_input(f"{PAST}{self.name}", dtype, ["batch_size", kv, "past_sequence_length", width])
+        ]
+        array = np.asarray(self.scale_values, np.float32).reshape(1, kv, 1, d)
+        self.scale = b.weight(f"kv_cache.{self.name}.scale", array)  # (1, kv, 1, D)
+
+    @property
+    def codes(self) -> ir.Value:
+        return self.inputs[0]
+
+    def length(self, b) -> ir.Value:
+        return b.op("Shape", self.codes, start=2, end=3)
+
+    def _codes(self, b) -> tuple[ir.Value, ir.Value | None]:
+        if getattr(self, "_float", None) is None:
+            self._float = read_codes(b, self.codes, self.plan.bits)
+        return self._float
+
+    def scores(self, b, q: ir.Value) -> ir.Value:
+        q = b.op("Mul", q, self.scale)  # q . (code * s) = (q * s) . code
+        dots = dot_codes(b, q, *self._codes(b), self.dims.head_dim)
+        if self.plan.bits == 8:
+            return dots
+        qsum = b.op("ReduceSum", q, b.ints(-1), keepdims=1)
+        return b.op("Sub", dots, b.op("Mul", qsum, b.const(np.float32(8))))  # nibbles hold code + 8
+
+    def weighted(self, b, p: ir.Value) -> ir.Value:
+        out = weigh_codes(b, p, *self._codes(b), self.dims.head_dim)
+        if self.plan.bits == 4:  # nibbles hold code + 8
+            mass = b.op("ReduceSum", p, b.ints(-1), keepdims=1)
+            out = b.op("Sub", out, b.op("Mul", mass, b.const(np.float32(8))))
+        return b.op("Mul", out, self.scale)
+
+    def quantize(self, b, new: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """New tokens (B, kv, S, D) -> (codes to store, the float32 values attention reads: code * scale);
+        built once per value (attention and the append share it)."""
+        memo = self.__dict__.setdefault("_quantized", {})
+        if id(new) not in memo:
+            memo[id(new)] = self._quantize(b, new)
+        return memo[id(new)]
+
+    def _quantize(self, b, new: ir.Value) -> tuple[ir.Value, ir.Value]:
+        top = 2 ** (self.plan.bits - 1)
+        q = b.op("Round", b.op("Div", to_float(b, new), self.scale))
+        q = b.op("Clip", q, b.const(np.float32(-top)), b.const(np.float32(top - 1)))
+        values = b.op("Mul", q, self.scale)
+        if self.plan.bits == 8:
+            return b.op("Cast", q, to=ir.DataType.INT8), values
+        codes = b.op("Cast", b.op("Add", q, b.const(np.float32(8))), to=ir.DataType.UINT8)
+        return pack_int4(b, codes, self.dims.head_dim), values
+
+    def decode(self, b) -> ir.Value:
+        """The stored past as (B, kv, P, D) in the activation dtype (a Scan of shared blocks reads it)."""
+        if self.plan.bits == 8:
+            return to_act(b, b.op("Mul", b.op("Cast", self.codes, to=ir.DataType.FLOAT), self.scale))
+        codes = b.op("Sub", codes_to_float(b, self.codes, 4, self.dims.head_dim), b.const(np.float32(8)))
+        return to_act(b, b.op("Mul", codes, self.scale))
+
+
+def append_streams(b, streams: list[Stream], news: list[ir.Value]) -> dict[str, ir.Value]:
+    """Every stream's present tensors by input name after storing its new tokens (B, kv, S, D).
+
+    Per-token streams of one layer (or one pair's K and V directions) quantize in one pass over their heads
+    stacked (B, n x kv, S, D), then split: the same groups and codes, a third of the nodes (a decode step's
+    cost at these sizes is mostly per-node overhead)."""
+    plan = streams[0].plan
+    if plan.group == "static":  # the new tokens' codes (attention already read them as stored)
+        return {
+            s.codes.name: b.op("Concat", s.codes, s.quantize(b, x)[0], axis=2)
+            for s, x in zip(streams, news, strict=True)
+        }
+    if plan.bits == 16 or plan.group != "token" or len(streams) == 1:
+        out = {}
+        for s, x in zip(streams, news, strict=True):
+            out.update(zip((v.name for v in s.inputs), s.append(b, x), strict=True))
+        return out
+    n, d = len(streams), streams[0].dims.head_dim
+    codes, scale, low = quantize_groups(b, to_float(b, b.op("Concat", *news, axis=1)), plan.bits, -1)
+    codes = pack_int4(b, codes, d) if plan.bits == 4 else codes
+    parts = [
+        b.tape.op_multi_out("Split", [x], {"axis": 1, "num_outputs": n}, num_outputs=n)
+        for x in (codes, scale, low)
+    ]
+    out = {}
+    for i, s in enumerate(streams):
+        for old, new in zip(s.inputs, (part[i] for part in parts), strict=True):
+            out[old.name] = b.op("Concat", old, new, axis=2)
+    return out
+
+
+@dataclass
+class MergedView:
+    """One layer's past K or V in a MiniCache pair: ``magnitude * direction`` with the retained tokens exact.
+
+    Attention reads it without restoring it: the direction stream gives q . dir_t (or p @ dir), the per-token
+    magnitudes scale that along the sequence, and the R retained positions get their exact scores substituted
+    (``ScatterElements``) and their exact values added, so the extra work is O(P + R x D).
+    """
+
+    direction: Stream
+    magnitude: ir.Value  # (B, kv, P, 1)
+    retained: ir.Value  # (B, kv, R, D)
+    index: ir.Value  # (R,) int64
+
+    def length(self, b) -> ir.Value:
+        return b.op("Shape", self.magnitude, start=2, end=3)
+
+    def _row(self, b) -> ir.Value:
+        return b.op("Reshape", to_float(b, self.magnitude), b.ints(0, 0, 1, -1))  # (B, kv, 1, P)
+
+    def _where(self, b, like: ir.Value) -> ir.Value:
+        """The retained positions as (B, kv, M, R) indices along the last axis of ``like`` (B, kv, M, R)."""
+        return b.op("Expand", b.op("Reshape", self.index, b.ints(1, 1, 1, -1)), b.op("Shape", like))
+
+    def scores(self, b, q: ir.Value) -> ir.Value:
+        merged = b.op("Mul", self.direction.scores(b, q), self._row(b))  # m_t (q . dir_t): (B, kv, M, P)
+        kept = b.op("Transpose", to_float(b, self.retained), perm=[0, 1, 3, 2])
+        exact = b.op("MatMul", q, kept)  # (B, kv, M, R)
+        return b.op("ScatterElements", merged, self._where(b, exact), exact, axis=3)
+
+    def weighted(self, b, p: ir.Value) -> ir.Value:
+        kept = b.op("Gather", p, self.index, axis=3)  # the retained positions' probabilities (B, kv, M, R)
+        zeros = b.op("Mul", kept, b.const(np.float32(0)))
+        merged = b.op("ScatterElements", p, self._where(b, kept), zeros, axis=3)  # the merged part's share
+        merged = b.op("Mul", merged, self._row(b))
+        return b.op(
+            "Add", self.direction.weighted(b, merged), b.op("MatMul", kept, to_float(b, self.retained))
+        )
+
+    def decode(self, b) -> ir.Value:
+        """The restored past (B, kv, P, D), for a Scan of shared blocks."""
+        x = b.op("Mul", self.magnitude, self.direction.decode(b))
+        where = b.op("Expand", b.op("Reshape", self.index, b.ints(1, 1, -1, 1)), b.op("Shape", self.retained))
+        return b.op("ScatterElements", x, where, self.retained, axis=2)
+
+
+def new_tokens(b, present: ir.Value, past) -> ir.Value:
+    """The new tokens of a present (restored past ++ new): everything after the stored past's length."""
+    return b.op("Slice", present, past.length(b), b.ints(INT64_MAX), b.ints(2))
+
+
+@dataclass
 class CompressedKV:
-    """The MiniCache / quantized layout of a ``MiniCachePlan`` (see the module docstring for the tensors)."""
+    """The MiniCache / quantized layout of a ``MiniCachePlan`` (see the module docstring for the tensors).
+
+    ``begin`` hands each layer its past as views (``Stream`` or ``MergedView``) that attention reads directly
+    (``scores`` / ``weighted``, see ``builder.attend_compressed``); ``finish`` takes each layer's exact new tokens.
+    """
 
     plan: MiniCachePlan
     graph_inputs: list[ir.Value] = field(default_factory=list)
     compressed = True
+    form: str = "plain"  # the block form (set by build_decoder before ``begin``)
 
-    def begin(self, b, n_layers: int, dims) -> list[tuple[ir.Value, ir.Value]]:
-        """Declare inputs; restore every layer's past K/V before the blocks run."""
+    @property
+    def fused_reads(self) -> bool:
+        """GroupQueryAttention reads and writes this cache itself (static per-channel codes, fused form): it gets
+        each layer's codes and scales and returns the presents."""
+        return self.plan.group == "static" and self.plan.bits != 16 and self.form == "fused"
+
+    def begin(self, b, n_layers: int, dims) -> list[tuple]:
+        """Declare inputs; return every layer's past (K, V) views."""
         self.dims, self.pasts = dims, []
         self.streams: dict[str, Stream] = {}
         kinds = ("key", "value")
@@ -259,14 +519,14 @@ class CompressedKV:
         for i in range(n_layers):
             role, p = self.plan.role(i)
             if role == "plain" or (self.plan.merge == "share" and role == "first"):
-                pasts[i] = tuple(self._stream(b, f"{i}.{k}").decode(b) for k in kinds)
+                pasts[i] = tuple(self._stream(b, f"{i}.{k}") for k in kinds)
         for a, c in self.plan.pairs:
             if self.plan.merge == "share":
                 pasts[c] = pasts[a]
                 continue
             index = self._input(b, f"{a}_{c}.retained_index", ir.DataType.INT64, ["past_retained_length"])
             for layer in (a, c):
-                pasts[layer] = tuple(self._restore(b, a, c, layer, k, index) for k in kinds)
+                pasts[layer] = tuple(self._view(b, a, c, layer, k, index) for k in kinds)
         self.pasts = pasts
         return pasts
 
@@ -275,51 +535,50 @@ class CompressedKV:
         self.graph_inputs.append(value)
         return value
 
-    def _stream(self, b, name: str) -> Stream:
-        s = Stream(name, self.plan, self.dims)
+    def _stream(self, b, name: str) -> Stream | StaticStream:
+        if self.plan.group == "static" and self.plan.bits != 16:
+            layer, kind = name.split(".")
+            scales = self.plan.static_scales[int(layer)][("key", "value").index(kind)]
+            s = StaticStream(name, self.plan, self.dims, scales)
+        else:
+            s = Stream(name, self.plan, self.dims)
         s.declare(b)
         self.graph_inputs.extend(s.inputs)
         self.streams[name] = s
         return s
 
-    def _restore(self, b, a: int, c: int, layer: int, kind: str, index: ir.Value) -> ir.Value:
-        """magnitude * shared direction, with the retained tokens' exact vectors scattered back in."""
+    def _view(self, b, a: int, c: int, layer: int, kind: str, index: ir.Value) -> MergedView:
+        """Layer ``layer``'s merged past: the pair's shared direction, its magnitudes and retained vectors."""
         kv, d = self.dims.num_kv_heads, self.dims.head_dim
         key = f"{a}_{c}.{kind}.direction"
-        direction = self.streams[key].decode(b) if key in self.streams else self._stream(b, key).decode(b)
+        direction = self.streams[key] if key in self.streams else self._stream(b, key)
         shape = ["batch_size", kv, "past_sequence_length", 1]
         mag = self._input(b, f"{layer}.{kind}.magnitude", b.ir_dtype, shape)
         kept = self._input(
             b, f"{layer}.{kind}.retained", b.ir_dtype, ["batch_size", kv, "past_retained_length", d]
         )
-        x = b.op("Mul", mag, direction)
-        where = b.op("Expand", b.op("Reshape", index, b.ints(1, 1, -1, 1)), b.op("Shape", kept))
-        return b.op("ScatterElements", x, where, kept, axis=2)
+        return MergedView(direction, mag, kept, index)
 
-    def finish(self, b, presents: list[tuple[ir.Value, ir.Value]]) -> list[ir.Value]:
-        """Store each layer's new tokens (merging pairs once both layers ran); name every present output."""
-        new = [
-            None
-            if p is None
-            else tuple(self._new(b, x, past) for x, past in zip(p, self.pasts[i], strict=True))
-            for i, p in enumerate(presents)
-        ]
+    def finish(self, b, news: list[tuple[ir.Value, ir.Value] | None]) -> list[ir.Value]:
+        """Store each layer's exact new tokens (B, kv, S, D) (merging pairs once both layers ran); name every
+        present output."""
+        if self.fused_reads:  # GroupQueryAttention's presents: past codes ++ new codes
+            return [
+                name_output(b, value, PRESENT + s.codes.name[len(PAST) :], s.codes)
+                for i, kv in enumerate(news)
+                for value, s in zip(kv, (self.streams[f"{i}.key"], self.streams[f"{i}.value"]), strict=True)
+            ]
         outs: dict[str, ir.Value] = {}
-        for i in range(len(presents)):
+        for i in range(len(news)):
             role, _ = self.plan.role(i)
             if role == "plain" or (self.plan.merge == "share" and role == "first"):
-                for kind, x in zip(("key", "value"), new[i], strict=True):
-                    s = self.streams[f"{i}.{kind}"]
-                    outs.update(zip((v.name for v in s.inputs), s.append(b, x), strict=True))
+                outs.update(
+                    append_streams(b, [self.streams[f"{i}.{k}"] for k in ("key", "value")], list(news[i]))
+                )
         if self.plan.merge == "minicache":
             for p, (a, c) in enumerate(self.plan.pairs):
-                outs.update(self._merge(b, p, a, c, new[a], new[c]))
+                outs.update(self._merge(b, p, a, c, news[a], news[c]))
         return [name_output(b, outs[v.name], PRESENT + v.name[len(PAST) :], v) for v in self.graph_inputs]
-
-    def _new(self, b, present: ir.Value, past: ir.Value) -> ir.Value:
-        """The exact new tokens of a layer: its present after the restored past."""
-        start = b.op("Shape", past, start=2, end=3)
-        return b.op("Slice", present, start, b.ints(INT64_MAX), b.ints(2))
 
     def _merge(self, b, p: int, a: int, c: int, new_a, new_c) -> dict[str, ir.Value]:
         """Merge a pair's new tokens: shared directions, magnitudes, retained positions and vectors."""
@@ -332,12 +591,13 @@ class CompressedKV:
         score = b.op("ReduceMax", dist, b.ints(0, 1, 3), keepdims=0)  # (S,)
         keep = b.op("Reshape", b.op("NonZero", b.op("Greater", score, b.const(np.float32(thr)))), b.ints(-1))
         index_in = next(v for v in self.graph_inputs if v.name == f"{PAST}{a}_{c}.retained_index")
-        offset = b.op("Shape", self.pasts[a][0], start=2, end=3)
+        offset = self.pasts[a][0].length(b)
         outs = {index_in.name: b.op("Concat", index_in, b.op("Add", keep, offset), axis=0)}
-        for ki, kind in enumerate(("key", "value")):
-            direction, na, nc, _ = merged[kind]
-            s = self.streams[f"{a}_{c}.{kind}.direction"]
-            outs.update(zip((v.name for v in s.inputs), s.append(b, to_act(b, direction)), strict=True))
+        kinds = ("key", "value")
+        streams = [self.streams[f"{a}_{c}.{kind}.direction"] for kind in kinds]
+        outs.update(append_streams(b, streams, [to_act(b, merged[kind][0]) for kind in kinds]))
+        for ki, kind in enumerate(kinds):
+            _, na, nc, _ = merged[kind]
             for layer, mag, x in ((a, na, new_a[ki]), (c, nc, new_c[ki])):
                 for field_, value in (
                     ("magnitude", to_act(b, mag)),
@@ -347,6 +607,15 @@ class CompressedKV:
                     past = next(v for v in self.graph_inputs if v.name == name)
                     outs[name] = b.op("Concat", past, value, axis=2)
         return outs
+
+
+def genai_can_run(plan: MiniCachePlan | None, attention_form: str) -> bool:
+    """onnxruntime-genai runs the layout: one float past/present per layer, or static codes that the fused form's
+    GroupQueryAttention reads and writes itself (measured: onnxruntime-genai 0.18 on mix-llama-14m int8 and
+    int4 static, shared past/present buffer, greedy tokens equal runner.py's)."""
+    if not make_layout(plan).compressed:
+        return True
+    return plan.group == "static" and plan.bits != 16 and attention_form == "fused"
 
 
 def make_layout(plan: MiniCachePlan | None):

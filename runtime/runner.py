@@ -49,6 +49,7 @@ ORT_DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(uint8)": np.uint8,  # quantized KV codes
+    "tensor(int8)": np.int8,  # static per-channel int8 KV codes
     "tensor(int64)": np.int64,  # MiniCache retained positions
 }
 PREFILL_CHUNK = 256  # --context prefills in chunks, so attention scores stay (chunk x context)

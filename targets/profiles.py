@@ -55,6 +55,7 @@ STANDARD_OPS = frozenset(
         "BitwiseOr",
         "Clip",
         "Expand",
+        "Floor",  # int4 KV read: high nibbles as floor(c / 16)
         "Less",
         "Max",
         "NonZero",
@@ -62,6 +63,7 @@ STANDARD_OPS = frozenset(
         "ReduceMin",
         "Round",
         "ScatterElements",
+        "Tile",  # attention over compressed KV: the mask repeated over a kv head's query heads
     )
 )
 # ONNX Runtime contrib ops we lower to; all ship in the default CPU, CUDA and Android (AAR) packages.
@@ -71,6 +73,7 @@ CONTRIB_OPS = frozenset(
         "MatMulNBits",
         "GatherBlockQuantized",
         "GroupQueryAttention",
+        "RotaryEmbedding",  # fused form with a compressed KV cache (attention in standard ops)
         "SkipSimplifiedLayerNormalization",
     )
 )
