@@ -25,7 +25,7 @@ from edgepack.compressor.minicache import (
 )
 from edgepack.exporter.builder import BuildOptions, build_decoder
 from edgepack.exporter.kv_cache import make_layout
-from edgepack.exporter.parity import open_decoder
+from edgepack.exporter.parity import open_decoder, ort_greedy
 from edgepack.runtime import runner
 
 from edgepack.cli import cli
@@ -346,13 +346,7 @@ def test_cli_export_static_kv(mix: Path, shakespeare: Path, tmp_path: Path) -> N
     while not gen.is_done():
         gen.generate_next_token()
         genai_tokens.append(int(gen.get_next_tokens()[0]))
-    dec = OrtDecoder(out / "model.onnx")
-    logits, past = dec.step(np.array([prompt]), dec.empty_cache(), 0)
-    ours = [int(np.argmax(logits[0, -1]))]
-    for j in range(len(genai_tokens) - 1):
-        logits, past = dec.step(np.array([[ours[-1]]]), past, len(prompt) + j)
-        ours.append(int(np.argmax(logits[0, -1])))
-    assert genai_tokens == ours
+    assert genai_tokens == ort_greedy(open_decoder(out / "model.onnx"), prompt, len(genai_tokens))
 
 
 @pytest.mark.parametrize(
