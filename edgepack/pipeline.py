@@ -309,6 +309,7 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
             "inputs": [io_spec(v) for v in graph.graph.inputs],
             "outputs": [io_spec(v) for v in graph.graph.outputs],
         },
+        "packed": graph.meta["packed"],
         "thresholds": thresholds,
         "abits": abits,
         "build": {**opts.to_dict(), "attention_form": graph.meta["attention"]},
@@ -614,6 +615,7 @@ def build_manifest(req, target, arch, model, built, reports, parity, folder: Pat
         "model_bytes": model_bytes,
         "bits_per_weight": round(8 * built["initializer_bytes"] / max(1, unique_parameter_count(model)), 3),
         "tensors": built["tensors"],
+        "packed": built["packed"],  # artifact.Packed: projections stored as one tensor per kind
         "compression": reports,
         "parity": parity,
     }

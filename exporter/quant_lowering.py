@@ -23,9 +23,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from edgepack.compressor.quantize import QuantLinear, lowering_block_size
+import torch
+from edgepack.compressor.quantize import QTensor, QuantLinear, lowering_block_size
 from edgepack.exporter.builder import (
     EMBEDDING_LOWERINGS,
+    JOIN_MODULES,
     KERNEL_WEIGHTS,
     MS_DOMAIN,
     Builder,
@@ -190,6 +192,26 @@ def quant_kernel_weights(b: Builder, module: QuantLinear, name: str) -> list[Ker
 
 
 KERNEL_WEIGHTS[QuantLinear] = quant_kernel_weights
+
+
+def join_quant_linears(modules: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear whose codes, scales and zero points are the parts' stacked along N (its bias is not
+    set: the packed bias is stored separately), or None when the parts differ in format (mixed precision)."""
+    formats = {(m.bits, m.group_size, m.abits, m.symmetric, m.in_features) for m in modules}
+    if len(formats) != 1:
+        return None
+    first = modules[0]
+    q = QTensor(
+        torch.cat([m.codes for m in modules]),
+        torch.cat([m.scales for m in modules]),
+        torch.cat([m.zero_points for m in modules]),
+        first.bits,
+        first.group_size,
+    )
+    return QuantLinear(q, None, first.abits, first.symmetric)
+
+
+JOIN_MODULES[QuantLinear] = join_quant_linears
 
 
 @register_lowering(QuantLinear)

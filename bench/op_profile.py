@@ -1,0 +1,101 @@
+"""Where decode time goes, per op type: ONNX Runtime's profiler over the decode steps of one or more artifacts.
+
+Each artifact runs in this process with runner.py's own decoder (the KV layout its genai_config declares,
+so the builder's and ours both bind one shared past/present buffer), one prefill of ``--prompt-len`` tokens
+and ``--steps`` greedy decode steps, with ``SessionOptions.enable_profiling``. Node events are assigned to the
+``model_run`` that contains them; only decode runs are summed. Per artifact: microseconds per decode step by
+op type (node kernels), their sum, and the ``model_run`` wall time (the difference is the session's own cost
+between kernels). Run the artifacts one at a time on a quiet host; the profiler itself adds a little per node.
+
+    python bench/op_profile.py ART_A ART_B --threads 2 --steps 16 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "runtime"))
+import runner  # noqa: E402  (runner.py is a single-file module shipped inside artifacts)
+
+
+def profile_artifact(folder: Path, threads: int, prompt_len: int, steps: int) -> dict:
+    """Per-op-type microseconds per decode step, the kernels' sum and the run's wall time."""
+    model = runner.find_model_file(folder)
+    genai = runner.read_genai_config(folder) if (folder / runner.GENAI_CONFIG_NAME).is_file() else {}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    with tempfile.TemporaryDirectory() as tmp:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "prof")
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        io = runner.DecoderIO.from_session(session, genai)
+        if runner.declared_kv_layout(genai, io) == "shared":
+            decoder = runner.SharedBufferDecoder(session, io, prompt_len + 2 * steps + 2, "cpu")
+        else:
+            decoder = runner.RunDecoder(session, io)
+        prompt = runner.make_prompt(prompt_len, io.vocab_size)
+        runner.generate(decoder, prompt, 4)  # warm-up sequence (first-run allocations)
+        runner.generate(decoder, prompt, steps)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    runs = sorted(
+        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run"
+    )
+    decode_runs = runs[-steps:]  # the last sequence: its prefill run precedes these
+    per_op: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        if any(start <= e["ts"] <= end for start, end in decode_runs):
+            per_op[e["args"]["op_name"]] += e["dur"]
+    us = {op: round(t / steps, 1) for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
+    return {
+        "artifact": str(folder),
+        "threads": threads,
+        "steps": steps,
+        "ops_us_per_step": us,
+        "kernels_us_per_step": round(sum(per_op.values()) / steps, 1),
+        "run_us_per_step": round(float(np.mean([end - start for start, end in decode_runs])), 1),
+    }
+
+
+def table(reports: list[dict]) -> str:
+    ops = sorted({op for r in reports for op in r["ops_us_per_step"]}, key=lambda o: -max(
+        r["ops_us_per_step"].get(o, 0.0) for r in reports))  # fmt: skip
+    head = "| op type | " + " | ".join(Path(r["artifact"]).name for r in reports) + " |"
+    lines = [head, "|---|" + "---|" * len(reports)]
+    for op in ops:
+        lines.append(f"| {op} | " + " | ".join(f"{r['ops_us_per_step'].get(op, 0.0):.0f}" for r in reports) + " |")
+    lines.append("| **kernels** | " + " | ".join(f"{r['kernels_us_per_step']:.0f}" for r in reports) + " |")
+    lines.append("| **model_run** | " + " | ".join(f"{r['run_us_per_step']:.0f}" for r in reports) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("artifacts", nargs="+", type=Path)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    reports = [profile_artifact(a, args.threads, args.prompt_len, args.steps) for a in args.artifacts]
+    print(f"microseconds per decode step ({args.threads} threads, {args.steps} steps)")
+    print(table(reports))
+    if args.json:
+        args.json.write_text(json.dumps(reports, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
