@@ -20,11 +20,24 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "runtime"))
 import runner  # noqa: E402  (runner.py is a single-file module shipped inside artifacts)
+
+
+def matmul_shapes(model: Path) -> dict[str, str]:
+    """Node name -> 'K x N bB' for every MatMulNBits of the main graph (weights not loaded)."""
+    graph = onnx.load(str(model), load_external_data=False).graph
+    shapes = {}
+    for node in graph.node:
+        if node.op_type == "MatMulNBits":
+            a = {x.name: x.i for x in node.attribute}
+            zp = "" if len(node.input) < 4 or not node.input[3] else " zp"
+            shapes[node.name] = f"{a['K']}x{a['N']} b{a['block_size']} l{a.get('accuracy_level', 0)}{zp}"
+    return shapes
 
 
 def profile_artifact(folder: Path, threads: int, prompt_len: int, steps: int) -> dict:
@@ -49,21 +62,31 @@ def profile_artifact(folder: Path, threads: int, prompt_len: int, steps: int) ->
         runner.generate(decoder, prompt, steps)
         events = json.loads(Path(session.end_profiling()).read_text())
     runs = sorted(
-        (e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e["name"] == "model_run"
+        (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "Session" and e["name"] == "model_run"
     )
     decode_runs = runs[-steps:]  # the last sequence: its prefill run precedes these
+    shapes = matmul_shapes(model)
     per_op: dict[str, float] = defaultdict(float)
+    per_shape: dict[str, float] = defaultdict(float)
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
             continue
         if any(start <= e["ts"] <= end for start, end in decode_runs):
             per_op[e["args"]["op_name"]] += e["dur"]
+            node = e["name"].removesuffix("_kernel_time")
+            if node in shapes:
+                per_shape[shapes[node]] += e["dur"]
     us = {op: round(t / steps, 1) for op, t in sorted(per_op.items(), key=lambda kv: -kv[1])}
     return {
         "artifact": str(folder),
         "threads": threads,
         "steps": steps,
         "ops_us_per_step": us,
+        "matmul_us_per_step": {
+            k: round(t / steps, 1) for k, t in sorted(per_shape.items(), key=lambda kv: -kv[1])
+        },
         "kernels_us_per_step": round(sum(per_op.values()) / steps, 1),
         "run_us_per_step": round(float(np.mean([end - start for start, end in decode_runs])), 1),
     }
@@ -75,7 +98,9 @@ def table(reports: list[dict]) -> str:
     head = "| op type | " + " | ".join(Path(r["artifact"]).name for r in reports) + " |"
     lines = [head, "|---|" + "---|" * len(reports)]
     for op in ops:
-        lines.append(f"| {op} | " + " | ".join(f"{r['ops_us_per_step'].get(op, 0.0):.0f}" for r in reports) + " |")
+        lines.append(
+            f"| {op} | " + " | ".join(f"{r['ops_us_per_step'].get(op, 0.0):.0f}" for r in reports) + " |"
+        )
     lines.append("| **kernels** | " + " | ".join(f"{r['kernels_us_per_step']:.0f}" for r in reports) + " |")
     lines.append("| **model_run** | " + " | ".join(f"{r['run_us_per_step']:.0f}" for r in reports) + " |")
     return "\n".join(lines)
@@ -92,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     reports = [profile_artifact(a, args.threads, args.prompt_len, args.steps) for a in args.artifacts]
     print(f"microseconds per decode step ({args.threads} threads, {args.steps} steps)")
     print(table(reports))
+    for r in reports:
+        print(
+            f"\nMatMulNBits by weight shape, {Path(r['artifact']).name} (us per decode step, all nodes of the shape)"
+        )
+        for shape, us in r["matmul_us_per_step"].items():
+            print(f"  {shape:32s} {us:10.0f}")
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1) + "\n")
     return 0

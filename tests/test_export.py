@@ -140,7 +140,9 @@ def test_architectures_parity(tmp_path, arch, extra):
     assert p["passed"] and p["max_abs_logit"] < 1e-3 and p["top1"] == 1.0
     if arch == "Qwen2ForCausalLM":
         names = {t["name"] for t in res.manifest["tensors"]}
-        assert "model.layers.0.self_attn.q_proj.bias" in names and "lm_head.weight" in names
+        qkv = "model.layers.0.self_attn.q_proj+k_proj+v_proj"  # the fused form stores q/k/v packed
+        assert f"{qkv}.bias" in names and "lm_head.weight" in names
+        assert res.manifest["packed"][qkv]["sizes"] == [64, 32, 32]  # 4 heads, 2 kv heads of 16
 
 
 def test_left_padded_batch_matches_transformers(stories_artifact, stories):
