@@ -170,8 +170,13 @@ class KernelWeight:
     n: int
     accuracy_level: int
 
-    def matmul(self, b: Builder, x: ir.Value) -> ir.Value:
-        inputs = [x, self.data, self.scales] + ([self.zero_points] if self.zero_points is not None else [])
+    def matmul(self, b: Builder, x: ir.Value, bias: ir.Value | None = None) -> ir.Value:
+        """x @ W^T, plus ``bias`` inside the kernel (its optional 6th input) when given."""
+        inputs = [x, self.data, self.scales, self.zero_points]
+        if bias is not None:
+            inputs += [None, bias]  # no g_idx
+        while inputs[-1] is None:
+            inputs.pop()
         return b.op(
             "MatMulNBits",
             *inputs,
@@ -225,11 +230,21 @@ def lower_packed(b: Builder, x: ir.Value, modules: list[nn.Module], names: list[
             "Concat", *[lower_linear(b, x, m, n) for m, n in zip(modules, names, strict=True)], axis=-1
         )
     weights, bias = packed
+    return matmuls_plus_bias(b, x, weights, bias)
+
+
+def matmuls_plus_bias(b: Builder, x: ir.Value, weights: list, bias: ir.Value | None) -> ir.Value:
+    """Sum of x through each weight (a KernelWeight or a float (K, N) initializer), plus the bias: inside the
+    first MatMulNBits where the target's dtype is float32 (one node less per projection), else an Add."""
+    fused = bias is not None and isinstance(weights[0], KernelWeight) and b.opts.dtype == "float32"
     y = None
-    for w in weights:
-        out = w.matmul(b, x) if isinstance(w, KernelWeight) else b.op("MatMul", x, w)
+    for i, w in enumerate(weights):
+        if isinstance(w, KernelWeight):
+            out = w.matmul(b, x, bias if fused and i == 0 else None)
+        else:
+            out = b.op("MatMul", x, w)
         y = out if y is None else b.op("Add", y, out)
-    return y if bias is None else b.op("Add", y, bias)
+    return y if bias is None or fused else b.op("Add", y, bias)
 
 
 # Module type -> the one module of that type equal to its arguments stacked along N (None: they differ in

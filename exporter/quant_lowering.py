@@ -32,6 +32,7 @@ from edgepack.exporter.builder import (
     MS_DOMAIN,
     Builder,
     KernelWeight,
+    matmuls_plus_bias,
     register_lowering,
     to_numpy,
 )
@@ -217,13 +218,10 @@ JOIN_MODULES[QuantLinear] = join_quant_linears
 @register_lowering(QuantLinear)
 def lower_quant_linear(b: Builder, x: ir.Value, module: QuantLinear, name: str) -> ir.Value:
     """y = sum over kernel weights of MatMulNBits(x, w) (+ bias)."""
-    y = None
-    for w in quant_kernel_weights(b, module, name):
-        out = w.matmul(b, x)
-        y = out if y is None else b.op("Add", y, out)
+    bias = None
     if module.bias is not None:
-        y = b.op("Add", y, b.weight(bias_name(name), to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
-    return y
+        bias = b.weight(bias_name(name), to_numpy(module.bias, b.np_dtype), key=id(module.bias))
+    return matmuls_plus_bias(b, x, quant_kernel_weights(b, module, name), bias)
 
 
 def lower_quant_embedding(b: Builder, head: QuantLinear, input_ids: ir.Value, name: str) -> ir.Value:

@@ -250,3 +250,23 @@ def test_mixed_widths_keep_separate_projections(llama16, tmp_path):
     assert f"{k_proj}.qweight" in graph.graph.initializers
     assert "model.layers.0.self_attn.q_proj+k_proj+v_proj" not in graph.meta["packed"]
     assert "model.layers.1.self_attn.q_proj+k_proj+v_proj" in graph.meta["packed"]
+
+
+def test_qkv_bias_inside_the_kernel(tmp_path):
+    """Qwen2's q/k/v bias rides in the packed MatMulNBits's bias input (no Add node after it), and parity
+    holds against the kernel-activation PyTorch model."""
+    folder = make_random_model(tmp_path / "q", "Qwen2ForCausalLM", perturb_norms=True)
+    model = load_model(folder)
+    quantize(model, QuantConfig(wbits=4, group_size=32))
+    path = save(build_decoder(model, BuildOptions()), tmp_path / "q.onnx")
+    nodes = onnx.load(path).graph.node
+    with_bias = [n for n in nodes if n.op_type == "MatMulNBits" and len(n.input) == 6 and n.input[5]]
+    assert [n.input[5] for n in with_bias] == [
+        f"model.layers.{i}.self_attn.q_proj+k_proj+v_proj.bias" for i in range(3)
+    ]
+    produced_by_kernel = {n.output[0] for n in nodes if n.op_type == "MatMulNBits"}
+    adds = [n for n in nodes if n.op_type == "Add" and set(n.input) & produced_by_kernel]
+    assert not adds  # no bias Add left after a kernel
+    with kernel_activations(model, 8):
+        report = check_parity(model, path, PROMPTS, "int8-activations", new_tokens=8)
+    assert report.passed and report.top1 >= 0.9, report
