@@ -666,11 +666,6 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     settings = Settings(args.prompt_len, args.gen, args.runs, 1, args.timeout)
     variants = selected_variants(args)
-    work_ctx = tempfile.TemporaryDirectory(prefix="edgepack-speed-") if args.work is None else None
-    work = Path(work_ctx.name) if work_ctx else args.work
-    work.mkdir(parents=True, exist_ok=True)
-    load_start = os.getloadavg()
-    models = {name: MODELS[name](CACHE) for name in args.models.split(",")}
     unknown = [v for v in args.builder.split(",") if v and v not in BUILDER_VARIANTS]
     if unknown:
         print(
@@ -679,6 +674,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     builder = {v: BUILDER_VARIANTS[v] for v in args.builder.split(",") if v}
+    work_ctx = tempfile.TemporaryDirectory(prefix="edgepack-speed-") if args.work is None else None
+    work = Path(work_ctx.name) if work_ctx else args.work
+    work.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()
+    models = {name: MODELS[name](CACHE) for name in args.models.split(",")}
     artifacts = build_all(models, variants, builder, drivers, work, args.timeout)
     jobs = []
     for rnd in range(args.rounds):
