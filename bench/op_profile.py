@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -92,6 +94,37 @@ def profile_artifact(folder: Path, threads: int, prompt_len: int, steps: int) ->
     }
 
 
+def decode_cpu_rounds(
+    folders: list[Path], prompt_len: int, steps: int, rounds: int
+) -> dict[str, list[float]]:
+    """Median thread-CPU microseconds per decode step of each artifact on ONE thread, interleaved per round.
+
+    One intra-op thread runs on the calling thread, so its CPU time is the model's own work; on a shared host
+    it moves far less than wall time (other processes still compete for memory bandwidth and caches)."""
+    decoders = {}
+    for folder in folders:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        model = runner.find_model_file(folder)
+        session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        genai = runner.read_genai_config(folder) if (folder / runner.GENAI_CONFIG_NAME).is_file() else {}
+        io = runner.DecoderIO.from_session(session, genai)
+        decoders[str(folder)] = (runner.SharedBufferDecoder(session, io, prompt_len + steps + 2, "cpu"), io)
+    out: dict[str, list[float]] = {k: [] for k in decoders}
+    for _ in range(rounds):
+        for key, (decoder, io) in decoders.items():
+            decoder.reset()
+            token = int(np.argmax(decoder.step(runner.make_prompt(prompt_len, io.vocab_size))))
+            per = []
+            for _ in range(steps):
+                start = time.thread_time()
+                token = int(np.argmax(decoder.step(np.array([[token]], np.int64))))
+                per.append(time.thread_time() - start)
+            out[key].append(float(np.median(per)) * 1e6)
+    return out
+
+
 def table(reports: list[dict]) -> str:
     ops = sorted({op for r in reports for op in r["ops_us_per_step"]}, key=lambda o: -max(
         r["ops_us_per_step"].get(o, 0.0) for r in reports))  # fmt: skip
@@ -113,7 +146,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--cpu-rounds",
+        type=int,
+        default=0,
+        help="instead: 1-thread CPU time per decode step, N interleaved rounds",
+    )
     args = p.parse_args(argv)
+    if args.cpu_rounds:
+        loads = [os.getloadavg()[0]]
+        cpu = decode_cpu_rounds(args.artifacts, args.prompt_len, args.steps, args.cpu_rounds)
+        loads.append(os.getloadavg()[0])
+        first = next(iter(cpu.values()))
+        print(
+            f"thread CPU us per decode step, 1 thread, {args.steps} steps; host load {min(loads):.1f}-{max(loads):.1f}"
+        )
+        for key, values in cpu.items():
+            ratio = " / ".join(f"{v / f:.2f}" for v, f in zip(values, first, strict=True))
+            print(f"  {Path(key).name:24s} {np.median(values):10.0f}   / first, per round: {ratio}")
+        if args.json:
+            args.json.write_text(json.dumps({"load": loads, "cpu_us": cpu}, indent=1) + "\n")
+        return 0
     reports = [profile_artifact(a, args.threads, args.prompt_len, args.steps) for a in args.artifacts]
     print(f"microseconds per decode step ({args.threads} threads, {args.steps} steps)")
     print(table(reports))
