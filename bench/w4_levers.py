@@ -4,9 +4,10 @@ Each variant is an RTN W4 export of ``--model`` (fused form, int8 activations, p
 its QuantConfig (group size, per-pattern overrides, symmetric). Per variant: file size, perplexity through
 ONNX Runtime on 8192 tokens of WikiText-2 (test) and of the last 10% of Tiny Shakespeare (as
 bench/lowering.py), and the decode step's cost on one thread measured as the calling thread's CPU time
-(runner.py's decoder, 64-token prompt, ``--steps`` steps; robust on a shared host, where wall time is
-mostly other processes' scheduling), interleaved over ``--rounds`` with each round's ratio to the first
-variant.
+(runner.py's decoder, 64-token prompt, ``--steps`` steps), interleaved over ``--rounds`` with each round's
+ratio to the first variant. A model this small is cache-resident, so on a loaded host its CPU time still
+swings with the other processes (0.3-2.3x between rounds at load 5): read the ratios only when they hold in
+every round; bench/matmul_layout.py measures the kernels in a way the load does not move.
 
     python bench/w4_levers.py --rounds 5 --json docs/results/w4_levers.json
 """
