@@ -38,6 +38,7 @@ VARIANTS: dict[str, dict] = {
     "mlp g128, rest g32": {"group_size": 32, "overrides": {MLP: {"group_size": 128}}},
     "g64 lm_head g128": {"group_size": 64, "overrides": {"lm_head": {"group_size": 128}}},
     "g32 symmetric (builder-like)": {"group_size": 32, "symmetric": True},
+    "g64 mlp_group_size 128": {"group_size": 64, "mlp_group_size": 128},
 }
 
 
