@@ -297,7 +297,9 @@ def mechanics(folder: Path) -> dict:
         "shared_parameters": shared,
         "per_position_parameters": own,
         "biases_shared": all(n in shared for n in names if n.endswith("bias")),
-        "q_proj_bias_initializers": sum(n.endswith("self_attn.q_proj.bias") for n in inits),
+        "q_proj_bias_initializers": sum(
+            "self_attn.q_proj" in n and n.endswith(".bias") for n in inits
+        ),  # packed too
         "parity": parity.to_dict(),
     }
 

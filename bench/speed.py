@@ -59,6 +59,8 @@ BUILDER_VARIANTS: dict[str, str] = {"fp32": "-p fp32", "int4": "-p int4"}
 LLAMA_FORMATS: tuple[str, ...] = ("F32", "Q4_0", "Q3_K_M", "Q2_K")
 DRIVERS: tuple[str, ...] = ("onnxruntime", "onnxruntime-genai")
 QUICK_VARIANTS = ("fp32", "W4", "W3")
+# A W4 layout under evaluation (pass it with --variant W4m128=...); its ratios appear when it was measured.
+W4_CANDIDATE = "W4m128"
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -422,6 +424,12 @@ def ratio_table() -> list[Ratio]:
                   ("edgepack", "W4", driver), ("builder", "int4", driver), ">= 1.1"),
             Ratio(f"W4 / builder int4 prefill ({driver})", "prefill_tok_s",
                   ("edgepack", "W4", driver), ("builder", "int4", driver), ">= 1.0"),
+            Ratio(f"W4 / builder int4 peak RSS ({driver})", "peak_rss_mib",
+                  ("edgepack", "W4", driver), ("builder", "int4", driver), ""),
+            Ratio(f"{W4_CANDIDATE} / builder int4 decode ({driver})", "decode_tok_s",
+                  ("edgepack", W4_CANDIDATE, driver), ("builder", "int4", driver), ">= 1.1"),
+            Ratio(f"{W4_CANDIDATE} / W4 decode ({driver})", "decode_tok_s",
+                  ("edgepack", W4_CANDIDATE, driver), ("edgepack", "W4", driver), ""),
         ]  # fmt: skip
     for width in ("W8", "W3", "W2"):
         goal = ">= 2" if width != "W8" else ""
@@ -590,6 +598,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--variant", type=parse_variant, action="append", default=[], help="extra edgepack NAME=FLAGS"
     )
     p.add_argument("--only", default="", help="comma-separated edgepack variants to keep (default: all)")
+    p.add_argument(
+        "--builder", default=",".join(BUILDER_VARIANTS), help="comma-separated builder variants to build"
+    )
     p.add_argument("--drivers", default="onnxruntime,onnxruntime-genai,llama-bench")
     p.add_argument(
         "--quick", action="store_true", help=f"1 thread, 1 round, 2 runs, variants {QUICK_VARIANTS}"
@@ -616,12 +627,12 @@ def selected_variants(args: argparse.Namespace) -> dict[str, str]:
     return {name: variants[name] for name in keep}
 
 
-def build_all(models: dict[str, Path], variants: dict[str, str], drivers: list[str], work: Path,
-              timeout: float) -> list[Artifact]:  # fmt: skip
+def build_all(models: dict[str, Path], variants: dict[str, str], builder: dict[str, str], drivers: list[str],
+              work: Path, timeout: float) -> list[Artifact]:  # fmt: skip
     """Every artifact of every model, built in this run."""
     arts = []
     jobs = [(m, "edgepack", v, f) for m in models for v, f in variants.items()]
-    jobs += [(m, "builder", v, f) for m in models for v, f in BUILDER_VARIANTS.items()]
+    jobs += [(m, "builder", v, f) for m in models for v, f in builder.items()]
     for model, tool, variant, flags in tqdm(jobs, desc="build", unit="artifact"):
         (work / model).mkdir(parents=True, exist_ok=True)
         build = build_edgepack if tool == "edgepack" else build_builder
@@ -655,12 +666,20 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     settings = Settings(args.prompt_len, args.gen, args.runs, 1, args.timeout)
     variants = selected_variants(args)
+    unknown = [v for v in args.builder.split(",") if v and v not in BUILDER_VARIANTS]
+    if unknown:
+        print(
+            f"error: unknown --builder {', '.join(unknown)}: use {', '.join(BUILDER_VARIANTS)}",
+            file=sys.stderr,
+        )
+        return 2
+    builder = {v: BUILDER_VARIANTS[v] for v in args.builder.split(",") if v}
     work_ctx = tempfile.TemporaryDirectory(prefix="edgepack-speed-") if args.work is None else None
     work = Path(work_ctx.name) if work_ctx else args.work
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     models = {name: MODELS[name](CACHE) for name in args.models.split(",")}
-    artifacts = build_all(models, variants, drivers, work, args.timeout)
+    artifacts = build_all(models, variants, builder, drivers, work, args.timeout)
     jobs = []
     for rnd in range(args.rounds):
         for art in artifacts:
@@ -680,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "threads": threads,
         "variants": variants,
-        "builder_variants": BUILDER_VARIANTS,
+        "builder_variants": builder,
         "llama_formats": list(LLAMA_FORMATS),
         "llama_skipped": llama_missing() if "llama-bench" in drivers else "not requested",
         "artifacts": [{**asdict(a), "path": str(a.path) if a.path else None} for a in artifacts],

@@ -5,7 +5,11 @@ One module owns what the exporter writes and every reader parses:
 - names: a quantized linear ``L`` stores ``L.qweight[.plane{j}]`` (compact planes, most significant first),
   ``L.qzeros[.plane{j}]`` (packed zero points, absent where they equal the kernel default), ``L.scales`` (one
   per block, in the target's activation dtype), ``L.bias``; a float linear ``L.weight`` (W^T) and ``L.bias``;
-  norms of a folded run of positions exported as one Scan, ``<first position>.<norm>.weight.stacked``.
+  norms of a folded run of positions exported as one Scan, ``<first position>.<norm>.weight.stacked``;
+  projections of one input run as one matmul (the fused form's q/k/v and gate/up) are stored packed under
+  :func:`packed_name` (``<prefix>.q_proj+k_proj+v_proj``), each tensor the parts' tensors concatenated along
+  N, with the parts and their N recorded in the manifest (``packed``); :class:`PackedView` reads a part's
+  tensors back under the part's own names.
 - sizes: :func:`stored_bytes` counts exactly what the exporter stores for one weight at a scale dtype
   (float32 on cpu/android, float16 on cuda), which mixed precision budgets against.
 - decode: :func:`decode_weight` recombines stored planes into codes, scales and zero points.
@@ -14,7 +18,7 @@ One module owns what the exporter writes and every reader parses:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +69,76 @@ def weight_name(module: str) -> str:
 def stacked_name(module: str) -> str:
     """Per-position norms of a Scan run, stacked (positions, H), under the run's first position."""
     return f"{weight_name(module)}.stacked"
+
+
+def packed_name(layers: Sequence[str]) -> str:
+    """The stored name of projections packed into one matmul: their common module path, then the parts'
+    own names joined by '+' (``model.layers.0.self_attn.q_proj+k_proj+v_proj``)."""
+    split = [layer.split(".") for layer in layers]
+    common = 0
+    while all(len(s) > common + 1 and s[common] == split[0][common] for s in split):
+        common += 1
+    prefix = ".".join(split[0][:common])
+    return (f"{prefix}." if prefix else "") + "+".join(".".join(s[common:]) for s in split)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Projections stored as one tensor per kind: ``parts`` (module names) with ``sizes`` (their N) in order."""
+
+    name: str
+    parts: tuple[str, ...]
+    sizes: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"parts": list(self.parts), "sizes": list(self.sizes)}
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> Packed:
+        return cls(name, tuple(d["parts"]), tuple(int(n) for n in d["sizes"]))
+
+    def rows(self, part: int) -> tuple[int, int]:
+        """[start, stop) of part ``part`` along the packed N."""
+        start = sum(self.sizes[:part])
+        return start, start + self.sizes[part]
+
+    def slice(self, suffix: str, part: int, packed: np.ndarray) -> np.ndarray:
+        """Part ``part``'s tensor from the packed tensor of one kind (``suffix``: '.qweight', '.scales', ...).
+
+        A float weight is stored as W^T (K, N): its columns. Every other kind is row-major in N with the same
+        number of leading elements per output row (codes, scales, zero points, bias): its rows.
+        """
+        start, stop = self.rows(part)
+        if suffix == ".weight":
+            return packed[:, start:stop]
+        per_row = packed.shape[0] // sum(self.sizes)
+        return packed[start * per_row : stop * per_row]
+
+
+class PackedView:
+    """Initializers read under every module's own names, packed projections included (sliced on demand)."""
+
+    def __init__(
+        self, get: Callable[[str], np.ndarray], has: Callable[[str], bool], packed: Sequence[Packed]
+    ) -> None:
+        self._get, self._has = get, has
+        self._parts = {part: (p, i) for p in packed for i, part in enumerate(p.parts)}
+
+    def _source(self, name: str) -> tuple[Packed, int, str] | None:
+        for part, (p, i) in self._parts.items():
+            if name.startswith(part + ".") and self._has(p.name + name[len(part) :]):
+                return p, i, name[len(part) :]
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return self._has(name) or self._source(name) is not None
+
+    def get(self, name: str) -> np.ndarray:
+        source = None if self._has(name) else self._source(name)
+        if source is None:
+            return self._get(name)  # its own tensor, or the reader's error for a missing one
+        p, i, suffix = source
+        return np.ascontiguousarray(p.slice(suffix, i, self._get(p.name + suffix)))
 
 
 # ---------------------------------------------------------------------------------------------- sizes
@@ -142,6 +216,11 @@ class Manifest:
             QuantLayer.from_dict(d)
             for d in self.raw.get("compression", {}).get("quantize", {}).get("layers", [])
         ]
+
+    @property
+    def packed(self) -> list[Packed]:
+        """Projections stored packed (absent in artifacts from before packing was stored on disk)."""
+        return [Packed.from_dict(name, d) for name, d in self.raw.get("packed", {}).items()]
 
     @property
     def fold_groups(self) -> list[list[int]]:

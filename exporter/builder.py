@@ -7,8 +7,8 @@ keyed by module type (float ``nn.Linear`` -> MatMul, ``QuantLinear`` -> MatMulNB
 
 Two forms of each decoder block, chosen per model (``attention_form``):
 - "fused": the form ONNX Runtime's CPU kernels run fastest and onnxruntime-genai's builder emits: one packed
-  q/k/v projection and one packed gate/up projection (initializer-only Concat, folded at load, so the file
-  keeps the per-projection tensors), SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (the
+  q/k/v projection and one packed gate/up projection (concatenated at export and stored packed, see
+  ``artifact.packed_name``), SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization (the
   residual add fused into the next norm), and GroupQueryAttention with rotary embedding inside. It needs
   head_dim % 16 == 0 and assumes right-padded (or unpadded) batches, as onnxruntime-genai does.
 - "plain": standard ops only (any head size, left padding, explicit position_ids).
@@ -33,7 +33,7 @@ import torch
 from edgepack.exporter.kv_cache import PlainKV, new_tokens, to_float
 from torch import nn
 
-from edgepack.artifact import bias_name, stacked_name, weight_name
+from edgepack.artifact import Packed, bias_name, packed_name, stacked_name, weight_name
 from edgepack.families import DecoderSpec, Family, LayerSpec, Rope, decoder_layers, family_of, resolve
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class Builder:
     initializers: dict[str, ir.Value] = field(default_factory=dict)
     _by_key: dict[object, object] = field(default_factory=dict)
     quant_layers: dict[str, dict] = field(default_factory=dict)  # per quantized layer: planes, block, bytes
+    packed: dict[str, Packed] = field(default_factory=dict)  # projections stored as one tensor per kind
     _const_count: int = 0
     root: ir.tape.Tape | None = None  # the main graph's tape (``tape`` may be a Scan body's)
 
@@ -171,8 +172,13 @@ class KernelWeight:
     n: int
     accuracy_level: int
 
-    def matmul(self, b: Builder, x: ir.Value) -> ir.Value:
-        inputs = [x, self.data, self.scales] + ([self.zero_points] if self.zero_points is not None else [])
+    def matmul(self, b: Builder, x: ir.Value, bias: ir.Value | None = None) -> ir.Value:
+        """x @ W^T, plus ``bias`` inside the kernel (its optional 6th input) when given."""
+        inputs = [x, self.data, self.scales, self.zero_points]
+        if bias is not None:
+            inputs += [None, bias]  # no g_idx
+        while inputs[-1] is None:
+            inputs.pop()
         return b.op(
             "MatMulNBits",
             *inputs,
@@ -199,75 +205,80 @@ def kernel_weights(b: Builder, module: nn.Module, name: str) -> list[KernelWeigh
     return None
 
 
-def packed_bias(b: Builder, modules: list[nn.Module], names: list[str]) -> ir.Value | None:
-    """The projections' biases concatenated (zeros for one without), or None when none has a bias."""
+def packed_bias(b: Builder, modules: list[nn.Module], name: str) -> ir.Value | None:
+    """The projections' biases concatenated (zeros for one without) under ``name``, or None when none has one."""
     if all(m.bias is None for m in modules):
         return None
     parts = [
-        b.weight(bias_name(n), to_numpy(m.bias, b.np_dtype), key=id(m.bias))
-        if m.bias is not None
-        else b.const(np.zeros(m.out_features, b.np_dtype))
-        for m, n in zip(modules, names, strict=True)
+        to_numpy(m.bias, b.np_dtype) if m.bias is not None else np.zeros(m.out_features, b.np_dtype)
+        for m in modules
     ]
-    return b.prep("Concat", *parts, axis=0)
+    return b.weight(bias_name(name), np.concatenate(parts))
 
 
 def lower_packed(b: Builder, x: ir.Value, modules: list[nn.Module], names: list[str]) -> ir.Value:
     """x through several projections of the same input as ONE matmul: (B, S, sum N).
 
-    The weights are concatenated along N by initializer-only nodes (ONNX Runtime folds them at load, so the
-    file keeps each projection's tensors under its own name). Projections of different formats (mixed
-    precision) fall back to separate matmuls whose outputs are concatenated.
+    The weights are concatenated along N at export and stored once under ``artifact.packed_name`` (nothing
+    to fold at load). Projections of different formats (mixed precision) fall back to separate matmuls whose
+    outputs are concatenated.
     """
     key = ("packed", *(linear_key(m) for m in modules))
     if key not in b._by_key:
         b._by_key[key] = packed_weights(b, modules, names)
-    weights = b._by_key[key]
-    if weights is None:
+    packed = b._by_key[key]
+    if packed is None:
         return b.op(
             "Concat", *[lower_linear(b, x, m, n) for m, n in zip(modules, names, strict=True)], axis=-1
         )
+    weights, bias = packed
+    return matmuls_plus_bias(b, x, weights, bias)
+
+
+def matmuls_plus_bias(b: Builder, x: ir.Value, weights: list, bias: ir.Value | None) -> ir.Value:
+    """Sum of x through each weight (a KernelWeight or a float (K, N) initializer), plus the bias: inside the
+    first MatMulNBits where the target's dtype is float32 (one node less per projection), else an Add."""
+    fused = bias is not None and isinstance(weights[0], KernelWeight) and b.opts.dtype == "float32"
     y = None
-    for w in weights:
-        out = w.matmul(b, x) if isinstance(w, KernelWeight) else b.op("MatMul", x, w)
+    for i, w in enumerate(weights):
+        if isinstance(w, KernelWeight):
+            out = w.matmul(b, x, bias if fused and i == 0 else None)
+        else:
+            out = b.op("MatMul", x, w)
         y = out if y is None else b.op("Add", y, out)
-    bias = b._by_key.get(("packed_bias", *key[1:]))
-    return y if bias is None else b.op("Add", y, bias)
+    return y if bias is None or fused else b.op("Add", y, bias)
 
 
-def packed_weights(b: Builder, modules: list[nn.Module], names: list[str]) -> list | None:
-    """Concatenated weights for ``lower_packed``, or None when the projections cannot share one matmul."""
-    key = ("packed_bias", *(linear_key(m) for m in modules))
-    if all(type(m) is nn.Linear for m in modules):
-        parts = [
-            b.weight(weight_name(n), to_numpy(m.weight, b.np_dtype).T, key=("wT", id(m.weight)))
-            for m, n in zip(modules, names, strict=True)
-        ]
-        b._by_key[key] = packed_bias(b, modules, names)
-        return [b.prep("Concat", *parts, axis=1)]  # (K, sum N)
-    per_module = [kernel_weights(b, m, n) for m, n in zip(modules, names, strict=True)]
-    if any(w is None for w in per_module) or len({tuple(x.layout() for x in w) for w in per_module}) != 1:
+# Module type -> the one module of that type equal to its arguments stacked along N (None: they differ in
+# format and cannot share a matmul). Registered by quant_lowering for QuantLinear.
+JOIN_MODULES: dict[type, Callable[[list[nn.Module]], nn.Module | None]] = {}
+
+
+def packed_weights(b: Builder, modules: list[nn.Module], names: list[str]) -> tuple | None:
+    """(weights, bias) of the projections stacked along N and stored packed, or None when they cannot share
+    one matmul. Records the packing (parts, sizes) for the manifest and, for quantized parts, each part's
+    share of the stored facts under its own name."""
+    name = packed_name(names)
+    sizes = [m.out_features for m in modules]
+    kind = type(modules[0])
+    if any(type(m) is not kind for m in modules):
         return None
-    packed = []
-    for parts in zip(*per_module, strict=True):
-        first = parts[0]
-        zps = None
-        if first.zero_points is not None:
-            zps = b.prep("Concat", *[p.zero_points for p in parts], axis=0)
-        packed.append(
-            KernelWeight(
-                b.prep("Concat", *[p.data for p in parts], axis=0),
-                b.prep("Concat", *[p.scales for p in parts], axis=0),
-                zps,
-                first.bits,
-                first.block,
-                first.k,
-                sum(p.n for p in parts),
-                first.accuracy_level,
-            )
-        )
-    b._by_key[key] = packed_bias(b, modules, names)
-    return packed
+    if kind is nn.Linear:
+        w = np.concatenate([to_numpy(m.weight, b.np_dtype).T for m in modules], axis=1)  # (K, sum N)
+        weights = [b.weight(weight_name(name), w)]
+    elif kind in JOIN_MODULES:
+        joined = JOIN_MODULES[kind](modules)
+        if joined is None:
+            return None
+        b._by_key[("joined", id(joined))] = joined  # kept alive: the builder's caches key on id()
+        weights = kernel_weights(b, joined, name)
+        facts = b.quant_layers.pop(name)
+        for part, n in zip(names, sizes, strict=True):
+            b.quant_layers[part] = {**facts, "bytes": facts["bytes"] * n // sum(sizes), "packed": name}
+    else:
+        return None
+    b.packed[name] = Packed(name, tuple(names), tuple(sizes))
+    return weights, packed_bias(b, modules, name)
 
 
 # ----------------------------------------------------------------------------- decoder graph
@@ -453,6 +464,7 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
     )
     model_ir = ir.Model(graph, ir_version=IR_VERSION, producer_name="edgepack")
     model_ir.meta["quant_layers"] = b.quant_layers
+    model_ir.meta["packed"] = {name: p.to_dict() for name, p in b.packed.items()}
     model_ir.meta["attention"] = form
     return model_ir
 

@@ -23,13 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
-from edgepack.compressor.quantize import QuantLinear, lowering_block_size
+import torch
+from edgepack.compressor.quantize import QTensor, QuantLinear, lowering_block_size
 from edgepack.exporter.builder import (
     EMBEDDING_LOWERINGS,
+    JOIN_MODULES,
     KERNEL_WEIGHTS,
     MS_DOMAIN,
     Builder,
     KernelWeight,
+    matmuls_plus_bias,
     register_lowering,
     to_numpy,
 )
@@ -192,16 +195,33 @@ def quant_kernel_weights(b: Builder, module: QuantLinear, name: str) -> list[Ker
 KERNEL_WEIGHTS[QuantLinear] = quant_kernel_weights
 
 
+def join_quant_linears(modules: list[QuantLinear]) -> QuantLinear | None:
+    """One QuantLinear whose codes, scales and zero points are the parts' stacked along N (its bias is not
+    set: the packed bias is stored separately), or None when the parts differ in format (mixed precision)."""
+    formats = {(m.bits, m.group_size, m.abits, m.symmetric, m.in_features) for m in modules}
+    if len(formats) != 1:
+        return None
+    first = modules[0]
+    q = QTensor(
+        torch.cat([m.codes for m in modules]),
+        torch.cat([m.scales for m in modules]),
+        torch.cat([m.zero_points for m in modules]),
+        first.bits,
+        first.group_size,
+    )
+    return QuantLinear(q, None, first.abits, first.symmetric)
+
+
+JOIN_MODULES[QuantLinear] = join_quant_linears
+
+
 @register_lowering(QuantLinear)
 def lower_quant_linear(b: Builder, x: ir.Value, module: QuantLinear, name: str) -> ir.Value:
     """y = sum over kernel weights of MatMulNBits(x, w) (+ bias)."""
-    y = None
-    for w in quant_kernel_weights(b, module, name):
-        out = w.matmul(b, x)
-        y = out if y is None else b.op("Add", y, out)
+    bias = None
     if module.bias is not None:
-        y = b.op("Add", y, b.weight(bias_name(name), to_numpy(module.bias, b.np_dtype), key=id(module.bias)))
-    return y
+        bias = b.weight(bias_name(name), to_numpy(module.bias, b.np_dtype), key=id(module.bias))
+    return matmuls_plus_bias(b, x, quant_kernel_weights(b, module, name), bias)
 
 
 def lower_quant_embedding(b: Builder, head: QuantLinear, input_ids: ir.Value, name: str) -> ir.Value:

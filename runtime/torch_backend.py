@@ -62,6 +62,8 @@ from torch import nn
 from edgepack.artifact import (
     DecodedWeight,
     Manifest,
+    Packed,
+    PackedView,
     QuantLayer,
     bias_name,
     decode_weight,
@@ -91,16 +93,21 @@ def require_cuda() -> None:
 
 
 class Initializers:
-    """The named initializers of an artifact's model.onnx, read as numpy arrays on demand."""
+    """The named initializers of an artifact's model.onnx, read as numpy arrays on demand (``stored``); the
+    view ``inits`` also reads each packed projection's tensors under the projection's own names."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, packed: list[Packed]) -> None:
         self.path = path
         self.values = ir.load(path).graph.initializers
+        self.view = PackedView(self.stored, self.values.__contains__, packed)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.values
+        return name in self.view
 
     def get(self, name: str) -> np.ndarray:
+        return self.view.get(name)
+
+    def stored(self, name: str) -> np.ndarray:
         if name not in self.values:
             raise EdgepackError(
                 f"{self.path} has no initializer {name}: the graph does not match its manifest; re-export it"
@@ -211,7 +218,7 @@ def load_artifact_torch(
     onnx_path = artifact_dir / MODEL_FILE
     if not onnx_path.is_file():
         raise EdgepackError(f"{artifact_dir} has no {MODEL_FILE}: the torch backend reads the ONNX weights")
-    inits = Initializers(onnx_path)
+    inits = Initializers(onnx_path, manifest.packed)
     config = AutoConfig.from_pretrained(artifact_dir, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

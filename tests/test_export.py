@@ -140,7 +140,9 @@ def test_architectures_parity(tmp_path, arch, extra):
     assert p["passed"] and p["max_abs_logit"] < 1e-3 and p["top1"] == 1.0
     if arch == "Qwen2ForCausalLM":
         names = {t["name"] for t in res.manifest["tensors"]}
-        assert "model.layers.0.self_attn.q_proj.bias" in names and "lm_head.weight" in names
+        qkv = "model.layers.0.self_attn.q_proj+k_proj+v_proj"  # the fused form stores q/k/v packed
+        assert f"{qkv}.bias" in names and "lm_head.weight" in names
+        assert res.manifest["packed"][qkv]["sizes"] == [64, 32, 32]  # 4 heads, 2 kv heads of 16
 
 
 def test_left_padded_batch_matches_transformers(stories_artifact, stories):
@@ -240,3 +242,24 @@ def test_failed_parity_leaves_nothing(tmp_path, stories, monkeypatch):
     with pytest.raises(EdgepackError, match="parity check failed"):
         export(ExportRequest(model_dir=stories, out_dir=out))
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_large_artifact_weights_in_external_data(stories, tmp_path, monkeypatch):
+    """Above pipeline.EXTERNAL_DATA_THRESHOLD the weights go to model.onnx.data (ONNX Runtime maps it instead
+    of parsing them into its heap): the manifest lists and hashes it, the runner verifies and runs it, and the
+    tokens equal a one-file export's."""
+    from edgepack.runtime.runner import RunConfig, run_benchmark
+
+    from edgepack import pipeline
+
+    one = tmp_path / "one"
+    export(ExportRequest(stories, one, parity=False))
+    monkeypatch.setattr(pipeline, "EXTERNAL_DATA_THRESHOLD", 1024)
+    ext = tmp_path / "ext"
+    export(ExportRequest(stories, ext, parity=False))
+    assert not (one / "model.onnx.data").exists() and (ext / "model.onnx.data").is_file()
+    m = json.loads((ext / "manifest.json").read_text())
+    assert "model.onnx.data" in m["files"] and (ext / "model.onnx").stat().st_size < 100_000
+    assert m["model_bytes"] == sum(p.stat().st_size for p in ext.glob("model.onnx*"))
+    config = RunConfig(threads=1, prompt_len=8, gen=8, runs=1, warmup=0)
+    assert run_benchmark(ext, config)["generated_ids"] == run_benchmark(one, config)["generated_ids"]

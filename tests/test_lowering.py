@@ -186,3 +186,87 @@ def test_fused_genai_config_shares_the_kv_buffer(llama16, tmp_path):
         gen.generate_next_token()
     genai_tokens = list(gen.get_sequence(0))[len(prompt) :]
     assert genai_tokens == ort_greedy(open_decoder(out / "model.onnx"), prompt, len(genai_tokens))
+
+
+@pytest.mark.parametrize("wbits", [None, 4, 3])
+def test_packed_projections_stored_once_without_concat(llama16, tmp_path, wbits):
+    """The fused form's q/k/v and gate/up are stored packed: no Concat over initializers is left for ONNX
+    Runtime to fold at load, every stored weight tensor is distinct (no per-projection copy beside its packed
+    one), and the packed tensors read back per projection (artifact.PackedView) equal the model's weights."""
+    from edgepack.artifact import Packed, PackedView, QuantLayer, decode_weight, packed_name
+
+    model = load_model(llama16)
+    if wbits:
+        quantize(model, QuantConfig(wbits=wbits, group_size=32))
+    graph = build_decoder(model, BuildOptions())
+    path = save(graph, tmp_path / "m.onnx")
+    proto = onnx.load(path)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    concats = [n for n in proto.graph.node if n.op_type == "Concat" and all(i in inits for i in n.input)]
+    assert not concats, [n.input for n in concats]
+    big = [a.tobytes() for a in inits.values() if a.size > 64]
+    assert len(big) == len(set(big))  # each weight stored once
+    qkv = [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]
+    name = packed_name(qkv)
+    assert name == "model.layers.0.self_attn.q_proj+k_proj+v_proj"
+    assert graph.meta["packed"][name]["parts"] == qkv
+    assert not any(n.startswith(qkv[1] + ".") for n in inits)  # k_proj only inside the packed tensors
+    view = PackedView(
+        inits.__getitem__, inits.__contains__, [Packed.from_dict(name, graph.meta["packed"][name])]
+    )
+    k_proj = model.get_submodule(qkv[1])
+    if wbits is None:
+        assert np.array_equal(view.get(f"{qkv[1]}.weight"), k_proj.weight.detach().numpy().T)
+    else:
+        facts = graph.meta["quant_layers"][qkv[1]]
+        assert facts["packed"] == name
+        layer = QuantLayer.from_dict(
+            {"name": qkv[1], "shape": list(k_proj.codes.shape), "bits": wbits, **facts}
+        )
+        w = decode_weight(view.get, view.__contains__, layer)
+        assert np.array_equal(w.codes, k_proj.codes.numpy())
+        assert np.array_equal(w.zero_points, k_proj.zero_points.numpy())
+        assert np.allclose(w.scales, k_proj.scales.float().numpy())
+    if wbits is None:
+        report = check_parity(model, path, PROMPTS, "float32", new_tokens=4)
+        assert report.passed and report.max_abs_logit < 1e-4
+    else:
+        with kernel_activations(model, 8):
+            assert check_parity(model, path, PROMPTS, "int8-activations", new_tokens=4).passed
+
+
+def test_mixed_widths_keep_separate_projections(llama16, tmp_path):
+    """Projections of one input at different widths cannot share one MatMulNBits: each keeps its own stored
+    tensors and node, their outputs concatenated."""
+    model = load_model(llama16)
+    quantize(model, QuantConfig(wbits=4, group_size=32))
+    k_proj = "model.layers.0.self_attn.k_proj"
+    from edgepack.compressor.quantize import QuantFormat, QuantLinear, quantize_rtn
+
+    lin = model.get_submodule(k_proj)
+    w = lin.weight.detach().clone()
+    model.model.layers[0].self_attn.k_proj = QuantLinear(quantize_rtn(w, QuantFormat(8, 32, False)), None)
+    graph = build_decoder(model, BuildOptions())
+    assert f"{k_proj}.qweight" in graph.graph.initializers
+    assert "model.layers.0.self_attn.q_proj+k_proj+v_proj" not in graph.meta["packed"]
+    assert "model.layers.1.self_attn.q_proj+k_proj+v_proj" in graph.meta["packed"]
+
+
+def test_qkv_bias_inside_the_kernel(tmp_path):
+    """Qwen2's q/k/v bias rides in the packed MatMulNBits's bias input (no Add node after it), and parity
+    holds against the kernel-activation PyTorch model."""
+    folder = make_random_model(tmp_path / "q", "Qwen2ForCausalLM", perturb_norms=True)
+    model = load_model(folder)
+    quantize(model, QuantConfig(wbits=4, group_size=32))
+    path = save(build_decoder(model, BuildOptions()), tmp_path / "q.onnx")
+    nodes = onnx.load(path).graph.node
+    with_bias = [n for n in nodes if n.op_type == "MatMulNBits" and len(n.input) == 6 and n.input[5]]
+    assert [n.input[5] for n in with_bias] == [
+        f"model.layers.{i}.self_attn.q_proj+k_proj+v_proj.bias" for i in range(3)
+    ]
+    produced_by_kernel = {n.output[0] for n in nodes if n.op_type == "MatMulNBits"}
+    adds = [n for n in nodes if n.op_type == "Add" and set(n.input) & produced_by_kernel]
+    assert not adds  # no bias Add left after a kernel
+    with kernel_activations(model, 8):
+        report = check_parity(model, path, PROMPTS, "int8-activations", new_tokens=8)
+    assert report.passed and report.top1 >= 0.9, report

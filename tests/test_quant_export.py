@@ -239,3 +239,37 @@ def test_bits_per_weight_budget(stories, shakespeare, tmp_path):
     )
     assert r.returncode == 2 and "below the minimum achievable" in r.stderr and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("edgepack: error:") and not (tmp_path / "x").exists()
+
+
+def test_mlp_group_size_where_it_divides_k(tmp_path):
+    """--mlp-group-size sets the MLP projections' group wherever it divides their K (never padding), other
+    linears keep --group-size, an explicit override wins; the default (0) keeps --group-size everywhere."""
+    from conftest import make_random_model
+
+    cfg = QuantConfig(wbits=4, group_size=64, mlp_group_size=128)
+    assert cfg.format_for("model.layers.0.mlp.down_proj", 768).group_size == 128
+    assert cfg.format_for("model.layers.0.mlp.gate_proj", 320).group_size == 64  # 320 % 128 != 0
+    assert cfg.format_for("model.layers.0.self_attn.q_proj", 896).group_size == 64
+    over = QuantConfig(wbits=4, mlp_group_size=128, overrides={"*.down_proj": {"group_size": 32}})
+    assert over.format_for("model.layers.0.mlp.down_proj", 768).group_size == 32
+    with pytest.raises(Exception, match="mlp_group_size"):
+        QuantConfig(wbits=4, mlp_group_size=100)
+
+    src = make_random_model(tmp_path / "src", "LlamaForCausalLM", intermediate_size=256)  # hidden 64
+    groups = {}
+    for name, extra in (("m128", ["--mlp-group-size", "128"]), ("default", [])):
+        out = tmp_path / name
+        r = subprocess.run(
+            [sys.executable, "-m", "edgepack", "export", "--model", str(src), "-o", str(out), "--wbits", "4",
+             "--no-parity", *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        m = json.loads((out / "manifest.json").read_text())
+        groups[name] = {
+            layer["name"].split(".")[-1]: layer["group"] for layer in m["compression"]["quantize"]["layers"]
+        }
+        assert m["recipe"]["steps"][0]["mlp_group_size"] == (128 if extra else None)
+    assert groups["m128"]["down_proj"] == 128  # K = 256
+    assert groups["m128"]["gate_proj"] == 64 and groups["m128"]["q_proj"] == 64  # K = 64
+    assert set(groups["default"].values()) == {64}

@@ -129,6 +129,8 @@ def test_variant_option_and_llama_skip_message(monkeypatch: pytest.MonkeyPatch, 
         speed.parse_args(["--variant", "no-equals-sign"])
     monkeypatch.setattr(speed, "LLAMA_BIN", tmp_path / "bin")
     assert speed.llama_missing().startswith("llama.cpp skipped: ")
+    assert speed.main(["--builder", "int8", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]) == 2
+    assert not (tmp_path / "w").exists()  # refused before any work
 
 
 def test_parse_llama_bench_json() -> None:

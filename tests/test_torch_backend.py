@@ -105,6 +105,30 @@ def test_float32_matches_onnxruntime(artifacts, name, monkeypatch):
     assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) < 1e-3
 
 
+@pytest.mark.parametrize("name", ["w4", "fold-w4"])
+def test_packed_projections_load_per_module(tmp_path, shakespeare, name, monkeypatch):
+    """A fused-form artifact (head_dim 16) stores q/k/v and gate/up packed (Qwen2: with biases); the loader
+    reads every projection back under its own name (artifact.PackedView) and matches ONNX Runtime, folded
+    Scan groups included."""
+    from conftest import make_random_model
+
+    from edgepack.artifact import Manifest
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    folder = make_random_model(tmp_path / "m", "Qwen2ForCausalLM", perturb_norms=True, num_hidden_layers=5)
+    out = tmp_path / name
+    build = {"activations": "float"}
+    export(ExportRequest(folder, out, recipe=RECIPES[name], calib=shakespeare, parity=False, build=build))
+    manifest = Manifest.load(out)
+    assert manifest.raw["build"]["attention_form"] == "fused"
+    assert {len(p.parts) for p in manifest.packed} == {2, 3}  # gate/up and q/k/v
+    model = load_artifact_torch(out, device="cpu", dtype=torch.float32)
+    want_tokens, want = greedy(ort_decoder(out), NEW_TOKENS)
+    got_tokens, got = greedy(TorchDecoder(model, "cpu"), NEW_TOKENS)
+    assert got_tokens == want_tokens
+    assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) < 1e-3
+
+
 def test_folded_positions_share_linears_not_attention(artifacts):
     layers = load_artifact_torch(artifacts("fold-w4"), device="cpu").model.layers
     assert len(layers) == 4

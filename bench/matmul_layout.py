@@ -1,0 +1,180 @@
+"""Decode-step cost of MatMulNBits weight layouts at a model's shapes: block size, zero points, packed gate/up.
+
+Each variant is a small ONNX graph with random 4-bit weights at the shapes of one model (default: the
+Qwen2.5-0.5B config), M = 1 (one decode token), accuracy_level 4, run by ONNX Runtime on ``--threads``:
+
+- ``mlp``: the model's whole stack of MLPs chained (x -> gate/up -> SiLU(gate) * up -> down -> next layer),
+  with gate/up either packed (one MatMulNBits of N = 2 I, then Split) or separate (two MatMulNBits);
+- ``attn``: q/k/v (packed) and o projections of every layer, chained;
+- ``lm_head``: the (V, H) head once.
+
+With one thread the time is the calling thread's CPU time (robust on a loaded host), else wall time.
+
+Distinct weights per layer, so the weights stream from memory as in the model. Variants are interleaved
+round by round; the table gives per-variant medians of the rounds and each round's ratio to the first
+variant of its part. Only ratios within this run mean anything on a shared host.
+
+    python bench/matmul_layout.py --threads 2 --rounds 5 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from edgepack.kernels.packing import pack_nbits, pack_zero_points
+from onnx import TensorProto, helper, numpy_helper
+
+SHAPES = {  # hidden, intermediate, layers, q/k/v out, vocab
+    "qwen2.5-0.5b": (896, 4864, 24, 1152, 151936),
+    "mix-llama-14m": (320, 768, 12, 448, 8192),
+}
+
+
+def weight(rng, name: str, k: int, n: int, block: int, zp: bool) -> tuple[list, list[str]]:
+    """Initializers of one random 4-bit (N, K) weight and the node's weight input names."""
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    k_blocks = -(-k // block)
+    scales = (rng.random((n, k_blocks), dtype=np.float32) * 0.01 + 0.001).reshape(-1)
+    inits = [numpy_helper.from_array(pack_nbits(codes, 4, block), f"{name}.q"),
+             numpy_helper.from_array(scales, f"{name}.s")]  # fmt: skip
+    names = [f"{name}.q", f"{name}.s"]
+    if zp:
+        zps = rng.integers(6, 10, (n, k_blocks), dtype=np.uint8)
+        inits.append(numpy_helper.from_array(pack_zero_points(zps, 4), f"{name}.z"))
+        names.append(f"{name}.z")
+    return inits, names
+
+
+def matmul(x: str, y: str, names: list[str], k: int, n: int, block: int):
+    return helper.make_node("MatMulNBits", [x, *names], [y], domain="com.microsoft", K=k, N=n, bits=4,
+                            block_size=block, accuracy_level=4)  # fmt: skip
+
+
+def build(part: str, dims: tuple, block: int, zp: bool, packed: bool, seed: int = 0) -> bytes:
+    h, inter, layers, qkv, vocab = dims
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+    x = "x"
+    if part == "lm_head":
+        w, names = weight(rng, "head", h, vocab, block, zp)
+        inits += w
+        nodes.append(matmul(x, "y", names, h, vocab, block))
+    for i in range(layers if part != "lm_head" else 0):
+        p = f"l{i}"
+        if part == "attn":
+            w, names = weight(rng, f"{p}.qkv", h, qkv, block, zp)
+            w2, names2 = weight(rng, f"{p}.o", h, h, block, zp)
+            inits += w + w2
+            nodes.append(matmul(x, f"{p}.qkv_out", names, h, qkv, block))
+            nodes.append(helper.make_node("Slice", [f"{p}.qkv_out", "zero", "hidden", "last"], [f"{p}.q"]))
+            nodes.append(matmul(f"{p}.q", f"{p}.y", names2, h, h, block))
+        else:
+            if packed:
+                w, names = weight(rng, f"{p}.gu", h, 2 * inter, block, zp)
+                inits += w
+                nodes.append(matmul(x, f"{p}.gu_out", names, h, 2 * inter, block))
+                nodes.append(helper.make_node("Split", [f"{p}.gu_out"], [f"{p}.g", f"{p}.u"], axis=-1,
+                                              num_outputs=2))  # fmt: skip
+            else:
+                wg, ng = weight(rng, f"{p}.gate", h, inter, block, zp)
+                wu, nu = weight(rng, f"{p}.up", h, inter, block, zp)
+                inits += wg + wu
+                nodes.append(matmul(x, f"{p}.g", ng, h, inter, block))
+                nodes.append(matmul(x, f"{p}.u", nu, h, inter, block))
+            nodes.append(helper.make_node("Sigmoid", [f"{p}.g"], [f"{p}.sg"]))
+            nodes.append(helper.make_node("Mul", [f"{p}.g", f"{p}.sg"], [f"{p}.act"]))
+            nodes.append(helper.make_node("Mul", [f"{p}.act", f"{p}.u"], [f"{p}.m"]))
+            wd, nd = weight(rng, f"{p}.down", inter, h, block, zp)
+            inits += wd
+            nodes.append(matmul(f"{p}.m", f"{p}.y", nd, inter, h, block))
+        x = f"{p}.y"
+    out = "y" if part == "lm_head" else x
+    inits += [numpy_helper.from_array(np.array([v], np.int64), n)
+              for n, v in (("zero", 0), ("hidden", h), ("last", -1))]  # fmt: skip
+    n_out = vocab if part == "lm_head" else h
+    graph = helper.make_graph(
+        nodes, part, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, h])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 1, n_out])], inits,
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
+
+
+def variants() -> list[tuple[str, str, int, bool, bool]]:
+    """(label, part, block, zero points, packed gate/up); the first of each part is its reference."""
+    rows = []
+    for block in (64, 32, 128):
+        for zp in (True, False):
+            rows.append((f"mlp packed b{block}{' zp' if zp else ''}", "mlp", block, zp, True))
+            rows.append((f"mlp separate b{block}{' zp' if zp else ''}", "mlp", block, zp, False))
+    for block in (64, 32, 128):
+        for zp in (True, False):
+            rows.append((f"attn b{block}{' zp' if zp else ''}", "attn", block, zp, True))
+            rows.append((f"lm_head b{block}{' zp' if zp else ''}", "lm_head", block, zp, True))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="qwen2.5-0.5b", choices=list(SHAPES))
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=10, help="timed calls per variant per round (median)")
+    p.add_argument("--only", default="", help="comma-separated parts: mlp, attn, lm_head")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    dims = SHAPES[args.model]
+    rows = [r for r in variants() if not args.only or r[1] in args.only.split(",")]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    x = np.random.default_rng(1).standard_normal((1, 1, dims[0])).astype(np.float32)
+    sessions = {}
+    for label, part, block, zp, packed in rows:
+        sessions[label] = ort.InferenceSession(build(part, dims, block, zp, packed), options,
+                                               providers=["CPUExecutionProvider"])  # fmt: skip
+    times: dict[str, list[float]] = {r[0]: [] for r in rows}
+    # One thread runs on the calling thread: its CPU time is the kernels' own cost, which other processes on
+    # a shared host barely change (wall time there is mostly their scheduling). More threads: wall time.
+    clock = time.thread_time if args.threads == 1 else time.perf_counter
+    loads = [os.getloadavg()[0]]
+    for _ in range(args.rounds):
+        for label, *_ in rows:
+            s = sessions[label]
+            s.run(None, {"x": x})
+            per = []
+            for _ in range(args.calls):
+                start = clock()
+                s.run(None, {"x": x})
+                per.append(clock() - start)
+            times[label].append(float(np.median(per)) * 1e6)
+        loads.append(os.getloadavg()[0])
+    refs = {}
+    metric = "thread CPU time" if args.threads == 1 else "wall time"
+    print(f"{args.model}, {args.threads} threads ({metric}), M = 1, accuracy_level 4; "
+          f"host load {min(loads):.1f}-{max(loads):.1f}")  # fmt: skip
+    print("| variant | us per decode step (median of rounds) | / reference, per round |")
+    print("|---|---|---|")
+    result = []
+    for label, part, block, zp, packed in rows:
+        refs.setdefault(part, label)
+        ratio = [t / r for t, r in zip(times[label], times[refs[part]], strict=True)]
+        print(f"| {label} | {np.median(times[label]):.0f} | {' / '.join(f'{v:.2f}' for v in ratio)} |")
+        result.append({"variant": label, "part": part, "block": block, "zero_points": zp, "packed": packed,
+                       "us": times[label], "ratio_to_reference": ratio})  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"model": args.model, "threads": args.threads, "metric": metric, "load": loads,
+                                         "rows": result}, indent=1) + "\n")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
