@@ -88,6 +88,25 @@ class ABQOptions(CalibOptions):
     holdout: float = 0.0  # fraction of each block's batches held out; stop (and keep the best) when it rises
 
 
+# Calibration cost grows with parameters x samples x epochs. Measured on this project's 2-core host (loaded, load
+# average ~7): Qwen2.5-0.5B's shape, 4 samples x 1 epoch, ~17 s per block and ~110 s of head + tracing, i.e.
+# ~127 s per sample-epoch at 494M parameters (docs/results/scale.md). This budget of parameter-sample-epochs
+# keeps a default ABQ run near 35 minutes there, under the 60-minute goal; smaller models keep the full defaults.
+COST_BUDGET = 9e9
+
+
+def size_defaults(parameters: int, budget: float | None = None) -> dict:
+    """``n_samples`` / ``epochs`` for a model of ``parameters`` when the user set neither ({} below the budget:
+    the class defaults, 64 samples x 3 epochs)."""
+    full = ABQOptions.n_samples * ABQOptions.epochs
+    sample_epochs = int((COST_BUDGET if budget is None else budget) // max(1, parameters))
+    if sample_epochs >= full:
+        return {}
+    epochs = 3 if sample_epochs >= 48 else 2 if sample_epochs >= 8 else 1
+    n = max(ABQOptions.batch_size, sample_epochs // epochs)
+    return {"n_samples": n - n % ABQOptions.batch_size, "epochs": epochs}
+
+
 # ---------------------------------------------------------------- pure math
 
 

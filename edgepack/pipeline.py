@@ -344,6 +344,15 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
 
             mixed = step.budget_bpw is not None or step.size_budget is not None
             needs_calib = step.method != "rtn" or mixed
+            if step.method == "abq" and not {"n_samples", "epochs"} & set(step.options):
+                from edgepack.compressor.abq import size_defaults
+
+                sized = size_defaults(unique_parameter_count(model))
+                if (
+                    sized
+                ):  # a large model: fewer samples/epochs so ABQ stays within the hour (abq.COST_BUDGET)
+                    log.info("abq: %s for a model of this size (set n_samples/epochs to override)", sized)
+                    step = dataclasses.replace(step, options={**step.options, **sized})
             if needs_calib and calib_ids is None:
                 calib_ids = calibration_ids(tokenizer, req, step, model, out, reports)
             if mixed:
@@ -354,6 +363,10 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
                 )
                 step = dataclasses.replace(step, overrides={**step.overrides, **plan})
             reports["quantize"] = quantize(model, step, calib_ids if needs_calib else None)
+            if step.options:
+                reports["quantize"]["options"] = dict(
+                    step.options
+                )  # as run (ABQ's may be sized to the model)
             if mixed:
                 reports["quantize"]["budget"] = {"bpw": step.budget_bpw, "bytes": step.size_budget}
         elif kind == "kv":

@@ -118,3 +118,28 @@ def test_parity_scoring_counts_every_flip_and_names_near_ties():
     report = score_pairs([([7], wrong, ref)], "int8-activations", n)
     assert report.flips == 2 and report.flips_at_ties == 1 and report.greedy == 0.0 and not report.passed
     assert not score_pairs([([7], ref + 2.0, ref)], "int8-activations", n).passed  # |dlogit| 2 > 1.5
+
+
+def test_abq_defaults_shrink_with_model_size(stories, shakespeare, tmp_path, monkeypatch):
+    """ABQ's samples x epochs follow abq.COST_BUDGET / parameters when the recipe sets neither (a 0.5B model gets
+    8 x 2 instead of 64 x 3); explicit options are kept."""
+    from edgepack.compressor import abq
+
+    assert abq.size_defaults(14_000_000) == {}  # mix-llama-14m: the full defaults
+    assert abq.size_defaults(494_032_768) == {"n_samples": 8, "epochs": 2}  # Qwen2.5-0.5B
+    assert abq.size_defaults(3_085_938_688) == {"n_samples": 2, "epochs": 1}  # Qwen2.5-3B
+    params = load_model(stories).num_parameters()
+    monkeypatch.setattr(abq, "COST_BUDGET", params * 8)  # as if stories260k were large: 8 sample-epochs
+    recipe = Recipe([QuantConfig(wbits=4, group_size=32, method="abq")])
+    m = export(
+        ExportRequest(stories, tmp_path / "a", recipe=recipe, calib=shakespeare, parity=False)
+    ).manifest
+    assert m["compression"]["quantize"]["options"] == {"n_samples": 4, "epochs": 2}
+    assert m["compression"]["calibration"]["n_samples"] == 4
+    recipe = Recipe(
+        [QuantConfig(wbits=4, group_size=32, method="abq", options={"n_samples": 6, "epochs": 1})]
+    )
+    m = export(
+        ExportRequest(stories, tmp_path / "b", recipe=recipe, calib=shakespeare, parity=False)
+    ).manifest
+    assert m["compression"]["quantize"]["options"] == {"n_samples": 6, "epochs": 1}
