@@ -210,6 +210,21 @@ def defaults_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def head8_rows() -> list[tuple[str, str, dict, str | None]]:
+    """The output head at 8 bits vs at the body's width (``head_bits``), for RTN and GPTQ (damp 0.1, act-order,
+    head by RTN; with and without the per-site GPTQ/RTN choice) at W3 and W4 g128 on every calibration source."""
+    rows = []
+    gptq = {"damp": 0.1, "act_order": True, "head": "rtn", "choose": False}
+    for w in ("W3 g128", "W4 g128"):
+        for hb, label in ((None, "head same"), (8, "head 8")):
+            rows.append((f"RTN {w}, {label}", "rtn", {**WIDTHS[w], "head_bits": hb}, None))
+        for source in SOURCES:
+            for hb, choose, label in ((None, False, "head same"), (8, True, "head 8, choose")):
+                cfg = {**WIDTHS[w], "head_bits": hb, "options": {**gptq, "choose": choose}}
+                rows.append((f"GPTQ {w}, {label}", "gptq", cfg, source))
+    return rows
+
+
 def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str | None) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -326,7 +341,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
-    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults"):
+    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults", "head8"):
         rows_for = {
             "quant": quant_rows,
             "gptq": gptq_grid_rows,
@@ -335,6 +350,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
             "abq": abq_ablation_rows,
             "head": head_rows,
             "defaults": defaults_rows,
+            "head8": head8_rows,
         }
         rows_for = rows_for[part]
         jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for()]
@@ -522,6 +538,7 @@ def main() -> None:
             "abq",
             "head",
             "defaults",
+            "head8",
             "both",
             "mechanics",
         ),

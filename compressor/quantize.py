@@ -56,6 +56,11 @@ class QuantConfig:
     abits: int = 16
     method: str = "rtn"
     skip: list[str] = field(default_factory=list)  # fnmatch patterns over module names, e.g. "lm_head"
+    # Width of the output head (lm_head, and the input embedding when tied to it); None = ``wbits``. 8 by
+    # default, like llama.cpp's Q4_K_M keeping the output at Q6_K: on mix-llama-14m the 8192-token tied head
+    # is 18% of the weights and RTN W3 g128 gains 54.4 -> 49.6 Shakespeare perplexity (fp32 42.8) from it
+    # (docs/results/cross_domain.md, --part head8). Per-layer overrides and mixed-precision plans win over it.
+    head_bits: int | None = 8
     overrides: dict[str, dict] = field(
         default_factory=dict
     )  # pattern -> {"wbits":..,"group_size":..,"symmetric":..}
@@ -66,6 +71,8 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         self.base_format().validate()
+        if self.head_bits is not None:
+            replace(self.base_format(), wbits=self.head_bits).validate("the output head (head_bits)")
         if self.abits not in VALID_ABITS:
             raise EdgepackError(f"abits={self.abits} is not supported; choose 16 (float activations) or 8")
         if self.budget_bpw is not None and self.size_budget is not None:
@@ -92,11 +99,16 @@ class QuantConfig:
     def base_format(self) -> QuantFormat:
         return QuantFormat(self.wbits, self.group_size, self.symmetric)
 
-    def format_for(self, name: str) -> QuantFormat | None:
-        """The storage format of module ``name``, or None when it is skipped. Later overrides win."""
+    def head_format(self) -> QuantFormat:
+        """The output head's format before overrides: ``head_bits`` (None: the body's ``wbits``)."""
+        return self.base_format() if self.head_bits is None else replace(self.base_format(), wbits=self.head_bits)
+
+    def format_for(self, name: str, head: bool = False) -> QuantFormat | None:
+        """The storage format of module ``name`` (``head``: it is the output head), or None when it is
+        skipped. Later overrides win over ``head_bits``."""
         if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
             return None
-        fmt = self.base_format()
+        fmt = self.head_format() if head else self.base_format()
         for pattern, over in self.overrides.items():
             if fnmatch.fnmatchcase(name, pattern):
                 fmt = replace(fmt, **over)
@@ -128,6 +140,7 @@ class QTensor:
     zero_points: torch.Tensor  # (N, G) uint8
     bits: int
     group_size: int  # actual group length along K (per-channel: K)
+    note: dict | None = None  # what a calibrated method decided for this weight (recorded in the report)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zero_points, self.group_size)
@@ -292,12 +305,13 @@ class LinearSite:
 def linear_sites(model: nn.Module, config: QuantConfig) -> list[LinearSite]:
     """Unique quantizable linears in forward order; weights shared by folding appear once with all their uses."""
     sites: dict[int, LinearSite] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, parent in model.named_modules():
         for attr, child in parent.named_children():
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{name}.{attr}" if name else attr
-            fmt = config.format_for(full)
+            fmt = config.format_for(full, head=child is head)
             if fmt is None:
                 continue
             key = id(child.weight)
@@ -367,6 +381,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
                 "group": q.group_size,
                 "abits": config.abits,
                 "uses": [u[2] for u in site.uses],
+                **({"calibration": q.note} if q.note else {}),
             }
         )
     _retie_embedding(model)

@@ -155,6 +155,13 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--skip", multiple=True, help="Module name pattern to keep in float (repeatable), e.g. lm_head."
 )
+@click.option(
+    "--head-bits",
+    default="8",
+    show_default=True,
+    help="Bits of the output head (lm_head and the tied embedding): 2-8, or 'same' for --wbits. 8 keeps "
+    "the head near float at ~1 MB per million head weights (docs/results/cross_domain.md).",
+)
 @click.option("--size-budget", help="Mixed precision: largest weight size, e.g. 6MB.")
 @click.option("--bpw", type=float, help="Mixed precision: average stored bits per weight, e.g. 3.0.")
 @click.option("--remove", type=float, help="Fold: fraction of blocks to remove, e.g. 0.25.")
@@ -231,6 +238,7 @@ def export(
     abits,
     method,
     skip,
+    head_bits,
     size_budget,
     bpw,
     remove,
@@ -271,7 +279,8 @@ def export(
         rec = Recipe.load(recipe)
     else:
         rec = recipe_from_flags(
-            wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups
+            wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups,
+            parse_head_bits(head_bits),
         )
         if kv is not None:
             rec.steps.append(kv)
@@ -306,7 +315,7 @@ def export(
         )
 
 
-QUANT_DETAIL_FLAGS = ("group_size", "symmetric", "abits", "method", "skip")
+QUANT_DETAIL_FLAGS = ("group_size", "symmetric", "abits", "method", "skip", "head_bits")
 COMPRESSION_FLAGS = (
     "wbits", "remove", "share_groups", "size_budget", "bpw", *QUANT_DETAIL_FLAGS,
     "kv_merge", "kv_start", "kv_bits", "kv_group",
@@ -330,6 +339,11 @@ def check_flag_combinations(ctx: click.Context) -> None:
             "put those settings into the recipe file"
         )
     quantizes = {"wbits", "size_budget", "bpw"} & set(given)
+    if "head_bits" in given and {"size_budget", "bpw"} & set(given):
+        raise EdgepackError(
+            "--head-bits does not apply with a size budget: the mixed-precision plan chooses the head's width "
+            "with the other layers'; drop --head-bits or the budget"
+        )
     orphans = [flag(name) for name in given if name in QUANT_DETAIL_FLAGS]
     if orphans and not quantizes:
         raise EdgepackError(
@@ -362,8 +376,18 @@ def parse_kv_flags(merge: str | None, start: str | None, bits: str | None, group
     return KVCacheConfig.from_dict({k: v for k, v in values.items() if v is not None})
 
 
+def parse_head_bits(text: str) -> int | None:
+    """--head-bits: an integer width, or 'same' (None: the head takes --wbits)."""
+    if text.strip().lower() == "same":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise EdgepackError(f"--head-bits {text!r} is not a width; pass 2-8 or 'same' (the --wbits width)") from None
+
+
 def recipe_from_flags(
-    wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups
+    wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups, head_bits=8
 ):
     from edgepack.recipe import Recipe, step_types
 
@@ -390,6 +414,7 @@ def recipe_from_flags(
                 abits=abits,
                 method=method,
                 skip=list(skip),
+                head_bits=None,  # the budget's plan chooses the head's width with every other layer's
                 budget_bpw=bpw,
                 size_budget=parse_size(size_budget) if size_budget else None,
             )
@@ -403,6 +428,7 @@ def recipe_from_flags(
                 abits=abits,
                 method=method,
                 skip=list(skip),
+                head_bits=head_bits,
             )
         )
     return Recipe(steps=steps)

@@ -91,7 +91,7 @@ def test_abq_beats_rtn_on_stories(setup, wbits, group):
 @pytest.mark.parametrize("method", ["rtn", "gptq", "abq"])
 def test_bit_balance_uses_exactly_five_levels(setup, method):
     options = {"bit_balance": True, **(FAST if method == "abq" else {})}
-    model, report = quantized(setup, wbits=2, group_size=64, method=method, options=options)
+    model, report = quantized(setup, wbits=2, group_size=64, method=method, options=options, head_bits=None)
     modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
     assert {layer["bits"] for layer in report["layers"]} == {3}
     codes = torch.cat([m.codes.flatten() for m in modules])
