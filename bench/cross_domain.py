@@ -225,6 +225,19 @@ def head8_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def abq8_rows() -> list[tuple[str, str, dict, str | None]]:
+    """ABQ with the output head at 8 bits: the defaults at W3 and W4, and the bounded rounding at W3, per source."""
+    rows = []
+    for w, label, opts in (
+        ("W3 g128", "defaults", ABQ_OLD),
+        ("W3 g128", "round_bound 0.5", {**ABQ_OLD, "round_bound": 0.5}),
+        ("W4 g128", "defaults", ABQ_OLD),
+    ):
+        for source in SOURCES:
+            rows.append((f"ABQ {label}, head 8 {w}", "abq", {**WIDTHS[w], "head_bits": 8, "options": opts}, source))
+    return rows
+
+
 def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str | None) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -337,11 +350,12 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         "eval_tokens": {k: (len(v) - 1) // SEQ_LEN * SEQ_LEN for k, v in data.eval.items()},
         "load_start": [round(x, 2) for x in os.getloadavg()],
         "command": f"nice -n 10 python bench/cross_domain.py --models {name} --part {part} "
-        f"--n-samples {args.n_samples} --eval-tokens {args.eval_tokens}",
+        f"--n-samples {args.n_samples} --eval-tokens {args.eval_tokens}"
+        + ("" if set(args.sources) == set(SOURCES) else f" --sources {','.join(args.sources)}"),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
-    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults", "head8"):
+    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults", "head8", "abq8"):
         rows_for = {
             "quant": quant_rows,
             "gptq": gptq_grid_rows,
@@ -351,9 +365,10 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
             "head": head_rows,
             "defaults": defaults_rows,
             "head8": head8_rows,
+            "abq8": abq8_rows,
         }
         rows_for = rows_for[part]
-        jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for()]
+        jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for() if r[3] in (None, *args.sources)]
     else:
         layers = len(model.model.layers)
         settings = fold_settings(layers)
@@ -368,6 +383,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         jobs = [  # source by source, so a partial run holds whole comparisons
             lambda n=n, k=k, s=s: fold_job(n, k, s)
             for s in ("self", "shakespeare", "wikitext2")
+            if s in args.sources
             for n, k in settings.items()
         ]
     for job in jobs:
@@ -539,17 +555,22 @@ def main() -> None:
             "head",
             "defaults",
             "head8",
+            "abq8",
             "both",
             "mechanics",
         ),
         default="both",
     )
     ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--sources", default=",".join(SOURCES), help="calibration sources to run (comma-separated)")
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--page-only", action="store_true")
     args = ap.parse_args()
+    args.sources = tuple(s for s in args.sources.split(",") if s)
+    if set(args.sources) - set(SOURCES):
+        ap.error(f"--sources: choose from {', '.join(SOURCES)}")
     if args.page_only:
         write_page(args.out)
         return
