@@ -11,8 +11,13 @@ default: at 0.01 GPTQ fit the calibration text and lost to RTN on other text), `
 by decreasing Hessian diagonal, with static groups), ``block_size`` (lazy-batch width),
 ``head`` ("rtn", the default, or "gptq" for the tied lm_head/embedding: GPTQ fits the head's error to the
 calibration hidden states while the same codes also serve as input embeddings; on mix-llama-14m's 8192-token
-tied head RTN generalizes better, on stories260k's 512-token one GPTQ does), ``head_damp``, plus the common ``n_samples``,
-``seq_len``, ``batch_size``, ``bit_balance``, ``seed``. Measurements: docs/results/generalization.md.
+tied head RTN generalizes better, on stories260k's 512-token one GPTQ does; the head is stored at
+``QuantConfig.head_bits``, 8 by default), ``head_damp``, ``choose`` (on by default: every 4th calibration
+sample of each batch is held out; per site, GPTQ fit on the others is compared with RTN by the output error
+on the held-out inputs, ``sum (dW H_held dW^T) / tokens``, and the lower one wins; a GPTQ win is re-run on
+every sample; the decision and both errors are recorded per layer in the quantize report, i.e. the manifest's
+``compression.quantize.layers[].calibration``), plus the common ``n_samples``, ``seq_len``, ``batch_size``,
+``bit_balance``, ``seed``. Measurements: docs/results/generalization.md, docs/results/cross_domain.md.
 """
 
 from __future__ import annotations
