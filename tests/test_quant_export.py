@@ -282,3 +282,18 @@ def test_cli_head_bits_same_and_bad_values(stories, tmp_path):
         r = cli("export", "--model", str(stories), "--wbits", "4", *args, "-o", str(tmp_path / "x"))
         assert r.returncode == 2 and needle in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_mix_llama_gptq_records_its_per_layer_choice(mix, shakespeare, tmp_path):
+    """GPTQ on a real 14M model, exported: the 8-bit head is in the manifest, and every block linear records
+    whether GPTQ's or RTN's codes were kept with both held-out output errors (the lower one wins)."""
+    cfg = QuantConfig(wbits=4, group_size=64, method="gptq", options={"n_samples": 8, "seq_len": 128})
+    res = export(ExportRequest(mix, tmp_path / "g", recipe=Recipe([cfg]), calib=shakespeare))
+    m = res.manifest
+    assert m["parity"]["passed"] and m["recipe"]["steps"][0]["head_bits"] == 8
+    layers = {layer["name"]: layer for layer in m["compression"]["quantize"]["layers"]}
+    assert layers.pop("lm_head")["bits"] == 8 and len(layers) == 12 * 7
+    for layer in layers.values():
+        errors = layer["calibration"]["held_out_error"]
+        assert set(errors) == {"gptq", "rtn"} and layer["bits"] == 4
+        assert layer["calibration"]["choice"] == ("gptq" if errors["gptq"] <= errors["rtn"] else "rtn")
