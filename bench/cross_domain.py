@@ -265,9 +265,13 @@ def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str 
     config = QuantConfig(**{**cfg, "method": method, "options": {**cfg.get("options", {})}})
     if method == "rtn":
         config = replace(config, options={})
-    quantize(m, config, data.ids(source) if source else None)
+    report = quantize(m, config, data.ids(source) if source else None)
     seconds = time.perf_counter() - t0
-    return Row("quant", name, source, data.ppl(m), round(seconds, 1), {"options": config.options})
+    choices = [layer["calibration"]["choice"] for layer in report["layers"] if "calibration" in layer]
+    extra = {"options": config.options, "head_bits": config.head_bits}
+    if choices:  # GPTQ's per-site check: how many sites kept RTN's codes
+        extra["rtn_kept"] = f"{choices.count('rtn')} of {len(choices)}"
+    return Row("quant", name, source, data.ppl(m), round(seconds, 1), extra)
 
 
 # ---------------------------------------------------------------- folding
@@ -591,7 +595,16 @@ def write_page(folder: Path) -> None:
                 f"{m['q_proj_bias_initializers']} (3 groups)",
                 f"- ONNX Runtime vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
                 f"passed {p['passed']}", ""]  # fmt: skip
-    for path in sorted(folder.glob("cross_domain_*_*.json")):
+    current = ("head8", "abq8", "w4g64", "actorder", "fold")  # the 8-bit-head round first, then the earlier one
+    paths = sorted(folder.glob("cross_domain_*_*.json"))
+    parts = {p: json.loads(p.read_text())["meta"]["part"] for p in paths}
+    paths.sort(key=lambda p: (current.index(parts[p]) if parts[p] in current else len(current), p.name))
+    earlier = False
+    for path in paths:
+        if parts[path] not in current and not earlier:
+            earlier = True
+            out += ["# Earlier round (before the 8-bit head; group 128, 16 samples on mix-llama-14m)", "",
+                    "Rows named 'head gptq'/'head rtn' here quantize the head at the body's width.", ""]  # fmt: skip
         data = json.loads(path.read_text())
         meta, rows = data["meta"], data["rows"]
         fp = rows[0]["ppl"]
