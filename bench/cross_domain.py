@@ -230,7 +230,8 @@ def w4g64_rows() -> list[tuple[str, str, dict, str | None]]:
     bits, GPTQ defaults (8-bit head, per-site choice) per source."""
     w = {"wbits": 4, "group_size": 64}
     rows = [(f"RTN W4 g64, {label}", "rtn", {**w, "head_bits": hb}, None) for hb, label in ((None, "head same"), (8, "head 8"))]
-    rows += [("GPTQ W4 g64, head 8, choose", "gptq", {**w, "head_bits": 8, "options": {"damp": 0.1}}, s) for s in SOURCES]
+    opts = {"damp": 0.1, "act_order": True}  # what ran (the default before act-order went by width)
+    rows += [("GPTQ W4 g64, head 8, choose", "gptq", {**w, "head_bits": 8, "options": opts}, s) for s in SOURCES]
     return rows
 
 

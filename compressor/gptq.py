@@ -8,7 +8,7 @@ quantized outputs of the stages before it.
 
 Options (``QuantConfig.options``): ``damp`` (dampening, fraction of the mean Hessian diagonal; 0.1 by
 default: at 0.01 GPTQ fit the calibration text and lost to RTN on other text), ``act_order`` (quantize columns
-by decreasing Hessian diagonal, with static groups), ``block_size`` (lazy-batch width),
+by decreasing Hessian diagonal, with static groups; by default on below 4 bits, off from 4), ``block_size`` (lazy-batch width),
 ``head`` ("rtn", the default, or "gptq" for the tied lm_head/embedding: GPTQ fits the head's error to the
 calibration hidden states while the same codes also serve as input embeddings; on mix-llama-14m's 8192-token
 tied head RTN generalizes better, on stories260k's 512-token one GPTQ does; the head is stored at
@@ -59,7 +59,9 @@ MIN_TOKENS_PER_INPUT = 16  # calibration tokens per input feature below which th
 @dataclass(frozen=True)
 class GPTQOptions(CalibOptions):
     damp: float = 0.1  # 0.01 fit the calibration text (docs/results/generalization.md)
-    act_order: bool = True
+    # None: by width - on below 4 bits (mix-llama-14m W3: off lost to RTN), off from 4 bits (W4 g128 with the
+    # 8-bit head: off <= RTN in 10 of 12 cells over both models, on in 7 of 12; docs/results/cross_domain.md)
+    act_order: bool | None = None
     block_size: int = 128
     head: str = "rtn"  # the tied lm_head/embedding: "rtn" or "gptq" (on final hidden states)
     head_damp: float | None = None  # dampening of a *tied* head (None: ``damp``); see gptq_method
@@ -273,7 +275,7 @@ def _gptq_site(
         grid_for(site.fmt, opts.bit_balance),
         effective_group(site.fmt, w.shape[1]),
         opts.damp if damp is None else damp,
-        opts.act_order,
+        opts.act_order if opts.act_order is not None else site.fmt.wbits < 4,
         opts.block_size,
     )
     return q, err

@@ -168,3 +168,17 @@ def test_choice_is_recorded_per_site_on_stories(setup):
         load_model(path), QuantConfig(wbits=3, method="gptq", options={"batch_size": 4, "choose": False}), calib
     )
     assert not any("calibration" in layer for layer in off["layers"])
+
+
+def test_act_order_defaults_by_width(setup, monkeypatch):
+    """act_order unset: on below 4 bits (W3), off from 4 bits (W4), as the cross-domain table chose."""
+    from edgepack.compressor import gptq
+
+    path, calib, _, _ = setup
+    seen = []
+    real = gptq.gptq_quantize
+    monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    for wbits in (3, 4):
+        seen.clear()
+        quantize(load_model(path), QuantConfig(wbits=wbits, method="gptq", options={"choose": False}), calib)
+        assert seen and set(seen) == {wbits < 4}, (wbits, set(seen))
