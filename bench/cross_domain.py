@@ -247,6 +247,15 @@ def actorder_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def w4g64_off_rows() -> list[tuple[str, str, dict, str | None]]:
+    """GPTQ W4 g64 with the 8-bit head and the per-site check, act-order off (it is on by default at g64), and RTN."""
+    w = {"wbits": 4, "group_size": 64}
+    rows = [("RTN W4 g64, head 8", "rtn", {**w, "head_bits": 8}, None)]
+    rows += [("GPTQ W4 g64, head 8, choose, act-order off", "gptq", {**w, "head_bits": 8, "options": {"act_order": False}}, s)
+             for s in SOURCES]  # fmt: skip
+    return rows
+
+
 def abq8_rows() -> list[tuple[str, str, dict, str | None]]:
     """ABQ with the output head at 8 bits: the defaults at W3 and W4, and the bounded rounding at W3, per source."""
     rows = []
@@ -381,7 +390,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
-    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults", "head8", "abq8", "w4g64", "actorder"):
+    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults", "head8", "abq8", "w4g64", "actorder", "w4g64-off"):
         rows_for = {
             "quant": quant_rows,
             "gptq": gptq_grid_rows,
@@ -394,6 +403,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
             "abq8": abq8_rows,
             "w4g64": w4g64_rows,
             "actorder": actorder_rows,
+            "w4g64-off": w4g64_off_rows,
         }
         rows_for = rows_for[part]
         jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for() if r[3] in (None, *args.sources)]
@@ -467,7 +477,7 @@ def goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
                         f"{n}: "
                         + ("<= RTN on both texts" if not worse else f"worse than RTN on {', '.join(worse)}")
                     )
-    if part in ("head8", "abq8", "w4g64", "actorder"):
+    if part in ("head8", "abq8", "w4g64", "actorder", "w4g64-off"):
         return head8_goal_lines(part, rows, fp)
     if part == "quant":
         for name in ("GPTQ W3 g128", "ABQ W3 g128"):
@@ -549,7 +559,7 @@ def head8_goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
                 goal = "W4 goal 3%"
             shown = ", ".join(f"{e.split('_')[0]}{' (in)' if e == e_in else ''} {100 * r:+.1f}%" for e, r in cells)
             out.append(f"{name} [{s}]: {shown} ({goal}) -> {'met' if ok else 'not met'}")
-    if part in ("head8", "w4g64", "actorder"):
+    if part in ("head8", "w4g64", "actorder", "w4g64-off"):
         for w in ("W3 g128", "W4 g128", "W4 g64"):
             for head in ("head same", "head 8"):
                 rtn = get.get((f"RTN {w}, {head}", None))
@@ -596,7 +606,7 @@ def write_page(folder: Path) -> None:
                 f"{m['q_proj_bias_initializers']} (3 groups)",
                 f"- ONNX Runtime vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
                 f"passed {p['passed']}", ""]  # fmt: skip
-    current = ("head8", "abq8", "w4g64", "actorder", "fold")  # the 8-bit-head round first, then the earlier one
+    current = ("head8", "abq8", "w4g64", "w4g64-off", "actorder", "fold")  # the 8-bit-head round first, then the earlier one
     paths = sorted(folder.glob("cross_domain_*_*.json"))
     parts = {p: json.loads(p.read_text())["meta"]["part"] for p in paths}
     paths.sort(key=lambda p: (current.index(parts[p]) if parts[p] in current else len(current), p.name))
@@ -647,6 +657,7 @@ def main() -> None:
             "abq8",
             "w4g64",
             "actorder",
+            "w4g64-off",
             "both",
             "mechanics",
         ),

@@ -8,7 +8,8 @@ quantized outputs of the stages before it.
 
 Options (``QuantConfig.options``): ``damp`` (dampening, fraction of the mean Hessian diagonal; 0.1 by
 default: at 0.01 GPTQ fit the calibration text and lost to RTN on other text), ``act_order`` (quantize columns
-by decreasing Hessian diagonal, with static groups; by default on below 4 bits, off from 4), ``block_size`` (lazy-batch width),
+by decreasing Hessian diagonal, with static groups; by default off only for >= 4 bits in groups >= 128),
+``block_size`` (lazy-batch width),
 ``head`` ("rtn", the default, or "gptq" for the tied lm_head/embedding: GPTQ fits the head's error to the
 calibration hidden states while the same codes also serve as input embeddings; on mix-llama-14m's 8192-token
 tied head RTN generalizes better, on stories260k's 512-token one GPTQ does; the head is stored at
@@ -59,8 +60,9 @@ MIN_TOKENS_PER_INPUT = 16  # calibration tokens per input feature below which th
 @dataclass(frozen=True)
 class GPTQOptions(CalibOptions):
     damp: float = 0.1  # 0.01 fit the calibration text (docs/results/generalization.md)
-    # None: by width - on below 4 bits (mix-llama-14m W3: off lost to RTN), off from 4 bits (W4 g128 with the
-    # 8-bit head: off <= RTN in 10 of 12 cells over both models, on in 7 of 12; docs/results/cross_domain.md)
+    # None: off only for >= 4 bits in groups >= 128 (W4 g128, 8-bit head: off <= RTN in 10 of 12 cross-domain
+    # cells over both models, on in 7 of 12), else on (W3: off lost to RTN on mix-llama-14m; W4 g64: on <= RTN
+    # in 10 of 12 and within 3% of fp32 on every mix-llama-14m cell, off 9 of 12); docs/results/generalization.md
     act_order: bool | None = None
     block_size: int = 128
     head: str = "rtn"  # the tied lm_head/embedding: "rtn" or "gptq" (on final hidden states)
@@ -265,6 +267,12 @@ def choose_codes(
     return q
 
 
+def default_act_order(bits: int, group: int) -> bool:
+    """act_order when unset: off for >= 4 bits in groups of >= 128 columns (static groups then lost to RTN
+    off-domain), on otherwise."""
+    return not (bits >= 4 and group >= 128)
+
+
 def _gptq_site(
     site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptions, damp: float | None = None
 ) -> tuple[QTensor, float]:
@@ -275,7 +283,8 @@ def _gptq_site(
         grid_for(site.fmt, opts.bit_balance),
         effective_group(site.fmt, w.shape[1]),
         opts.damp if damp is None else damp,
-        opts.act_order if opts.act_order is not None else site.fmt.wbits < 4,
+        default_act_order(site.fmt.wbits, effective_group(site.fmt, w.shape[1])) if opts.act_order is None
+        else opts.act_order,
         opts.block_size,
     )
     return q, err

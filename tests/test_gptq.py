@@ -170,15 +170,16 @@ def test_choice_is_recorded_per_site_on_stories(setup):
     assert not any("calibration" in layer for layer in off["layers"])
 
 
-def test_act_order_defaults_by_width(setup, monkeypatch):
-    """act_order unset: on below 4 bits (W3), off from 4 bits (W4), as the cross-domain table chose."""
+def test_act_order_defaults_by_width_and_group(setup, monkeypatch):
+    """act_order unset: on at W3 and at W4 g64, off at W4 g128, as the cross-domain table chose."""
     from edgepack.compressor import gptq
 
     path, calib, _, _ = setup
     seen = []
     real = gptq.gptq_quantize
     monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
-    for wbits in (3, 4):
+    for wbits, group, expected in ((3, 128, True), (4, 64, True), (4, 128, False)):
         seen.clear()
-        quantize(load_model(path), QuantConfig(wbits=wbits, method="gptq", options={"choose": False}), calib)
-        assert seen and set(seen) == {wbits < 4}, (wbits, set(seen))
+        cfg = QuantConfig(wbits=wbits, group_size=group, method="gptq", options={"choose": False})
+        quantize(load_model(path), cfg, calib)
+        assert seen and set(seen) == {expected}, (wbits, group, set(seen))
