@@ -229,9 +229,14 @@ def w4g64_rows() -> list[tuple[str, str, dict, str | None]]:
     """W4 at the export default group size 64 (K = 320 is not padded, unlike g128): RTN with the head at 4 or 8
     bits, GPTQ defaults (8-bit head, per-site choice) per source."""
     w = {"wbits": 4, "group_size": 64}
-    rows = [(f"RTN W4 g64, {label}", "rtn", {**w, "head_bits": hb}, None) for hb, label in ((None, "head same"), (8, "head 8"))]
+    rows = [
+        (f"RTN W4 g64, {label}", "rtn", {**w, "head_bits": hb}, None)
+        for hb, label in ((None, "head same"), (8, "head 8"))
+    ]
     opts = {"damp": 0.1, "act_order": True}  # what ran (the default before act-order went by width)
-    rows += [("GPTQ W4 g64, head 8, choose", "gptq", {**w, "head_bits": 8, "options": opts}, s) for s in SOURCES]
+    rows += [
+        ("GPTQ W4 g64, head 8, choose", "gptq", {**w, "head_bits": 8, "options": opts}, s) for s in SOURCES
+    ]
     return rows
 
 
@@ -265,7 +270,9 @@ def abq8_rows() -> list[tuple[str, str, dict, str | None]]:
         ("W4 g128", "defaults", ABQ_OLD),
     ):
         for source in SOURCES:
-            rows.append((f"ABQ {label}, head 8 {w}", "abq", {**WIDTHS[w], "head_bits": 8, "options": opts}, source))
+            rows.append(
+                (f"ABQ {label}, head 8 {w}", "abq", {**WIDTHS[w], "head_bits": 8, "options": opts}, source)
+            )
     return rows
 
 
@@ -390,7 +397,20 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
-    if part in ("quant", "gptq", "gptq-w4", "gptq-w3", "abq", "head", "defaults", "head8", "abq8", "w4g64", "actorder", "w4g64-off"):
+    if part in (
+        "quant",
+        "gptq",
+        "gptq-w4",
+        "gptq-w3",
+        "abq",
+        "head",
+        "defaults",
+        "head8",
+        "abq8",
+        "w4g64",
+        "actorder",
+        "w4g64-off",
+    ):
         rows_for = {
             "quant": quant_rows,
             "gptq": gptq_grid_rows,
@@ -557,7 +577,9 @@ def head8_goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
             else:
                 ok = all(r <= 0.03 for _, r in cells)
                 goal = "W4 goal 3%"
-            shown = ", ".join(f"{e.split('_')[0]}{' (in)' if e == e_in else ''} {100 * r:+.1f}%" for e, r in cells)
+            shown = ", ".join(
+                f"{e.split('_')[0]}{' (in)' if e == e_in else ''} {100 * r:+.1f}%" for e, r in cells
+            )
             out.append(f"{name} [{s}]: {shown} ({goal}) -> {'met' if ok else 'not met'}")
     if part in ("head8", "w4g64", "actorder", "w4g64-off"):
         for w in ("W3 g128", "W4 g128", "W4 g64"):
@@ -606,7 +628,14 @@ def write_page(folder: Path) -> None:
                 f"{m['q_proj_bias_initializers']} (3 groups)",
                 f"- ONNX Runtime vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
                 f"passed {p['passed']}", ""]  # fmt: skip
-    current = ("head8", "abq8", "w4g64", "w4g64-off", "actorder", "fold")  # the 8-bit-head round first, then the earlier one
+    current = (
+        "head8",
+        "abq8",
+        "w4g64",
+        "w4g64-off",
+        "actorder",
+        "fold",
+    )  # the 8-bit-head round first, then the earlier one
     paths = sorted(folder.glob("cross_domain_*_*.json"))
     parts = {p: json.loads(p.read_text())["meta"]["part"] for p in paths}
     paths.sort(key=lambda p: (current.index(parts[p]) if parts[p] in current else len(current), p.name))
@@ -664,7 +693,9 @@ def main() -> None:
         default="both",
     )
     ap.add_argument("--n-samples", type=int, default=32)
-    ap.add_argument("--sources", default=",".join(SOURCES), help="calibration sources to run (comma-separated)")
+    ap.add_argument(
+        "--sources", default=",".join(SOURCES), help="calibration sources to run (comma-separated)"
+    )
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)

@@ -283,7 +283,8 @@ def _gptq_site(
         grid_for(site.fmt, opts.bit_balance),
         effective_group(site.fmt, w.shape[1]),
         opts.damp if damp is None else damp,
-        default_act_order(site.fmt.wbits, effective_group(site.fmt, w.shape[1])) if opts.act_order is None
+        default_act_order(site.fmt.wbits, effective_group(site.fmt, w.shape[1]))
+        if opts.act_order is None
         else opts.act_order,
         opts.block_size,
     )

@@ -101,7 +101,11 @@ class QuantConfig:
 
     def head_format(self) -> QuantFormat:
         """The output head's format before overrides: ``head_bits`` (None: the body's ``wbits``)."""
-        return self.base_format() if self.head_bits is None else replace(self.base_format(), wbits=self.head_bits)
+        return (
+            self.base_format()
+            if self.head_bits is None
+            else replace(self.base_format(), wbits=self.head_bits)
+        )
 
     def format_for(self, name: str, head: bool = False) -> QuantFormat | None:
         """The storage format of module ``name`` (``head``: it is the output head), or None when it is

@@ -279,7 +279,16 @@ def export(
         rec = Recipe.load(recipe)
     else:
         rec = recipe_from_flags(
-            wbits, group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups,
+            wbits,
+            group_size,
+            symmetric,
+            abits,
+            method,
+            skip,
+            size_budget,
+            bpw,
+            remove,
+            share_groups,
             parse_head_bits(head_bits),
         )
         if kv is not None:
@@ -383,7 +392,9 @@ def parse_head_bits(text: str) -> int | None:
     try:
         return int(text)
     except ValueError:
-        raise EdgepackError(f"--head-bits {text!r} is not a width; pass 2-8 or 'same' (the --wbits width)") from None
+        raise EdgepackError(
+            f"--head-bits {text!r} is not a width; pass 2-8 or 'same' (the --wbits width)"
+        ) from None
 
 
 def recipe_from_flags(

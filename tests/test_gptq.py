@@ -165,7 +165,9 @@ def test_choice_is_recorded_per_site_on_stories(setup):
         errors = note["held_out_error"]
         assert note["choice"] == min(errors, key=lambda k: (errors[k], k != "gptq"))
     off = quantize(
-        load_model(path), QuantConfig(wbits=3, method="gptq", options={"batch_size": 4, "choose": False}), calib
+        load_model(path),
+        QuantConfig(wbits=3, method="gptq", options={"batch_size": 4, "choose": False}),
+        calib,
     )
     assert not any("calibration" in layer for layer in off["layers"])
 
