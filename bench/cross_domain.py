@@ -615,7 +615,9 @@ def write_page(folder: Path) -> None:
            "sampled from the float model (`--calib self`: T=1.0, top-p 0.95, mixed first tokens). Evaluation: "
            "Shakespeare's last 10% ('shakespeare' column) and WikiText-2 test's second half ('wikitext2' column); "
            "never the calibration text. Cells: perplexity (change vs fp32). 'none' = uncalibrated (RTN, fp32). "
-           "The host had 2 CPU cores shared by about six engineers: seconds are noisy.", ""]  # fmt: skip
+           "The host had 2 CPU cores shared by about six engineers: seconds are noisy. The current round (the "
+           "8-bit head, GPTQ's per-site check, 64 calibration samples for GPTQ, 4096 evaluation tokens) comes "
+           "first; the summary and goals are in generalization.md.", ""]  # fmt: skip
     mech = folder / "cross_domain_mechanics.json"
     if mech.is_file():
         m = json.loads(mech.read_text())
