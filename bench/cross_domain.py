@@ -379,6 +379,22 @@ def save(path: Path, meta: dict, rows: list[Row]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
 
 
+QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are fold, both, mechanics)
+    "quant": quant_rows,
+    "gptq": gptq_grid_rows,
+    "gptq-w4": gptq_w4_rows,
+    "gptq-w3": lambda: [r for r in gptq_w4_rows("W3 g128") if "OLD" not in r[0]],
+    "abq": abq_ablation_rows,
+    "head": head_rows,
+    "defaults": defaults_rows,
+    "head8": head8_rows,
+    "abq8": abq8_rows,
+    "w4g64": w4g64_rows,
+    "actorder": actorder_rows,
+    "w4g64-off": w4g64_off_rows,
+}
+
+
 def bench(name: str, part: str, args: argparse.Namespace) -> None:
     model_dir = SHARED / "models" / name
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -397,35 +413,8 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
-    if part in (
-        "quant",
-        "gptq",
-        "gptq-w4",
-        "gptq-w3",
-        "abq",
-        "head",
-        "defaults",
-        "head8",
-        "abq8",
-        "w4g64",
-        "actorder",
-        "w4g64-off",
-    ):
-        rows_for = {
-            "quant": quant_rows,
-            "gptq": gptq_grid_rows,
-            "gptq-w4": gptq_w4_rows,
-            "gptq-w3": lambda: [r for r in gptq_w4_rows("W3 g128") if "OLD" not in r[0]],
-            "abq": abq_ablation_rows,
-            "head": head_rows,
-            "defaults": defaults_rows,
-            "head8": head8_rows,
-            "abq8": abq8_rows,
-            "w4g64": w4g64_rows,
-            "actorder": actorder_rows,
-            "w4g64-off": w4g64_off_rows,
-        }
-        rows_for = rows_for[part]
+    if part in QUANT_PARTS:
+        rows_for = QUANT_PARTS[part]
         jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for() if r[3] in (None, *args.sources)]
     else:
         layers = len(model.model.layers)
@@ -675,23 +664,7 @@ def main() -> None:
     ap.add_argument("--models", default="mix-llama-14m,stories260k")
     ap.add_argument(
         "--part",
-        choices=(
-            "quant",
-            "fold",
-            "gptq",
-            "gptq-w4",
-            "gptq-w3",
-            "abq",
-            "head",
-            "defaults",
-            "head8",
-            "abq8",
-            "w4g64",
-            "actorder",
-            "w4g64-off",
-            "both",
-            "mechanics",
-        ),
+        choices=(*QUANT_PARTS, "fold", "both", "mechanics"),
         default="both",
     )
     ap.add_argument("--n-samples", type=int, default=32)
