@@ -8,11 +8,17 @@ quantized outputs of the stages before it.
 
 Options (``QuantConfig.options``): ``damp`` (dampening, fraction of the mean Hessian diagonal; 0.1 by
 default: at 0.01 GPTQ fit the calibration text and lost to RTN on other text), ``act_order`` (quantize columns
-by decreasing Hessian diagonal, with static groups), ``block_size`` (lazy-batch width),
+by decreasing Hessian diagonal, with static groups; by default off only for >= 4 bits in groups >= 128),
+``block_size`` (lazy-batch width),
 ``head`` ("rtn", the default, or "gptq" for the tied lm_head/embedding: GPTQ fits the head's error to the
 calibration hidden states while the same codes also serve as input embeddings; on mix-llama-14m's 8192-token
-tied head RTN generalizes better, on stories260k's 512-token one GPTQ does), ``head_damp``, plus the common ``n_samples``,
-``seq_len``, ``batch_size``, ``bit_balance``, ``seed``. Measurements: docs/results/generalization.md.
+tied head RTN generalizes better, on stories260k's 512-token one GPTQ does; the head is stored at
+``QuantConfig.head_bits``, 8 by default), ``head_damp``, ``choose`` (on by default: every 4th calibration
+sample of each batch is held out; per site, GPTQ fit on the others is compared with RTN by the output error
+on the held-out inputs, ``sum (dW H_held dW^T) / tokens``, and the lower one wins; a GPTQ win is re-run on
+every sample; the decision and both errors are recorded per layer in the quantize report, i.e. the manifest's
+``compression.quantize.layers[].calibration``), plus the common ``n_samples``, ``seq_len``, ``batch_size``,
+``bit_balance``, ``seed``. Measurements: docs/results/generalization.md, docs/results/cross_domain.md.
 """
 
 from __future__ import annotations
@@ -47,16 +53,21 @@ from edgepack.errors import EdgepackError
 log = logging.getLogger(__name__)
 
 HEAD_MODES = ("gptq", "rtn")
+HOLDOUT_EVERY = 4  # with ``choose``, every 4th calibration sample of each batch is held out
 MIN_TOKENS_PER_INPUT = 16  # calibration tokens per input feature below which the Hessian is poorly estimated
 
 
 @dataclass(frozen=True)
 class GPTQOptions(CalibOptions):
     damp: float = 0.1  # 0.01 fit the calibration text (docs/results/generalization.md)
-    act_order: bool = True
+    # None: off only for >= 4 bits in groups >= 128 (W4 g128, 8-bit head: off <= RTN in 10 of 12 cross-domain
+    # cells over both models, on in 7 of 12), else on (W3: off lost to RTN on mix-llama-14m; W4 g64: on <= RTN
+    # in 10 of 12 and within 3% of fp32 on every mix-llama-14m cell, off 9 of 12); docs/results/generalization.md
+    act_order: bool | None = None
     block_size: int = 128
     head: str = "rtn"  # the tied lm_head/embedding: "rtn" or "gptq" (on final hidden states)
     head_damp: float | None = None  # dampening of a *tied* head (None: ``damp``); see gptq_method
+    choose: bool = True  # per site, keep GPTQ's or RTN's codes by the output error on held-out samples
 
 
 # ---------------------------------------------------------------- pure math
@@ -190,16 +201,30 @@ def _hessians(
     sites: list[LinearSite],
     stream: list[torch.Tensor],
     layer_kwargs: list[list[dict]],
-) -> dict[str, torch.Tensor]:
-    """Summed x^T x of each site over all its uses; later positions get the stream run through the blocks between."""
-    hess = {
-        s.name: torch.zeros(s.module.in_features, s.module.in_features, device=stream[0].device)
-        for s in sites
-    }
+    holdout: bool = False,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Summed x^T x of each site over all its uses; later positions get the stream run through the blocks between.
+
+    Returns (fit, held-out) sums: with ``holdout`` every ``HOLDOUT_EVERY``-th sample of each batch goes to the
+    held-out sum (``held_out_rows``), else all go to the fit sum and the held-out sums stay zero."""
+
+    def zeros():
+        return {
+            s.name: torch.zeros(s.module.in_features, s.module.in_features, device=stream[0].device)
+            for s in sites
+        }
+
+    hess, held = zeros(), zeros()
 
     def hook(site: LinearSite):
         def fn(module, args):
-            accumulate_hessian(hess[site.name], args[0])
+            x = args[0]
+            if not holdout:
+                accumulate_hessian(hess[site.name], x)
+                return
+            mask = held_out_rows(x.shape[0], x.device)
+            accumulate_hessian(hess[site.name], x[~mask])
+            accumulate_hessian(held[site.name], x[mask])
 
         return fn
 
@@ -212,7 +237,40 @@ def _hessians(
     finally:
         for h in handles:
             h.remove()
-    return hess
+    return hess, held
+
+
+def held_out_rows(batch: int, device=None) -> torch.Tensor:
+    """Boolean mask of the held-out samples of one calibration batch (every ``HOLDOUT_EVERY``-th)."""
+    return torch.arange(batch, device=device) % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+
+
+def output_error(w: torch.Tensor, q: QTensor, h: torch.Tensor, tokens: int) -> float:
+    """Mean squared output error per token of the quantized weight on inputs with summed x^T x ``h``."""
+    dw = q.dequantize().to(w.device) - w.float()
+    return float(((dw @ h) * dw).sum()) / max(tokens, 1)
+
+
+def choose_codes(
+    site: LinearSite, fit: torch.Tensor, held: torch.Tensor, tokens: tuple[int, int], opts: GPTQOptions
+) -> QTensor:
+    """GPTQ (fit on the fit samples) or RTN codes, whichever has the lower output error on the held-out samples;
+    a GPTQ win is then re-run on every sample. The decision and both errors go into ``QTensor.note``."""
+    w = site.module.weight.detach()
+    n_fit, n_held = tokens
+    q_gptq, _ = _gptq_site(site, fit, n_fit, opts)
+    q_rtn = quantize_on_grid(w, site.fmt, opts.bit_balance)
+    errors = {"gptq": output_error(w, q_gptq, held, n_held), "rtn": output_error(w, q_rtn, held, n_held)}
+    choice = "gptq" if errors["gptq"] <= errors["rtn"] else "rtn"
+    q = _gptq_site(site, fit + held, n_fit + n_held, opts)[0] if choice == "gptq" else q_rtn
+    q.note = {"choice": choice, "held_out_error": {k: float(f"{v:.6g}") for k, v in errors.items()}}
+    return q
+
+
+def default_act_order(bits: int, group: int) -> bool:
+    """act_order when unset: off for >= 4 bits in groups of >= 128 columns (static groups then lost to RTN
+    off-domain), on otherwise."""
+    return not (bits >= 4 and group >= 128)
 
 
 def _gptq_site(
@@ -225,7 +283,9 @@ def _gptq_site(
         grid_for(site.fmt, opts.bit_balance),
         effective_group(site.fmt, w.shape[1]),
         opts.damp if damp is None else damp,
-        opts.act_order,
+        default_act_order(site.fmt.wbits, effective_group(site.fmt, w.shape[1]))
+        if opts.act_order is None
+        else opts.act_order,
         opts.block_size,
     )
     return q, err
@@ -280,20 +340,31 @@ def gptq_method(
                 swaps.embedding(emb, qlin.weight)
                 trace.hidden = trace_inputs(model, plan.layers, ids, opts.batch_size, first_only=True).hidden
         stream = trace.hidden
+        rows = [held_out_rows(x.shape[0]) for x in trace.hidden]
+        held_tokens = sum(int(m.sum()) * x.shape[1] for m, x in zip(rows, trace.hidden, strict=True))
+        choose = opts.choose and 0 < held_tokens < tokens
+        if opts.choose and not choose:
+            log.warning("gptq: no held-out samples (batch_size < %d): GPTQ codes kept without the RTN check",
+                        HOLDOUT_EVERY)  # fmt: skip
         bar = tqdm(range(len(plan.layers)), desc="gptq", unit="block")
         for i in bar:
             layer = plan.layers[i]
             if plan.owned[i]:
-                block_error = 0.0
+                block_error, kept_rtn = 0.0, 0
                 for stage in block_stages(layer, plan.owned[i], stream[0], trace.layer_kwargs[0][i]):
-                    hess = _hessians(plan, i, stage, stream, trace.layer_kwargs)
+                    fit, held = _hessians(plan, i, stage, stream, trace.layer_kwargs, holdout=choose)
                     for site in stage:
                         uses = len(plan.positions[site.name])
-                        out[site.name], err = _gptq_site(site, hess[site.name], tokens * uses, opts)
+                        if choose:
+                            n = ((tokens - held_tokens) * uses, held_tokens * uses)
+                            out[site.name] = choose_codes(site, fit[site.name], held[site.name], n, opts)
+                            kept_rtn += out[site.name].note["choice"] == "rtn"
+                        else:
+                            out[site.name], err = _gptq_site(site, fit[site.name], tokens * uses, opts)
+                            block_error += err
                         swaps.quantized(site, out[site.name], config.abits)
-                        block_error += err
-                log.info("gptq block %d: error %.4g", i, block_error)
-                bar.set_postfix(error=f"{block_error:.4g}")
+                log.info("gptq block %d: error %.4g, RTN kept for %d sites", i, block_error, kept_rtn)
+                bar.set_postfix(error=f"{block_error:.4g}", rtn=kept_rtn)
             stream = [run_layer(layer, x, kw[i]) for x, kw in zip(stream, trace.layer_kwargs, strict=True)]
     finally:
         swaps.restore()

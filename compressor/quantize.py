@@ -62,6 +62,13 @@ class QuantConfig:
     # 128 runs the MLP's MatMulNBits 9-26% faster than 64 at the same perplexity (docs/results/speed.md).
     mlp_group_size: int | None = None
     skip: list[str] = field(default_factory=list)  # fnmatch patterns over module names, e.g. "lm_head"
+    # Width of the output head (lm_head, and the input embedding when tied to it); None (the default) = ``wbits``.
+    # 8 (--head-bits 8, like llama.cpp's Q4_K_M keeping the output at Q6_K): on mix-llama-14m the 8192-token tied
+    # head is 18% of the weights and RTN W3 g128 gains 54.4 -> 49.6 Shakespeare perplexity (fp32 42.8) from it
+    # (docs/results/cross_domain.md, --part head8), for +17% bytes at W4; not the default: the head is 18-27% of
+    # a small model's decode reads (lm_head of a 0.5B), and at equal bytes --size-budget does far better
+    # (+0.4% vs +6.1%; generalization.md). Per-layer overrides and mixed-precision plans win over it.
+    head_bits: int | None = None
     overrides: dict[str, dict] = field(
         default_factory=dict
     )  # pattern -> {"wbits":..,"group_size":..,"symmetric":..}
@@ -74,6 +81,8 @@ class QuantConfig:
         self.base_format().validate()
         if self.mlp_group_size is not None:
             replace(self.base_format(), group_size=self.mlp_group_size).validate("mlp_group_size")
+        if self.head_bits is not None:
+            replace(self.base_format(), wbits=self.head_bits).validate("the output head (head_bits)")
         if self.abits not in VALID_ABITS:
             raise EdgepackError(f"abits={self.abits} is not supported; choose 16 (float activations) or 8")
         if self.budget_bpw is not None and self.size_budget is not None:
@@ -100,12 +109,21 @@ class QuantConfig:
     def base_format(self) -> QuantFormat:
         return QuantFormat(self.wbits, self.group_size, self.symmetric)
 
-    def format_for(self, name: str, k: int | None = None) -> QuantFormat | None:
-        """The storage format of module ``name`` (``k`` inputs), or None when it is skipped. Later overrides win
-        over ``mlp_group_size``, which applies to ``*.mlp.*`` projections whose K it divides (no padding)."""
+    def head_format(self) -> QuantFormat:
+        """The output head's format before overrides: ``head_bits`` (None: the body's ``wbits``)."""
+        return (
+            self.base_format()
+            if self.head_bits is None
+            else replace(self.base_format(), wbits=self.head_bits)
+        )
+
+    def format_for(self, name: str, k: int | None = None, head: bool = False) -> QuantFormat | None:
+        """The storage format of module ``name`` (``k`` inputs; ``head``: it is the output head), or None when it
+        is skipped. Later overrides win over ``head_bits`` and ``mlp_group_size``, which applies to ``*.mlp.*``
+        projections whose K it divides (no padding)."""
         if any(fnmatch.fnmatchcase(name, p) for p in self.skip):
             return None
-        fmt = self.base_format()
+        fmt = self.head_format() if head else self.base_format()
         mlp = self.mlp_group_size
         if (
             mlp not in (None, -1)
@@ -145,6 +163,7 @@ class QTensor:
     zero_points: torch.Tensor  # (N, G) uint8
     bits: int
     group_size: int  # actual group length along K (per-channel: K)
+    note: dict | None = None  # what a calibrated method decided for this weight (recorded in the report)
 
     def dequantize(self) -> torch.Tensor:
         return dequantize(self.codes, self.scales, self.zero_points, self.group_size)
@@ -329,12 +348,13 @@ class LinearSite:
 def linear_sites(model: nn.Module, config: QuantConfig) -> list[LinearSite]:
     """Unique quantizable linears in forward order; weights shared by folding appear once with all their uses."""
     sites: dict[int, LinearSite] = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     for name, parent in model.named_modules():
         for attr, child in parent.named_children():
             if not isinstance(child, nn.Linear):
                 continue
             full = f"{name}.{attr}" if name else attr
-            fmt = config.format_for(full, child.in_features)
+            fmt = config.format_for(full, child.in_features, head=child is head)
             if fmt is None:
                 continue
             key = id(child.weight)
@@ -413,6 +433,7 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
                 "group": q.group_size,
                 "abits": config.abits,
                 "uses": [u[2] for u in site.uses],
+                **({"calibration": q.note} if q.note else {}),
             }
         )
     _retie_embedding(model)

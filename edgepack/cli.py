@@ -163,6 +163,14 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--skip", multiple=True, help="Module name pattern to keep in float (repeatable), e.g. lm_head."
 )
+@click.option(
+    "--head-bits",
+    default="same",
+    show_default=True,
+    help="Bits of the output head (lm_head and the tied embedding): 2-8, or 'same' for --wbits. 8 keeps "
+    "the head near float (W3 g128 on mix-llama-14m: +27.9% -> +17.1% perplexity) for ~1 MB per million head "
+    "weights and a slower decode (docs/results/generalization.md).",
+)
 @click.option("--size-budget", help="Mixed precision: largest weight size, e.g. 6MB.")
 @click.option("--bpw", type=float, help="Mixed precision: average stored bits per weight, e.g. 3.0.")
 @click.option("--remove", type=float, help="Fold: fraction of blocks to remove, e.g. 0.25.")
@@ -242,6 +250,7 @@ def export(
     abits,
     method,
     skip,
+    head_bits,
     size_budget,
     bpw,
     remove,
@@ -293,6 +302,7 @@ def export(
             bpw,
             remove,
             share_groups,
+            parse_head_bits(head_bits),
         )
         if kv is not None:
             rec.steps.append(kv)
@@ -327,7 +337,7 @@ def export(
         )
 
 
-QUANT_DETAIL_FLAGS = ("group_size", "mlp_group_size", "symmetric", "abits", "method", "skip")
+QUANT_DETAIL_FLAGS = ("group_size", "mlp_group_size", "symmetric", "abits", "method", "skip", "head_bits")
 COMPRESSION_FLAGS = (
     "wbits", "remove", "share_groups", "size_budget", "bpw", *QUANT_DETAIL_FLAGS,
     "kv_merge", "kv_start", "kv_bits", "kv_group",
@@ -351,6 +361,11 @@ def check_flag_combinations(ctx: click.Context) -> None:
             "put those settings into the recipe file"
         )
     quantizes = {"wbits", "size_budget", "bpw"} & set(given)
+    if "head_bits" in given and {"size_budget", "bpw"} & set(given):
+        raise EdgepackError(
+            "--head-bits does not apply with a size budget: the mixed-precision plan chooses the head's width "
+            "with the other layers'; drop --head-bits or the budget"
+        )
     orphans = [flag(name) for name in given if name in QUANT_DETAIL_FLAGS]
     if orphans and not quantizes:
         raise EdgepackError(
@@ -383,8 +398,31 @@ def parse_kv_flags(merge: str | None, start: str | None, bits: str | None, group
     return KVCacheConfig.from_dict({k: v for k, v in values.items() if v is not None})
 
 
+def parse_head_bits(text: str) -> int | None:
+    """--head-bits: an integer width, or 'same' (None: the head takes --wbits)."""
+    if text.strip().lower() == "same":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise EdgepackError(
+            f"--head-bits {text!r} is not a width; pass 2-8 or 'same' (the --wbits width)"
+        ) from None
+
+
 def recipe_from_flags(
-    wbits, group_size, mlp_group_size, symmetric, abits, method, skip, size_budget, bpw, remove, share_groups
+    wbits,
+    group_size,
+    mlp_group_size,
+    symmetric,
+    abits,
+    method,
+    skip,
+    size_budget,
+    bpw,
+    remove,
+    share_groups,
+    head_bits=None,
 ):
     from edgepack.recipe import Recipe, step_types
 
@@ -412,6 +450,7 @@ def recipe_from_flags(
                 abits=abits,
                 method=method,
                 skip=list(skip),
+                head_bits=None,  # the budget's plan chooses the head's width with every other layer's
                 budget_bpw=bpw,
                 size_budget=parse_size(size_budget) if size_budget else None,
             )
@@ -426,6 +465,7 @@ def recipe_from_flags(
                 abits=abits,
                 method=method,
                 skip=list(skip),
+                head_bits=head_bits,
             )
         )
     return Recipe(steps=steps)

@@ -127,3 +127,61 @@ def test_head_damp_weighs_the_tied_embedding(setup):
     rtn_codes = rtn.get_output_embeddings().codes
     same = {d: float((m.codes == rtn_codes).float().mean()) for d, m in models.items()}
     assert same[1e4] > 0.99 and same[None] < 0.9, same
+
+
+def test_choice_keeps_rtn_where_gptq_does_not_generalize():
+    """choose_codes: GPTQ fit on inputs confined to a subspace pushes its error into the unseen directions; on
+    held-out inputs that span them RTN's error is lower, so RTN's codes are kept. Held-out inputs like the
+    fit ones keep GPTQ's (re-run on every sample). The decision and both errors are in ``QTensor.note``."""
+    from edgepack.compressor.gptq import GPTQOptions, choose_codes
+    from edgepack.compressor.quantize import LinearSite
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(96, 48, bias=False)
+    site = LinearSite("x", lin, QuantFormat(3, 32))
+    basis = torch.randn(12, 96)
+    fit_x = torch.randn(2048, 12) @ basis  # rank 12 of 96
+    fit = fit_x.t() @ fit_x
+    rtn = quantize_on_grid(lin.weight.detach(), site.fmt)
+    wide_x = torch.randn(512, 96)
+    q = choose_codes(site, fit, wide_x.t() @ wide_x, (2048, 512), GPTQOptions(damp=0.01))
+    assert q.note["choice"] == "rtn" and torch.equal(q.codes, rtn.codes)
+    assert q.note["held_out_error"]["rtn"] < q.note["held_out_error"]["gptq"]
+    like_x = torch.randn(512, 12) @ basis
+    q = choose_codes(site, fit, like_x.t() @ like_x, (2048, 512), GPTQOptions(damp=0.01))
+    assert q.note["choice"] == "gptq" and not torch.equal(q.codes, rtn.codes)
+    assert q.note["held_out_error"]["gptq"] < 0.7 * q.note["held_out_error"]["rtn"]
+
+
+def test_choice_is_recorded_per_site_on_stories(setup):
+    """Default GPTQ on stories260k: every block linear records GPTQ-or-RTN and both held-out errors, the choice
+    is the lower one, and choose=False records nothing."""
+    path, calib, _, _ = setup
+    report = quantize(load_model(path), QuantConfig(wbits=3, method="gptq", options={"batch_size": 4}), calib)
+    blocks = [layer for layer in report["layers"] if layer["name"] != "lm_head"]
+    assert len(blocks) == 5 * 7
+    for layer in blocks:
+        note = layer["calibration"]
+        errors = note["held_out_error"]
+        assert note["choice"] == min(errors, key=lambda k: (errors[k], k != "gptq"))
+    off = quantize(
+        load_model(path),
+        QuantConfig(wbits=3, method="gptq", options={"batch_size": 4, "choose": False}),
+        calib,
+    )
+    assert not any("calibration" in layer for layer in off["layers"])
+
+
+def test_act_order_defaults_by_width_and_group(setup, monkeypatch):
+    """act_order unset: on at W3 and at W4 g64, off at W4 g128, as the cross-domain table chose."""
+    from edgepack.compressor import gptq
+
+    path, calib, _, _ = setup
+    seen = []
+    real = gptq.gptq_quantize
+    monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
+    for wbits, group, expected in ((3, 128, True), (4, 64, True), (4, 128, False)):
+        seen.clear()
+        cfg = QuantConfig(wbits=wbits, group_size=group, method="gptq", options={"choose": False})
+        quantize(load_model(path), cfg, calib)
+        assert seen and set(seen) == {expected}, (wbits, group, set(seen))

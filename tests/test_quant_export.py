@@ -45,7 +45,7 @@ def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits
         ExportRequest(
             stories,
             tmp_path / "a",
-            recipe=Recipe([QuantConfig(wbits=wbits, group_size=32)]),
+            recipe=Recipe([QuantConfig(wbits=wbits, group_size=32, head_bits=None)]),
             build={"activations": "float", "lowering": lowering},
         )
     )
@@ -79,7 +79,8 @@ def test_every_width_is_exact_and_near_theoretical_size(stories, tmp_path, wbits
 def test_default_lowering_is_one_int8_kernel_per_linear(stories, tmp_path):
     """The default (cpu target): W3 runs as ONE 4-bit MatMulNBits per linear on int8 activations
     (accuracy_level 4), checked against a PyTorch model that quantizes its activations the same way."""
-    res = export(ExportRequest(stories, tmp_path / "d", recipe=Recipe([QuantConfig(wbits=3, group_size=32)])))
+    cfg = QuantConfig(wbits=3, group_size=32, head_bits=None)
+    res = export(ExportRequest(stories, tmp_path / "d", recipe=Recipe([cfg])))
     m = res.manifest
     assert m["build"]["activations"] == "int8" and m["build"]["lowering"] == "auto"
     assert m["parity"]["thresholds"] == "int8-activations" and m["parity"]["passed"]
@@ -97,7 +98,7 @@ def test_mix_llama_w3_file_size(mix, tmp_path):
         ExportRequest(
             mix,
             tmp_path / "w3",
-            recipe=Recipe([QuantConfig(wbits=3, group_size=64)]),
+            recipe=Recipe([QuantConfig(wbits=3, group_size=64, head_bits=None)]),
             build={"activations": "float", "lowering": "compact"},
         )
     )
@@ -273,3 +274,64 @@ def test_mlp_group_size_where_it_divides_k(tmp_path):
     assert groups["m128"]["down_proj"] == 128  # K = 256
     assert groups["m128"]["gate_proj"] == 64 and groups["m128"]["q_proj"] == 64  # K = 64
     assert set(groups["default"].values()) == {64}
+
+
+def test_mix_llama_head_bits_8(mix, tmp_path):
+    """The tied lm_head/embedding of a real 14M model is stored at 8 bits while the body is W3 (head_bits=8, CLI
+    --head-bits 8): manifest, MatMulNBits and GatherBlockQuantized all say 8, parity holds; the default
+    (head_bits None, --head-bits same) keeps it at the body's width and the file is smaller by the head's
+    extra bits."""
+    sizes = {}
+    for head_bits in (8, None):
+        out = tmp_path / f"h{head_bits}"
+        cfg = QuantConfig(wbits=3, group_size=64, **({"head_bits": 8} if head_bits == 8 else {}))
+        res = export(ExportRequest(mix, out, recipe=Recipe([cfg]), build={"lowering": "compact"}))
+        m = res.manifest
+        assert m["parity"]["passed"]
+        bits = {layer["name"]: layer["bits"] for layer in m["compression"]["quantize"]["layers"]}
+        assert bits.pop("lm_head") == (head_bits or 3) and set(bits.values()) == {3}
+        graph = onnx.load(out / "model.onnx")
+        gather = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+        assert [next(a.i for a in n.attribute if a.name == "bits") for n in gather] == [head_bits or 4]
+        attrs = [{a.name: a.i for a in n.attribute} for n in graph.graph.node if n.op_type == "MatMulNBits"]
+        head = [a for a in attrs if a["N"] == 8192]  # the vocabulary: the lm_head's kernel
+        assert head and {a["bits"] for a in head} == {head_bits or 4}
+        assert {a["bits"] for a in attrs if a["N"] != 8192} == {4}
+        sizes[head_bits] = m["model_bytes"]
+    extra = 8192 * 320 * (8 - 3) / 8  # the head's extra code bytes (zero points and scales aside)
+    assert 0.95 * extra < sizes[8] - sizes[None] < 1.2 * extra, sizes
+
+
+def test_cli_head_bits_same_and_bad_values(stories, tmp_path):
+    r = cli("export", "--model", str(stories), "--wbits", "4", "--head-bits", "same", "--no-parity",
+            "-o", str(tmp_path / "s"))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert m["recipe"]["steps"][0]["head_bits"] is None
+    assert {layer["bits"] for layer in m["compression"]["quantize"]["layers"]} == {4}
+    for args, needle in (
+        (["--head-bits", "nine"], "--head-bits 'nine' is not a width"),
+        (["--head-bits", "9"], "wbits=9 for the output head (head_bits) is not supported"),
+        (["--head-bits", "6", "--bpw", "4"], "--head-bits does not apply with a size budget"),
+    ):
+        r = cli("export", "--model", str(stories), "--wbits", "4", *args, "-o", str(tmp_path / "x"))
+        assert r.returncode == 2 and needle in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+def test_mix_llama_gptq_records_its_per_layer_choice(mix, shakespeare, tmp_path):
+    """GPTQ on a real 14M model, exported with --head-bits 8: the 8-bit head is in the manifest, and every block
+    linear records whether GPTQ's or RTN's codes were kept with both held-out output errors (the lower one
+    wins)."""
+    cfg = QuantConfig(
+        wbits=4, group_size=64, method="gptq", head_bits=8, options={"n_samples": 8, "seq_len": 128}
+    )
+    res = export(ExportRequest(mix, tmp_path / "g", recipe=Recipe([cfg]), calib=shakespeare))
+    m = res.manifest
+    assert m["parity"]["passed"] and m["recipe"]["steps"][0]["head_bits"] == 8
+    layers = {layer["name"]: layer for layer in m["compression"]["quantize"]["layers"]}
+    assert layers.pop("lm_head")["bits"] == 8 and len(layers) == 12 * 7
+    for layer in layers.values():
+        errors = layer["calibration"]["held_out_error"]
+        assert set(errors) == {"gptq", "rtn"} and layer["bits"] == 4
+        assert layer["calibration"]["choice"] == ("gptq" if errors["gptq"] <= errors["rtn"] else "rtn")
