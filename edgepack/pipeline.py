@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from edgepack.errors import EdgepackError
 from edgepack.families import decoder_layers
 from edgepack.recipe import Recipe
 from edgepack.runtime.manifest import file_sizes, file_table
+from edgepack.runtime.runner import _proc_status_mib, peak_rss_mib
 from edgepack.runtime.runner import sha256_file as sha256
 from edgepack.staging import PARTIAL_MARKER, staging_dir
 from edgepack.targets.profiles import Target, get_target
@@ -197,23 +196,6 @@ STEPS: tuple[Step, ...] = (
 )
 
 
-def rss_gb() -> float:
-    """This process's resident memory now (GB; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except (OSError, ValueError):
-        return 0.0
-
-
-def peak_rss_gb() -> float:
-    """This process's peak resident memory so far (GB)."""
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
-
-
 def run_steps(job: ExportJob, steps: tuple[Step, ...] = STEPS) -> None:
     """The pipeline: each applicable step in order, timed, with the process's memory after it."""
     for step in steps:
@@ -221,11 +203,11 @@ def run_steps(job: ExportJob, steps: tuple[Step, ...] = STEPS) -> None:
             continue
         start = time.perf_counter()
         step.run(job)
-        now = rss_gb()
+        now, peak = _proc_status_mib("VmRSS") or 0.0, peak_rss_mib() or 0.0  # VmHWM >= VmRSS where both exist
         phase = {
             "seconds": round(time.perf_counter() - start, 2),
-            "rss_gb": round(now, 3),
-            "peak_rss_gb": round(max(now, peak_rss_gb()), 3),  # two kernel counters: never below the current
+            "rss_gb": round(now * 2**20 / 1e9, 3),
+            "peak_rss_gb": round(max(now, peak) * 2**20 / 1e9, 3),
         }
         job.phases[step.name] = phase
         log.info("%s: %.1f s, RSS %.2f GB (peak %.2f GB)", step.name, *phase.values())
