@@ -99,3 +99,17 @@ def kernel_attrs(path: Path) -> list[tuple[int, int]]:
         if n.op_type == "MatMulNBits"
         for attrs in [{a.name: a.i for a in n.attribute}]
     ]
+
+
+def genai_greedy(folder: Path, prompt: list[int], new_tokens: int) -> list[int]:
+    """onnxruntime-genai's greedy continuation of ``prompt`` (ids) by the artifact in ``folder`` (stops at EOS)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    while not gen.is_done():
+        gen.generate_next_token()
+    return [int(t) for t in gen.get_sequence(0)][len(prompt) :]

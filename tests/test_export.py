@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import make_random_model
+from conftest import genai_greedy, make_random_model
 from edgepack.exporter.parity import open_decoder, ort_greedy
 
 from edgepack.model import load_model, load_tokenizer
@@ -81,18 +81,9 @@ def test_artifact_contents_and_manifest(stories_artifact):
 
 
 def test_onnxruntime_genai_generates_the_same_tokens(stories_artifact, stories):
-    og = pytest.importorskip("onnxruntime_genai")
-    model = og.Model(str(stories_artifact))
+    pytest.importorskip("onnxruntime_genai")
     ids = load_tokenizer(stories)(PROMPT)["input_ids"]
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + 32, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(ids)
-    tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        tokens.append(int(gen.get_next_tokens()[0]))
-    assert tokens == hf_greedy(stories, ids)
+    assert genai_greedy(stories_artifact, ids, 32) == hf_greedy(stories, ids)
 
 
 def test_inspect_verifies_checksums(stories_artifact, tmp_path):

@@ -12,7 +12,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import kernel_attrs, make_random_model
+from conftest import genai_greedy, kernel_attrs, make_random_model
 from edgepack.compressor.fold import restructure
 from edgepack.compressor.quantize import QuantConfig, fake_quant_activations, kernel_activations, quantize
 from edgepack.exporter.builder import BuildOptions, build_decoder
@@ -168,7 +168,6 @@ def test_fused_genai_config_shares_the_kv_buffer(llama16, tmp_path):
     and agrees with a plain onnxruntime loop token for token."""
     import json
 
-    import onnxruntime_genai as og
     from edgepack.exporter.parity import open_decoder, ort_greedy
 
     out = tmp_path / "g"
@@ -177,14 +176,7 @@ def test_fused_genai_config_shares_the_kv_buffer(llama16, tmp_path):
     assert cfg["search"]["past_present_share_buffer"] is True
     assert "position_ids" not in cfg["model"]["decoder"]["inputs"]
     prompt = PROMPTS[0]
-    model = og.Model(str(out))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(np.array([prompt], np.int32))
-    while not gen.is_done():
-        gen.generate_next_token()
-    genai_tokens = list(gen.get_sequence(0))[len(prompt) :]
+    genai_tokens = genai_greedy(out, prompt, 12)
     assert genai_tokens == ort_greedy(open_decoder(out / "model.onnx"), prompt, len(genai_tokens))
 
 

@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import genai_greedy
 from edgepack.compressor.minicache import (
     CompressedCache,
     KVCacheConfig,
@@ -336,16 +337,9 @@ def test_cli_export_static_kv(mix: Path, shakespeare: Path, tmp_path: Path) -> N
         out, runner.RunConfig(threads=1, prompt_len=8, gen=4, runs=1, warmup=0, kv_layout="concat")
     )
     assert concat["kv"]["bytes_per_position"] == 12 * 2 * 32  # int4 codes only: 8x fewer than fp32
-    og = pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai")
     prompt = list(range(10, 40))
-    params = og.GeneratorParams(model := og.Model(str(out)))
-    params.set_search_options(max_length=len(prompt) + 12, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    genai_tokens = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        genai_tokens.append(int(gen.get_next_tokens()[0]))
+    genai_tokens = genai_greedy(out, prompt, 12)
     assert genai_tokens == ort_greedy(open_decoder(out / "model.onnx"), prompt, len(genai_tokens))
 
 
