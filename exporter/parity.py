@@ -117,12 +117,6 @@ def length_dependent_rope(model) -> bool:
 
 
 @torch.no_grad()
-def torch_logits(model, ids: list[int]) -> torch.Tensor:
-    """The PyTorch model's logits at every position of ``ids`` in one forward pass (T, V)."""
-    return model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
-
-
-@torch.no_grad()
 def torch_logits_batch(model, sequences: list[list[int]]) -> list[np.ndarray]:
     """Each sequence's logits (T_i, V) from one forward pass over the batch, right-padded with token 0."""
     width = max(len(ids) for ids in sequences)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import make_random_model
 from edgepack.compressor.quantize import QuantConfig, QuantLinear, quantize
-from edgepack.exporter.parity import open_decoder, ort_greedy, torch_logits
+from edgepack.exporter.parity import open_decoder, ort_greedy, torch_logits_batch
 
 from edgepack.artifact import Manifest
 from edgepack.errors import EdgepackError
@@ -37,7 +37,7 @@ def test_export_model_from_python(stories, tmp_path):
     assert (result.out_dir / "genai_config.json").is_file() and (result.out_dir / "README.md").is_file()
     ids = load_tokenizer(stories)("Once upon a time")["input_ids"]
     tokens = ort_greedy(open_decoder(result.out_dir / "model.onnx"), ids, 8)
-    ref = torch_logits(model, ids + tokens[:-1]).argmax(-1)[len(ids) - 1 :].tolist()
+    ref = torch_logits_batch(model, [ids + tokens[:-1]])[0].argmax(-1)[len(ids) - 1 :].tolist()
     assert tokens[:4] == ref[:4]
     with pytest.raises(EdgepackError, match="already exists"):
         export_model(model, "cpu", tmp_path / "a", reports={"quantize": report})
