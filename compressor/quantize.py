@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 VALID_BITS = range(2, 9)
 VALID_GROUPS = (16, 32, 64, 128, 256, -1)  # -1 = one group per output channel
 VALID_ABITS = (16, 8)
+WEIGHT_RANGES = ("mse", "minmax")
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,8 @@ class QuantFormat:
             )
 
 
+DEFAULT_GROUP = 64
+MLP_GROUP = 128  # the MLP projections' group when group_size is left at DEFAULT_GROUP
 MLP_MODULES = "*.mlp.*"  # fnmatch over module names: every family's block MLP (families/*.py: mlp)
 
 
@@ -54,12 +57,14 @@ class QuantConfig:
     """Recipe step: quantize the decoder's linear weights (and by default the tied lm_head/embedding)."""
 
     wbits: int = 4
-    group_size: int = 64
+    group_size: int = DEFAULT_GROUP
     symmetric: bool = False
     abits: int = 16
     method: str = "rtn"
-    # Group of the block MLP projections (the largest matrices) wherever it divides their K; None: group_size.
-    # 128 runs the MLP's MatMulNBits 9-26% faster than 64 at the same perplexity (docs/results/speed.md).
+    # Group of the block MLP projections (the largest matrices) wherever it divides their K. None (the default)
+    # resolves to MLP_GROUP (128) when group_size is the default 64, else to group_size: 128 runs the MLP's
+    # MatMulNBits 9-26% faster than 64 at the same perplexity (docs/results/speed.md), and a group size the user
+    # chose is kept everywhere unless mlp_group_size is given too.
     mlp_group_size: int | None = None
     skip: list[str] = field(default_factory=list)  # fnmatch patterns over module names, e.g. "lm_head"
     # Width of the output head (lm_head, and the input embedding when tied to it); None (the default) = ``wbits``.
@@ -69,6 +74,9 @@ class QuantConfig:
     # a small model's decode reads (lm_head of a 0.5B), and at equal bytes --size-budget does far better
     # (+0.4% vs +6.1%; generalization.md). Per-layer overrides and mixed-precision plans win over it.
     head_bits: int | None = None
+    # How RTN sets each group's range: "mse" (default) searches a shrink of [min, max] that minimises the weight
+    # error (calib_grid.search_range; no data), "minmax" keeps the full range.
+    weight_range: str = "mse"
     overrides: dict[str, dict] = field(
         default_factory=dict
     )  # pattern -> {"wbits":..,"group_size":..,"symmetric":..}
@@ -79,10 +87,15 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         self.base_format().validate()
-        if self.mlp_group_size is not None:
-            replace(self.base_format(), group_size=self.mlp_group_size).validate("mlp_group_size")
+        if self.mlp_group_size is None:
+            self.mlp_group_size = MLP_GROUP if self.group_size == DEFAULT_GROUP else self.group_size
+        replace(self.base_format(), group_size=self.mlp_group_size).validate("mlp_group_size")
         if self.head_bits is not None:
             replace(self.base_format(), wbits=self.head_bits).validate("the output head (head_bits)")
+        if self.weight_range not in WEIGHT_RANGES:
+            raise EdgepackError(
+                f"weight_range={self.weight_range!r} is not supported; choose one of {', '.join(WEIGHT_RANGES)}"
+            )
         if self.abits not in VALID_ABITS:
             raise EdgepackError(f"abits={self.abits} is not supported; choose 16 (float activations) or 8")
         if self.budget_bpw is not None and self.size_budget is not None:
@@ -126,7 +139,7 @@ class QuantConfig:
         fmt = self.head_format() if head else self.base_format()
         mlp = self.mlp_group_size
         if (
-            mlp not in (None, -1)
+            mlp not in (-1, fmt.group_size)
             and k is not None
             and k % mlp == 0
             and fnmatch.fnmatchcase(name, MLP_MODULES)
@@ -377,12 +390,16 @@ def register_method(name: str) -> Callable[[Method], Method]:
 
 
 def rtn_tensor(site: LinearSite, config: QuantConfig) -> QTensor:
-    """One site's round-to-nearest codes; ``options["bit_balance"]`` puts 2-bit weights on the W2* grid."""
-    if config.options.get("bit_balance"):
-        from edgepack.compressor.calib_grid import quantize_on_grid
+    """One site's round-to-nearest codes on the range ``config.weight_range`` picks;
+    ``options["bit_balance"]`` puts 2-bit weights on the W2* grid."""
+    from edgepack.compressor.calib_grid import quantize_on_grid
 
-        return quantize_on_grid(site.module.weight.detach(), site.fmt, True)
-    return quantize_rtn(site.module.weight.detach(), site.fmt)
+    return quantize_on_grid(
+        site.module.weight.detach(),
+        site.fmt,
+        bool(config.options.get("bit_balance")),
+        search=config.weight_range == "mse",
+    )
 
 
 @register_method("rtn")

@@ -146,10 +146,17 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--mlp-group-size",
     type=int,
-    default=0,
+    default=None,
+    help="Group size of the MLP projections wherever it divides their inputs (else --group-size). "
+    "Default: 128 when --group-size is left at 64 (faster at the same perplexity, docs/results/speed.md), "
+    "else --group-size; 0 = --group-size everywhere.",
+)
+@click.option(
+    "--weight-range",
+    type=click.Choice(["mse", "minmax"]),
+    default="mse",
     show_default=True,
-    help="Group size of the MLP projections wherever it divides their inputs (else --group-size); "
-    "0 = --group-size everywhere. 128 is faster at the same perplexity (docs/results/speed.md).",
+    help="RTN group range: mse searches the clipping with the lowest weight error (no data); minmax keeps it.",
 )
 @click.option("--symmetric/--asymmetric", default=False, show_default=True, help="Quantization grid.")
 @click.option(
@@ -246,6 +253,7 @@ def export(
     wbits,
     group_size,
     mlp_group_size,
+    weight_range,
     symmetric,
     abits,
     method,
@@ -294,6 +302,7 @@ def export(
             wbits,
             group_size,
             mlp_group_size,
+            weight_range,
             symmetric,
             abits,
             method,
@@ -337,7 +346,16 @@ def export(
         )
 
 
-QUANT_DETAIL_FLAGS = ("group_size", "mlp_group_size", "symmetric", "abits", "method", "skip", "head_bits")
+QUANT_DETAIL_FLAGS = (
+    "group_size",
+    "mlp_group_size",
+    "weight_range",
+    "symmetric",
+    "abits",
+    "method",
+    "skip",
+    "head_bits",
+)
 COMPRESSION_FLAGS = (
     "wbits", "remove", "share_groups", "size_budget", "bpw", *QUANT_DETAIL_FLAGS,
     "kv_merge", "kv_start", "kv_bits", "kv_group",
@@ -414,6 +432,7 @@ def recipe_from_flags(
     wbits,
     group_size,
     mlp_group_size,
+    weight_range,
     symmetric,
     abits,
     method,
@@ -440,34 +459,28 @@ def recipe_from_flags(
                 }
             )
         )
+    quant = {
+        "group_size": group_size,
+        # None: QuantConfig's default (128 at group 64); 0: the group size everywhere
+        "mlp_group_size": None if mlp_group_size is None else (mlp_group_size or group_size),
+        "weight_range": weight_range,
+        "symmetric": symmetric,
+        "abits": abits,
+        "method": method,
+        "skip": list(skip),
+    }
     if size_budget is not None or bpw is not None:
         steps.append(
             types["quantize"](
                 wbits=wbits or 4,
-                group_size=group_size,
-                mlp_group_size=mlp_group_size or None,
-                symmetric=symmetric,
-                abits=abits,
-                method=method,
-                skip=list(skip),
+                **quant,
                 head_bits=None,  # the budget's plan chooses the head's width with every other layer's
                 budget_bpw=bpw,
                 size_budget=parse_size(size_budget) if size_budget else None,
             )
         )
     elif wbits is not None:
-        steps.append(
-            types["quantize"](
-                wbits=wbits,
-                group_size=group_size,
-                mlp_group_size=mlp_group_size or None,
-                symmetric=symmetric,
-                abits=abits,
-                method=method,
-                skip=list(skip),
-                head_bits=head_bits,
-            )
-        )
+        steps.append(types["quantize"](wbits=wbits, **quant, head_bits=head_bits))
     return Recipe(steps=steps)
 
 
