@@ -46,8 +46,8 @@ RUNNER = ROOT / "runtime" / "runner.py"
 GENAI_DRIVER = ROOT / "bench" / "genai_decode.py"
 MIB = 2**20
 
-# edgepack export flags per variant (RTN, group 128 = the CLI defaults). Add lowering choices here or with
-# --variant NAME="FLAGS"; every variant is exported for the cpu target in this run.
+# edgepack export flags per variant (RTN at the CLI defaults: group 64, MLP group 128, MSE ranges). Add lowering
+# choices here or with --variant NAME="FLAGS"; every variant is exported for the cpu target in this run.
 VARIANTS: dict[str, str] = {
     "fp32": "",
     "W8": "--wbits 8",

@@ -10,10 +10,12 @@ from collections import Counter
 
 import onnx
 import pytest
-from conftest import kernel_attrs
-from edgepack.compressor.quantize import QuantConfig
+import torch
+from conftest import SHAKESPEARE, kernel_attrs
+from edgepack.compressor.quantize import QuantConfig, quantize
 from edgepack.kernels.packing import PLANE_BITS, kernel_bits, lowered_bytes, storage_of
 
+from edgepack.model import load_model, load_tokenizer
 from edgepack.pipeline import ExportRequest, export
 from edgepack.recipe import Recipe
 
@@ -243,22 +245,28 @@ def test_bits_per_weight_budget(stories, shakespeare, tmp_path):
 
 
 def test_mlp_group_size_where_it_divides_k(tmp_path):
-    """--mlp-group-size sets the MLP projections' group wherever it divides their K (never padding), other
-    linears keep --group-size, an explicit override wins; the default (0) keeps --group-size everywhere."""
+    """The MLP projections take group 128 by default at group 64, wherever it divides their K (never padding);
+    other linears keep --group-size, an explicit override wins, a chosen --group-size is kept everywhere and
+    --mlp-group-size 0 turns the MLP group off."""
     from conftest import make_random_model
 
-    cfg = QuantConfig(wbits=4, group_size=64, mlp_group_size=128)
+    cfg = QuantConfig(wbits=4)
+    assert cfg.mlp_group_size == 128
     assert cfg.format_for("model.layers.0.mlp.down_proj", 768).group_size == 128
     assert cfg.format_for("model.layers.0.mlp.gate_proj", 320).group_size == 64  # 320 % 128 != 0
     assert cfg.format_for("model.layers.0.self_attn.q_proj", 896).group_size == 64
-    over = QuantConfig(wbits=4, mlp_group_size=128, overrides={"*.down_proj": {"group_size": 32}})
+    assert (
+        QuantConfig(wbits=4, group_size=32).format_for("model.layers.0.mlp.down_proj", 768).group_size == 32
+    )
+    over = QuantConfig(wbits=4, overrides={"*.down_proj": {"group_size": 32}})
     assert over.format_for("model.layers.0.mlp.down_proj", 768).group_size == 32
     with pytest.raises(Exception, match="mlp_group_size"):
         QuantConfig(wbits=4, mlp_group_size=100)
 
     src = make_random_model(tmp_path / "src", "LlamaForCausalLM", intermediate_size=256)  # hidden 64
     groups = {}
-    for name, extra in (("m128", ["--mlp-group-size", "128"]), ("default", [])):
+    runs = {"default": [], "off": ["--mlp-group-size", "0"], "g32": ["--group-size", "32"]}
+    for name, extra in runs.items():
         out = tmp_path / name
         r = subprocess.run(
             [sys.executable, "-m", "edgepack", "export", "--model", str(src), "-o", str(out), "--wbits", "4",
@@ -270,10 +278,39 @@ def test_mlp_group_size_where_it_divides_k(tmp_path):
         groups[name] = {
             layer["name"].split(".")[-1]: layer["group"] for layer in m["compression"]["quantize"]["layers"]
         }
-        assert m["recipe"]["steps"][0]["mlp_group_size"] == (128 if extra else None)
-    assert groups["m128"]["down_proj"] == 128  # K = 256
-    assert groups["m128"]["gate_proj"] == 64 and groups["m128"]["q_proj"] == 64  # K = 64
-    assert set(groups["default"].values()) == {64}
+        assert m["recipe"]["steps"][0]["mlp_group_size"] == {"default": 128, "off": 64, "g32": 32}[name]
+    assert groups["default"]["down_proj"] == 128  # K = 256
+    assert groups["default"]["gate_proj"] == 64 and groups["default"]["q_proj"] == 64  # K = 64
+    assert set(groups["off"].values()) == {64}
+    assert set(groups["g32"].values()) == {32}
+
+
+def test_weight_range_search_lowers_error_and_perplexity(stories):
+    """RTN's default MSE range search shrinks some groups' ranges within its grid, lowers the weight error and
+    the W3 perplexity against the full range (weight_range="minmax"); unknown ranges are refused."""
+    from edgepack.compressor.calib_grid import grid_for, quantize_on_grid, search_range
+    from edgepack.compressor.quantize import QuantFormat
+
+    from edgepack.textdata import read_text, tokenize
+
+    model = load_model(stories)
+    fmt = QuantFormat(3, 32)
+    w = model.model.layers[0].mlp.down_proj.weight.detach()
+    shrink = search_range(w, grid_for(fmt), 32)
+    assert (shrink < 1).any() and (shrink >= 0.75).all()
+    err = {s: (quantize_on_grid(w, fmt, search=s).dequantize() - w).square().sum() for s in (False, True)}
+    assert err[True] < 0.9 * err[False]
+
+    ids = tokenize(load_tokenizer(stories), read_text(SHAKESPEARE))[:2048].view(4, 512)
+    ppl = {}
+    for rng in ("minmax", "mse"):
+        m = load_model(stories)
+        quantize(m, QuantConfig(wbits=3, group_size=32, weight_range=rng))
+        with torch.no_grad():
+            ppl[rng] = math.exp(float(m(ids, labels=ids).loss))
+    assert ppl["mse"] < 0.97 * ppl["minmax"], ppl
+    with pytest.raises(Exception, match="weight_range"):
+        QuantConfig(wbits=4, weight_range="max")
 
 
 def test_mix_llama_head_bits_8(mix, tmp_path):
