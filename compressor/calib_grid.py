@@ -9,6 +9,7 @@ through these functions, so their codes always satisfy ``dequant = (codes - zero
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -102,46 +103,69 @@ def to_qtensor(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, grid:
     )
 
 
-# Data-free range search (GPTQ's reference quantizer with mse=True, coarser): per group, the shrink of the
-# range in RANGE_SHRINK whose dequantized weights have the lowest sum |w - w_q|^RANGE_NORM. On mix-llama-14m
-# (RTN, ONNX Runtime perplexity, WikiText-2 / Shakespeare tail) W4 goes 535.6 / 51.1 -> 522.6 / 50.0 and
-# W3 g128 717.9 / 62.1 -> 568.5 / 57.6 (docs/results/speed.md, "Weight range search").
-RANGE_SHRINK = tuple(1 - i / 40 for i in range(11))  # 1.0, 0.975, ..., 0.75
-RANGE_NORM = 2
-RANGE_ROWS = 4096  # rows searched at a time: bounds the temporaries of a 150k-row head
+# Data-free range search (GPTQ's reference quantizer with mse=True, searched coarse to fine): per group, the
+# shrink of the range on the lattice 1.0, 0.975, ..., 0.75 whose dequantized weights have the lowest squared
+# error: 3 shrinks 0.1 apart, then +-0.05 and +-0.025 around the best (7 evaluations instead of 11). On
+# mix-llama-14m (RTN, ONNX Runtime perplexity, WikiText-2 / Shakespeare tail) W4 goes 535.6 / 51.1 ->
+# 525.9 / 49.7 and W2 2445 / 309 -> 1247 / 154 (bench/weight_range.py, docs/results/speed.md).
+RANGE_COARSE = (1.0, 0.9, 0.8)
+RANGE_REFINE = (0.05, 0.025)
+RANGE_MIN = 0.75
+RANGE_CHUNK = 1 << 18  # elements searched at a time: the temporaries stay in cache
+
+
+@contextmanager
+def one_thread():
+    """Run small elementwise torch ops on the calling thread: on a busy host, intra-op threads that wait for a
+    descheduled sibling made the search 15-20x slower (1.9 s vs 0.1 s per 4.4M weights at load 4)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
 def search_range(w: torch.Tensor, grid: Grid, group: int) -> torch.Tensor:
-    """Per-group range shrink (N, G) in RANGE_SHRINK minimising the weight error on ``grid`` (no data)."""
-    out = []
-    for rows in w.detach().split(RANGE_ROWS):
-        g = group_view(rows.float(), group)  # a chunk at a time: a bf16 head is never upcast whole
-        if grid.symmetric:
-            high = g.abs().amax(-1, keepdim=True)
-            low = None
-        else:
-            low, high = torch.aminmax(g, dim=-1, keepdim=True)
-            low, high = low.clamp_(max=0), high.clamp_(min=0)
-        best = best_err = None
-        for p in RANGE_SHRINK:
-            if grid.symmetric:
-                s = (high * (p / grid.steps)).clamp_(min=1e-8)
-                z = float(grid.zero)
-            else:
-                s = ((high - low) * (p / grid.qmax)).clamp_(min=1e-8)
-                z = torch.round(low * -p / s).clamp_(0, grid.qmax)
-            q = (g / s).round_().add_(z).clamp_(grid.qmin, grid.qmax)
-            q = q.sub_(z).mul_(s).sub_(g)
-            err = (q.square_() if RANGE_NORM == 2 else q.abs_().pow_(RANGE_NORM)).sum(-1)
-            if best is None:
-                best, best_err = torch.full_like(err, p), err
-            else:
-                better = err < best_err
-                best.masked_fill_(better, p)
-                best_err = torch.where(better, err, best_err)
-        out.append(best)
-    return torch.cat(out)
+    """Per-group range shrink (N, G) minimising the weight's squared error on ``grid`` (no data)."""
+    rows_per = max(1, RANGE_CHUNK // w.shape[1])
+    with one_thread():  # a chunk at a time: a bf16 head is never upcast whole
+        return torch.cat(
+            [_search_chunk(group_view(r.float(), group), grid) for r in w.detach().split(rows_per)]
+        )
+
+
+def _search_chunk(g: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """``search_range`` of the groups g (N, G, group)."""
+    if grid.symmetric:
+        span, zero = g.abs().amax(-1, keepdim=True) / grid.steps, float(grid.zero)
+    else:
+        low, high = torch.aminmax(g, dim=-1, keepdim=True)
+        span = (high.clamp(min=0) - low.clamp(max=0)) / grid.qmax
+        zero = torch.round(-low.clamp(max=0) / span.clamp(min=1e-8)).clamp_(0, grid.qmax)
+    q = torch.empty_like(g)
+
+    def error(shrink: torch.Tensor) -> torch.Tensor:
+        s = (span * shrink).clamp_(min=1e-8)
+        torch.div(g, s, out=q)
+        q.round_().add_(zero).clamp_(grid.qmin, grid.qmax).sub_(zero).mul_(s).sub_(g)
+        return torch.linalg.vector_norm(q, dim=-1, keepdim=True)
+
+    best = torch.ones_like(span)
+    best_err = error(best)
+    for stage in range(1 + len(RANGE_REFINE)):
+        if stage == 0:
+            candidates = [torch.full_like(span, p) for p in RANGE_COARSE[1:]]
+        else:  # both ways from the previous stage's best
+            d = RANGE_REFINE[stage - 1]
+            candidates = [(best + d).clamp(RANGE_MIN, 1.0), (best - d).clamp(RANGE_MIN, 1.0)]
+        for shrink in candidates:
+            err = error(shrink)
+            better = err < best_err
+            best = torch.where(better, shrink, best)
+            best_err = torch.where(better, err, best_err)
+    return best.squeeze(-1)
 
 
 def quantize_on_grid(
@@ -151,6 +175,7 @@ def quantize_on_grid(
     group's range is first shrunk by ``search_range``."""
     grid = grid_for(fmt, bit_balance)
     group = effective_group(fmt, w.shape[1])
-    shrink = search_range(w, grid, group) if search else None
-    scales, zeros = grid_params(w.detach(), grid, group, hi=shrink, lo=shrink)
-    return to_qtensor(w.detach(), scales, zeros, grid, group)
+    with one_thread():
+        shrink = search_range(w, grid, group) if search else None
+        scales, zeros = grid_params(w.detach(), grid, group, hi=shrink, lo=shrink)
+        return to_qtensor(w.detach(), scales, zeros, grid, group)
