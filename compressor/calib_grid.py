@@ -1,9 +1,10 @@
 """Integer grids of the weight formats, as pure (differentiable where needed) tensor functions.
 
 A :class:`Grid` says which codes a format may use and how its scales and zero points follow from a group's
-range. Plain formats use every code of ``bits`` bits, as in ``quantize.quant_params``. ABQ-LLM's balanced
-2-bit format W2* uses the symmetric 5-level grid {-2, -1, 0, 1, 2} * s: it needs 3-bit codes (zero point 4,
-codes 2..6), which lower as a 2-bit plane plus a 1-bit plane. ``rtn``, ``gptq`` and ``abq`` all quantize
+range. Plain formats use every code of ``bits`` bits; RTN's ranges may first be shrunk by a data-free
+search (``search_range``). ABQ-LLM's balanced 2-bit format W2* uses the symmetric 5-level grid
+{-2, -1, 0, 1, 2} * s: it needs 3-bit codes (zero point 4, codes 2..6), which lower as a 2-bit plane plus a
+1-bit plane. ``rtn``, ``gptq`` and ``abq`` all quantize
 through these functions, so their codes always satisfy ``dequant = (codes - zero_point) * scale`` exactly.
 """
 
@@ -37,7 +38,7 @@ def grid_for(fmt: QuantFormat, bit_balance: bool = False) -> Grid:
     if bit_balance and fmt.wbits == 2:
         return Grid(bits=3, qmin=2, qmax=6, symmetric=True, zero=4, steps=2)
     qmax = 2**fmt.wbits - 1
-    if fmt.symmetric:  # same grid as quantize.quant_params
+    if fmt.symmetric:
         half = 2 ** (fmt.wbits - 1)
         return Grid(fmt.wbits, 0, qmax, True, zero=half, steps=half - 1 if fmt.wbits > 2 else 1)
     return Grid(fmt.wbits, 0, qmax, False)
@@ -171,7 +172,7 @@ def _search_chunk(g: torch.Tensor, grid: Grid) -> torch.Tensor:
 def quantize_on_grid(
     w: torch.Tensor, fmt: QuantFormat, bit_balance: bool = False, search: bool = False
 ) -> QTensor:
-    """Round-to-nearest on the format's grid (equal to ``quantize_rtn`` for plain formats); ``search``: each
+    """Round-to-nearest on the format's grid (what method "rtn" stores); ``search``: each
     group's range is first shrunk by ``search_range``."""
     grid = grid_for(fmt, bit_balance)
     group = effective_group(fmt, w.shape[1])

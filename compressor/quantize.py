@@ -201,50 +201,8 @@ def dequantize(
     return w.flatten(1)[:, :k]
 
 
-def quant_params(
-    w: torch.Tensor, bits: int, group: int, symmetric: bool, clip: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zero points (N, G) for weight (N, K); ``clip`` (N, G) in (0, 1] shrinks the range (LWC)."""
-    g = group_view(w.float(), group)  # (N, G, g)
-    qmax = 2**bits - 1
-    if symmetric:
-        amax = g.abs().amax(-1)
-        if clip is not None:
-            amax = amax * clip
-        half = 2 ** (bits - 1)
-        scales = (amax / (half - 1 if bits > 2 else 1)).clamp_min(1e-8)
-        zero_points = torch.full_like(scales, half, dtype=torch.uint8)
-        return scales, zero_points
-    lo, hi = torch.aminmax(g, dim=-1)
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    if clip is not None:
-        lo, hi = lo * clip, hi * clip
-    scales = ((hi - lo) / qmax).clamp_min(1e-8)
-    zero_points = torch.round(-lo / scales).clamp(0, qmax).to(torch.uint8)
-    return scales, zero_points
-
-
-def quantize_codes(
-    w: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, bits: int, group: int
-) -> torch.Tensor:
-    """Round-to-nearest codes (N, K) uint8 of ``w`` on the grid given by scales and zero points."""
-    k = w.shape[1]
-    q = group_view(w.float(), group) / scales.unsqueeze(-1)
-    q.round_().add_(zero_points.float().unsqueeze(-1))
-    return q.clamp_(0, 2**bits - 1).to(torch.uint8).flatten(1)[:, :k]
-
-
 def effective_group(fmt: QuantFormat, k: int) -> int:
     return k if fmt.group_size == -1 else fmt.group_size
-
-
-def quantize_rtn(w: torch.Tensor, fmt: QuantFormat, clip: torch.Tensor | None = None) -> QTensor:
-    """Round-to-nearest quantization of one (N, K) weight."""
-    group = effective_group(fmt, w.shape[1])
-    w = w.float()  # once (a bf16 checkpoint's weight is upcast here, exactly)
-    scales, zps = quant_params(w, fmt.wbits, group, fmt.symmetric, clip)
-    codes = quantize_codes(w, scales, zps, fmt.wbits, group)
-    return QTensor(codes, scales.float(), zps, fmt.wbits, group)
 
 
 def fake_quant_activations(x: torch.Tensor, block: int) -> torch.Tensor:

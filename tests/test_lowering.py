@@ -233,11 +233,12 @@ def test_mixed_widths_keep_separate_projections(llama16, tmp_path):
     model = load_model(llama16)
     quantize(model, QuantConfig(wbits=4, group_size=32))
     k_proj = "model.layers.0.self_attn.k_proj"
-    from edgepack.compressor.quantize import QuantFormat, QuantLinear, quantize_rtn
+    from edgepack.compressor.calib_grid import quantize_on_grid
+    from edgepack.compressor.quantize import QuantFormat, QuantLinear
 
     lin = model.get_submodule(k_proj)
     w = lin.weight.detach().clone()
-    model.model.layers[0].self_attn.k_proj = QuantLinear(quantize_rtn(w, QuantFormat(8, 32, False)), None)
+    model.model.layers[0].self_attn.k_proj = QuantLinear(quantize_on_grid(w, QuantFormat(8, 32, False)), None)
     graph = build_decoder(model, BuildOptions())
     assert f"{k_proj}.qweight" in graph.graph.initializers
     assert "model.layers.0.self_attn.q_proj+k_proj+v_proj" not in graph.meta["packed"]
