@@ -279,10 +279,20 @@ def test_mlp_group_size_where_it_divides_k(tmp_path):
             layer["name"].split(".")[-1]: layer["group"] for layer in m["compression"]["quantize"]["layers"]
         }
         assert m["recipe"]["steps"][0]["mlp_group_size"] == {"default": 128, "off": 64, "g32": 32}[name]
+        graph = onnx.load(out / "model.onnx")
+        blocks = {  # (K, block_size) of every MatMulNBits node: the kernel runs the group the manifest states
+            (a["K"], a["block_size"])
+            for n in graph.graph.node
+            if n.op_type == "MatMulNBits"
+            for a in [{x.name: x.i for x in n.attribute}]
+        }
+        groups[name]["kernels"] = blocks
     assert groups["default"]["down_proj"] == 128  # K = 256
+    assert groups["default"]["kernels"] == {(64, 64), (256, 128)}  # packed q/k/v, o, gate/up, head; down
+    assert groups["off"]["kernels"] == {(64, 64), (256, 64)}
     assert groups["default"]["gate_proj"] == 64 and groups["default"]["q_proj"] == 64  # K = 64
-    assert set(groups["off"].values()) == {64}
-    assert set(groups["g32"].values()) == {32}
+    assert {v for k, v in groups["off"].items() if k != "kernels"} == {64}
+    assert {v for k, v in groups["g32"].items() if k != "kernels"} == {32}
 
 
 def test_weight_range_search_lowers_error_and_perplexity(stories):
