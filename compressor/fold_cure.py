@@ -64,13 +64,20 @@ def distill_loss(
 def held_out_kl(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch_size: int) -> float:
     """Mean per-token KL(teacher || student) of next-token distributions over ``ids`` (N, T): the drift from
     the original, comparable across folds of any depth."""
+    per_sample = sample_kls(student, teacher, ids, batch_size)
+    return sum(per_sample) / len(per_sample)
+
+
+@torch.no_grad()
+def sample_kls(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch_size: int) -> list[float]:
+    """``held_out_kl`` of each row of ``ids`` on its own (paired comparisons between students)."""
     device = next(student.parameters()).device
-    total = 0.0
+    out = []
     for x in batches(ids, batch_size, device):
         s_logits = student(input_ids=x, use_cache=False).logits
         t_logits = teacher(input_ids=x, use_cache=False).logits
-        total += logit_kl(s_logits, t_logits).item() * len(x)
-    return total / len(ids)
+        out += [logit_kl(s_logits[i : i + 1], t_logits[i : i + 1]).item() for i in range(len(x))]
+    return out
 
 
 @dataclass

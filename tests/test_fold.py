@@ -268,6 +268,18 @@ def test_cure_lowers_distillation_loss(model, ids):
     assert_cache_matches_full(model, ids[:1, :16], prefill=8)
 
 
+def test_choose_fold_needs_a_unanimous_win_over_bi_removal():
+    """Removal by block influence stays unless another fold drifts less on every held-out sample."""
+    from edgepack.compressor.fold import choose_fold
+
+    base = [0.40, 0.42, 0.38, 0.41]
+    mixed = {"remove:bi": base, "share": [0.30, 0.50, 0.30, 0.40], "remove:gates": [0.39, 0.43, 0.37, 0.40]}
+    assert choose_fold(mixed, "remove:bi") == "remove:bi"  # lower means (0.375, 0.3975), not on every sample
+    clear = {**mixed, "remove:gates": [0.35, 0.41, 0.37, 0.40], "share": [0.20, 0.30, 0.30, 0.30]}
+    assert choose_fold(clear, "remove:bi") == "share"  # both win everywhere: the lower mean
+    assert choose_fold({"remove:bi": [0.5], "share": [0.5]}, "remove:bi") == "remove:bi"  # a tie is no win
+
+
 @pytest.mark.parametrize("cure_steps", [0, 6])
 def test_share_check_keeps_the_fold_with_lower_held_out_kl(base, ids, cure_steps):
     """Sharing is kept only when it drifts less from the original than removing as many unique blocks."""
