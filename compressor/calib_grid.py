@@ -144,6 +144,13 @@ def search_range(w: torch.Tensor, grid: Grid, group: int) -> torch.Tensor:
     return torch.cat(out)
 
 
+def range_params(w: torch.Tensor, grid: Grid, group: int, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points (N, G) of ``w``'s groups from their [min, max], shrunk by ``search_range`` when
+    ``search`` (what RTN and GPTQ use when a group's scales are chosen)."""
+    shrink = search_range(w, grid, group) if search else None
+    return grid_params(w, grid, group, hi=shrink, lo=shrink)
+
+
 def quantize_on_grid(
     w: torch.Tensor, fmt: QuantFormat, bit_balance: bool = False, search: bool = False
 ) -> QTensor:
@@ -151,6 +158,5 @@ def quantize_on_grid(
     group's range is first shrunk by ``search_range``."""
     grid = grid_for(fmt, bit_balance)
     group = effective_group(fmt, w.shape[1])
-    shrink = search_range(w, grid, group) if search else None
-    scales, zeros = grid_params(w.detach(), grid, group, hi=shrink, lo=shrink)
+    scales, zeros = range_params(w.detach(), grid, group, search)
     return to_qtensor(w.detach(), scales, zeros, grid, group)
