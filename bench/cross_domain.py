@@ -256,7 +256,7 @@ def w4g64_off_rows() -> list[tuple[str, str, dict, str | None]]:
     """GPTQ W4 g64 with the 8-bit head and the per-site check, act-order off (it is on by default at g64), and RTN."""
     w = {"wbits": 4, "group_size": 64}
     rows = [("RTN W4 g64, head 8", "rtn", {**w, "head_bits": 8}, None)]
-    rows += [("GPTQ W4 g64, head 8, choose, act-order off", "gptq", {**w, "head_bits": 8, "options": {"act_order": False}}, s)
+    rows += [("GPTQ W4 g64, head 8, choose, act-order off", "gptq", {**w, "head_bits": 8, "options": {"damp": 0.1, "act_order": False}}, s)
              for s in SOURCES]  # fmt: skip
     return rows
 
@@ -277,15 +277,17 @@ def abq8_rows() -> list[tuple[str, str, dict, str | None]]:
 
 
 def round3_rows() -> list[tuple[str, str, dict, str | None]]:
-    """Round 3: RTN and GPTQ at the current defaults (weight range searched per group, head at the body width,
-    MLP group 128 at group 64; GPTQ's own options at their defaults) at W3 g128, W4 g128 and W4 g64, per source;
-    RTN with the old min/max range beside them."""
+    """Round 3: RTN and GPTQ with the weight range searched per group (the default), head at the body width, MLP
+    group 128 at group 64, at W3 g128, W4 g128 and W4 g64, per source; RTN with the old min/max range beside
+    them. GPTQ with the round-2 options (damp 0.1, act-order on except at W4 g128), as they were the defaults
+    when this part ran; ``round3-new`` has the ones chosen from it."""
     rows = []
     for w, cfg in (("W3 g128", WIDTHS["W3 g128"]), ("W4 g128", WIDTHS["W4 g128"]),
                    ("W4 g64", {"wbits": 4, "group_size": 64})):  # fmt: skip
         rows.append((f"RTN {w}, head same", "rtn", cfg, None))
         rows.append((f"RTN {w}, head same, minmax", "rtn", {**cfg, "weight_range": "minmax"}, None))
-        rows += [(f"GPTQ {w}, head same", "gptq", cfg, s) for s in SOURCES]
+        opts = {"damp": 0.1, "act_order": w != "W4 g128"}
+        rows += [(f"GPTQ {w}, head same", "gptq", {**cfg, "options": opts}, s) for s in SOURCES]
     return rows
 
 
@@ -309,11 +311,18 @@ def round3_damp_rows(damps: tuple[float, ...] = (0.3, 1.0)) -> list[tuple[str, s
     for damp in damps:
         for name, method, cfg, source in round3_rows():
             if method == "gptq":
-                rows.append((f"{name}, damp {damp}", method, {**cfg, "options": {"damp": damp}}, source))
+                rows.append(
+                    (
+                        f"{name}, damp {damp}",
+                        method,
+                        {**cfg, "options": {**cfg["options"], "damp": damp}},
+                        source,
+                    )
+                )
     return rows
 
 
-NEW_GPTQ = {"act_order": False, "damp": 1.0}  # the round-3 candidate defaults (both levers at every width)
+NEW_GPTQ = {"act_order": False, "damp": 1.0}  # both levers at every width: the defaults since round 3
 
 
 LEVERS = {  # one GPTQ option changed from its default at a time (round 3)
@@ -334,7 +343,7 @@ def round3_new_rows() -> list[tuple[str, str, dict, str | None]]:
     rows = []
     for name, method, cfg, source in round3_rows():
         if method == "gptq":
-            name, cfg = f"{name}, act-order off, damp 1.0", {**cfg, "options": NEW_GPTQ}
+            name, cfg = f"{name}, act-order off, damp 1.0", {**cfg, "options": {**cfg["options"], **NEW_GPTQ}}
         rows.append((name, method, cfg, source))
     return rows
 
@@ -351,7 +360,9 @@ def round3_levers_rows(levers: dict[str, dict] = LEVERS) -> list[tuple[str, str,
     for label, opts in levers.items():
         for name, method, cfg, source in round3_rows():
             if method == "gptq" and "W3" in name:
-                rows.append((f"{name}, {label}", method, {**cfg, "options": opts}, source))
+                rows.append(
+                    (f"{name}, {label}", method, {**cfg, "options": {**cfg["options"], **opts}}, source)
+                )
     return rows
 
 

@@ -119,7 +119,7 @@ def test_head_damp_weighs_the_tied_embedding(setup):
     models = {}
     for damp in (None, 1e4):
         model = load_model(path)
-        options = {"batch_size": 4, "head": "gptq", **({"head_damp": damp} if damp else {})}
+        options = {"batch_size": 4, "head": "gptq", "damp": 0.1, **({"head_damp": damp} if damp else {})}
         quantize(model, QuantConfig(wbits=3, method="gptq", options=options), calib)
         models[damp] = model.get_output_embeddings()
     rtn = load_model(path)
@@ -173,19 +173,24 @@ def test_choice_is_recorded_per_site_on_stories(setup):
     assert not any("calibration" in layer for layer in off["layers"])
 
 
-def test_act_order_defaults_by_width_and_group(setup, monkeypatch):
-    """act_order unset: on at W3 and at W4 g64, off at W4 g128, as the cross-domain table chose."""
+def test_act_order_is_off_by_default_at_every_width(setup, monkeypatch):
+    """act_order unset: off at W3 g128, W4 g64 and W4 g128 (round 3 of the cross-domain table); on when asked."""
     from edgepack.compressor import gptq
 
     path, calib, _, _ = setup
     seen = []
     real = gptq.gptq_quantize
-    monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
-    for wbits, group, expected in ((3, 128, True), (4, 64, True), (4, 128, False)):
+    monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append((a[4], a[5])) or real(*a, **k))
+    for wbits, group, options, expected in (
+        (3, 128, {}, False),
+        (4, 64, {}, False),
+        (4, 128, {}, False),
+        (3, 128, {"act_order": True, "damp": 0.1}, True),
+    ):
         seen.clear()
-        cfg = QuantConfig(wbits=wbits, group_size=group, method="gptq", options={"choose": False})
+        cfg = QuantConfig(wbits=wbits, group_size=group, method="gptq", options={"choose": False, **options})
         quantize(load_model(path), cfg, calib)
-        assert seen and set(seen) == {expected}, (wbits, group, set(seen))
+        assert seen and set(seen) == {(options.get("damp", 1.0), expected)}, (wbits, group, set(seen))
 
 
 @pytest.mark.parametrize("act_order", [False, True])
