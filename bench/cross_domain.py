@@ -478,6 +478,7 @@ ROUND3_PARTS = (
     "round3",
     "round3-minmax",
     "round3-damp",
+    "round3-damp1",
     "round3-levers",
     "round3-combo",
     "round3-strong",
@@ -716,9 +717,10 @@ def write_page(folder: Path) -> None:
            "sampled from the float model (`--calib self`: T=1.0, top-p 0.95, mixed first tokens). Evaluation: "
            "Shakespeare's last 10% ('shakespeare' column) and WikiText-2 test's second half ('wikitext2' column); "
            "never the calibration text. Cells: perplexity (change vs fp32). 'none' = uncalibrated (RTN, fp32). "
-           "The host had 2 CPU cores shared by about six engineers: seconds are noisy. The current round (the "
-           "8-bit head, GPTQ's per-site check, 64 calibration samples for GPTQ, 4096 evaluation tokens) comes "
-           "first; the summary and goals are in generalization.md.", ""]  # fmt: skip
+           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 3 (RTN and GPTQ with the "
+           "searched weight range, GPTQ's options re-chosen) comes first, then round 2 (the 8-bit head, GPTQ's "
+           "per-site check, 64 calibration samples, 4096 evaluation tokens); the summary and goals are in "
+           "generalization.md.", ""]  # fmt: skip
     mech = folder / "cross_domain_mechanics.json"
     if mech.is_file():
         m = json.loads(mech.read_text())
