@@ -303,23 +303,21 @@ def round3_minmax_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def round3_variant(label: str, opts: dict, width: str = "") -> list[tuple[str, str, dict, str | None]]:
+    """The GPTQ rows of ``round3`` (at ``width`` if given) with ``opts`` over their options, named ``label``."""
+    return [
+        (f"{name}, {label}", method, {**cfg, "options": {**cfg["options"], **opts}}, source)
+        for name, method, cfg, source in round3_rows()
+        if method == "gptq" and width in name
+    ]
+
+
 def round3_damp_rows(damps: tuple[float, ...] = (0.3, 1.0)) -> list[tuple[str, str, dict, str | None]]:
     """GPTQ as ``round3`` with stronger dampening (0.3, 1.0; default 0.1): more damping moves GPTQ towards RTN
     (at infinite damping it is RTN with the same searched ranges), so it trades fitting the calibration text
     against generality."""
     rows = [r for r in round3_rows() if r[1] == "rtn"]
-    for damp in damps:
-        for name, method, cfg, source in round3_rows():
-            if method == "gptq":
-                rows.append(
-                    (
-                        f"{name}, damp {damp}",
-                        method,
-                        {**cfg, "options": {**cfg["options"], "damp": damp}},
-                        source,
-                    )
-                )
-    return rows
+    return rows + [r for damp in damps for r in round3_variant(f"damp {damp}", {"damp": damp})]
 
 
 NEW_GPTQ = {"act_order": False, "damp": 1.0}  # both levers at every width: the defaults since round 3
@@ -340,12 +338,7 @@ COMBOS = {  # two levers together, and stronger dampening (round 3)
 
 def round3_new_rows() -> list[tuple[str, str, dict, str | None]]:
     """``round3`` with GPTQ at act-order off and damp 1.0 at every width."""
-    rows = []
-    for name, method, cfg, source in round3_rows():
-        if method == "gptq":
-            name, cfg = f"{name}, act-order off, damp 1.0", {**cfg, "options": {**cfg["options"], **NEW_GPTQ}}
-        rows.append((name, method, cfg, source))
-    return rows
+    return [r for r in round3_rows() if r[1] == "rtn"] + round3_variant("act-order off, damp 1.0", NEW_GPTQ)
 
 
 STRONG = {  # act-order off with stronger dampening (round 3: the self-calibrated W3 cell)
@@ -357,13 +350,7 @@ STRONG = {  # act-order off with stronger dampening (round 3: the self-calibrate
 def round3_levers_rows(levers: dict[str, dict] = LEVERS) -> list[tuple[str, str, dict, str | None]]:
     """GPTQ as ``round3`` at W3 g128 with ``levers`` changed (act-order, dampening), per source; the RTN rows."""
     rows = [r for r in round3_rows() if r[1] == "rtn" and "W3" in r[0]]
-    for label, opts in levers.items():
-        for name, method, cfg, source in round3_rows():
-            if method == "gptq" and "W3" in name:
-                rows.append(
-                    (f"{name}, {label}", method, {**cfg, "options": {**cfg["options"], **opts}}, source)
-                )
-    return rows
+    return rows + [r for label, opts in levers.items() for r in round3_variant(label, opts, "W3 g128")]
 
 
 def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str | None) -> Row:
@@ -482,6 +469,7 @@ ROUND3_PARTS = (
     "round3-levers",
     "round3-combo",
     "round3-strong",
+    "round3-self",
 )
 QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are fold, both, mechanics)
     "quant": quant_rows,
@@ -504,6 +492,8 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round3-levers": round3_levers_rows,
     "round3-combo": lambda: round3_levers_rows(COMBOS),
     "round3-new": round3_new_rows,
+    # the cells round3-new left (self-calibrated W3 g128 / W4 g128), to be run with more samples
+    "round3-self": lambda: [r for r in round3_new_rows() if "minmax" not in r[0] and "W4 g64" not in r[0]],
     "round3-strong": lambda: round3_levers_rows(STRONG),
 }
 
