@@ -353,6 +353,16 @@ def round3_levers_rows(levers: dict[str, dict] = LEVERS) -> list[tuple[str, str,
     return rows + [r for label, opts in levers.items() for r in round3_variant(label, opts, "W3 g128")]
 
 
+def round3_abq_rows() -> list[tuple[str, str, dict, str | None]]:
+    """ABQ W3 g128 (head at body width, default options) with its clipping started at the searched range
+    (weight_range mse, the default) or at 0.98 of min/max (minmax, before round 3); RTN (searched) beside."""
+    cfg = WIDTHS["W3 g128"]
+    rows = [("RTN W3 g128, head same", "rtn", cfg, None)]
+    for rng in ("mse", "minmax"):
+        rows += [(f"ABQ W3 g128, head same, {rng}", "abq", {**cfg, "weight_range": rng}, s) for s in SOURCES]
+    return rows
+
+
 def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str | None) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -470,6 +480,7 @@ ROUND3_PARTS = (
     "round3-combo",
     "round3-strong",
     "round3-self",
+    "round3-abq",
 )
 QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are fold, both, mechanics)
     "quant": quant_rows,
@@ -493,6 +504,7 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round3-combo": lambda: round3_levers_rows(COMBOS),
     "round3-new": round3_new_rows,
     # the cells round3-new left (self-calibrated W3 g128 / W4 g128), to be run with more samples
+    "round3-abq": round3_abq_rows,
     "round3-self": lambda: [r for r in round3_new_rows() if "minmax" not in r[0] and "W4 g64" not in r[0]],
     "round3-strong": lambda: round3_levers_rows(STRONG),
 }
