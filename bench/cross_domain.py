@@ -256,7 +256,7 @@ def w4g64_off_rows() -> list[tuple[str, str, dict, str | None]]:
     """GPTQ W4 g64 with the 8-bit head and the per-site check, act-order off (it is on by default at g64), and RTN."""
     w = {"wbits": 4, "group_size": 64}
     rows = [("RTN W4 g64, head 8", "rtn", {**w, "head_bits": 8}, None)]
-    rows += [("GPTQ W4 g64, head 8, choose, act-order off", "gptq", {**w, "head_bits": 8, "options": {"act_order": False}}, s)
+    rows += [("GPTQ W4 g64, head 8, choose, act-order off", "gptq", {**w, "head_bits": 8, "options": {"damp": 0.1, "act_order": False}}, s)
              for s in SOURCES]  # fmt: skip
     return rows
 
@@ -276,6 +276,93 @@ def abq8_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def round3_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 3: RTN and GPTQ with the weight range searched per group (the default), head at the body width, MLP
+    group 128 at group 64, at W3 g128, W4 g128 and W4 g64, per source; RTN with the old min/max range beside
+    them. GPTQ with the round-2 options (damp 0.1, act-order on except at W4 g128), as they were the defaults
+    when this part ran; ``round3-new`` has the ones chosen from it."""
+    rows = []
+    for w, cfg in (("W3 g128", WIDTHS["W3 g128"]), ("W4 g128", WIDTHS["W4 g128"]),
+                   ("W4 g64", {"wbits": 4, "group_size": 64})):  # fmt: skip
+        rows.append((f"RTN {w}, head same", "rtn", cfg, None))
+        rows.append((f"RTN {w}, head same, minmax", "rtn", {**cfg, "weight_range": "minmax"}, None))
+        opts = {"damp": 0.1, "act_order": w != "W4 g128"}
+        rows += [(f"GPTQ {w}, head same", "gptq", {**cfg, "options": opts}, s) for s in SOURCES]
+    return rows
+
+
+def round3_minmax_rows() -> list[tuple[str, str, dict, str | None]]:
+    """GPTQ as ``round3`` with ``weight_range="minmax"``: its scales (and its RTN paths) from each group's min/max,
+    i.e. before GPTQ got the range search, against the same RTN rows."""
+    rows = []
+    for row in round3_rows():
+        name, method, cfg, source = row
+        rows.append(
+            row if method == "rtn" else (f"{name}, minmax", method, {**cfg, "weight_range": "minmax"}, source)
+        )
+    return rows
+
+
+def round3_variant(label: str, opts: dict, width: str = "") -> list[tuple[str, str, dict, str | None]]:
+    """The GPTQ rows of ``round3`` (at ``width`` if given) with ``opts`` over their options, named ``label``."""
+    return [
+        (f"{name}, {label}", method, {**cfg, "options": {**cfg["options"], **opts}}, source)
+        for name, method, cfg, source in round3_rows()
+        if method == "gptq" and width in name
+    ]
+
+
+def round3_damp_rows(damps: tuple[float, ...] = (0.3, 1.0)) -> list[tuple[str, str, dict, str | None]]:
+    """GPTQ as ``round3`` with stronger dampening (0.3, 1.0; default 0.1): more damping moves GPTQ towards RTN
+    (at infinite damping it is RTN with the same searched ranges), so it trades fitting the calibration text
+    against generality."""
+    rows = [r for r in round3_rows() if r[1] == "rtn"]
+    return rows + [r for damp in damps for r in round3_variant(f"damp {damp}", {"damp": damp})]
+
+
+NEW_GPTQ = {"act_order": False, "damp": 1.0}  # both levers at every width: the defaults since round 3
+
+
+LEVERS = {  # one GPTQ option changed from its default at a time (round 3)
+    "act-order off": {"act_order": False},  # on is the default at W3
+    "damp 0.3": {"damp": 0.3},
+    "damp 1.0": {"damp": 1.0},
+}
+
+
+COMBOS = {  # two levers together, and stronger dampening (round 3)
+    "act-order off, damp 1.0": NEW_GPTQ,
+    "damp 3.0": {"damp": 3.0},
+}
+
+
+def round3_new_rows() -> list[tuple[str, str, dict, str | None]]:
+    """``round3`` with GPTQ at act-order off and damp 1.0 at every width."""
+    return [r for r in round3_rows() if r[1] == "rtn"] + round3_variant("act-order off, damp 1.0", NEW_GPTQ)
+
+
+STRONG = {  # act-order off with stronger dampening (round 3: the self-calibrated W3 cell)
+    "act-order off, damp 3.0": {"act_order": False, "damp": 3.0},
+    "act-order off, damp 10.0": {"act_order": False, "damp": 10.0},
+}
+
+
+def round3_levers_rows(levers: dict[str, dict] = LEVERS) -> list[tuple[str, str, dict, str | None]]:
+    """GPTQ as ``round3`` at W3 g128 with ``levers`` changed (act-order, dampening), per source; the RTN rows."""
+    rows = [r for r in round3_rows() if r[1] == "rtn" and "W3" in r[0]]
+    return rows + [r for label, opts in levers.items() for r in round3_variant(label, opts, "W3 g128")]
+
+
+def round3_abq_rows() -> list[tuple[str, str, dict, str | None]]:
+    """ABQ W3 g128 (head at body width, default options) with its clipping started at the searched range
+    (weight_range mse, the default) or at 0.98 of min/max (minmax, before round 3); RTN (searched) beside."""
+    cfg = WIDTHS["W3 g128"]
+    rows = [("RTN W3 g128, head same", "rtn", cfg, None)]
+    for rng in ("mse", "minmax"):
+        rows += [(f"ABQ W3 g128, head same, {rng}", "abq", {**cfg, "weight_range": rng}, s) for s in SOURCES]
+    return rows
+
+
 def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str | None) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -285,7 +372,8 @@ def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str 
     report = quantize(m, config, data.ids(source) if source else None)
     seconds = time.perf_counter() - t0
     choices = [layer["calibration"]["choice"] for layer in report["layers"] if "calibration" in layer]
-    extra = {"options": config.options, "head_bits": config.head_bits}
+    extra = {"options": config.options, "head_bits": config.head_bits, "weight_range": config.weight_range,
+             "mlp_group_size": config.mlp_group_size}  # fmt: skip
     if choices:  # GPTQ's per-site check: how many sites kept RTN's codes
         extra["rtn_kept"] = f"{choices.count('rtn')} of {len(choices)}"
     return Row("quant", name, source, data.ppl(m), round(seconds, 1), extra)
@@ -381,6 +469,19 @@ def save(path: Path, meta: dict, rows: list[Row]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
 
 
+HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
+ROUND3_PARTS = (
+    "round3-new",
+    "round3",
+    "round3-minmax",
+    "round3-damp",
+    "round3-damp1",
+    "round3-levers",
+    "round3-combo",
+    "round3-strong",
+    "round3-self",
+    "round3-abq",
+)
 QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are fold, both, mechanics)
     "quant": quant_rows,
     "gptq": gptq_grid_rows,
@@ -394,6 +495,18 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "w4g64": w4g64_rows,
     "actorder": actorder_rows,
     "w4g64-off": w4g64_off_rows,
+    "round3": round3_rows,
+    "round3-minmax": round3_minmax_rows,
+    "round3-damp": round3_damp_rows,
+    # damp 1.0 with act-order by width; at W4 g128 act-order is off by default: those rows are round3-new's
+    "round3-damp1": lambda: [r for r in round3_damp_rows((1.0,)) if "W4 g128" not in r[0]],
+    "round3-levers": round3_levers_rows,
+    "round3-combo": lambda: round3_levers_rows(COMBOS),
+    "round3-new": round3_new_rows,
+    # the cells round3-new left (self-calibrated W3 g128 / W4 g128), to be run with more samples
+    "round3-abq": round3_abq_rows,
+    "round3-self": lambda: [r for r in round3_new_rows() if "minmax" not in r[0] and "W4 g64" not in r[0]],
+    "round3-strong": lambda: round3_levers_rows(STRONG),
 }
 
 
@@ -488,7 +601,7 @@ def goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
                         f"{n}: "
                         + ("<= RTN on both texts" if not worse else f"worse than RTN on {', '.join(worse)}")
                     )
-    if part in ("head8", "abq8", "w4g64", "actorder", "w4g64-off"):
+    if part in (*HEAD8_PARTS, *ROUND3_PARTS):
         return head8_goal_lines(part, rows, fp)
     if part == "quant":
         for name in ("GPTQ W3 g128", "ABQ W3 g128"):
@@ -572,7 +685,7 @@ def head8_goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
                 f"{e.split('_')[0]}{' (in)' if e == e_in else ''} {100 * r:+.1f}%" for e, r in cells
             )
             out.append(f"{name} [{s}]: {shown} ({goal}) -> {'met' if ok else 'not met'}")
-    if part in ("head8", "w4g64", "actorder", "w4g64-off"):
+    if part in (*HEAD8_PARTS, *ROUND3_PARTS) and part != "abq8":
         for w in ("W3 g128", "W4 g128", "W4 g64"):
             for head in ("head same", "head 8"):
                 rtn = get.get((f"RTN {w}, {head}", None))
@@ -606,9 +719,10 @@ def write_page(folder: Path) -> None:
            "sampled from the float model (`--calib self`: T=1.0, top-p 0.95, mixed first tokens). Evaluation: "
            "Shakespeare's last 10% ('shakespeare' column) and WikiText-2 test's second half ('wikitext2' column); "
            "never the calibration text. Cells: perplexity (change vs fp32). 'none' = uncalibrated (RTN, fp32). "
-           "The host had 2 CPU cores shared by about six engineers: seconds are noisy. The current round (the "
-           "8-bit head, GPTQ's per-site check, 64 calibration samples for GPTQ, 4096 evaluation tokens) comes "
-           "first; the summary and goals are in generalization.md.", ""]  # fmt: skip
+           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 3 (RTN and GPTQ with the "
+           "searched weight range, GPTQ's options re-chosen) comes first, then round 2 (the 8-bit head, GPTQ's "
+           "per-site check, 64 calibration samples, 4096 evaluation tokens); the summary and goals are in "
+           "generalization.md.", ""]  # fmt: skip
     mech = folder / "cross_domain_mechanics.json"
     if mech.is_file():
         m = json.loads(mech.read_text())
@@ -621,14 +735,7 @@ def write_page(folder: Path) -> None:
                 f"{m['q_proj_bias_initializers']} (3 groups)",
                 f"- ONNX Runtime vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
                 f"passed {p['passed']}", ""]  # fmt: skip
-    current = (
-        "head8",
-        "abq8",
-        "w4g64",
-        "w4g64-off",
-        "actorder",
-        "fold",
-    )  # the 8-bit-head round first, then the earlier one
+    current = (*ROUND3_PARTS, *HEAD8_PARTS, "fold")  # round 3, round 2, then the earlier one
     paths = sorted(folder.glob("cross_domain_*_*.json"))
     parts = {p: json.loads(p.read_text())["meta"]["part"] for p in paths}
     paths.sort(key=lambda p: (current.index(parts[p]) if parts[p] in current else len(current), p.name))

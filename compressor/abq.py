@@ -56,7 +56,7 @@ from edgepack.compressor.calib_grid import (
     fake_quant,
     grid_for,
     grid_params,
-    quantize_on_grid,
+    search_range,
     to_qtensor,
 )
 from edgepack.compressor.quantize import (
@@ -67,6 +67,7 @@ from edgepack.compressor.quantize import (
     effective_group,
     fake_quant_activations,
     register_method,
+    rtn_tensor,
 )
 from torch import nn
 from tqdm import tqdm
@@ -158,6 +159,7 @@ class LearnableQuant(nn.Module):
         rounding: bool = False,
         round_bound: float = 0.0,
         clip_min: float = 0.0,
+        search: bool = False,
     ):
         super().__init__()
         n, k = linear.weight.shape
@@ -171,8 +173,12 @@ class LearnableQuant(nn.Module):
         self.bias = None if linear.bias is None else linear.bias.detach()
         shape = (n, -(-k // group))
         device = linear.weight.device
-        self.hi = nn.Parameter(torch.full(shape, CLIP_INIT, device=device))
-        self.lo = None if grid.symmetric else nn.Parameter(torch.full(shape, CLIP_INIT, device=device))
+        init = torch.full(shape, CLIP_INIT, device=device)
+        if search:  # start from RTN's searched range (weight_range "mse"), not from the full one
+            kept = (search_range(self.w, grid, group) - clip_min) / (1 - clip_min)
+            init = torch.logit(kept.clamp(1e-4, 1 - 1e-4)).clamp(max=CLIP_INIT)
+        self.hi = nn.Parameter(init.clone())
+        self.lo = None if grid.symmetric else nn.Parameter(init.clone())
         self.log_smooth = smooth  # (K,) log of the smoothing scales, shared by every linear of a norm group
 
     def target_weight(self) -> torch.Tensor:
@@ -306,6 +312,7 @@ def _calibrate_head(
         opts.rounding,
         opts.round_bound,
         opts.clip_min,
+        config.weight_range == "mse",
     )
     w_fp, bias = w.detach(), site.module.bias
 
@@ -375,9 +382,7 @@ def abq_method(
     opts = ABQOptions.from_options(config.options, "abq")
     ids = require_calibration(calib_ids, "abq")
     plan = plan_blocks(model, sites)
-    out: dict[str, QTensor] = {
-        s.name: quantize_on_grid(s.module.weight, s.fmt, opts.bit_balance) for s in plan.other
-    }
+    out: dict[str, QTensor] = {s.name: rtn_tensor(s, config) for s in plan.other}
     by_use = {full: s for s in sites for _, _, full in s.uses}
     swaps = Swaps()
     with frozen_parameters(model):
@@ -463,6 +468,7 @@ def _calibrate_block(
             opts.rounding,
             opts.round_bound,
             opts.clip_min,
+            config.weight_range == "mse",
         )
         swaps.set(site, modules[site.name])
     with torch.enable_grad():

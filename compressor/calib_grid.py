@@ -169,6 +169,13 @@ def _search_chunk(g: torch.Tensor, grid: Grid) -> torch.Tensor:
     return best.squeeze(-1)
 
 
+def range_params(w: torch.Tensor, grid: Grid, group: int, search: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points (N, G) of ``w``'s groups from their [min, max], shrunk by ``search_range`` when
+    ``search`` (what RTN and GPTQ use when a group's scales are chosen)."""
+    shrink = search_range(w, grid, group) if search else None
+    return grid_params(w, grid, group, hi=shrink, lo=shrink)
+
+
 def quantize_on_grid(
     w: torch.Tensor, fmt: QuantFormat, bit_balance: bool = False, search: bool = False
 ) -> QTensor:
@@ -177,6 +184,5 @@ def quantize_on_grid(
     grid = grid_for(fmt, bit_balance)
     group = effective_group(fmt, w.shape[1])
     with one_thread():
-        shrink = search_range(w, grid, group) if search else None
-        scales, zeros = grid_params(w.detach(), grid, group, hi=shrink, lo=shrink)
+        scales, zeros = range_params(w.detach(), grid, group, search)
         return to_qtensor(w.detach(), scales, zeros, grid, group)

@@ -6,9 +6,9 @@ are processed in order on the inputs of the already-quantized model, and inside 
 linears that read the same input (q/k/v, then o, then gate/up, then down), so every stage sees the
 quantized outputs of the stages before it.
 
-Options (``QuantConfig.options``): ``damp`` (dampening, fraction of the mean Hessian diagonal; 0.1 by
-default: at 0.01 GPTQ fit the calibration text and lost to RTN on other text), ``act_order`` (quantize columns
-by decreasing Hessian diagonal, with static groups; by default off only for >= 4 bits in groups >= 128),
+Options (``QuantConfig.options``): ``damp`` (dampening, fraction of the mean Hessian diagonal; 1.0 by
+default: less fits the calibration text and loses to RTN's searched ranges on other text), ``act_order``
+(quantize columns by decreasing Hessian diagonal, with static groups; off by default),
 ``block_size`` (lazy-batch width),
 ``head`` ("rtn", the default, or "gptq" for the tied lm_head/embedding: GPTQ fits the head's error to the
 calibration hidden states while the same codes also serve as input embeddings; on mix-llama-14m's 8192-token
@@ -18,7 +18,10 @@ sample of each batch is held out; per site, GPTQ fit on the others is compared w
 on the held-out inputs, ``sum (dW H_held dW^T) / tokens``, and the lower one wins; a GPTQ win is re-run on
 every sample; the decision and both errors are recorded per layer in the quantize report, i.e. the manifest's
 ``compression.quantize.layers[].calibration``), plus the common ``n_samples``, ``seq_len``, ``batch_size``,
-``bit_balance``, ``seed``. Measurements: docs/results/generalization.md, docs/results/cross_domain.md.
+``bit_balance``, ``seed``. ``QuantConfig.weight_range`` applies as in RTN: "mse" (default) shrinks each group's
+range by ``calib_grid.search_range`` when its scales are chosen (on the error-updated columns; up front for
+act-order's static groups), and every RTN path here (the head by RTN, the per-site alternative, unplanned
+sites) is ``quantize.rtn_tensor``. Measurements: docs/results/generalization.md, docs/results/cross_domain.md.
 """
 
 from __future__ import annotations
@@ -37,13 +40,14 @@ from edgepack.compressor.calib_blocks import (
     tied_embedding,
     trace_inputs,
 )
-from edgepack.compressor.calib_grid import Grid, grid_for, grid_params, quantize_on_grid
+from edgepack.compressor.calib_grid import Grid, grid_for, range_params
 from edgepack.compressor.quantize import (
     LinearSite,
     QTensor,
     QuantConfig,
     effective_group,
     register_method,
+    rtn_tensor,
 )
 from torch import nn
 from tqdm import tqdm
@@ -59,11 +63,12 @@ MIN_TOKENS_PER_INPUT = 16  # calibration tokens per input feature below which th
 
 @dataclass(frozen=True)
 class GPTQOptions(CalibOptions):
-    damp: float = 0.1  # 0.01 fit the calibration text (docs/results/generalization.md)
-    # None: off only for >= 4 bits in groups >= 128 (W4 g128, 8-bit head: off <= RTN in 10 of 12 cross-domain
-    # cells over both models, on in 7 of 12), else on (W3: off lost to RTN on mix-llama-14m; W4 g64: on <= RTN
-    # in 10 of 12 and within 3% of fp32 on every mix-llama-14m cell, off 9 of 12); docs/results/generalization.md
-    act_order: bool | None = None
+    # Against RTN with the searched range (round 3 of docs/results/generalization.md, W3 g128 / W4 g128 / W4 g64
+    # x 3 calibration sources x 2 texts on both shared models): damp 1.0 with act-order off <= RTN in 33 of 36
+    # cells; damp 0.1 with act-order on except at W4 g128 (the earlier defaults) 30; damp 1.0 with that act-order
+    # 31. Act-order's static groups fix each (shrunk) range before GPTQ's updates move the weights.
+    damp: float = 1.0
+    act_order: bool = False
     block_size: int = 128
     head: str = "rtn"  # the tied lm_head/embedding: "rtn" or "gptq" (on final hidden states)
     head_damp: float | None = None  # dampening of a *tied* head (None: ``damp``); see gptq_method
@@ -101,13 +106,15 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     block_size: int = 128,
+    search: bool = False,
 ) -> tuple[QTensor, float]:
     """GPTQ of weight (N, K) given the summed input Hessian (K, K); returns the QTensor and the proxy error.
 
     Group scales are chosen on the fly from the error-updated weights when a group's first column is reached.
     With ``act_order`` the columns go in order of decreasing Hessian diagonal; groups must stay contiguous in K
     (the MatMulNBits layout has no column permutation), so their scales are then fixed from the unmodified
-    weight up front (AutoGPTQ's ``static_groups``).
+    weight up front (AutoGPTQ's ``static_groups``). ``search``: each group's range is shrunk by
+    ``search_range`` on those same weights (the reference quantizer's ``mse=True``; no data).
     """
     n, k = w.shape
     wq = w.detach().clone().float()
@@ -120,7 +127,7 @@ def gptq_quantize(
     zeros = torch.zeros(n, n_groups, device=w.device)
     perm = torch.arange(k, device=w.device)
     if act_order:
-        scales, zeros = grid_params(wq, grid, group)
+        scales, zeros = range_params(wq, grid, group, search)
         perm = torch.argsort(torch.diag(h), descending=True)
         wq, h = wq[:, perm], h[perm][:, perm]
     hinv = inverse_hessian_factor(h, damp)
@@ -139,7 +146,7 @@ def gptq_quantize(
                 # Every pending update has reached columns col.. (groups start on lazy-batch boundaries or
                 # inside one), so the group's current values give its range.
                 current = torch.cat([w1[:, i:], wq[:, i2:]], 1)[:, :group]
-                s, z = grid_params(current, grid, group)
+                s, z = range_params(current, grid, group, search)
                 scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             s, z = scales[:, g], zeros[:, g]
             x = w1[:, i]
@@ -252,29 +259,33 @@ def output_error(w: torch.Tensor, q: QTensor, h: torch.Tensor, tokens: int) -> f
 
 
 def choose_codes(
-    site: LinearSite, fit: torch.Tensor, held: torch.Tensor, tokens: tuple[int, int], opts: GPTQOptions
+    site: LinearSite,
+    fit: torch.Tensor,
+    held: torch.Tensor,
+    tokens: tuple[int, int],
+    opts: GPTQOptions,
+    config: QuantConfig,
 ) -> QTensor:
     """GPTQ (fit on the fit samples) or RTN codes, whichever has the lower output error on the held-out samples;
     a GPTQ win is then re-run on every sample. The decision and both errors go into ``QTensor.note``."""
     w = site.module.weight.detach()
     n_fit, n_held = tokens
-    q_gptq, _ = _gptq_site(site, fit, n_fit, opts)
-    q_rtn = quantize_on_grid(w, site.fmt, opts.bit_balance)
+    q_gptq, _ = _gptq_site(site, fit, n_fit, opts, config)
+    q_rtn = rtn_tensor(site, config)
     errors = {"gptq": output_error(w, q_gptq, held, n_held), "rtn": output_error(w, q_rtn, held, n_held)}
     choice = "gptq" if errors["gptq"] <= errors["rtn"] else "rtn"
-    q = _gptq_site(site, fit + held, n_fit + n_held, opts)[0] if choice == "gptq" else q_rtn
+    q = _gptq_site(site, fit + held, n_fit + n_held, opts, config)[0] if choice == "gptq" else q_rtn
     q.note = {"choice": choice, "held_out_error": {k: float(f"{v:.6g}") for k, v in errors.items()}}
     return q
 
 
-def default_act_order(bits: int, group: int) -> bool:
-    """act_order when unset: off for >= 4 bits in groups of >= 128 columns (static groups then lost to RTN
-    off-domain), on otherwise."""
-    return not (bits >= 4 and group >= 128)
-
-
 def _gptq_site(
-    site: LinearSite, h: torch.Tensor, n_tokens: int, opts: GPTQOptions, damp: float | None = None
+    site: LinearSite,
+    h: torch.Tensor,
+    n_tokens: int,
+    opts: GPTQOptions,
+    config: QuantConfig,
+    damp: float | None = None,
 ) -> tuple[QTensor, float]:
     w = site.module.weight.detach()
     q, err = gptq_quantize(
@@ -283,10 +294,9 @@ def _gptq_site(
         grid_for(site.fmt, opts.bit_balance),
         effective_group(site.fmt, w.shape[1]),
         opts.damp if damp is None else damp,
-        default_act_order(site.fmt.wbits, effective_group(site.fmt, w.shape[1]))
-        if opts.act_order is None
-        else opts.act_order,
+        opts.act_order,
         opts.block_size,
+        search=config.weight_range == "mse",
     )
     return q, err
 
@@ -304,9 +314,7 @@ def gptq_method(
         )
     ids = require_calibration(calib_ids, "gptq")
     plan = plan_blocks(model, sites)
-    out: dict[str, QTensor] = {
-        s.name: quantize_on_grid(s.module.weight, s.fmt, opts.bit_balance) for s in plan.other
-    }
+    out: dict[str, QTensor] = {s.name: rtn_tensor(s, config) for s in plan.other}
     swaps = Swaps()
     try:
         trace = trace_inputs(model, plan.layers, ids, opts.batch_size, head=model.get_output_embeddings())
@@ -321,7 +329,7 @@ def gptq_method(
                 MIN_TOKENS_PER_INPUT * widest,
             )
         if plan.head is not None and opts.head == "rtn":
-            out[plan.head.name] = quantize_on_grid(plan.head.module.weight, plan.head.fmt, opts.bit_balance)
+            out[plan.head.name] = rtn_tensor(plan.head, config)
         elif plan.head is not None:
             k = plan.head.module.in_features
             h = torch.zeros(k, k, device=trace.head_inputs[0].device)
@@ -331,7 +339,7 @@ def gptq_method(
             # exactly that identity term to the logits Hessian, so head_damp weighs the embedding use.
             tied = tied_embedding(model, plan.head) is not None
             damp = opts.head_damp if tied and opts.head_damp is not None else None
-            out[plan.head.name], err = _gptq_site(plan.head, h, tokens, opts, damp)
+            out[plan.head.name], err = _gptq_site(plan.head, h, tokens, opts, config, damp)
             log.info("gptq %s: error %.4g", plan.head.name, err)
         if plan.head is not None:
             qlin = swaps.quantized(plan.head, out[plan.head.name], config.abits)
@@ -357,10 +365,14 @@ def gptq_method(
                         uses = len(plan.positions[site.name])
                         if choose:
                             n = ((tokens - held_tokens) * uses, held_tokens * uses)
-                            out[site.name] = choose_codes(site, fit[site.name], held[site.name], n, opts)
+                            out[site.name] = choose_codes(
+                                site, fit[site.name], held[site.name], n, opts, config
+                            )
                             kept_rtn += out[site.name].note["choice"] == "rtn"
                         else:
-                            out[site.name], err = _gptq_site(site, fit[site.name], tokens * uses, opts)
+                            out[site.name], err = _gptq_site(
+                                site, fit[site.name], tokens * uses, opts, config
+                            )
                             block_error += err
                         swaps.quantized(site, out[site.name], config.abits)
                 log.info("gptq block %d: error %.4g, RTN kept for %d sites", i, block_error, kept_rtn)

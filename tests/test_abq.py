@@ -178,3 +178,25 @@ def test_split_holdout_and_early_stopping_keep_the_best_epoch():
     steps = [steps[3] if i in held_idx else steps[0] for i in range(4)]
     abq._train([module], steps, opts)
     assert p.item() == 0.0, "the best held-out epoch is the initial state"
+
+
+def test_clipping_starts_at_the_searched_range():
+    """weight_range "mse": ABQ's learnable clipping starts at RTN's searched range (so the untrained quantizer is
+    the searched RTN wherever the search shrank a group below the 0.98 start), "minmax": at 0.98 of min/max."""
+    from edgepack.compressor.calib_grid import grid_for, quantize_on_grid, search_range
+
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.distributions.StudentT(3.0).sample((16, 64)))
+    grid = grid_for(QuantFormat(3, 32))
+    shrink = search_range(lin.weight, grid, 32)
+    searched = abq.LearnableQuant(lin, grid, 32, 16, None, search=True)
+    plain = abq.LearnableQuant(lin, grid, 32, 16, None)
+    moved = shrink < 0.98
+    assert 0 < int(moved.sum()) < moved.numel()
+    assert torch.allclose(searched.clip(searched.hi)[moved], shrink[moved], atol=1e-4)
+    assert torch.allclose(plain.clip(plain.hi), torch.sigmoid(torch.tensor(abq.CLIP_INIT)))
+    rows = moved.all(1)  # rows whose every group moved: the untrained codes are the searched RTN's
+    rtn = quantize_on_grid(lin.weight, QuantFormat(3, 32), search=True)
+    assert rows.any() and torch.equal(searched.freeze().codes[rows], rtn.codes[rows])

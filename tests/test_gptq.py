@@ -119,7 +119,7 @@ def test_head_damp_weighs_the_tied_embedding(setup):
     models = {}
     for damp in (None, 1e4):
         model = load_model(path)
-        options = {"batch_size": 4, "head": "gptq", **({"head_damp": damp} if damp else {})}
+        options = {"batch_size": 4, "head": "gptq", "damp": 0.1, **({"head_damp": damp} if damp else {})}
         quantize(model, QuantConfig(wbits=3, method="gptq", options=options), calib)
         models[damp] = model.get_output_embeddings()
     rtn = load_model(path)
@@ -142,13 +142,14 @@ def test_choice_keeps_rtn_where_gptq_does_not_generalize():
     basis = torch.randn(12, 96)
     fit_x = torch.randn(2048, 12) @ basis  # rank 12 of 96
     fit = fit_x.t() @ fit_x
-    rtn = quantize_on_grid(lin.weight.detach(), site.fmt)
+    rtn = quantize_on_grid(lin.weight.detach(), site.fmt, search=True)  # RTN as weight_range "mse" does it
     wide_x = torch.randn(512, 96)
-    q = choose_codes(site, fit, wide_x.t() @ wide_x, (2048, 512), GPTQOptions(damp=0.01))
+    opts, config = GPTQOptions(damp=0.01), QuantConfig()
+    q = choose_codes(site, fit, wide_x.t() @ wide_x, (2048, 512), opts, config)
     assert q.note["choice"] == "rtn" and torch.equal(q.codes, rtn.codes)
     assert q.note["held_out_error"]["rtn"] < q.note["held_out_error"]["gptq"]
     like_x = torch.randn(512, 12) @ basis
-    q = choose_codes(site, fit, like_x.t() @ like_x, (2048, 512), GPTQOptions(damp=0.01))
+    q = choose_codes(site, fit, like_x.t() @ like_x, (2048, 512), opts, config)
     assert q.note["choice"] == "gptq" and not torch.equal(q.codes, rtn.codes)
     assert q.note["held_out_error"]["gptq"] < 0.7 * q.note["held_out_error"]["rtn"]
 
@@ -172,16 +173,58 @@ def test_choice_is_recorded_per_site_on_stories(setup):
     assert not any("calibration" in layer for layer in off["layers"])
 
 
-def test_act_order_defaults_by_width_and_group(setup, monkeypatch):
-    """act_order unset: on at W3 and at W4 g64, off at W4 g128, as the cross-domain table chose."""
+def test_act_order_is_off_by_default_at_every_width(setup, monkeypatch):
+    """act_order unset: off at W3 g128, W4 g64 and W4 g128 (round 3 of the cross-domain table); on when asked."""
     from edgepack.compressor import gptq
 
     path, calib, _, _ = setup
     seen = []
     real = gptq.gptq_quantize
-    monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append(a[5]) or real(*a, **k))
-    for wbits, group, expected in ((3, 128, True), (4, 64, True), (4, 128, False)):
+    monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append((a[4], a[5])) or real(*a, **k))
+    for wbits, group, options, expected in (
+        (3, 128, {}, False),
+        (4, 64, {}, False),
+        (4, 128, {}, False),
+        (3, 128, {"act_order": True, "damp": 0.1}, True),
+    ):
         seen.clear()
-        cfg = QuantConfig(wbits=wbits, group_size=group, method="gptq", options={"choose": False})
+        cfg = QuantConfig(wbits=wbits, group_size=group, method="gptq", options={"choose": False, **options})
         quantize(load_model(path), cfg, calib)
-        assert seen and set(seen) == {expected}, (wbits, group, set(seen))
+        assert seen and set(seen) == {(options.get("damp", 1.0), expected)}, (wbits, group, set(seen))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_searches_each_groups_range(act_order):
+    """search=True (QuantConfig.weight_range "mse", the default): each group's scales come from the range shrink
+    ``search_range`` picks on the group's current weights, not from min/max, and the output error on the
+    inputs' Hessian falls. Heavy-tailed weights, as in trained models: a few outliers stretch min/max."""
+    torch.manual_seed(0)
+    x = torch.randn(1024, 128) @ torch.randn(128, 128)
+    h = x.t() @ x * (2 / len(x))
+    w = torch.distributions.StudentT(3.0).sample((64, 128))
+    grid = grid_for(QuantFormat(3, 32))
+    errors, scales = {}, {}
+    for search in (False, True):
+        q, _ = gptq_quantize(w, h, grid, 32, damp=0.1, act_order=act_order, search=search)
+        dw = q.dequantize() - w
+        errors[search] = float(((dw @ h) * dw).sum())
+        scales[search] = q.scales
+    shrunk = scales[True] < scales[False] * 0.99
+    assert 0.2 < float(shrunk.float().mean()) < 1.0  # many groups shrunk, not all
+    assert errors[True] < 0.95 * errors[False], errors
+
+
+def test_gptq_rtn_paths_follow_weight_range(setup):
+    """Every RTN path inside GPTQ (the head by RTN, the per-site RTN alternative) uses ``weight_range``: with
+    "minmax" the head equals min/max RTN's, with "mse" (default) the searched RTN's, which differs."""
+    path, calib, _, _ = setup
+    heads = {}
+    for rng in ("mse", "minmax"):
+        model, plain = load_model(path), load_model(path)
+        opts = {"head": "rtn", "batch_size": 4}
+        quantize(model, QuantConfig(wbits=3, method="gptq", weight_range=rng, options=opts), calib)
+        quantize(plain, QuantConfig(wbits=3, weight_range=rng), calib)
+        head, rtn_head = model.get_output_embeddings(), plain.get_output_embeddings()
+        assert torch.equal(head.codes, rtn_head.codes) and torch.equal(head.scales, rtn_head.scales)
+        heads[rng] = head.scales
+    assert not torch.equal(heads["mse"], heads["minmax"])
