@@ -603,6 +603,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--drivers", default="onnxruntime,onnxruntime-genai,llama-bench")
     p.add_argument(
+        "--llama-formats", default=",".join(LLAMA_FORMATS), help="comma-separated llama.cpp quantizations"
+    )
+    p.add_argument(
         "--quick", action="store_true", help=f"1 thread, 1 round, 2 runs, variants {QUICK_VARIANTS}"
     )
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per build or measured process")
@@ -628,7 +631,7 @@ def selected_variants(args: argparse.Namespace) -> dict[str, str]:
 
 
 def build_all(models: dict[str, Path], variants: dict[str, str], builder: dict[str, str], drivers: list[str],
-              work: Path, timeout: float) -> list[Artifact]:  # fmt: skip
+              work: Path, timeout: float, llama_formats: tuple[str, ...] = LLAMA_FORMATS) -> list[Artifact]:  # fmt: skip
     """Every artifact of every model, built in this run."""
     arts = []
     jobs = [(m, "edgepack", v, f) for m in models for v, f in variants.items()]
@@ -645,7 +648,7 @@ def build_all(models: dict[str, Path], variants: dict[str, str], builder: dict[s
             log.warning(reason)
         else:
             for model, path in models.items():
-                arts += build_gguf(model, path, LLAMA_FORMATS, work, timeout)
+                arts += build_gguf(model, path, llama_formats, work, timeout)
     return arts
 
 
@@ -663,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown --models {', '.join(unknown)}: use {', '.join(MODELS)}", file=sys.stderr)
         return 2
     drivers = [d for d in args.drivers.split(",") if d]
+    args.llama_formats = tuple(f for f in args.llama_formats.split(",") if f)
     threads = [int(t) for t in args.threads.split(",")]
     settings = Settings(args.prompt_len, args.gen, args.runs, 1, args.timeout)
     variants = selected_variants(args)
@@ -679,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     models = {name: MODELS[name](CACHE) for name in args.models.split(",")}
-    artifacts = build_all(models, variants, builder, drivers, work, args.timeout)
+    artifacts = build_all(models, variants, builder, drivers, work, args.timeout, args.llama_formats)
     jobs = []
     for rnd in range(args.rounds):
         for art in artifacts:
@@ -700,7 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "variants": variants,
         "builder_variants": builder,
-        "llama_formats": list(LLAMA_FORMATS),
+        "llama_formats": list(args.llama_formats),
         "llama_skipped": llama_missing() if "llama-bench" in drivers else "not requested",
         "artifacts": [{**asdict(a), "path": str(a.path) if a.path else None} for a in artifacts],
         "measurements": [asdict(r) for r in rows],
