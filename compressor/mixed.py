@@ -141,9 +141,10 @@ def measure_sensitivity(
     model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor, dtype: str = "float32"
 ) -> list[Sensitivity]:
     """Bytes (scales in the target's ``dtype``) and estimated NLL increase of every quantizable weight in each
-    format (RTN)."""
+    format (RTN on ``config.weight_range``)."""
     sites = linear_sites(model, config)
     bit_balance = bool(config.options.get("bit_balance", False))
+    search = config.weight_range == "mse"  # each format's error as RTN will store it
     stats = _collect_statistics(model, sites, calib_ids, int(config.options.get("batch_size", 8)))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings()
@@ -154,7 +155,7 @@ def measure_sensitivity(
         loss, size = {}, {}
         for key in itertools.product(WIDTHS, GROUPS):
             fmt = replace(site.fmt, wbits=key[0], group_size=key[1])
-            dw = quantize_on_grid(w, fmt, bit_balance).dequantize() - w
+            dw = quantize_on_grid(w, fmt, bit_balance, search=search).dequantize() - w
             err = sum(fisher_error(dw, h, f) for h, f in stats.uses[site.name])
             if tied:
                 err += 0.5 * float((stats.embedding * dw.pow(2)).sum())
