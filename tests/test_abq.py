@@ -79,13 +79,15 @@ def test_learnable_quant_freezes_to_exactly_what_it_trained(fmt, balance):
     assert q.bits == (3 if balance else fmt.wbits)
 
 
-@pytest.mark.parametrize("wbits,group", [(3, 128), (2, 64)])
-def test_abq_beats_rtn_on_stories(setup, wbits, group):
+# RTN searches its group ranges (weight_range "mse", the default), which takes most of the W3 gain that ABQ's
+# learned clipping had over min/max RTN (0.93x at W3 g128 with these 16 steps per block; W2: 0.39x).
+@pytest.mark.parametrize("wbits,group,bound", [(3, 128, 0.97), (2, 64, 0.6)])
+def test_abq_beats_rtn_on_stories(setup, wbits, group, bound):
     rtn = output_error(setup, quantized(setup, wbits=wbits, group_size=group)[0])
     calibrated = output_error(
         setup, quantized(setup, wbits=wbits, group_size=group, method="abq", options=FAST)[0]
     )
-    assert calibrated < 0.8 * rtn, (calibrated, rtn)
+    assert calibrated < bound * rtn, (calibrated, rtn)
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq", "abq"])
