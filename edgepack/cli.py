@@ -290,7 +290,8 @@ def export(
     from edgepack.pipeline import export as run_export
     from edgepack.recipe import Recipe
 
-    check_flag_combinations(click.get_current_context())
+    ctx = click.get_current_context()
+    check_flag_combinations(ctx)
     if not out_dir.strip():  # Path("") would silently mean the current directory
         raise EdgepackError("-o is empty; pass the artifact folder to create, e.g. -o out/model")
     out_dir = Path(out_dir)
@@ -298,21 +299,8 @@ def export(
     if recipe is not None:
         rec = Recipe.load(recipe)
     else:
-        rec = recipe_from_flags(
-            wbits,
-            group_size,
-            mlp_group_size,
-            weight_range,
-            symmetric,
-            abits,
-            method,
-            skip,
-            size_budget,
-            bpw,
-            remove,
-            share_groups,
-            parse_head_bits(head_bits),
-        )
+        flags = {name: ctx.params[name] for name in RECIPE_FLAGS}
+        rec = recipe_from_flags(**{**flags, "head_bits": parse_head_bits(head_bits)})
         if kv is not None:
             rec.steps.append(kv)
     req = ExportRequest(
@@ -356,10 +344,15 @@ QUANT_DETAIL_FLAGS = (
     "skip",
     "head_bits",
 )
-COMPRESSION_FLAGS = (
-    "wbits", "remove", "share_groups", "size_budget", "bpw", *QUANT_DETAIL_FLAGS,
-    "kv_merge", "kv_start", "kv_bits", "kv_group",
-)  # fmt: skip
+RECIPE_FLAGS = (
+    "wbits",
+    "remove",
+    "share_groups",
+    "size_budget",
+    "bpw",
+    *QUANT_DETAIL_FLAGS,
+)  # recipe_from_flags' keywords
+COMPRESSION_FLAGS = (*RECIPE_FLAGS, "kv_merge", "kv_start", "kv_bits", "kv_group")
 
 
 def flag(name: str) -> str:
@@ -429,6 +422,7 @@ def parse_head_bits(text: str) -> int | None:
 
 
 def recipe_from_flags(
+    *,
     wbits,
     group_size,
     mlp_group_size,
