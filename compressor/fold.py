@@ -380,7 +380,6 @@ def check_sharing(
     t0 = time.perf_counter()
     cure_ids = calib_ids[: len(calib_ids) - len(held_ids)]
     per_sample = {"share": sample_kls(model, teacher, held_ids, config.batch_size)}
-    candidates = {}
     for label, kept in removals.items():
         candidate = copy.deepcopy(teacher)
         singles = [[p] for p in range(len(kept))]
@@ -388,9 +387,8 @@ def check_sharing(
         if config.cure_steps:
             cure(candidate, teacher, cure_ids, config)
         per_sample[label] = sample_kls(candidate, teacher, held_ids, config.batch_size)
-        candidates[label] = candidate
+        del candidate  # the winner is rebuilt below: one candidate in memory at a time
     best_label = choose_fold(per_sample, "remove:bi" if "remove:bi" in removals else next(iter(removals)))
-    best = candidates.get(best_label)
     losses = {label: sum(v) / len(v) for label, v in per_sample.items()}
     report.share_check = {
         "decision": best_label,
@@ -401,16 +399,17 @@ def check_sharing(
     }
     log.info("fold: held-out KL %s -> %s", {k: round(v, 4) for k, v in losses.items()}, best_label)
     kept, groups, best_result = report.kept, report.groups, None
-    if best is not None:
+    if best_label != "share":
         kept = removals[best_label]
         groups = [[p] for p in range(len(kept))]
-    if config.cure_steps:  # the held-out samples only served the decision
-        best = copy.deepcopy(teacher)
-        restructure(best, kept, groups, report.scores[config.importance], config.init)
+    if best_label == "share" and not config.cure_steps:
+        report.seconds["share_check"] = time.perf_counter() - t0
+        return  # the model is the uncured shared fold already
+    best = copy.deepcopy(teacher)  # the winner afresh: cured on every sample (held-out ones only decided)
+    restructure(best, kept, groups, report.scores[config.importance], config.init)
+    if config.cure_steps:
         best_result = cure(best, teacher, calib_ids, config)
     report.seconds["share_check"] = time.perf_counter() - t0
-    if best is None:
-        return
     model.model.layers = best.model.layers
     model.model.norm = best.model.norm
     model.config.num_hidden_layers = best.config.num_hidden_layers
