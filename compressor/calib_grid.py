@@ -118,8 +118,8 @@ RANGE_CHUNK = 1 << 18  # elements searched at a time: the temporaries stay in ca
 
 @contextmanager
 def one_thread():
-    """Run small elementwise torch ops on the calling thread: on a busy host, intra-op threads that wait for a
-    descheduled sibling made the search 15-20x slower (1.9 s vs 0.1 s per 4.4M weights at load 4)."""
+    """Run small elementwise torch ops on the calling thread: on a busy host, torch's intra-op threads spend
+    most of such an op waiting for a descheduled sibling (quantize_on_grid parallelises over rows instead)."""
     threads = torch.get_num_threads()
     if threads == 1:  # nothing to change (and nothing to restore from a worker thread)
         yield
