@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch
 from edgepack.compressor.fold import FoldConfig, fold
 from edgepack.compressor.fold_importance import IMPORTANCE
 from edgepack.compressor.quantize import QuantConfig, quantize
-from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples
+from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, mix_samples
 
 from edgepack.evaluate import perplexity
 from edgepack.model import load_model, load_tokenizer
@@ -100,12 +102,18 @@ class Data:
         }
 
     def ids(self, source: str) -> torch.Tensor:
-        """Calibration ids of ``source``; the self-generated ones are sampled on first use (and timed)."""
+        """Calibration ids of ``source``; the self-generated ones ("self" at the default temperature, "self@T"
+        at temperature T) are sampled on first use (and timed)."""
+        if source not in self.calib and "+" in source:  # "A+B": half of the samples from each, shuffled
+            a, b = (self.ids(part) for part in source.split("+"))
+            half = self.n_samples // 2
+            self.calib[source] = mix_samples(a[: self.n_samples - half], b[:half], self.seed)
         if source not in self.calib:
             t0 = time.perf_counter()
-            config = SelfCalibConfig(self.n_samples, SEQ_LEN, seed=self.seed)
+            temperature = {"temperature": float(source.split("@")[1])} if "@" in source else {}
+            config = SelfCalibConfig(self.n_samples, SEQ_LEN, seed=self.seed, **temperature)
             self.calib[source] = generate_samples(self.model, self.tok, config)
-            self.self_seconds = time.perf_counter() - t0
+            self.self_seconds += time.perf_counter() - t0
         return self.calib[source]
 
     def ppl(self, model) -> dict[str, float]:
@@ -353,6 +361,45 @@ def round3_levers_rows(levers: dict[str, dict] = LEVERS) -> list[tuple[str, str,
     return rows + [r for label, opts in levers.items() for r in round3_variant(label, opts, "W3 g128")]
 
 
+TEMPERATURES = (1.0, 1.3, 1.6)  # round 4: the self-generation temperatures compared
+
+
+def round4_temp_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 4: GPTQ at its defaults (damp 1.0, act-order off) calibrated on real text and on self-generated text
+    at each of ``TEMPERATURES``, W3 g128 / W4 g128 / W4 g64, head at the body width; RTN beside. The self
+    sources are "self@T"; "self" in earlier rounds is T=1.0."""
+    rows = [r for r in round3_rows() if r[1] == "rtn" and "minmax" not in r[0]]
+    sources = ("shakespeare", "wikitext2", *(f"self@{t}" for t in TEMPERATURES))
+    gptq = [r for r in round3_variant("defaults", NEW_GPTQ) if r[3] == "shakespeare"]  # one per width
+    return rows + [(name, m, cfg, s) for name, m, cfg, _ in gptq for s in sources]
+
+
+def round4_mix_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 4, the new defaults: GPTQ calibrated on half real text, half self-generated at T=1.6 (what
+    ``--calib FILE`` does now), RTN beside; self@1.6 alone is in ``round4-temp``."""
+    rows = [r for r in round4_temp_rows() if r[1] == "rtn"]
+    sources = ("shakespeare+self@1.6", "wikitext2+self@1.6")
+    return rows + [
+        (n, m, cfg, s) for n, m, cfg, src in round4_temp_rows() if src == "shakespeare" for s in sources
+    ]
+
+
+def round4_abq_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 4: ABQ W3 g128 (default options, head at body width) on each source, the mixed ones included."""
+    cfg = WIDTHS["W3 g128"]
+    sources = (
+        "shakespeare",
+        "wikitext2",
+        "self@1.0",
+        "self@1.6",
+        "shakespeare+self@1.6",
+        "wikitext2+self@1.6",
+    )
+    return [("RTN W3 g128, head same", "rtn", cfg, None)] + [
+        ("ABQ W3 g128, head same", "abq", cfg, s) for s in sources
+    ]
+
+
 def round3_abq_rows() -> list[tuple[str, str, dict, str | None]]:
     """ABQ W3 g128 (head at body width, default options) with its clipping started at the searched range
     (weight_range mse, the default) or at 0.98 of min/max (minmax, before round 3); RTN (searched) beside."""
@@ -470,7 +517,10 @@ def save(path: Path, meta: dict, rows: list[Row]) -> None:
 
 
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (
+ROUND3_PARTS = (  # and round 4, which comes first on the page
+    "round4-mix",
+    "round4-temp",
+    "round4-abq",
     "round3-new",
     "round3",
     "round3-minmax",
@@ -507,6 +557,9 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round3-abq": round3_abq_rows,
     "round3-self": lambda: [r for r in round3_new_rows() if "minmax" not in r[0] and "W4 g64" not in r[0]],
     "round3-strong": lambda: round3_levers_rows(STRONG),
+    "round4-temp": round4_temp_rows,
+    "round4-mix": round4_mix_rows,
+    "round4-abq": round4_abq_rows,
 }
 
 
@@ -524,13 +577,18 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         "load_start": [round(x, 2) for x in os.getloadavg()],
         "command": f"nice -n 10 python bench/cross_domain.py --models {name} --part {part} "
         f"--n-samples {args.n_samples} --eval-tokens {args.eval_tokens}"
-        + ("" if set(args.sources) == set(SOURCES) else f" --sources {','.join(args.sources)}"),
+        + ("" if set(args.sources) == set(SOURCES) else f" --sources {','.join(args.sources)}")
+        + (f" --rows '{';'.join(args.rows)}'" if args.rows else ""),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}_{name}.json"
     if part in QUANT_PARTS:
         rows_for = QUANT_PARTS[part]
-        jobs = [lambda r=r: run_quant(model, data, *r) for r in rows_for() if r[3] in (None, *args.sources)]
+        jobs = [
+            lambda r=r: run_quant(model, data, *r)
+            for r in rows_for()
+            if r[3] in (None, *args.sources) and (not args.rows or r[0] in args.rows)
+        ]
     else:
         layers = len(model.model.layers)
         settings = fold_settings(layers)
@@ -544,9 +602,9 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
 
         jobs = [  # source by source, so a partial run holds whole comparisons
             lambda n=n, k=k, s=s: fold_job(n, k, s)
-            for s in ("self", "shakespeare", "wikitext2")
-            if s in args.sources
+            for s in sorted(args.sources, key=lambda s: (not s.startswith("self"), s))
             for n, k in settings.items()
+            if not args.rows or n in args.rows
         ]
     for job in jobs:
         row = job()
@@ -566,19 +624,21 @@ def pct(v: float, ref: float) -> str:
 
 
 def table(rows: list[dict], fp: dict) -> list[str]:
-    """Rows grouped by name, one column per (source, eval)."""
+    """Rows grouped by name, one column per (source, eval); self@T sources after the usual three."""
+    extra = sorted({r["source"] for r in rows} - {None, *SOURCES})
+    sources = (*SOURCES, *extra)
     head = [
-        "| row | " + " | ".join(f"{s} -> {e.split('_')[0]}" for s in ("none", *SOURCES) for e in EVALS) + " |"
+        "| row | " + " | ".join(f"{s} -> {e.split('_')[0]}" for s in ("none", *sources) for e in EVALS) + " |"
     ]
     names = list(dict.fromkeys(r["name"] for r in rows if r["name"] != "fp32"))
-    lines = ["| fp32 | " + " | ".join(f"{fp[e]:.2f}" for _ in ("none", *SOURCES) for e in EVALS) + " |"]
+    lines = ["| fp32 | " + " | ".join(f"{fp[e]:.2f}" for _ in ("none", *sources) for e in EVALS) + " |"]
     for n in names:
         cells = []
-        for s in (None, *SOURCES):
+        for s in (None, *sources):
             r = next((r for r in rows if r["name"] == n and r["source"] == s), None)
             cells += [pct(r["ppl"][e], fp[e]) if r else "" for e in EVALS]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    sep = ["|---|" + "---:|" * (len(EVALS) * (len(SOURCES) + 1))]
+    sep = ["|---|" + "---:|" * (len(EVALS) * (len(sources) + 1))]
     return head + sep + lines
 
 
@@ -664,9 +724,10 @@ def head8_goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
         return v / fp[e] - 1
 
     names = list(dict.fromkeys(r["name"] for r in rows if r["source"] is not None))
+    sources = list(dict.fromkeys(r["source"] for r in rows if r["source"] is not None))
     for name in names:
         w3 = "W3" in name
-        for s in ("shakespeare", "wikitext2", "self"):
+        for s in sources:
             p = get.get((name, s))
             if not p:
                 continue
@@ -691,24 +752,25 @@ def head8_goal_lines(part: str, rows: list[dict], fp: dict) -> list[str]:
                 rtn = get.get((f"RTN {w}, {head}", None))
                 for gptq in [n for n in names if rtn and n.startswith(f"GPTQ {w}, {head}")]:
                     bad = [f"[{s}] {e.split('_')[0]} {get[(gptq, s)][e]:.2f} > {rtn[e]:.2f}"
-                           for s in SOURCES if (gptq, s) in get for e in EVALS if get[(gptq, s)][e] > rtn[e]]  # fmt: skip
-                    cells = sum(2 for s in SOURCES if (gptq, s) in get)
+                           for s in sources if (gptq, s) in get for e in EVALS if get[(gptq, s)][e] > rtn[e]]  # fmt: skip
+                    cells = sum(2 for s in sources if (gptq, s) in get)
                     out.append(f"{gptq} <= RTN {w}, {head}: {cells - len(bad)} of {cells} cells"
                                + ("" if not bad else " (worse: " + "; ".join(bad) + ")"))  # fmt: skip
-    return out + self_gap_lines(get, names)
+    return out + self_gap_lines(get, names, [s for s in sources if s.startswith("self")])
 
 
-def self_gap_lines(get: dict, names) -> list[str]:
-    """Self-calibration against the real text that is off-domain for the evaluated text (goal: within +2%)."""
+def self_gap_lines(get: dict, names, selves=("self",)) -> list[str]:
+    """Self-calibration (each of ``selves``: "self", "self@T") against the real text that is off-domain for the
+    evaluated text (goal: within +2%)."""
     out = []
-    for name in names:
-        for e, real in (("wikitext2_tail", "shakespeare"), ("shakespeare_tail", "wikitext2")):
-            p_self, p_real = get.get((name, "self")), get.get((name, real))
-            if p_self and p_real:
-                gap = p_self[e] / p_real[e] - 1
-                out.append(f"{name}: self-calibration vs {real} (off-domain for it) on {e}: "
-                           f"{p_self[e]:.2f} vs {p_real[e]:.2f} ({100 * gap:+.1f}%; goal <= +2%) -> "
-                           f"{'met' if gap <= 0.02 else 'not met'}")  # fmt: skip
+    pairs = (("wikitext2_tail", "shakespeare"), ("shakespeare_tail", "wikitext2"))
+    for name, (e, real), own in itertools.product(names, pairs, selves):
+        p_self, p_real = get.get((name, own)), get.get((name, real))
+        if p_self and p_real:
+            gap = p_self[e] / p_real[e] - 1
+            out.append(f"{name}: {own}-calibration vs {real} (off-domain for it) on {e}: "
+                       f"{p_self[e]:.2f} vs {p_real[e]:.2f} ({100 * gap:+.1f}%; goal <= +2%) -> "
+                       f"{'met' if gap <= 0.02 else 'not met'}")  # fmt: skip
     return out
 
 
@@ -781,13 +843,19 @@ def main() -> None:
         "--sources", default=",".join(SOURCES), help="calibration sources to run (comma-separated)"
     )
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--rows", default="", help="only these rows, by name (separated by ';'; default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--page-only", action="store_true")
     args = ap.parse_args()
     args.sources = tuple(s for s in args.sources.split(",") if s)
-    if set(args.sources) - set(SOURCES):
-        ap.error(f"--sources: choose from {', '.join(SOURCES)}")
+    args.rows = tuple(r for r in args.rows.split(";") if r)
+    one = rf"({'|'.join(SOURCES)}|self@\d+(\.\d+)?)"
+    if any(not re.fullmatch(rf"{one}(\+{one})?", s) for s in args.sources):
+        ap.error(
+            f"--sources: choose from {', '.join(SOURCES)}, self@T (self-generated at temperature T), or A+B "
+            "(half of the samples from each)"
+        )
     if args.page_only:
         write_page(args.out)
         return

@@ -34,7 +34,10 @@ class SelfCalibConfig:
 
     n_samples: int = 64
     seq_len: int = 256
-    temperature: float = 1.0
+    # Above 1 the samples cover more of the vocabulary (word salad at 1.6, yet what a Hessian needs): GPTQ
+    # self-calibrated at 1.6 <= RTN in all 12 self cells of the cross-domain matrix vs 9 at 1.0 (round 4 of
+    # docs/results/generalization.md)
+    temperature: float = 1.6
     top_p: float = 0.95
     greedy_tokens: int = 2  # after the first token (LLM-QAT: a few deterministic steps, then sampling)
     batch_size: int = 16
@@ -161,6 +164,13 @@ def generate_samples(model: nn.Module, tokenizer, config: SelfCalibConfig) -> to
         config.top_p,
     )
     return ids
+
+
+def mix_samples(real: torch.Tensor, own: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Real-text and self-generated samples (each (n, T)) shuffled together with a seeded permutation, so every
+    calibration batch (and GPTQ's held-out rows, the cure's batches) holds both kinds."""
+    both = torch.cat([real, own[:, : real.shape[1]]])
+    return both[torch.randperm(len(both), generator=torch.Generator().manual_seed(seed))]
 
 
 def write_samples(folder: Path, ids: torch.Tensor, tokenizer, config: SelfCalibConfig) -> Path:

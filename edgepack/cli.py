@@ -205,12 +205,20 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--calib-temperature",
     type=float,
-    default=1.0,
+    default=1.6,
     show_default=True,
     help="--calib self: sampling temperature.",
 )
 @click.option(
     "--calib-top-p", type=float, default=0.95, show_default=True, help="--calib self: nucleus top-p."
+)
+@click.option(
+    "--calib-self-share",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="--calib FILE: the fraction of calibration/cure samples sampled from the model itself and shuffled in "
+    "with the file's, so calibration does not fit the file's domain alone; 0: the file only.",
 )
 @click.option(
     "--activations",
@@ -270,6 +278,7 @@ def export(
     calib,
     calib_temperature,
     calib_top_p,
+    calib_self_share,
     eval_text,
     activations,
     lowering,
@@ -311,6 +320,7 @@ def export(
         calib=calib,
         eval_text=eval_text,
         self_calib={"temperature": calib_temperature, "top_p": calib_top_p},
+        calib_self_share=calib_self_share,
         trust_remote_code=trust_remote_code,
         parity=not no_parity,
         force=force,

@@ -55,6 +55,9 @@ class ExportRequest:
     recipe: Recipe = field(default_factory=Recipe)
     calib: Path | str | None = None  # a text file, a calib_self.json, or "self" (the default: data-free)
     self_calib: dict = field(default_factory=dict)  # SelfCalibConfig overrides, e.g. {"temperature": 0.8}
+    # with a text file: the fraction of calibration/cure samples sampled from the model itself, shuffled in
+    # (cross-domain round 4, docs/results/generalization.md: calibration on one text alone fits its domain)
+    calib_self_share: float = 0.5
     eval_text: Path | None = None  # held-out text for quality vs the original (default: calib's tail)
     trust_remote_code: bool = False
     parity: bool = True
@@ -289,10 +292,14 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
     from edgepack.textdata import read_text
 
     source = calib_source(req)
-    if source == "self":
+    if not 0 <= req.calib_self_share <= 1:
+        raise EdgepackError(
+            f"--calib-self-share {req.calib_self_share} must be in [0, 1], e.g. 0.5 (0: the --calib text only)"
+        )
+    if source == "self" or (needs_calib and req.calib_self_share > 0):
         if needs_calib:
             SelfCalibConfig.from_dict(req.self_calib)
-    elif not (Path(source).name == FILE_NAME and Path(source).is_file()):
+    if source != "self" and not (Path(source).name == FILE_NAME and Path(source).is_file()):
         read_text(source)  # missing, a folder, binary or empty: refused before the model loads
     if req.eval_text is not None:
         if not Path(req.eval_text).exists():
@@ -309,18 +316,28 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
 
 def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> dict:
     """Apply the recipe's steps in order; returns each step's report by kind (self-calibration text -> ``out``)."""
+    from edgepack.compressor.selfcalib import FILE_NAME
     from edgepack.recipe import kind_of
 
     reports: dict = {}
-    calib_ids = None
+    calib: dict[float, object] = {}  # calibration ids by the share of self-generated samples mixed in
+
+    def ids_for(step, share: float = 0.0):
+        if calib_source(req) == "self" or Path(calib_source(req)).name == FILE_NAME:
+            share = 0.0  # the source is the model's samples already
+        if share not in calib:
+            key = "calibration_quantize" if "calibration" in reports else "calibration"  # after a fold's
+            calib[share] = calibration_ids(tokenizer, req, step, model, out, reports, share, key)
+        return calib[share]
+
     for step in req.recipe.steps:
         kind = kind_of(step)
         if kind == "fold":
             from edgepack.compressor.fold import fold
 
-            if calib_ids is None:
-                calib_ids = calibration_ids(tokenizer, req, step, model, out, reports)
-            reports["fold"] = fold(model, step, calib_ids).to_dict()
+            # the cure on the text alone: mixing in the model's samples cost the fold in and off the text's
+            # domain (generalization.md, round 4), where it helps GPTQ
+            reports["fold"] = fold(model, step, ids_for(step)).to_dict()
         elif kind == "quantize":
             from edgepack.compressor.quantize import quantize
 
@@ -335,8 +352,7 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
                 ):  # a large model: fewer samples/epochs so ABQ stays within the hour (abq.COST_BUDGET)
                     log.info("abq: %s for a model of this size (set n_samples/epochs to override)", sized)
                     step = dataclasses.replace(step, options={**step.options, **sized})
-            if needs_calib and calib_ids is None:
-                calib_ids = calibration_ids(tokenizer, req, step, model, out, reports)
+            calib_ids = ids_for(step, req.calib_self_share) if needs_calib else None
             if mixed:
                 from edgepack.compressor.mixed import plan_mixed_precision
 
@@ -365,7 +381,9 @@ def plan_kv(
 
     calib_ids = None
     if step.merge != "none" or (step.group == "static" and step.bits != 16):  # thresholds / static scales
-        calib_ids = calibration_ids(tokenizer, req, step, model, out, reports if reports is not None else {})
+        reports = {} if reports is None else reports
+        key = "calibration_kv" if "calibration" in reports else "calibration"
+        calib_ids = calibration_ids(tokenizer, req, step, model, out, reports, 0.0, key)
     plan, search = plan_kv_cache(model, step, calib_ids)
     if make_layout(plan).compressed and plan.group != "static":  # static: genai runs it in the fused form
         log.warning(
@@ -386,8 +404,11 @@ def calib_source(req: ExportRequest) -> str:
     return SELF if req.calib is None or str(req.calib) == SELF else str(req.calib)
 
 
-def calibration_ids(tokenizer, req: ExportRequest, step, model, out: Path | None, reports: dict):
-    """The step's (n_samples, seq_len) calibration ids from the request's source; records it in ``reports``."""
+def calibration_ids(
+    tokenizer, req: ExportRequest, step, model, out: Path | None, reports: dict, share: float, key: str
+):
+    """The step's (n_samples, seq_len) calibration ids from the request's source, with ``share`` of them sampled
+    from ``model`` when the source is a text file; records it as ``reports[key]``."""
     from edgepack.compressor import selfcalib
     from edgepack.textdata import calibration_samples, read_text
 
@@ -399,13 +420,22 @@ def calibration_ids(tokenizer, req: ExportRequest, step, model, out: Path | None
         ids = selfcalib.generate_samples(model, tokenizer, config)
         if out is not None:
             selfcalib.write_samples(out, ids, tokenizer, config)
-        reports["calibration"] = {"source": source, "file": selfcalib.FILE_NAME, **dataclasses.asdict(config)}
+        reports[key] = {"source": source, "file": selfcalib.FILE_NAME, **dataclasses.asdict(config)}
         return ids
     if Path(source).name == selfcalib.FILE_NAME:  # reproduce an earlier self-calibrated export
         ids = selfcalib.read_samples(Path(source))
-    else:
-        ids = calibration_samples(tokenizer, read_text(source), n, seq)
-    reports["calibration"] = {"source": source, "n_samples": len(ids), "seq_len": ids.shape[1]}
+        reports[key] = {"source": source, "n_samples": len(ids), "seq_len": ids.shape[1]}
+        return ids
+    n_own = min(n, round(n * share))
+    ids = calibration_samples(tokenizer, read_text(source), n - n_own, seq) if n_own < n else None
+    reports[key] = report = {"source": source, "n_samples": n, "seq_len": seq, "self_share": share}
+    if n_own:  # the model's own samples shuffled in; stored beside, as with --calib self
+        config = selfcalib.SelfCalibConfig.from_dict({"n_samples": n_own, "seq_len": seq, **req.self_calib})
+        own = selfcalib.generate_samples(model, tokenizer, config)
+        if out is not None:
+            selfcalib.write_samples(out, own, tokenizer, config)
+        ids = own if ids is None else selfcalib.mix_samples(ids, own, config.seed)
+        report["self"] = {"file": selfcalib.FILE_NAME, **dataclasses.asdict(config)}
     return ids
 
 

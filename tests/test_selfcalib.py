@@ -13,6 +13,7 @@ from edgepack.compressor.selfcalib import (
     FILE_NAME,
     SelfCalibConfig,
     generate_samples,
+    mix_samples,
     nucleus_sample,
     read_samples,
 )
@@ -77,7 +78,7 @@ def test_export_self_calibrates_by_default_and_reproduces(stories, tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     calib = m["compression"]["calibration"]
-    assert calib["source"] == "self" and calib["file"] == FILE_NAME and calib["temperature"] == 1.0
+    assert calib["source"] == "self" and calib["file"] == FILE_NAME and calib["temperature"] == 1.6
     stored = tmp_path / "a" / FILE_NAME
     assert m["files"][FILE_NAME] == sha256_file(stored)
     data = json.loads(stored.read_text())
@@ -103,3 +104,56 @@ def test_bad_calibration_file_is_one_line(stories, tmp_path):
             "-o", str(tmp_path / "y"))  # fmt: skip
     assert r.returncode == 2 and "--calib self" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
+
+
+def test_mix_samples_keeps_every_row_and_shuffles_reproducibly():
+    real, own = torch.arange(12).view(3, 4), 100 + torch.arange(20).view(5, 4)
+    mixed = mix_samples(real, own, seed=0)
+    assert mixed.shape == (8, 4) and torch.equal(mixed, mix_samples(real, own, seed=0))
+    assert sorted(map(tuple, mixed.tolist())) == sorted(map(tuple, torch.cat([real, own]).tolist()))
+    assert not torch.equal(mixed, torch.cat([real, own])), "shuffled, so every batch holds both kinds"
+
+
+def test_text_calibration_mixes_in_the_models_own_samples(stories, shakespeare, tmp_path):
+    """--calib FILE: half the samples are sampled from the model (stored as calib_self.json, listed in the
+    manifest), shuffled in with the file's; --calib-self-share 0 is the file alone; out of [0, 1]: one line."""
+    args = ["export", "--model", str(stories), "--wbits", "4", "--method", "gptq", "--no-parity",
+            "--calib", str(shakespeare)]  # fmt: skip
+    r = cli(*args, "-o", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    calib = m["compression"]["calibration"]
+    assert calib["source"] == str(shakespeare) and calib["n_samples"] == 64 and calib["self_share"] == 0.5
+    assert calib["self"]["n_samples"] == 32 and calib["self"]["temperature"] == 1.6
+    assert read_samples(tmp_path / "a" / FILE_NAME).shape == (32, 256) and FILE_NAME in m["files"]
+    r = cli(*args, "--calib-self-share", "0", "-o", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    m0 = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert "self" not in m0["compression"]["calibration"] and FILE_NAME not in m0["files"]
+    assert m0["files"]["model.onnx"] != m["files"]["model.onnx"], "the mix changes the calibration"
+    r = cli(*args, "--calib-self-share", "1.5", "-o", str(tmp_path / "c"))
+    assert r.returncode == 2 and "--calib-self-share" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
+def test_fold_cures_on_the_text_alone_and_gptq_mixes(stories, shakespeare, tmp_path):
+    """Fold then GPTQ on --calib FILE: the cure sees the text alone (mixing cost the fold, round 4 of
+    generalization.md), GPTQ half the text and half the (folded) model's samples; both recorded."""
+    from edgepack.compressor.fold import FoldConfig
+    from edgepack.compressor.quantize import QuantConfig
+
+    from edgepack.pipeline import ExportRequest, export
+    from edgepack.recipe import Recipe
+
+    fold = FoldConfig(remove=0.2, importance="bi", cure_steps=2, n_samples=8, seq_len=64, batch_size=4)
+    gptq = QuantConfig(wbits=4, method="gptq", options={"n_samples": 8, "seq_len": 64})
+    recipe = Recipe([fold, gptq])
+    m = export(
+        ExportRequest(stories, tmp_path / "a", recipe=recipe, calib=shakespeare, parity=False)
+    ).manifest
+    c = m["compression"]
+    assert c["calibration"]["self_share"] == 0.0 and "self" not in c["calibration"]
+    assert (
+        c["calibration_quantize"]["self_share"] == 0.5 and c["calibration_quantize"]["self"]["n_samples"] == 4
+    )
+    assert read_samples(tmp_path / "a" / FILE_NAME).shape == (4, 64)
