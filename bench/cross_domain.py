@@ -578,10 +578,11 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         "command": f"nice -n 10 python bench/cross_domain.py --models {name} --part {part} "
         f"--n-samples {args.n_samples} --eval-tokens {args.eval_tokens}"
         + ("" if set(args.sources) == set(SOURCES) else f" --sources {','.join(args.sources)}")
-        + (f" --rows '{';'.join(args.rows)}'" if args.rows else ""),
+        + (f" --rows '{';'.join(args.rows)}'" if args.rows else "")
+        + (f" --tag {args.tag}" if args.tag else ""),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
-    path = args.out / f"cross_domain_{part}_{name}.json"
+    path = args.out / f"cross_domain_{part}{args.tag}_{name}.json"
     if part in QUANT_PARTS:
         rows_for = QUANT_PARTS[part]
         jobs = [
@@ -843,6 +844,7 @@ def main() -> None:
         "--sources", default=",".join(SOURCES), help="calibration sources to run (comma-separated)"
     )
     ap.add_argument("--eval-tokens", type=int, default=4096)
+    ap.add_argument("--tag", default="", help="suffix of the JSON's part name, e.g. -round4 (keeps earlier runs)")
     ap.add_argument("--rows", default="", help="only these rows, by name (separated by ';'; default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=RESULTS)

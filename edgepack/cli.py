@@ -217,8 +217,8 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     type=float,
     default=0.5,
     show_default=True,
-    help="--calib FILE: the fraction of calibration/cure samples sampled from the model itself and shuffled in "
-    "with the file's, so calibration does not fit the file's domain alone; 0: the file only.",
+    help="--calib FILE with --method gptq: the fraction of calibration samples sampled from the model itself and "
+    "shuffled in with the file's, so GPTQ does not fit the file's domain alone; 0: the file only.",
 )
 @click.option(
     "--activations",

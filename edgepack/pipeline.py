@@ -55,8 +55,8 @@ class ExportRequest:
     recipe: Recipe = field(default_factory=Recipe)
     calib: Path | str | None = None  # a text file, a calib_self.json, or "self" (the default: data-free)
     self_calib: dict = field(default_factory=dict)  # SelfCalibConfig overrides, e.g. {"temperature": 0.8}
-    # with a text file: the fraction of calibration/cure samples sampled from the model itself, shuffled in
-    # (cross-domain round 4, docs/results/generalization.md: calibration on one text alone fits its domain)
+    # with a text file: the fraction of GPTQ's calibration samples sampled from the model itself, shuffled in
+    # (cross-domain round 4, docs/results/generalization.md: GPTQ on one text alone fits its domain)
     calib_self_share: float = 0.5
     eval_text: Path | None = None  # held-out text for quality vs the original (default: calib's tail)
     trust_remote_code: bool = False
@@ -352,7 +352,10 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
                 ):  # a large model: fewer samples/epochs so ABQ stays within the hour (abq.COST_BUDGET)
                     log.info("abq: %s for a model of this size (set n_samples/epochs to override)", sized)
                     step = dataclasses.replace(step, options={**step.options, **sized})
-            calib_ids = ids_for(step, req.calib_self_share) if needs_calib else None
+            # GPTQ on the text mixed with the model's own samples; ABQ on the text alone (the mix cost it
+            # off-domain and in it on mix-llama-14m, generalization.md round 4)
+            share = req.calib_self_share if step.method == "gptq" else 0.0
+            calib_ids = ids_for(step, share) if needs_calib else None
             if mixed:
                 from edgepack.compressor.mixed import plan_mixed_precision
 
