@@ -384,6 +384,15 @@ def round4_mix_rows() -> list[tuple[str, str, dict, str | None]]:
     ]
 
 
+def round4_abq_w4_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 4: ABQ at W4 g64 (the export default group; default options, head at body width) on the real texts
+    and self@1.6, RTN beside."""
+    cfg = {"wbits": 4, "group_size": 64}
+    return [("RTN W4 g64, head same", "rtn", cfg, None)] + [
+        ("ABQ W4 g64, head same", "abq", cfg, s) for s in ("shakespeare", "wikitext2", "self@1.6")
+    ]
+
+
 def round4_abq_rows() -> list[tuple[str, str, dict, str | None]]:
     """Round 4: ABQ W3 g128 (default options, head at body width) on each source, the mixed ones included."""
     cfg = WIDTHS["W3 g128"]
@@ -521,6 +530,7 @@ ROUND3_PARTS = (  # and round 4, which comes first on the page
     "round4-mix",
     "round4-temp",
     "round4-abq",
+    "round4-abq-w4",
     "round3-new",
     "round3",
     "round3-minmax",
@@ -560,6 +570,7 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round4-temp": round4_temp_rows,
     "round4-mix": round4_mix_rows,
     "round4-abq": round4_abq_rows,
+    "round4-abq-w4": round4_abq_w4_rows,
 }
 
 

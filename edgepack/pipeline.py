@@ -296,9 +296,8 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         raise EdgepackError(
             f"--calib-self-share {req.calib_self_share} must be in [0, 1], e.g. 0.5 (0: the --calib text only)"
         )
-    if source == "self" or (needs_calib and req.calib_self_share > 0):
-        if needs_calib:
-            SelfCalibConfig.from_dict(req.self_calib)
+    if needs_calib and (source == "self" or req.calib_self_share > 0):  # samples will be drawn from the model
+        SelfCalibConfig.from_dict(req.self_calib)
     if source != "self" and not (Path(source).name == FILE_NAME and Path(source).is_file()):
         read_text(source)  # missing, a folder, binary or empty: refused before the model loads
     if req.eval_text is not None:
