@@ -364,24 +364,24 @@ def round3_levers_rows(levers: dict[str, dict] = LEVERS) -> list[tuple[str, str,
 TEMPERATURES = (1.0, 1.3, 1.6)  # round 4: the self-generation temperatures compared
 
 
-def round4_temp_rows() -> list[tuple[str, str, dict, str | None]]:
-    """Round 4: GPTQ at its defaults (damp 1.0, act-order off) calibrated on real text and on self-generated text
-    at each of ``TEMPERATURES``, W3 g128 / W4 g128 / W4 g64, head at the body width; RTN beside. The self
-    sources are "self@T"; "self" in earlier rounds is T=1.0."""
+def round4_gptq_rows(sources: tuple[str, ...]) -> list[tuple[str, str, dict, str | None]]:
+    """Round 4: RTN (searched range) at W3 g128 / W4 g128 / W4 g64, head at the body width, then GPTQ at its
+    defaults (damp 1.0, act-order off) at each width on each of ``sources``."""
     rows = [r for r in round3_rows() if r[1] == "rtn" and "minmax" not in r[0]]
-    sources = ("shakespeare", "wikitext2", *(f"self@{t}" for t in TEMPERATURES))
     gptq = [r for r in round3_variant("defaults", NEW_GPTQ) if r[3] == "shakespeare"]  # one per width
     return rows + [(name, m, cfg, s) for name, m, cfg, _ in gptq for s in sources]
 
 
+def round4_temp_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 4: GPTQ calibrated on real text and on self-generated text at each of ``TEMPERATURES`` ("self@T";
+    "self" in earlier rounds is T=1.0)."""
+    return round4_gptq_rows(("shakespeare", "wikitext2", *(f"self@{t}" for t in TEMPERATURES)))
+
+
 def round4_mix_rows() -> list[tuple[str, str, dict, str | None]]:
     """Round 4, the new defaults: GPTQ calibrated on half real text, half self-generated at T=1.6 (what
-    ``--calib FILE`` does now), RTN beside; self@1.6 alone is in ``round4-temp``."""
-    rows = [r for r in round4_temp_rows() if r[1] == "rtn"]
-    sources = ("shakespeare+self@1.6", "wikitext2+self@1.6")
-    return rows + [
-        (n, m, cfg, s) for n, m, cfg, src in round4_temp_rows() if src == "shakespeare" for s in sources
-    ]
+    ``--calib FILE`` does now); self@1.6 alone is in ``round4-temp``."""
+    return round4_gptq_rows(("shakespeare+self@1.6", "wikitext2+self@1.6"))
 
 
 def round4_abq_w4_rows() -> list[tuple[str, str, dict, str | None]]:

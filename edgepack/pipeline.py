@@ -325,8 +325,7 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
         if calib_source(req) == "self" or Path(calib_source(req)).name == FILE_NAME:
             share = 0.0  # the source is the model's samples already
         if share not in calib:
-            key = "calibration_quantize" if "calibration" in reports else "calibration"  # after a fold's
-            calib[share] = calibration_ids(tokenizer, req, step, model, out, reports, share, key)
+            calib[share] = calibration_ids(tokenizer, req, step, model, out, reports, share, kind_of(step))
         return calib[share]
 
     for step in req.recipe.steps:
@@ -384,8 +383,7 @@ def plan_kv(
     calib_ids = None
     if step.merge != "none" or (step.group == "static" and step.bits != 16):  # thresholds / static scales
         reports = {} if reports is None else reports
-        key = "calibration_kv" if "calibration" in reports else "calibration"
-        calib_ids = calibration_ids(tokenizer, req, step, model, out, reports, 0.0, key)
+        calib_ids = calibration_ids(tokenizer, req, step, model, out, reports, 0.0, "kv")
     plan, search = plan_kv_cache(model, step, calib_ids)
     if make_layout(plan).compressed and plan.group != "static":  # static: genai runs it in the fused form
         log.warning(
@@ -407,13 +405,15 @@ def calib_source(req: ExportRequest) -> str:
 
 
 def calibration_ids(
-    tokenizer, req: ExportRequest, step, model, out: Path | None, reports: dict, share: float, key: str
+    tokenizer, req: ExportRequest, step, model, out: Path | None, reports: dict, share: float, kind: str
 ):
     """The step's (n_samples, seq_len) calibration ids from the request's source, with ``share`` of them sampled
-    from ``model`` when the source is a text file; records it as ``reports[key]``."""
+    from ``model`` when the source is a text file; recorded as ``reports["calibration"]``, or as
+    ``reports["calibration_<kind>"]`` when an earlier step already calibrated (a fold before quantization)."""
     from edgepack.compressor import selfcalib
     from edgepack.textdata import calibration_samples, read_text
 
+    key = f"calibration_{kind}" if "calibration" in reports else "calibration"
     n = getattr(step, "n_samples", None) or getattr(step, "options", {}).get("n_samples", 64)
     seq = getattr(step, "seq_len", None) or getattr(step, "options", {}).get("seq_len", 256)
     source = calib_source(req)
