@@ -328,7 +328,7 @@ def round3_damp_rows(damps: tuple[float, ...] = (0.3, 1.0)) -> list[tuple[str, s
     return rows + [r for damp in damps for r in round3_variant(f"damp {damp}", {"damp": damp})]
 
 
-NEW_GPTQ = {"act_order": False, "damp": 1.0}  # both levers at every width: the defaults since round 3
+NEW_GPTQ = {"act_order": False, "damp": 1.0}  # the defaults of rounds 3 and 4 (rows still say "defaults")
 
 
 LEVERS = {  # one GPTQ option changed from its default at a time (round 3)
@@ -409,6 +409,62 @@ def round4_abq_rows() -> list[tuple[str, str, dict, str | None]]:
     ]
 
 
+ROUND5_SOURCES = ("shakespeare+self@1.6", "wikitext2+self@1.6", "self@1.6")  # what the defaults calibrate on
+ACT_ORDER = {  # round 5: act-order (static groups) again, now on the mixed sources
+    "act-order on, damp 1.0": {"act_order": True, "damp": 1.0},
+    "act-order on, damp 0.1": {"act_order": True, "damp": 0.1},
+}
+
+
+def round5_actorder_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 5: GPTQ W3 g128 with act-order on (damp 1.0 and 0.1) on the default sources, RTN beside; the
+    default GPTQ on the same sources is ``round4-mix`` / ``round4-temp``."""
+    cfg = WIDTHS["W3 g128"]
+    rows = [("RTN W3 g128, head same", "rtn", cfg, None)]
+    for label, opts in ACT_ORDER.items():
+        rows += [
+            (f"GPTQ W3 g128, head same, {label}", "gptq", {**cfg, "options": opts}, s) for s in ROUND5_SOURCES
+        ]
+    return rows
+
+
+def round5_w2_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 5: W2* g64 (symmetric, bit balance), GPTQ at the round-4 defaults and with act-order on, damp 0.1."""
+    cfg = WIDTHS["W2* g64"]
+    rows = [("RTN W2* g64, head same", "rtn", cfg, None)]
+    for label, opts in (
+        ("defaults", NEW_GPTQ),
+        ("act-order on, damp 0.1", ACT_ORDER["act-order on, damp 0.1"]),
+    ):
+        o = {**cfg["options"], **opts}
+        rows += [
+            (f"GPTQ W2* g64, head same, {label}", "gptq", {**cfg, "options": o}, s) for s in ROUND5_SOURCES
+        ]
+    return rows
+
+
+def round5_w4_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 5: GPTQ W4 g64 / W4 g128 with act-order on, damp 0.1 (the W3 settings) on the default sources;
+    RTN beside, GPTQ at the W4 defaults is ``round4-mix`` / ``round4-temp``."""
+    rows = []
+    for w, cfg in (("W4 g64", {"wbits": 4, "group_size": 64}), ("W4 g128", WIDTHS["W4 g128"])):
+        opts = ACT_ORDER["act-order on, damp 0.1"]
+        rows.append((f"RTN {w}, head same", "rtn", cfg, None))
+        rows += [(f"GPTQ {w}, head same, act-order on, damp 0.1", "gptq", {**cfg, "options": opts}, s)
+                 for s in ROUND5_SOURCES]  # fmt: skip
+    return rows
+
+
+def round5_g32_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 5: W4 at group 32 (RTN, GPTQ at its defaults on the default sources, ABQ on the texts)."""
+    cfg = {"wbits": 4, "group_size": 32}
+    rows = [("RTN W4 g32, head same", "rtn", cfg, None)]
+    rows += [
+        ("GPTQ W4 g32, head same, defaults", "gptq", {**cfg, "options": NEW_GPTQ}, s) for s in ROUND5_SOURCES
+    ]
+    return rows
+
+
 def round3_abq_rows() -> list[tuple[str, str, dict, str | None]]:
     """ABQ W3 g128 (head at body width, default options) with its clipping started at the searched range
     (weight_range mse, the default) or at 0.98 of min/max (minmax, before round 3); RTN (searched) beside."""
@@ -447,6 +503,19 @@ def fold_settings(layers: int) -> dict[str, dict]:
         "gates + removal": {"remove": cut / layers, "importance": "gates", "share_check": False},
         "BI removal": {"remove": cut / layers, "importance": "bi", "share_check": False},
         "gates + sharing, checked": {**share, "share_check": True},
+    }
+
+
+def extra_fold_settings(layers: int) -> dict[str, dict]:
+    """Round 5 variants of BI removal, run only when named in ``--rows``: blocks scored on the model's own
+    samples (``score_source``) while the cure runs on the row's source; no cure; a cure of the norms only; a
+    cure three times as long."""
+    bi = fold_settings(layers)["BI removal"]
+    return {
+        "BI removal, scored on self@1.6": {**bi, "score_source": "self@1.6"},
+        "BI removal, no cure": {**bi, "cure_steps": 0},
+        "BI removal, norms-only cure": {**bi, "cure_weights": False},
+        "BI removal, cure 300 steps": {**bi, "cure_steps": 300},
     }
 
 
@@ -526,7 +595,11 @@ def save(path: Path, meta: dict, rows: list[Row]) -> None:
 
 
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and round 4, which comes first on the page
+ROUND3_PARTS = (  # and rounds 4 and 5, which come first on the page
+    "round5-actorder",
+    "round5-g32",
+    "round5-w2",
+    "round5-w4",
     "round4-mix",
     "round4-temp",
     "round4-abq",
@@ -571,6 +644,10 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round4-mix": round4_mix_rows,
     "round4-abq": round4_abq_rows,
     "round4-abq-w4": round4_abq_w4_rows,
+    "round5-actorder": round5_actorder_rows,
+    "round5-g32": round5_g32_rows,
+    "round5-w2": round5_w2_rows,
+    "round5-w4": round5_w4_rows,
 }
 
 
@@ -607,10 +684,14 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         removes = {c["remove"] for c in settings.values()}
         scores: dict[str, dict] = {}
 
+        settings.update({n: k for n, k in extra_fold_settings(layers).items() if n in args.rows})
+
         def fold_job(n: str, k: dict, s: str) -> Row:
-            if s not in scores:  # importance once per source, when its first row runs
-                scores[s] = importance_scores(model, data.ids(s), layers, removes)
-            return run_fold(model, data, n, k, s, scores[s])
+            k = dict(k)
+            by = k.pop("score_source", s)  # the text the blocks are scored on (the cure's by default)
+            if by not in scores:  # importance once per source, when its first row runs
+                scores[by] = importance_scores(model, data.ids(by), layers, removes)
+            return run_fold(model, data, n, k, s, scores[by])
 
         jobs = [  # source by source, so a partial run holds whole comparisons
             lambda n=n, k=k, s=s: fold_job(n, k, s)

@@ -173,8 +173,9 @@ def test_choice_is_recorded_per_site_on_stories(setup):
     assert not any("calibration" in layer for layer in off["layers"])
 
 
-def test_act_order_is_off_by_default_at_every_width(setup, monkeypatch):
-    """act_order unset: off at W3 g128, W4 g64 and W4 g128 (round 3 of the cross-domain table); on when asked."""
+def test_act_order_and_damp_defaults_at_every_width(setup, monkeypatch):
+    """act_order / damp unset: on and 0.1 at W3 g128, W4 g64, W4 g128 and W2 (round 5 of the cross-domain table);
+    given options win."""
     from edgepack.compressor import gptq
 
     path, calib, _, _ = setup
@@ -182,15 +183,16 @@ def test_act_order_is_off_by_default_at_every_width(setup, monkeypatch):
     real = gptq.gptq_quantize
     monkeypatch.setattr(gptq, "gptq_quantize", lambda *a, **k: seen.append((a[4], a[5])) or real(*a, **k))
     for wbits, group, options, expected in (
-        (3, 128, {}, False),
-        (4, 64, {}, False),
-        (4, 128, {}, False),
-        (3, 128, {"act_order": True, "damp": 0.1}, True),
+        (3, 128, {}, (0.1, True)),
+        (4, 64, {}, (0.1, True)),
+        (4, 128, {}, (0.1, True)),
+        (2, 64, {}, (0.1, True)),
+        (3, 128, {"act_order": False, "damp": 1.0}, (1.0, False)),
     ):
         seen.clear()
         cfg = QuantConfig(wbits=wbits, group_size=group, method="gptq", options={"choose": False, **options})
         quantize(load_model(path), cfg, calib)
-        assert seen and set(seen) == {(options.get("damp", 1.0), expected)}, (wbits, group, set(seen))
+        assert seen and set(seen) == {expected}, (wbits, group, set(seen))
 
 
 @pytest.mark.parametrize("act_order", [False, True])
