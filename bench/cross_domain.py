@@ -667,7 +667,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         f"--n-samples {args.n_samples} --eval-tokens {args.eval_tokens}"
         + ("" if set(args.sources) == set(SOURCES) else f" --sources {','.join(args.sources)}")
         + (f" --rows '{';'.join(args.rows)}'" if args.rows else "")
-        + (f" --tag {args.tag}" if args.tag else ""),
+        + (f" --tag={args.tag}" if args.tag else ""),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}{args.tag}_{name}.json"
