@@ -416,12 +416,18 @@ ACT_ORDER = {  # round 5: act-order (static groups) again, now on the mixed sour
 }
 
 
-def round5_actorder_rows() -> list[tuple[str, str, dict, str | None]]:
+LOW_DAMP = {  # round 5: less dampening than the new default, for the in-domain W3 cells
+    "act-order on, damp 0.03": {"act_order": True, "damp": 0.03},
+    "act-order on, damp 0.01": {"act_order": True, "damp": 0.01},
+}
+
+
+def round5_actorder_rows(variants: dict[str, dict] = ACT_ORDER) -> list[tuple[str, str, dict, str | None]]:
     """Round 5: GPTQ W3 g128 with act-order on (damp 1.0 and 0.1) on the default sources, RTN beside; the
     default GPTQ on the same sources is ``round4-mix`` / ``round4-temp``."""
     cfg = WIDTHS["W3 g128"]
     rows = [("RTN W3 g128, head same", "rtn", cfg, None)]
-    for label, opts in ACT_ORDER.items():
+    for label, opts in variants.items():
         rows += [
             (f"GPTQ W3 g128, head same, {label}", "gptq", {**cfg, "options": opts}, s) for s in ROUND5_SOURCES
         ]
@@ -600,6 +606,7 @@ ROUND3_PARTS = (  # and rounds 4 and 5, which come first on the page
     "round5-g32",
     "round5-w2",
     "round5-w4",
+    "round5-damp",
     "round4-mix",
     "round4-temp",
     "round4-abq",
@@ -648,6 +655,7 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round5-g32": round5_g32_rows,
     "round5-w2": round5_w2_rows,
     "round5-w4": round5_w4_rows,
+    "round5-damp": lambda: round5_actorder_rows(LOW_DAMP),
 }
 
 
