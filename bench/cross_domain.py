@@ -461,6 +461,22 @@ def round5_w4_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def round5_seed_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 5, repeated on another draw (``--seed``): GPTQ W3 g128 and W4 g64 at round 4's settings and with
+    act-order / damp 0.1 on the default sources, RTN beside."""
+    rows = []
+    for w, cfg in (("W3 g128", WIDTHS["W3 g128"]), ("W4 g64", {"wbits": 4, "group_size": 64})):
+        rows.append((f"RTN {w}, head same", "rtn", cfg, None))
+        for label, opts in (
+            ("defaults", NEW_GPTQ),
+            ("act-order on, damp 0.1", ACT_ORDER["act-order on, damp 0.1"]),
+        ):
+            rows += [
+                (f"GPTQ {w}, head same, {label}", "gptq", {**cfg, "options": opts}, s) for s in ROUND5_SOURCES
+            ]
+    return rows
+
+
 def round5_g32_rows() -> list[tuple[str, str, dict, str | None]]:
     """Round 5: W4 at group 32 (RTN, GPTQ at its defaults on the default sources, ABQ on the texts)."""
     cfg = {"wbits": 4, "group_size": 32}
@@ -607,6 +623,7 @@ ROUND3_PARTS = (  # and rounds 4 and 5, which come first on the page
     "round5-w2",
     "round5-w4",
     "round5-damp",
+    "round5-seed",
     "round4-mix",
     "round4-temp",
     "round4-abq",
@@ -656,13 +673,14 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round5-w2": round5_w2_rows,
     "round5-w4": round5_w4_rows,
     "round5-damp": lambda: round5_actorder_rows(LOW_DAMP),
+    "round5-seed": round5_seed_rows,
 }
 
 
 def bench(name: str, part: str, args: argparse.Namespace) -> None:
     model_dir = SHARED / "models" / name
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    data = Data(model, tok, args.n_samples, args.eval_tokens)
+    data = Data(model, tok, args.n_samples, args.eval_tokens, args.seed)
     meta = {
         "model": name,
         "part": part,
@@ -675,7 +693,8 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         f"--n-samples {args.n_samples} --eval-tokens {args.eval_tokens}"
         + ("" if set(args.sources) == set(SOURCES) else f" --sources {','.join(args.sources)}")
         + (f" --rows '{';'.join(args.rows)}'" if args.rows else "")
-        + (f" --tag={args.tag}" if args.tag else ""),
+        + (f" --tag={args.tag}" if args.tag else "")
+        + (f" --seed {args.seed}" if args.seed else ""),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}{args.tag}_{name}.json"
@@ -951,6 +970,7 @@ def main() -> None:
     )
     ap.add_argument("--rows", default="", help="only these rows, by name (separated by ';'; default: all)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="draw of the calibration windows and self samples")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--page-only", action="store_true")
     args = ap.parse_args()
