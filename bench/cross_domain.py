@@ -410,80 +410,32 @@ def round4_abq_rows() -> list[tuple[str, str, dict, str | None]]:
 
 
 ROUND5_SOURCES = ("shakespeare+self@1.6", "wikitext2+self@1.6", "self@1.6")  # what the defaults calibrate on
+AO = {"act_order": True, "damp": 0.1}  # GPTQ's defaults since round 5
 ACT_ORDER = {  # round 5: act-order (static groups) again, now on the mixed sources
     "act-order on, damp 1.0": {"act_order": True, "damp": 1.0},
-    "act-order on, damp 0.1": {"act_order": True, "damp": 0.1},
+    "act-order on, damp 0.1": AO,
 }
-
-
 LOW_DAMP = {  # round 5: less dampening than the new default, for the in-domain W3 cells
     "act-order on, damp 0.03": {"act_order": True, "damp": 0.03},
     "act-order on, damp 0.01": {"act_order": True, "damp": 0.01},
 }
+BOTH = {"defaults": NEW_GPTQ, "act-order on, damp 0.1": AO}  # round 4's GPTQ settings and round 5's
+W4G64, W4G32 = {"wbits": 4, "group_size": 64}, {"wbits": 4, "group_size": 32}
 
 
-def round5_actorder_rows(variants: dict[str, dict] = ACT_ORDER) -> list[tuple[str, str, dict, str | None]]:
-    """Round 5: GPTQ W3 g128 with act-order on (damp 1.0 and 0.1) on the default sources, RTN beside; the
-    default GPTQ on the same sources is ``round4-mix`` / ``round4-temp``."""
-    cfg = WIDTHS["W3 g128"]
-    rows = [("RTN W3 g128, head same", "rtn", cfg, None)]
-    for label, opts in variants.items():
-        rows += [
-            (f"GPTQ W3 g128, head same, {label}", "gptq", {**cfg, "options": opts}, s) for s in ROUND5_SOURCES
-        ]
-    return rows
-
-
-def round5_w2_rows() -> list[tuple[str, str, dict, str | None]]:
-    """Round 5: W2* g64 (symmetric, bit balance), GPTQ at the round-4 defaults and with act-order on, damp 0.1."""
-    cfg = WIDTHS["W2* g64"]
-    rows = [("RTN W2* g64, head same", "rtn", cfg, None)]
-    for label, opts in (
-        ("defaults", NEW_GPTQ),
-        ("act-order on, damp 0.1", ACT_ORDER["act-order on, damp 0.1"]),
-    ):
-        o = {**cfg["options"], **opts}
-        rows += [
-            (f"GPTQ W2* g64, head same, {label}", "gptq", {**cfg, "options": o}, s) for s in ROUND5_SOURCES
-        ]
-    return rows
-
-
-def round5_w4_rows() -> list[tuple[str, str, dict, str | None]]:
-    """Round 5: GPTQ W4 g64 / W4 g128 with act-order on, damp 0.1 (the W3 settings) on the default sources;
-    RTN beside, GPTQ at the W4 defaults is ``round4-mix`` / ``round4-temp``."""
+def round5_rows(
+    widths: dict[str, dict], variants: dict[str, dict]
+) -> list[tuple[str, str, dict, str | None]]:
+    """Round 5: per width, RTN, then GPTQ with each of ``variants`` (label -> options over the width's own) on
+    every source the defaults calibrate on (``ROUND5_SOURCES``)."""
     rows = []
-    for w, cfg in (("W4 g64", {"wbits": 4, "group_size": 64}), ("W4 g128", WIDTHS["W4 g128"])):
-        opts = ACT_ORDER["act-order on, damp 0.1"]
+    for w, cfg in widths.items():
         rows.append((f"RTN {w}, head same", "rtn", cfg, None))
-        rows += [(f"GPTQ {w}, head same, act-order on, damp 0.1", "gptq", {**cfg, "options": opts}, s)
-                 for s in ROUND5_SOURCES]  # fmt: skip
-    return rows
-
-
-def round5_seed_rows() -> list[tuple[str, str, dict, str | None]]:
-    """Round 5, repeated on another draw (``--seed``): GPTQ W3 g128 and W4 g64 at round 4's settings and with
-    act-order / damp 0.1 on the default sources, RTN beside."""
-    rows = []
-    for w, cfg in (("W3 g128", WIDTHS["W3 g128"]), ("W4 g64", {"wbits": 4, "group_size": 64})):
-        rows.append((f"RTN {w}, head same", "rtn", cfg, None))
-        for label, opts in (
-            ("defaults", NEW_GPTQ),
-            ("act-order on, damp 0.1", ACT_ORDER["act-order on, damp 0.1"]),
-        ):
+        for label, opts in variants.items():
+            o = {**cfg.get("options", {}), **opts}
             rows += [
-                (f"GPTQ {w}, head same, {label}", "gptq", {**cfg, "options": opts}, s) for s in ROUND5_SOURCES
+                (f"GPTQ {w}, head same, {label}", "gptq", {**cfg, "options": o}, s) for s in ROUND5_SOURCES
             ]
-    return rows
-
-
-def round5_g32_rows() -> list[tuple[str, str, dict, str | None]]:
-    """Round 5: W4 at group 32 (RTN, GPTQ at its defaults on the default sources, ABQ on the texts)."""
-    cfg = {"wbits": 4, "group_size": 32}
-    rows = [("RTN W4 g32, head same", "rtn", cfg, None)]
-    rows += [
-        ("GPTQ W4 g32, head same, defaults", "gptq", {**cfg, "options": NEW_GPTQ}, s) for s in ROUND5_SOURCES
-    ]
     return rows
 
 
@@ -668,12 +620,16 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round4-mix": round4_mix_rows,
     "round4-abq": round4_abq_rows,
     "round4-abq-w4": round4_abq_w4_rows,
-    "round5-actorder": round5_actorder_rows,
-    "round5-g32": round5_g32_rows,
-    "round5-w2": round5_w2_rows,
-    "round5-w4": round5_w4_rows,
-    "round5-damp": lambda: round5_actorder_rows(LOW_DAMP),
-    "round5-seed": round5_seed_rows,
+    # round 5: act-order with damp 1.0 / 0.1 at W3; the new defaults at W4 g64 / g128; both settings at W2* and,
+    # on a second draw (--seed 1), at W3 and W4 g64; lower damping at W3; round 4's settings at W4 g32
+    "round5-actorder": lambda: round5_rows({"W3 g128": WIDTHS["W3 g128"]}, ACT_ORDER),
+    "round5-g32": lambda: round5_rows({"W4 g32": W4G32}, {"defaults": NEW_GPTQ}),
+    "round5-w2": lambda: round5_rows({"W2* g64": WIDTHS["W2* g64"]}, BOTH),
+    "round5-w4": lambda: round5_rows(
+        {"W4 g64": W4G64, "W4 g128": WIDTHS["W4 g128"]}, {"act-order on, damp 0.1": AO}
+    ),
+    "round5-damp": lambda: round5_rows({"W3 g128": WIDTHS["W3 g128"]}, LOW_DAMP),
+    "round5-seed": lambda: round5_rows({"W3 g128": WIDTHS["W3 g128"], "W4 g64": W4G64}, BOTH),
 }
 
 
