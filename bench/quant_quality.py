@@ -41,7 +41,7 @@ from edgepack.errors import EdgepackError
 from edgepack.evaluate import perplexity
 from edgepack.model import DecoderDims, load_model, load_tokenizer
 from edgepack.pipeline import ExportRequest, export_model
-from edgepack.textdata import calibration_samples, read_text, split_text, tokenize
+from edgepack.textdata import read_text, split_text, tokenize
 
 log = logging.getLogger("quant_quality")
 
@@ -188,12 +188,7 @@ def calibration_ids(model, tok, text: str, n: int, method: str) -> torch.Tensor:
     GPTQ gets ``ExportRequest.calib_self_share`` of them sampled from the model and shuffled in, the others the
     text alone (edgepack/pipeline.py: calibration_ids)."""
     share = ExportRequest.calib_self_share if method == "gptq" else 0.0
-    n_own = min(n, round(n * share))
-    ids = calibration_samples(tok, text, n - n_own, SEQ_LEN)
-    if not n_own:
-        return ids
-    config = selfcalib.SelfCalibConfig(n_samples=n_own, seq_len=SEQ_LEN)
-    return selfcalib.mix_samples(ids, selfcalib.generate_samples(model, tok, config), config.seed)
+    return selfcalib.text_with_own(model, tok, text, n, SEQ_LEN, share)[0]
 
 
 def bench_model(

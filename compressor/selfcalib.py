@@ -173,6 +173,23 @@ def mix_samples(real: torch.Tensor, own: torch.Tensor, seed: int = 0) -> torch.T
     return both[torch.randperm(len(both), generator=torch.Generator().manual_seed(seed))]
 
 
+def text_with_own(
+    model: nn.Module, tokenizer, text: str, n: int, seq_len: int, share: float, **self_calib
+) -> tuple[torch.Tensor, torch.Tensor | None, SelfCalibConfig | None]:
+    """``n`` x ``seq_len`` calibration ids: ``round(n * share)`` of them sampled from ``model`` (``self_calib``:
+    SelfCalibConfig fields), the rest windows of ``text``, shuffled together by ``mix_samples``. Returns the ids,
+    the model's own samples and their config (both None when ``share`` draws none)."""
+    from edgepack.textdata import calibration_samples
+
+    n_own = min(n, round(n * share))
+    ids = calibration_samples(tokenizer, text, n - n_own, seq_len) if n_own < n else None
+    if not n_own:
+        return ids, None, None
+    config = SelfCalibConfig.from_dict({"n_samples": n_own, "seq_len": seq_len, **self_calib})
+    own = generate_samples(model, tokenizer, config)
+    return (own if ids is None else mix_samples(ids, own, config.seed)), own, config
+
+
 def write_samples(folder: Path, ids: torch.Tensor, tokenizer, config: SelfCalibConfig) -> Path:
     """Store the generated samples (settings, token ids, decoded text) as ``calib_self.json`` in ``folder``."""
     path = Path(folder) / FILE_NAME

@@ -411,7 +411,7 @@ def calibration_ids(
     from ``model`` when the source is a text file; recorded as ``reports["calibration"]``, or as
     ``reports["calibration_<kind>"]`` when an earlier step already calibrated (a fold before quantization)."""
     from edgepack.compressor import selfcalib
-    from edgepack.textdata import calibration_samples, read_text
+    from edgepack.textdata import read_text
 
     key = f"calibration_{kind}" if "calibration" in reports else "calibration"
     n = getattr(step, "n_samples", None) or getattr(step, "options", {}).get("n_samples", 64)
@@ -428,15 +428,13 @@ def calibration_ids(
         ids = selfcalib.read_samples(Path(source))
         reports[key] = {"source": source, "n_samples": len(ids), "seq_len": ids.shape[1]}
         return ids
-    n_own = min(n, round(n * share))
-    ids = calibration_samples(tokenizer, read_text(source), n - n_own, seq) if n_own < n else None
+    ids, own, config = selfcalib.text_with_own(
+        model, tokenizer, read_text(source), n, seq, share, **req.self_calib
+    )
     reports[key] = report = {"source": source, "n_samples": n, "seq_len": seq, "self_share": share}
-    if n_own:  # the model's own samples shuffled in; stored beside, as with --calib self
-        config = selfcalib.SelfCalibConfig.from_dict({"n_samples": n_own, "seq_len": seq, **req.self_calib})
-        own = selfcalib.generate_samples(model, tokenizer, config)
+    if own is not None:  # the model's own samples shuffled in; stored beside, as with --calib self
         if out is not None:
             selfcalib.write_samples(out, own, tokenizer, config)
-        ids = own if ids is None else selfcalib.mix_samples(ids, own, config.seed)
         report["self"] = {"file": selfcalib.FILE_NAME, **dataclasses.asdict(config)}
     return ids
 
