@@ -858,8 +858,9 @@ def write_page(folder: Path) -> None:
            "1.6 since; 'self@T': at temperature T; 'A+B': half of the samples from each, shuffled). Evaluation: "
            "Shakespeare's last 10% ('shakespeare' column) and WikiText-2 test's second half ('wikitext2' column); "
            "never the calibration text. Cells: perplexity (change vs fp32). 'none' = uncalibrated (RTN, fp32). "
-           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 4 (self-generation "
-           "temperature, calibration mixed with self-generated samples) comes first, then round 3 (RTN and GPTQ "
+           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 5 (GPTQ's act-order and "
+           "damping on the mixed sources, a second draw, W4 g32) comes first, then round 4 (self-generation "
+           "temperature, calibration mixed with self-generated samples), then round 3 (RTN and GPTQ "
            "with the searched weight range, GPTQ's options re-chosen), then round 2 (the 8-bit head, GPTQ's "
            "per-site check, 64 calibration samples, 4096 evaluation tokens); the summary and goals are in "
            "generalization.md.", ""]  # fmt: skip
