@@ -32,10 +32,20 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from edgepack.compressor.fold import FoldConfig, fold
+from edgepack.compressor.fold import (
+    FoldConfig,
+    _set_parameter,
+    fold,
+    shared_parameter_names,
+    unique_parameter_count,
+)
+from edgepack.compressor.fold_cure import cure
+from edgepack.compressor.fold_hooks import decoder_layers
 from edgepack.compressor.fold_importance import IMPORTANCE
+from edgepack.compressor.fold_plan import rank, removal_count
 from edgepack.compressor.quantize import QuantConfig, quantize
 from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, mix_samples
+from torch import nn
 
 from edgepack.evaluate import perplexity
 from edgepack.model import load_model, load_tokenizer
@@ -490,7 +500,73 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
         "BI removal, no cure": {**bi, "cure_steps": 0},
         "BI removal, norms-only cure": {**bi, "cure_weights": False},
         "BI removal, cure 300 steps": {**bi, "cure_steps": 300},
+        **{f"BI removal, refilled, scales from {init:g}": {**bi, "refill": init} for init in REFILL_INITS},
     }
+
+
+REFILL_INITS = (0.0, 0.3, 1.0)  # round 6: where the refilled positions' branch scales start
+REFILL_SCALE_LR = 10.0  # the scales' learning rate, in units of the norms' (FoldConfig.lr)
+
+
+class BranchScale(nn.Module):
+    """A per-channel gain on one block's attention or MLP branch output, applied by a forward hook on the
+    branch's output projection (o_proj / down_proj): the block computes ``h + s * branch(h)``."""
+
+    def __init__(self, hidden: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((hidden,), float(init)))
+
+    def attach(self, proj: nn.Module) -> None:
+        proj.register_forward_hook(lambda module, args, out: out * self.scale)
+
+
+def refill(model, kept: list[int], init: float) -> list[nn.Parameter]:
+    """Round 6 (FoldGPT's per-position scaling of shared weights, started as the removal): after removing the
+    blocks outside ``kept``, put each removed position back as a block that shares every non-norm weight with
+    the nearest kept block before it (after it, for a leading position), keeps its own norms, and scales its
+    attention and MLP outputs per channel, starting from ``init`` (0 = exactly the removal). The unique block
+    weights are the removal's; depth and compute are the original's. Returns the scales (Llama names)."""
+    layers = decoder_layers(model)
+    scales = []
+    for i, layer in enumerate(layers):
+        if i in kept:
+            continue
+        before = [k for k in kept if k < i]
+        source = layers[before[-1] if before else min(kept)]
+        for name in shared_parameter_names(source):
+            _set_parameter(layer, name, source.get_parameter(name))
+        for branch, proj in (("attn_scale", layer.self_attn.o_proj), ("mlp_scale", layer.mlp.down_proj)):
+            gain = BranchScale(model.config.hidden_size, init)
+            gain.attach(proj)
+            layer.add_module(branch, gain)
+            scales.append(gain.scale)
+    return scales
+
+
+def run_refill(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """BI removal as ``run_fold`` builds it, refilled (``refill``) and cured with the scales in the cure."""
+    kwargs = dict(kwargs)
+    init = kwargs.pop("refill")
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
+    n = len(decoder_layers(m))
+    kept = sorted(rank(scores[config.remove]["bi"])[: n - removal_count(config.remove, n)])
+    scales = refill(m, kept, init)
+    result = cure(
+        m, model, data.ids(source), config, extra=({"params": scales, "lr": REFILL_SCALE_LR * config.lr},)
+    )
+    mean_abs = [round(p.detach().abs().mean().item(), 3) for p in scales]
+    extra = {
+        "kept": kept,
+        "groups": [],
+        "distill_loss": [result.before, result.after],
+        "share_check": None,
+        "refill_init": init,
+        "scale_mean_abs": mean_abs,
+        "unique_block_params": unique_parameter_count(decoder_layers(m)),
+    }
+    return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
 
 def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
@@ -674,7 +750,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
             by = k.pop("score_source", s)  # the text the blocks are scored on (the cure's by default)
             if by not in scores:  # importance once per source, when its first row runs
                 scores[by] = importance_scores(model, data.ids(by), layers, removes)
-            return run_fold(model, data, n, k, s, scores[by])
+            return (run_refill if "refill" in k else run_fold)(model, data, n, k, s, scores[by])
 
         jobs = [  # source by source, so a partial run holds whole comparisons
             lambda n=n, k=k, s=s: fold_job(n, k, s)

@@ -126,8 +126,16 @@ class _Distiller:
         return sum(self(x).item() * len(x) for x in batches(ids, batch_size, device)) / len(ids)
 
 
-def cure(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: FoldConfig) -> CureResult:
-    """Fine-tune ``student`` (norms, plus block weights if ``config.cure_weights``) to match ``teacher``."""
+def cure(
+    student: nn.Module,
+    teacher: nn.Module,
+    ids: torch.Tensor,
+    config: FoldConfig,
+    extra: tuple[dict, ...] = (),
+) -> CureResult:
+    """Fine-tune ``student`` (norms, plus block weights if ``config.cure_weights``) to match ``teacher``.
+    ``extra``: more optimizer groups ({"params": [...], "lr": ...}) for parameters a caller added to the
+    student (bench/cross_domain.py's per-position branch scales); they are excluded from the weights group."""
     device = next(student.parameters()).device
     teacher.to(device).eval()
     k = min(config.distill_layers, len(decoder_layers(student)))
@@ -139,9 +147,10 @@ def cure(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, config: Fold
     )
     groups = [{"params": norms, "lr": config.lr}]
     if config.cure_weights:
-        seen = {id(p) for p in norms}
+        seen = {id(p) for p in norms} | {id(p) for group in extra for p in group["params"]}
         weights = [p for p in unique(layers.parameters()) if id(p) not in seen]
         groups.append({"params": weights, "lr": config.lr * config.weight_lr_scale})
+    groups += [dict(group) for group in extra]
     params = [p for group in groups for p in group["params"]]
     before = distiller.evaluate(eval_ids, config.batch_size)
     opt = torch.optim.AdamW(groups, weight_decay=0.0)

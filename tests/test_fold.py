@@ -16,6 +16,7 @@ from edgepack.compressor.fold import (
     shared_parameter_names,
     unique_parameter_count,
 )
+from edgepack.compressor.fold_cure import cure
 from edgepack.compressor.fold_plan import removal_count, resolve_groups
 from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
@@ -266,6 +267,21 @@ def test_cure_lowers_distillation_loss(model, ids):
     assert layers[0].self_attn.q_proj.weight is layers[1].self_attn.q_proj.weight, "cure keeps sharing"
     assert all(p.requires_grad for p in model.parameters())
     assert_cache_matches_full(model, ids[:1, :16], prefill=8)
+
+
+@pytest.mark.parametrize("lr", [0.0, 0.05])
+def test_cure_trains_extra_groups_at_their_own_rate(model, ids, lr):
+    """Parameters a caller adds to the student (a branch scale here) train in their own group only: at lr 0
+    they stay put while the block weights move (in the weights group too, AdamW would refuse the duplicate)."""
+    teacher = copy.deepcopy(model)
+    layer = model.model.layers[2]
+    scale = torch.nn.Parameter(torch.full((model.config.hidden_size,), 0.5))
+    layer.register_parameter("mlp_scale", scale)
+    layer.mlp.down_proj.register_forward_hook(lambda module, args, out: out * scale)
+    weight = layer.mlp.up_proj.weight.detach().clone()
+    cure(model, teacher, ids, FoldConfig(**{**FAST, "cure_steps": 4}), extra=({"params": [scale], "lr": lr},))
+    assert not torch.equal(layer.mlp.up_proj.weight, weight)
+    assert torch.equal(scale.detach(), torch.full_like(scale, 0.5)) == (lr == 0.0)
 
 
 def test_choose_fold_needs_a_unanimous_win_over_bi_removal():
