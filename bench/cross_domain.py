@@ -645,7 +645,8 @@ def save(path: Path, meta: dict, rows: list[Row]) -> None:
 
 
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and rounds 4 and 5, which come first on the page
+ROUND3_PARTS = (  # and rounds 4, 5 and 6, which come first on the page
+    "round6-draws",
     "round5-actorder",
     "round5-g32",
     "round5-w2",
@@ -706,6 +707,17 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     ),
     "round5-damp": lambda: round5_rows({"W3 g128": WIDTHS["W3 g128"]}, LOW_DAMP),
     "round5-seed": lambda: round5_rows({"W3 g128": WIDTHS["W3 g128"], "W4 g64": W4G64}, BOTH),
+    # round 6: every goal cell at the current defaults, run once per draw (--seed 0/1/2) for the draw means
+    "round6-draws": lambda: (
+        round5_rows(
+            {"W3 g128": WIDTHS["W3 g128"], "W4 g128": WIDTHS["W4 g128"], "W4 g64": W4G64},
+            {"act-order on, damp 0.1": AO},
+        )
+        + [
+            ("ABQ W3 g128, head same", "abq", WIDTHS["W3 g128"], s)
+            for s in ("shakespeare", "wikitext2", "self@1.6")
+        ]
+    ),
 }
 
 
@@ -926,6 +938,96 @@ def self_gap_lines(get: dict, names, selves=("self",)) -> list[str]:
     return out
 
 
+DRAWS_PART = "round6-draws"
+GPTQ_AO = "head same, act-order on, damp 0.1"  # the GPTQ rows' suffix in round6-draws (the current defaults)
+
+
+def draw_means(folder: Path, model: str) -> tuple[list[int], dict, dict, list[dict]]:
+    """Round 6: the ``round6-draws`` JSONs of ``model`` (one per --seed): (seeds, fp32 ppl, {(row, source):
+    {eval: [ppl per draw]}}, each draw's rows)."""
+    runs = sorted(folder.glob(f"cross_domain_{DRAWS_PART}-seed*_{model}.json"))
+    seeds, cells, draws = [], {}, []
+    for path in runs:
+        data = json.loads(path.read_text())
+        seeds.append(int(re.search(r"-seed(\d+)_", path.name).group(1)))
+        draws.append(data["rows"])
+        for r in data["rows"][1:]:
+            for e in EVALS:
+                cells.setdefault((r["name"], r["source"]), {}).setdefault(e, []).append(r["ppl"][e])
+    fp = draws[0][0]["ppl"] if draws else {}
+    return seeds, fp, cells, draws
+
+
+def draw_means_lines(folder: Path) -> list[str]:
+    """The goal cells at the current defaults as means over draws of the calibration windows and self samples
+    (one draw moves single cells by more than 5%), with each goal judged on the means."""
+    out = []
+    for model in ("mix-llama-14m", "stories260k"):
+        seeds, fp, cells, draws = draw_means(folder, model)
+        if len(seeds) >= 2:
+            out += model_draw_lines(model, seeds, fp, cells, draws)
+    return out
+
+
+def model_draw_lines(model: str, seeds: list[int], fp: dict, cells: dict, draws: list[dict]) -> list[str]:
+    """``draw_means_lines`` for one model."""
+
+    def mean(key, e):
+        v = cells[key][e]
+        return sum(v) / len(v)
+
+    def cell(key):
+        return " | ".join(
+            f"{mean(key, e):.2f} ({100 * (mean(key, e) / fp[e] - 1):+.1f}%) "
+            f"[{min(cells[key][e]):.2f}-{max(cells[key][e]):.2f}]"
+            for e in EVALS
+        )
+
+    out = [f"## {DRAWS_PART}: {model}, means over draws {seeds}", "",
+            f"fp32 {fp['shakespeare_tail']:.2f} / {fp['wikitext2_tail']:.2f}. Each cell: the mean over the "
+            "draws (change vs fp32) [lowest-highest draw]; the per-draw tables are below.", "",
+            "| row | source | Shakespeare tail | WikiText-2 tail |", "|---|---|---|---|"]  # fmt: skip
+    out += [f"| {n} | {src or 'none'} | {cell((n, src))} |" for n, src in cells]
+    out += ["", "Goals on the means:", ""]
+    rel = {k: {e: mean(k, e) / fp[e] - 1 for e in EVALS} for k in cells}
+    # GPTQ <= RTN: every cell of every draw
+    bad, total = [], 0
+    for rows in draws:
+        get = {(r["name"], r["source"]): r["ppl"] for r in rows}
+        for (n, src), p in get.items():
+            if n.startswith("GPTQ"):
+                rtn = get[(f"RTN {n.split(',')[0][5:]}, head same", None)]
+                total += len(EVALS)
+                bad += [(n, src, e) for e in EVALS if p[e] > rtn[e]]
+    out.append(f"- GPTQ <= RTN: {total - len(bad)} of {total} cells over the draws"
+               + ("" if not bad else " (not: " + "; ".join(f"{n} [{s}] {e}" for n, s, e in bad) + ")"))  # fmt: skip
+    w4 = [(k, e, v) for k, d in rel.items() if k[0].startswith("GPTQ W4") for e, v in d.items()]
+    worst = max(w4, key=lambda t: t[2])
+    out.append(f"- W4 within 3% (GPTQ, g64 and g128, every source): worst mean {worst[0][0].split(',')[0]} "
+               f"[{worst[0][1]}] on {worst[1]} {100 * worst[2]:+.1f}% -> "
+               f"{'met' if worst[2] <= 0.03 else 'not met'}")  # fmt: skip
+    in_domain = {"shakespeare": "shakespeare_tail", "wikitext2": "wikitext2_tail"}
+    for text, e_in in in_domain.items():
+        e_off = next(e for e in EVALS if e != e_in)
+        for key in ((f"GPTQ W3 g128, {GPTQ_AO}", f"{text}+self@1.6"), ("ABQ W3 g128, head same", text)):
+            if key in rel:
+                ok = rel[key][e_in] <= 0.10 and rel[key][e_off] <= 0.15
+                out.append(f"- calibrated W3 g128 within 10% / 15%: {key[0].split(',')[0]} [{key[1]}] "
+                           f"{100 * rel[key][e_in]:+.1f}% in, {100 * rel[key][e_off]:+.1f}% off -> "
+                           f"{'met' if ok else 'not met'}")  # fmt: skip
+    for w in ("W3 g128", "W4 g128", "W4 g64"):
+        gaps = []
+        for text, e_in in in_domain.items():  # the real text that is off-domain for e_off
+            e_off = next(e for e in EVALS if e != e_in)
+            real, own = (f"GPTQ {w}, {GPTQ_AO}", f"{text}+self@1.6"), (f"GPTQ {w}, {GPTQ_AO}", "self@1.6")
+            gaps.append((e_off, mean(own, e_off) / mean(real, e_off) - 1))
+        out.append(f"- self-calibration within 2% of the real text off-domain, GPTQ {w}: "
+                   + ", ".join(f"{e} {100 * g:+.1f}%" for e, g in gaps)
+                   + f" -> {'met' if all(g <= 0.02 for _, g in gaps) else 'not met'}")  # fmt: skip
+    out.append("")
+    return out
+
+
 def write_page(folder: Path) -> None:
     out = ["# Cross-domain quality (calibration source x evaluation text)", "",
            "Generated by `bench/cross_domain.py` from the JSON files beside this page. Calibration: "
@@ -934,12 +1036,15 @@ def write_page(folder: Path) -> None:
            "1.6 since; 'self@T': at temperature T; 'A+B': half of the samples from each, shuffled). Evaluation: "
            "Shakespeare's last 10% ('shakespeare' column) and WikiText-2 test's second half ('wikitext2' column); "
            "never the calibration text. Cells: perplexity (change vs fp32). 'none' = uncalibrated (RTN, fp32). "
-           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 5 (GPTQ's act-order and "
-           "damping on the mixed sources, a second draw, W4 g32) comes first, then round 4 (self-generation "
+           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 6 (the goal cells at the "
+           "current defaults on three draws of the calibration windows and self samples, as means; the fold's "
+           "refilled rows are with the fold parts) comes first, then round 5 (GPTQ's act-order and "
+           "damping on the mixed sources, a second draw, W4 g32), then round 4 (self-generation "
            "temperature, calibration mixed with self-generated samples), then round 3 (RTN and GPTQ "
            "with the searched weight range, GPTQ's options re-chosen), then round 2 (the 8-bit head, GPTQ's "
            "per-site check, 64 calibration samples, 4096 evaluation tokens); the summary and goals are in "
            "generalization.md.", ""]  # fmt: skip
+    out += draw_means_lines(folder)
     mech = folder / "cross_domain_mechanics.json"
     if mech.is_file():
         m = json.loads(mech.read_text())
@@ -970,7 +1075,8 @@ def write_page(folder: Path) -> None:
                 f"eval tokens {meta['eval_tokens']}; load average {meta['load_start']} -> {meta.get('load_end')}; "
                 f"self-generation {meta.get('self_calibration_s', 0)} s).", ""]  # fmt: skip
         out += table(rows, fp)
-        out += ["", "Goals:", ""] + [f"- {line}" for line in goal_lines(meta["part"], rows, fp)] + [""]
+        goals = goal_lines(meta["part"], rows, fp)
+        out += ["", "Goals:", ""] + [f"- {line}" for line in goals] + [""] if goals else [""]
         if meta["part"] == "fold":
             out += [
                 "Fold details (kept blocks, share groups, distill loss before -> after the cure, share check):",
