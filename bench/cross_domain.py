@@ -647,6 +647,7 @@ def save(path: Path, meta: dict, rows: list[Row]) -> None:
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
 ROUND3_PARTS = (  # and rounds 4, 5 and 6, which come first on the page
     "round6-draws",
+    "round6-abq",
     "round5-actorder",
     "round5-g32",
     "round5-w2",
@@ -707,6 +708,12 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     ),
     "round5-damp": lambda: round5_rows({"W3 g128": WIDTHS["W3 g128"]}, LOW_DAMP),
     "round5-seed": lambda: round5_rows({"W3 g128": WIDTHS["W3 g128"], "W4 g64": W4G64}, BOTH),
+    # round 6: ABQ W3 with less fitting freedom (no learned rounding; one epoch), on each text alone
+    "round6-abq": lambda: [
+        (f"ABQ W3 g128, head same, {label}", "abq", {**WIDTHS["W3 g128"], "options": opts}, s)
+        for label, opts in (("rounding off", {"rounding": False}), ("1 epoch", {"epochs": 1}))
+        for s in ("shakespeare", "wikitext2")
+    ],
     # round 6: every goal cell at the current defaults, run once per draw (--seed 0/1/2) for the draw means
     "round6-draws": lambda: (
         round5_rows(
