@@ -32,13 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from edgepack.compressor.fold import (
-    FoldConfig,
-    _set_parameter,
-    fold,
-    shared_parameter_names,
-    unique_parameter_count,
-)
+from edgepack.compressor.fold import FoldConfig, fold, restructure, unique_parameter_count
 from edgepack.compressor.fold_cure import cure
 from edgepack.compressor.fold_hooks import decoder_layers
 from edgepack.compressor.fold_importance import IMPORTANCE
@@ -520,21 +514,24 @@ class BranchScale(nn.Module):
         proj.register_forward_hook(lambda module, args, out: out * self.scale)
 
 
-def refill(model, kept: list[int], init: float) -> list[nn.Parameter]:
+def refill(model, kept: list[int], scores: list[float], init: float) -> list[nn.Parameter]:
     """Round 6 (FoldGPT's per-position scaling of shared weights, started as the removal): after removing the
     blocks outside ``kept``, put each removed position back as a block that shares every non-norm weight with
     the nearest kept block before it (after it, for a leading position), keeps its own norms, and scales its
     attention and MLP outputs per channel, starting from ``init`` (0 = exactly the removal). The unique block
-    weights are the removal's; depth and compute are the original's. Returns the scales (Llama names)."""
+    weights are the removal's; depth and compute are the original's. ``scores`` ranked ``kept`` first, so
+    ``restructure`` takes each group's weights from its kept block. Returns the scales (Llama names)."""
     layers = decoder_layers(model)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(layers)):
+        if i not in kept:
+            before = [k for k in kept if k < i]
+            source = before[-1] if before else min(kept)
+            groups.setdefault(source, [source]).append(i)
+    restructure(model, list(range(len(layers))), list(groups.values()), scores, "important")
     scales = []
-    for i, layer in enumerate(layers):
-        if i in kept:
-            continue
-        before = [k for k in kept if k < i]
-        source = layers[before[-1] if before else min(kept)]
-        for name in shared_parameter_names(source):
-            _set_parameter(layer, name, source.get_parameter(name))
+    for i in sorted(i for members in groups.values() for i in members[1:]):
+        layer = layers[i]
         for branch, proj in (("attn_scale", layer.self_attn.o_proj), ("mlp_scale", layer.mlp.down_proj)):
             gain = BranchScale(model.config.hidden_size, init)
             gain.attach(proj)
@@ -551,8 +548,9 @@ def run_refill(model, data: Data, name: str, kwargs: dict, source: str, scores: 
     t0 = time.perf_counter()
     config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
     n = len(decoder_layers(m))
-    kept = sorted(rank(scores[config.remove]["bi"])[: n - removal_count(config.remove, n)])
-    scales = refill(m, kept, init)
+    bi = scores[config.remove]["bi"]
+    kept = sorted(rank(bi)[: n - removal_count(config.remove, n)])
+    scales = refill(m, kept, bi, init)
     result = cure(
         m, model, data.ids(source), config, extra=({"params": scales, "lr": REFILL_SCALE_LR * config.lr},)
     )
