@@ -198,7 +198,7 @@ def bench_model(
     tok = load_tokenizer(model_dir)
     dims = DecoderDims.from_config(model.config)
     train, held_text = split_text(read_text(SHARED / "data" / "tinyshakespeare.txt"))
-    calib = {(n, m): calibration_ids(model, tok, train, n, m) for n in {n_samples, 64} for m in ("gptq", "")}
+    calib: dict[tuple[int, bool], torch.Tensor] = {}  # (samples, GPTQ's mix?) -> ids, drawn on first use
     wiki = tokenize(tok, read_text(SHARED / "data" / "wikitext2-raw-test.txt"), eval_tokens + 1)
     held = tokenize(tok, held_text, eval_tokens + 1)
     rows = rows_for(methods)
@@ -208,8 +208,10 @@ def bench_model(
         if row.method == "peer":
             peer_row(row, model_dir, work, dims, wiki, held, threads)
         else:
-            ids = calib[(row.samples or n_samples, "gptq" if row.method == "gptq" else "")]
-            quantized = evaluate_row(row, model, ids, wiki, held)
+            key = (row.samples or n_samples, row.method == "gptq")
+            if key not in calib:  # only the sets the rows use: GPTQ's samples from the model (seconds each)
+                calib[key] = calibration_ids(model, tok, train, key[0], row.method)
+            quantized = evaluate_row(row, model, calib[key], wiki, held)
             if row.name == "ABQ W3 g128":
                 cross_check = (row, quantized)
         log.info("%s %s: %s (%.0f s)", model_dir.name, row.name, asdict(row), time.perf_counter() - t0)
