@@ -642,8 +642,22 @@ def save(path: Path, meta: dict, rows: list[Row]) -> None:
     path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
 
 
+def round7_head4_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 7: the W3 g128 goal cells with the output head at 4 bits, the width the default (widened) lowering
+    stores and runs a 3-bit weight at anyway: RTN, GPTQ at the current defaults on its three default sources,
+    ABQ on each text and on self text."""
+    cfg = {**WIDTHS["W3 g128"], "head_bits": 4}
+    rows = [("RTN W3 g128, head 4", "rtn", cfg, None)]
+    rows += [
+        ("GPTQ W3 g128, head 4, act-order on, damp 0.1", "gptq", {**cfg, "options": AO}, s) for s in ROUND5_SOURCES
+    ]
+    rows += [("ABQ W3 g128, head 4", "abq", cfg, s) for s in ("shakespeare", "wikitext2", "self@1.6")]
+    return rows
+
+
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and rounds 4, 5 and 6, which come first on the page
+ROUND3_PARTS = (  # and rounds 4 to 7, which come first on the page
+    "round7-head4",
     "round6-draws",
     "round6-abq",
     "round5-actorder",
@@ -712,6 +726,8 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
         for label, opts in (("rounding off", {"rounding": False}), ("1 epoch", {"epochs": 1}))
         for s in ("shakespeare", "wikitext2")
     ],
+    # round 7: the W3 g128 cells with the head at 4 bits (free in the default lowering), once per draw
+    "round7-head4": round7_head4_rows,
     # round 6: every goal cell at the current defaults, run once per draw (--seed 0/1/2) for the draw means
     "round6-draws": lambda: (
         round5_rows(
@@ -943,38 +959,64 @@ def self_gap_lines(get: dict, names, selves=("self",)) -> list[str]:
     return out
 
 
-DRAWS_PART = "round6-draws"
-GPTQ_AO = "head same, act-order on, damp 0.1"  # the GPTQ rows' suffix in round6-draws (the current defaults)
+DRAWS_PART = "round6-draws"  # every goal cell, head at the body's width (the default until round 7)
+HEAD_PART = "round7-head4"  # the W3 g128 cells with the head at 4 bits (head_bits "auto", the default since)
+AO_LABEL = "act-order on, damp 0.1"  # the GPTQ rows' option suffix in both parts (the current GPTQ defaults)
 
 
-def draw_means(folder: Path, model: str) -> tuple[list[int], dict, dict, list[dict]]:
-    """Round 6: the ``round6-draws`` JSONs of ``model`` (one per --seed): (seeds, fp32 ppl, {(row, source):
-    {eval: [ppl per draw]}}, each draw's rows)."""
-    runs = sorted(folder.glob(f"cross_domain_{DRAWS_PART}-seed*_{model}.json"))
-    seeds, cells, draws = [], {}, []
-    for path in runs:
-        data = json.loads(path.read_text())
-        seeds.append(int(re.search(r"-seed(\d+)_", path.name).group(1)))
-        draws.append(data["rows"])
-        for r in data["rows"][1:]:
+def load_draws(folder: Path, model: str, part: str) -> dict[int, list[dict]]:
+    """Seed -> rows (fp32 first) of ``part``'s per-draw JSONs (``--tag=-seedN``) for ``model``."""
+    runs = sorted(folder.glob(f"cross_domain_{part}-seed*_{model}.json"))
+    return {int(re.search(r"-seed(\d+)_", p.name).group(1)): json.loads(p.read_text())["rows"] for p in runs}
+
+
+def draw_means(draws: dict[int, list[dict]]) -> tuple[list[int], dict, dict, list[list[dict]]]:
+    """(seeds, fp32 ppl, {(row, source): {eval: [ppl per draw]}}, each draw's rows) of per-seed rows."""
+    seeds, cells, rows = sorted(draws), {}, []
+    for seed in seeds:
+        rows.append(draws[seed])
+        for r in draws[seed][1:]:
             for e in EVALS:
                 cells.setdefault((r["name"], r["source"]), {}).setdefault(e, []).append(r["ppl"][e])
-    fp = draws[0][0]["ppl"] if draws else {}
-    return seeds, fp, cells, draws
+    fp = rows[0][0]["ppl"] if rows else {}
+    return seeds, fp, cells, rows
+
+
+def current_draws(folder: Path, model: str) -> dict[int, list[dict]]:
+    """The goal cells at the current defaults per seed: round 6's W4 rows (head "auto" is the body's 4 bits
+    there, so those rows are the defaults unchanged) and round 7's W3 rows (head "auto" = 4 bits)."""
+    six, seven = load_draws(folder, model, DRAWS_PART), load_draws(folder, model, HEAD_PART)
+    return {
+        seed: [six[seed][0]] + [r for r in six[seed][1:] if " W4 " in r["name"]] + seven[seed][1:]
+        for seed in sorted(set(six) & set(seven))
+    }
 
 
 def draw_means_lines(folder: Path) -> list[str]:
-    """The goal cells at the current defaults as means over draws of the calibration windows and self samples
-    (one draw moves single cells by more than 5%), with each goal judged on the means."""
+    """The goal cells as means over draws of the calibration windows and self samples (one draw moves single
+    cells by more than 5%), with each goal judged on the means: at the current defaults (rounds 6 + 7), then
+    round 6 alone (the head at the body's width everywhere)."""
     out = []
-    for model in ("mix-llama-14m", "stories260k"):
-        seeds, fp, cells, draws = draw_means(folder, model)
-        if len(seeds) >= 2:
-            out += model_draw_lines(model, seeds, fp, cells, draws)
+    for title, load in (
+        (f"current defaults ({DRAWS_PART} W4 + {HEAD_PART} W3)", current_draws),
+        (f"{DRAWS_PART} (head at the body's width)", lambda f, m: load_draws(f, m, DRAWS_PART)),
+    ):
+        for model in ("mix-llama-14m", "stories260k"):
+            seeds, fp, cells, draws = draw_means(load(folder, model))
+            if len(seeds) >= 2:
+                out += model_draw_lines(title, model, seeds, fp, cells, draws)
     return out
 
 
-def model_draw_lines(model: str, seeds: list[int], fp: dict, cells: dict, draws: list[dict]) -> list[str]:
+def row_named(cells: dict, prefix: str, suffix: str = "") -> str | None:
+    """The one row name in ``cells`` of the form ``{prefix}, head <width>{suffix}`` (None if absent)."""
+    names = {n for n, _ in cells if re.fullmatch(re.escape(prefix) + r", head \w+" + re.escape(suffix), n)}
+    return names.pop() if len(names) == 1 else None
+
+
+def model_draw_lines(
+    title: str, model: str, seeds: list[int], fp: dict, cells: dict, draws: list[list[dict]]
+) -> list[str]:
     """``draw_means_lines`` for one model."""
 
     def mean(key, e):
@@ -988,20 +1030,23 @@ def model_draw_lines(model: str, seeds: list[int], fp: dict, cells: dict, draws:
             for e in EVALS
         )
 
-    out = [f"## {DRAWS_PART}: {model}, means over draws {seeds}", "",
+    def gptq(w):
+        return row_named(cells, f"GPTQ {w}", f", {AO_LABEL}")
+
+    out = [f"## {title}: {model}, means over draws {seeds}", "",
             f"fp32 {fp['shakespeare_tail']:.2f} / {fp['wikitext2_tail']:.2f}. Each cell: the mean over the "
             "draws (change vs fp32) [lowest-highest draw]; the per-draw tables are below.", "",
             "| row | source | Shakespeare tail | WikiText-2 tail |", "|---|---|---|---|"]  # fmt: skip
     out += [f"| {n} | {src or 'none'} | {cell((n, src))} |" for n, src in cells]
     out += ["", "Goals on the means:", ""]
     rel = {k: {e: mean(k, e) / fp[e] - 1 for e in EVALS} for k in cells}
-    # GPTQ <= RTN: every cell of every draw
+    # GPTQ <= RTN: every cell of every draw, against RTN at the same width and head
     bad, total = [], 0
     for rows in draws:
         get = {(r["name"], r["source"]): r["ppl"] for r in rows}
         for (n, src), p in get.items():
             if n.startswith("GPTQ"):
-                rtn = get[(f"RTN {n.split(',')[0][5:]}, head same", None)]
+                rtn = get[(", ".join(["RTN " + n.split(",")[0][5:], n.split(", ")[1]]), None)]
                 total += len(EVALS)
                 bad += [(n, src, e) for e in EVALS if p[e] > rtn[e]]
     out.append(f"- GPTQ <= RTN: {total - len(bad)} of {total} cells over the draws"
@@ -1014,7 +1059,7 @@ def model_draw_lines(model: str, seeds: list[int], fp: dict, cells: dict, draws:
     in_domain = {"shakespeare": "shakespeare_tail", "wikitext2": "wikitext2_tail"}
     for text, e_in in in_domain.items():
         e_off = next(e for e in EVALS if e != e_in)
-        for key in ((f"GPTQ W3 g128, {GPTQ_AO}", f"{text}+self@1.6"), ("ABQ W3 g128, head same", text)):
+        for key in ((gptq("W3 g128"), f"{text}+self@1.6"), (row_named(cells, "ABQ W3 g128"), text)):
             if key in rel:
                 ok = rel[key][e_in] <= 0.10 and rel[key][e_off] <= 0.15
                 out.append(f"- calibrated W3 g128 within 10% / 15%: {key[0].split(',')[0]} [{key[1]}] "
@@ -1024,7 +1069,7 @@ def model_draw_lines(model: str, seeds: list[int], fp: dict, cells: dict, draws:
         gaps = []
         for text, e_in in in_domain.items():  # the real text that is off-domain for e_off
             e_off = next(e for e in EVALS if e != e_in)
-            real, own = (f"GPTQ {w}, {GPTQ_AO}", f"{text}+self@1.6"), (f"GPTQ {w}, {GPTQ_AO}", "self@1.6")
+            real, own = (gptq(w), f"{text}+self@1.6"), (gptq(w), "self@1.6")
             gaps.append((e_off, mean(own, e_off) / mean(real, e_off) - 1))
         out.append(f"- self-calibration within 2% of the real text off-domain, GPTQ {w}: "
                    + ", ".join(f"{e} {100 * g:+.1f}%" for e, g in gaps)
@@ -1041,8 +1086,9 @@ def write_page(folder: Path) -> None:
            "1.6 since; 'self@T': at temperature T; 'A+B': half of the samples from each, shuffled). Evaluation: "
            "Shakespeare's last 10% ('shakespeare' column) and WikiText-2 test's second half ('wikitext2' column); "
            "never the calibration text. Cells: perplexity (change vs fp32). 'none' = uncalibrated (RTN, fp32). "
-           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 6 (the goal cells at the "
-           "current defaults on three draws of the calibration windows and self samples, as means; the fold's "
+           "The host had 2 CPU cores shared with other jobs: seconds are noisy. Round 7 (the W3 cells with the "
+           "head at 4 bits, the default since) with round 6's W4 cells is the first table; round 6 (the goal cells at the "
+           "then defaults on three draws of the calibration windows and self samples, as means; the fold's "
            "refilled rows are with the fold parts) comes first, then round 5 (GPTQ's act-order and "
            "damping on the mixed sources, a second draw, W4 g32), then round 4 (self-generation "
            "temperature, calibration mixed with self-generated samples), then round 3 (RTN and GPTQ "

@@ -12,7 +12,7 @@ default), ``act_order`` (quantize columns by decreasing Hessian diagonal, with s
 ``head`` ("rtn", the default, or "gptq" for the tied lm_head/embedding: GPTQ fits the head's error to the
 calibration hidden states while the same codes also serve as input embeddings; on mix-llama-14m's 8192-token
 tied head RTN generalizes better, on stories260k's 512-token one GPTQ does; the head is stored at
-``QuantConfig.head_bits``, 8 by default), ``head_damp``, ``choose`` (on by default: every 4th calibration
+``QuantConfig.head_bits``), ``head_damp``, ``choose`` (on by default: every 4th calibration
 sample of each batch is held out; per site, GPTQ fit on the others is compared with RTN by the output error
 on the held-out inputs, ``sum (dW H_held dW^T) / tokens``, and the lower one wins; a GPTQ win is re-run on
 every sample; the decision and both errors are recorded per layer in the quantize report, i.e. the manifest's

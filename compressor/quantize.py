@@ -50,6 +50,7 @@ class QuantFormat:
 DEFAULT_GROUP = 64
 MLP_GROUP = 128  # the MLP projections' group when group_size is left at DEFAULT_GROUP
 MLP_MODULES = "*.mlp.*"  # fnmatch over module names: every family's block MLP (families/*.py: mlp)
+HEAD_AUTO = "auto"  # QuantConfig.head_bits: the width the default lowering stores the body at
 
 
 @dataclass
@@ -67,13 +68,17 @@ class QuantConfig:
     # chose is kept everywhere unless mlp_group_size is given too.
     mlp_group_size: int | None = None
     skip: list[str] = field(default_factory=list)  # fnmatch patterns over module names, e.g. "lm_head"
-    # Width of the output head (lm_head, and the input embedding when tied to it); None (the default) = ``wbits``.
-    # 8 (--head-bits 8, like llama.cpp's Q4_K_M keeping the output at Q6_K): on mix-llama-14m the 8192-token tied
-    # head is 18% of the weights and RTN W3 g128 gains 54.4 -> 49.6 Shakespeare perplexity (fp32 42.8) from it
-    # (docs/results/cross_domain.md, --part head8), for +17% bytes at W4; not the default: the head is 18-27% of
-    # a small model's decode reads (lm_head of a 0.5B), and at equal bytes --size-budget does far better
-    # (+0.4% vs +6.1%; generalization.md). Per-layer overrides and mixed-precision plans win over it.
-    head_bits: int | None = None
+    # Width of the output head (lm_head, and the input embedding when tied to it). "auto" (the default): the width
+    # the default (widened) lowering stores and runs the body's codes at anyway (kernels.packing.WIDENED_BITS:
+    # 3 -> 4, 5..7 -> 8, else ``wbits``), so the head costs no byte and no time more than at the body's width;
+    # at W3 it is the largest single cause of loss (mix-llama-14m's 8192-token tied head is 18% of its weights:
+    # GPTQ W3 g128 calibrated on Shakespeare goes from +12.7% to +7.3% in-domain, generalization.md round 7).
+    # The pipeline resolves "auto" to the body's width under the compact/planes lowerings, which store b bits.
+    # None (CLI --head-bits same) = ``wbits``. 8 (--head-bits 8, like llama.cpp's Q4_K_M keeping the output at
+    # Q6_K): RTN W3 g128 54.4 -> 49.6 Shakespeare perplexity on mix-llama-14m (fp32 42.8; cross_domain.md,
+    # --part head8) for +17% bytes at W4; at equal bytes --size-budget does far better (+0.4% vs +6.1%;
+    # generalization.md). Per-layer overrides and mixed-precision plans win over it.
+    head_bits: int | str | None = HEAD_AUTO
     # How RTN sets each group's range: "mse" (default) searches a shrink of [min, max] that minimises the weight
     # error (calib_grid.search_range; no data), "minmax" keeps the full range.
     weight_range: str = "mse"
@@ -90,7 +95,12 @@ class QuantConfig:
         if self.mlp_group_size is None:
             self.mlp_group_size = MLP_GROUP if self.group_size == DEFAULT_GROUP else self.group_size
         replace(self.base_format(), group_size=self.mlp_group_size).validate("mlp_group_size")
-        if self.head_bits is not None:
+        if self.head_bits is not None and self.head_bits != HEAD_AUTO:
+            if isinstance(self.head_bits, str) or isinstance(self.head_bits, bool):
+                raise EdgepackError(
+                    f"head_bits={self.head_bits!r} is not supported; use an integer from 2 to 8, "
+                    f"{HEAD_AUTO!r} or None (the body's width)"
+                )
             replace(self.base_format(), wbits=self.head_bits).validate("the output head (head_bits)")
         if self.weight_range not in WEIGHT_RANGES:
             raise EdgepackError(
@@ -122,13 +132,18 @@ class QuantConfig:
     def base_format(self) -> QuantFormat:
         return QuantFormat(self.wbits, self.group_size, self.symmetric)
 
+    def head_width(self) -> int:
+        """The output head's width before overrides: ``head_bits``, resolved ("auto": the widened lowering's
+        storage width of ``wbits``; None: ``wbits``)."""
+        if self.head_bits == HEAD_AUTO:
+            from edgepack.kernels.packing import WIDENED_BITS
+
+            return WIDENED_BITS[self.wbits]
+        return self.wbits if self.head_bits is None else self.head_bits
+
     def head_format(self) -> QuantFormat:
-        """The output head's format before overrides: ``head_bits`` (None: the body's ``wbits``)."""
-        return (
-            self.base_format()
-            if self.head_bits is None
-            else replace(self.base_format(), wbits=self.head_bits)
-        )
+        """The output head's format before overrides (``head_width``)."""
+        return replace(self.base_format(), wbits=self.head_width())
 
     def format_for(self, name: str, k: int | None = None, head: bool = False) -> QuantFormat | None:
         """The storage format of module ``name`` (``k`` inputs; ``head``: it is the output head), or None when it

@@ -172,11 +172,12 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 )
 @click.option(
     "--head-bits",
-    default="same",
+    default="auto",
     show_default=True,
-    help="Bits of the output head (lm_head and the tied embedding): 2-8, or 'same' for --wbits. 8 keeps "
-    "the head near float (W3 g128 on mix-llama-14m: +27.9% -> +17.1% perplexity) for ~1 MB per million head "
-    "weights and a slower decode (docs/results/generalization.md).",
+    help="Bits of the output head (lm_head and the tied embedding): 2-8, 'same' for --wbits, or 'auto': the "
+    "width the default lowering stores --wbits at anyway (3 -> 4, 5-7 -> 8; no extra bytes; --lowering "
+    "compact/planes: same). 8 keeps the head near float for ~1 MB per million head weights "
+    "(docs/results/generalization.md).",
 )
 @click.option("--size-budget", help="Mixed precision: largest weight size, e.g. 6MB.")
 @click.option("--bpw", type=float, help="Mixed precision: average stored bits per weight, e.g. 3.0.")
@@ -419,15 +420,19 @@ def parse_kv_flags(merge: str | None, start: str | None, bits: str | None, group
     return KVCacheConfig.from_dict({k: v for k, v in values.items() if v is not None})
 
 
-def parse_head_bits(text: str) -> int | None:
-    """--head-bits: an integer width, or 'same' (None: the head takes --wbits)."""
+def parse_head_bits(text: str) -> int | str | None:
+    """--head-bits: an integer width, 'same' (None: the head takes --wbits) or 'auto' (QuantConfig's default)."""
+    from edgepack.compressor.quantize import HEAD_AUTO
+
     if text.strip().lower() == "same":
         return None
+    if text.strip().lower() == HEAD_AUTO:
+        return HEAD_AUTO
     try:
         return int(text)
     except ValueError:
         raise EdgepackError(
-            f"--head-bits {text!r} is not a width; pass 2-8 or 'same' (the --wbits width)"
+            f"--head-bits {text!r} is not a width; pass 2-8, 'same' (the --wbits width) or 'auto'"
         ) from None
 
 
@@ -445,7 +450,7 @@ def recipe_from_flags(
     bpw,
     remove,
     share_groups,
-    head_bits=None,
+    head_bits="auto",
 ):
     from edgepack.recipe import Recipe, step_types
 

@@ -337,8 +337,11 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # domain (generalization.md, round 4), where it helps GPTQ
             reports["fold"] = fold(model, step, ids_for(step)).to_dict()
         elif kind == "quantize":
-            from edgepack.compressor.quantize import quantize
+            from edgepack.compressor.quantize import HEAD_AUTO, quantize
 
+            if step.head_bits == HEAD_AUTO and req.build.get("lowering") in ("compact", "planes"):
+                # these lowerings store b bits a weight: a head at the kernel's width would cost bytes there
+                step = dataclasses.replace(step, head_bits=None)
             mixed = step.budget_bpw is not None or step.size_budget is not None
             needs_calib = step.method != "rtn" or mixed
             if step.method == "abq" and not {"n_samples", "epochs"} & set(step.options):

@@ -323,30 +323,50 @@ def test_weight_range_search_lowers_error_and_perplexity(stories):
         QuantConfig(wbits=4, weight_range="max")
 
 
-def test_mix_llama_head_bits_8(mix, tmp_path):
-    """The tied lm_head/embedding of a real 14M model is stored at 8 bits while the body is W3 (head_bits=8, CLI
-    --head-bits 8): manifest, MatMulNBits and GatherBlockQuantized all say 8, parity holds; the default
-    (head_bits None, --head-bits same) keeps it at the body's width and the file is smaller by the head's
-    extra bits."""
+def test_mix_llama_head_bits(mix, tmp_path):
+    """The tied lm_head/embedding of a real 14M model, W3 body:
+    - head_bits=8 (CLI --head-bits 8): manifest, MatMulNBits and GatherBlockQuantized all say 8, parity holds,
+      and the file is larger by the head's extra bits than under the default;
+    - the default "auto" under the compact lowering (b bits a weight on disk) keeps the head at the body's 3;
+    - "auto" under the default lowering stores it at 4 bits, the width that lowering stores the 3-bit body at:
+      exactly the bytes a 3-bit head takes there, and a lower perplexity than the head at the body's width."""
+    from edgepack.evaluate import perplexity
+    from edgepack.kernels.packing import lowered_bytes
+
+    from edgepack.textdata import read_text, tokenize
+
     sizes = {}
-    for head_bits in (8, None):
-        out = tmp_path / f"h{head_bits}"
+    for name, head_bits, lowering, want in (("h8", 8, "compact", 8), ("auto-compact", "auto", "compact", 3),
+                                             ("auto", "auto", "auto", 4)):  # fmt: skip
+        out = tmp_path / name
         cfg = QuantConfig(wbits=3, group_size=64, **({"head_bits": 8} if head_bits == 8 else {}))
-        res = export(ExportRequest(mix, out, recipe=Recipe([cfg]), build={"lowering": "compact"}))
+        res = export(ExportRequest(mix, out, recipe=Recipe([cfg]), build={"lowering": lowering}))
         m = res.manifest
         assert m["parity"]["passed"]
-        bits = {layer["name"]: layer["bits"] for layer in m["compression"]["quantize"]["layers"]}
-        assert bits.pop("lm_head") == (head_bits or 3) and set(bits.values()) == {3}
+        layers = {layer["name"]: layer for layer in m["compression"]["quantize"]["layers"]}
+        head_layer = layers.pop("lm_head")
+        assert head_layer["bits"] == want and {layer["bits"] for layer in layers.values()} == {3}
         graph = onnx.load(out / "model.onnx")
         gather = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
-        assert [next(a.i for a in n.attribute if a.name == "bits") for n in gather] == [head_bits or 4]
+        kernel = 8 if want == 8 else 4
+        assert [next(a.i for a in n.attribute if a.name == "bits") for n in gather] == [kernel]
         attrs = [{a.name: a.i for a in n.attribute} for n in graph.graph.node if n.op_type == "MatMulNBits"]
         head = [a for a in attrs if a["N"] == 8192]  # the vocabulary: the lm_head's kernel
-        assert head and {a["bits"] for a in head} == {head_bits or 4}
+        assert head and {a["bits"] for a in head} == {kernel}
         assert {a["bits"] for a in attrs if a["N"] != 8192} == {4}
-        sizes[head_bits] = m["model_bytes"]
+        sizes[name] = m["model_bytes"]
+        if name == "auto":  # 4-bit codes in the 4-bit layout: what the 3-bit head would store
+            assert head_layer["bytes"] == lowered_bytes(8192, 320, 3, 64, kernel=4, storage="kernel")
     extra = 8192 * 320 * (8 - 3) / 8  # the head's extra code bytes (zero points and scales aside)
-    assert 0.95 * extra < sizes[8] - sizes[None] < 1.2 * extra, sizes
+    assert 0.95 * extra < sizes["h8"] - sizes["auto-compact"] < 1.2 * extra, sizes
+
+    ids = tokenize(load_tokenizer(mix), read_text(SHAKESPEARE))[-2049:]  # the tail: 8 windows of 256
+    ppl = {}
+    for head_bits in ("auto", None):
+        model = load_model(mix)
+        quantize(model, QuantConfig(wbits=3, group_size=128, head_bits=head_bits))
+        ppl[head_bits] = perplexity(model, ids)
+    assert ppl["auto"] < 0.97 * ppl[None], ppl
 
 
 def test_cli_head_bits_same_and_bad_values(stories, tmp_path):
@@ -356,8 +376,14 @@ def test_cli_head_bits_same_and_bad_values(stories, tmp_path):
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["recipe"]["steps"][0]["head_bits"] is None
     assert {layer["bits"] for layer in m["compression"]["quantize"]["layers"]} == {4}
+    r = cli("export", "--model", str(stories), "--wbits", "3", "--no-parity", "-o", str(tmp_path / "a"))
+    assert r.returncode == 0, r.stderr  # the default, "auto": at W3 the head takes the 4 bits stored anyway
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert m["recipe"]["steps"][0]["head_bits"] == "auto"
+    bits = {layer["name"]: layer["bits"] for layer in m["compression"]["quantize"]["layers"]}
+    assert bits.pop("lm_head") == 4 and set(bits.values()) == {3}
     for args, needle in (
-        (["--head-bits", "nine"], "--head-bits 'nine' is not a width"),
+        (["--head-bits", "nine"], "--head-bits 'nine' is not a width; pass 2-8, 'same' (the --wbits width) or 'auto'"),
         (["--head-bits", "9"], "wbits=9 for the output head (head_bits) is not supported"),
         (["--head-bits", "6", "--bpw", "4"], "--head-bits does not apply with a size budget"),
     ):
