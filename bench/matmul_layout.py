@@ -4,7 +4,10 @@ Each variant is a small ONNX graph with random 4-bit weights at the shapes of on
 Qwen2.5-0.5B config), M = 1 (one decode token), accuracy_level 4, run by ONNX Runtime on ``--threads``:
 
 - ``mlp``: the model's whole stack of MLPs chained (x -> gate/up -> SiLU(gate) * up -> down -> next layer),
-  with gate/up either packed (one MatMulNBits of N = 2 I, then Split) or separate (two MatMulNBits);
+  with gate/up either packed (one MatMulNBits of N = 2 I, then Split) or separate (two MatMulNBits), or the
+  whole MLP as one ``QMoE`` node with a single expert (ONNX Runtime's only CPU op that fuses SwiGLU: gate/up
+  interleaved in FC1, ``accuracy_level`` 4, ``k`` = 1, a constant router input; its block size must divide
+  both H and I);
 - ``attn``: q/k/v (packed) and o projections of every layer, chained;
 - ``lm_head``: the (V, H) head once.
 
@@ -57,7 +60,27 @@ def matmul(x: str, y: str, names: list[str], k: int, n: int, block: int):
                             block_size=block, accuracy_level=4)  # fmt: skip
 
 
-def build(part: str, dims: tuple, block: int, zp: bool, packed: bool, seed: int = 0) -> bytes:
+def qmoe_weight(rng, name: str, k: int, n: int, block: int, zp: bool, interleave: bool) -> tuple[list, list[str]]:
+    """One expert's (N, K) 4-bit weight in QMoE's layout: (1, N, K / 2) bytes, scales (1, N, K / block), zero
+    points (1, N, ceil(K / block / 2)); ``interleave``: N = 2 I rows ordered gate 0, up 0, gate 1, ..."""
+    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
+    scales = rng.random((n, k // block), dtype=np.float32) * 0.01 + 0.001
+    # drawn in weight()'s order, so that a qmoe graph holds the same weights as the packed one of its seed
+    zps = rng.integers(6, 10, (n, k // block), dtype=np.uint8) if zp else np.zeros_like(scales, np.uint8)
+    if interleave:  # draw gate and up as the packed variant does, then interleave their rows
+        order = np.stack([np.arange(n // 2), np.arange(n // 2) + n // 2], 1).reshape(-1)
+        codes, scales, zps = codes[order], scales[order], zps[order]
+    inits = [numpy_helper.from_array(pack_nbits(codes, 4, block).reshape(1, n, -1), f"{name}.q"),
+             numpy_helper.from_array(scales[None], f"{name}.s")]  # fmt: skip
+    names = [f"{name}.q", f"{name}.s", ""]
+    zname = ""
+    if zp:
+        inits.append(numpy_helper.from_array(pack_zero_points(zps, 4).reshape(1, n, -1), f"{name}.z"))
+        zname = f"{name}.z"
+    return inits, names, zname
+
+
+def build(part: str, dims: tuple, block: int, zp: bool, packed: bool | str, seed: int = 0) -> bytes:
     h, inter, layers, qkv, vocab = dims
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
@@ -75,6 +98,15 @@ def build(part: str, dims: tuple, block: int, zp: bool, packed: bool, seed: int 
             nodes.append(matmul(x, f"{p}.qkv_out", names, h, qkv, block))
             nodes.append(helper.make_node("Slice", [f"{p}.qkv_out", "zero", "hidden", "last"], [f"{p}.q"]))
             nodes.append(matmul(f"{p}.q", f"{p}.y", names2, h, h, block))
+        elif packed == "qmoe":
+            w1, n1, z1 = qmoe_weight(rng, f"{p}.fc1", h, 2 * inter, block, zp, interleave=True)
+            w2, n2, z2 = qmoe_weight(rng, f"{p}.fc2", inter, h, block, zp, interleave=False)
+            inits += w1 + w2
+            nodes.append(helper.make_node(
+                "QMoE", [x, "router", *n1, *n2, "", "", "", z1, z2], [f"{p}.y"], domain="com.microsoft", k=1,
+                activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+                expert_weight_bits=4, block_size=block, accuracy_level=4, normalize_routing_weights=1,
+            ))  # fmt: skip
         else:
             if packed:
                 w, names = weight(rng, f"{p}.gu", h, 2 * inter, block, zp)
@@ -98,6 +130,7 @@ def build(part: str, dims: tuple, block: int, zp: bool, packed: bool, seed: int 
     out = "y" if part == "lm_head" else x
     inits += [numpy_helper.from_array(np.array([v], np.int64), n)
               for n, v in (("zero", 0), ("hidden", h), ("last", -1))]  # fmt: skip
+    inits.append(numpy_helper.from_array(np.zeros((1, 1), np.float32), "router"))  # one token, one expert
     n_out = vocab if part == "lm_head" else h
     graph = helper.make_graph(
         nodes, part, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, h])],
@@ -107,13 +140,16 @@ def build(part: str, dims: tuple, block: int, zp: bool, packed: bool, seed: int 
     return helper.make_model(graph, opset_imports=opsets, ir_version=10).SerializeToString()
 
 
-def variants() -> list[tuple[str, str, int, bool, bool]]:
-    """(label, part, block, zero points, packed gate/up); the first of each part is its reference."""
+def variants(dims: tuple) -> list[tuple[str, str, int, bool, bool | str]]:
+    """(label, part, block, zero points, gate/up: packed True, separate False, or "qmoe"); the first of each
+    part is its reference."""
     rows = []
     for block in (64, 32, 128):
         for zp in (True, False):
             rows.append((f"mlp packed b{block}{' zp' if zp else ''}", "mlp", block, zp, True))
             rows.append((f"mlp separate b{block}{' zp' if zp else ''}", "mlp", block, zp, False))
+            if dims[0] % block == 0 and dims[1] % block == 0:
+                rows.append((f"mlp qmoe b{block}{' zp' if zp else ''}", "mlp", block, zp, "qmoe"))
     for block in (64, 32, 128):
         for zp in (True, False):
             rows.append((f"attn b{block}{' zp' if zp else ''}", "attn", block, zp, True))
@@ -131,16 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     dims = SHAPES[args.model]
-    rows = [r for r in variants() if not args.only or r[1] in args.only.split(",")]
+    rows = [r for r in variants(dims) if not args.only or r[1] in args.only.split(",")]
     options = ort.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # the parts share one initializer list: unused ones are expected
     x = np.random.default_rng(1).standard_normal((1, 1, dims[0])).astype(np.float32)
     sessions = {}
     for label, part, block, zp, packed in rows:
         sessions[label] = ort.InferenceSession(build(part, dims, block, zp, packed), options,
                                                providers=["CPUExecutionProvider"])  # fmt: skip
+    agreement = {}  # one layer of a qmoe graph holds the packed graph's weights: their outputs must agree
+    one_layer = (*dims[:2], 1, *dims[3:])  # (random weights without residuals overflow over the whole stack)
+    for label, part, block, zp, packed in rows:
+        if packed == "qmoe":
+            a, b = (ort.InferenceSession(build(part, one_layer, block, zp, mode), options,
+                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                    for mode in ("qmoe", True))  # fmt: skip
+            agreement[label] = float(np.abs(a - b).max() / np.abs(b).max())
+            print(f"{label}: max |qmoe - packed| / max |packed| = {agreement[label]:.1e}")
     times: dict[str, list[float]] = {r[0]: [] for r in rows}
     # One thread runs on the calling thread: its CPU time is the kernels' own cost, which other processes on
     # a shared host barely change (wall time there is mostly their scheduling). More threads: wall time.
@@ -169,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = [t / r for t, r in zip(times[label], times[refs[part]], strict=True)]
         print(f"| {label} | {np.median(times[label]):.0f} | {' / '.join(f'{v:.2f}' for v in ratio)} |")
         result.append({"variant": label, "part": part, "block": block, "zero_points": zp, "packed": packed,
-                       "us": times[label], "ratio_to_reference": ratio})  # fmt: skip
+                       "us": times[label], "ratio_to_reference": ratio,
+                       **({"max_rel_diff_to_packed": agreement[label]} if label in agreement else {})})  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"model": args.model, "threads": args.threads, "metric": metric, "load": loads,
                                          "rows": result}, indent=1) + "\n")  # fmt: skip
