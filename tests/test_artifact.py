@@ -26,7 +26,8 @@ def test_budgeted_bytes_equal_written_bytes(folder, dtype, wbits, symmetric):
     """mixed.stored_bytes (the budget's cost) == the bytes the exporter stores per weight, for cpu (fp32
     scales) and cuda (fp16 scales) alike, in the lowering budgeted exports use (odd widths compact)."""
     model = load_model(folder)
-    quantize(model, QuantConfig(wbits=wbits, group_size=32, symmetric=symmetric))
+    # one format everywhere (the head too: "auto" would widen it, which the pipeline undoes for compact)
+    quantize(model, QuantConfig(wbits=wbits, group_size=32, symmetric=symmetric, head_bits=None))
     graph = build_decoder(model, BuildOptions(dtype=dtype, activations="float", lowering=BUDGET_LOWERING))
     fmt = QuantFormat(wbits, 32, symmetric)
     layers = graph.meta["quant_layers"]
