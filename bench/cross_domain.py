@@ -649,7 +649,8 @@ def round7_head4_rows() -> list[tuple[str, str, dict, str | None]]:
     cfg = {**WIDTHS["W3 g128"], "head_bits": 4}
     rows = [("RTN W3 g128, head 4", "rtn", cfg, None)]
     rows += [
-        ("GPTQ W3 g128, head 4, act-order on, damp 0.1", "gptq", {**cfg, "options": AO}, s) for s in ROUND5_SOURCES
+        ("GPTQ W3 g128, head 4, act-order on, damp 0.1", "gptq", {**cfg, "options": AO}, s)
+        for s in ROUND5_SOURCES
     ]
     rows += [("ABQ W3 g128, head 4", "abq", cfg, s) for s in ("shakespeare", "wikitext2", "self@1.6")]
     return rows

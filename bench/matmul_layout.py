@@ -60,9 +60,12 @@ def matmul(x: str, y: str, names: list[str], k: int, n: int, block: int):
                             block_size=block, accuracy_level=4)  # fmt: skip
 
 
-def qmoe_weight(rng, name: str, k: int, n: int, block: int, zp: bool, interleave: bool) -> tuple[list, list[str]]:
+def qmoe_weight(
+    rng, name: str, k: int, n: int, block: int, zp: bool, interleave: bool
+) -> tuple[list, list[str], str]:
     """One expert's (N, K) 4-bit weight in QMoE's layout: (1, N, K / 2) bytes, scales (1, N, K / block), zero
-    points (1, N, ceil(K / block / 2)); ``interleave``: N = 2 I rows ordered gate 0, up 0, gate 1, ..."""
+    points (1, N, ceil(K / block / 2)); ``interleave``: N = 2 I rows ordered gate 0, up 0, gate 1, ...
+    Returns (initializers, QMoE's weight / scales / bias input names, its zero-point input name or "")."""
     codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
     scales = rng.random((n, k // block), dtype=np.float32) * 0.01 + 0.001
     # drawn in weight()'s order, so that a qmoe graph holds the same weights as the packed one of its seed

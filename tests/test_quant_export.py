@@ -331,8 +331,6 @@ def test_mix_llama_head_bits(mix, tmp_path):
     - "auto" under the default lowering stores it at 4 bits, the width that lowering stores the 3-bit body at:
       exactly the bytes a 3-bit head takes there, and a lower perplexity than the head at the body's width."""
     from edgepack.evaluate import perplexity
-    from edgepack.kernels.packing import lowered_bytes
-
     from edgepack.textdata import read_text, tokenize
 
     sizes = {}
@@ -376,14 +374,22 @@ def test_cli_head_bits_same_and_bad_values(stories, tmp_path):
     m = json.loads((tmp_path / "s" / "manifest.json").read_text())
     assert m["recipe"]["steps"][0]["head_bits"] is None
     assert {layer["bits"] for layer in m["compression"]["quantize"]["layers"]} == {4}
-    r = cli("export", "--model", str(stories), "--wbits", "3", "--no-parity", "-o", str(tmp_path / "a"))
-    assert r.returncode == 0, r.stderr  # the default, "auto": at W3 the head takes the 4 bits stored anyway
-    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    assert m["recipe"]["steps"][0]["head_bits"] == "auto"
-    bits = {layer["name"]: layer["bits"] for layer in m["compression"]["quantize"]["layers"]}
-    assert bits.pop("lm_head") == 4 and set(bits.values()) == {3}
+    for wbits, head in ((3, 4), (6, 8)):  # the default, "auto": the head takes the width stored anyway
+        out = tmp_path / f"a{wbits}"
+        r = cli("export", "--model", str(stories), "--wbits", str(wbits), "--no-parity", "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["recipe"]["steps"][0]["head_bits"] == "auto"
+        layers = {layer["name"]: layer for layer in m["compression"]["quantize"]["layers"]}
+        lm = layers.pop("lm_head")
+        assert lm["bits"] == head and {layer["bits"] for layer in layers.values()} == {wbits}
+        n, k = lm["shape"]  # the bytes a head at the body's width stores in this (widened) lowering
+        assert lm["bytes"] == lowered_bytes(n, k, wbits, lm["block"], kernel=head, storage="kernel")
     for args, needle in (
-        (["--head-bits", "nine"], "--head-bits 'nine' is not a width; pass 2-8, 'same' (the --wbits width) or 'auto'"),
+        (
+            ["--head-bits", "nine"],
+            "--head-bits 'nine' is not a width; pass 2-8, 'same' (the --wbits width) or 'auto'",
+        ),
         (["--head-bits", "9"], "wbits=9 for the output head (head_bits) is not supported"),
         (["--head-bits", "6", "--bpw", "4"], "--head-bits does not apply with a size budget"),
     ):
