@@ -96,7 +96,7 @@ class QuantConfig:
             self.mlp_group_size = MLP_GROUP if self.group_size == DEFAULT_GROUP else self.group_size
         replace(self.base_format(), group_size=self.mlp_group_size).validate("mlp_group_size")
         if self.head_bits is not None and self.head_bits != HEAD_AUTO:
-            if isinstance(self.head_bits, str) or isinstance(self.head_bits, bool):
+            if isinstance(self.head_bits, (str, bool)):
                 raise EdgepackError(
                     f"head_bits={self.head_bits!r} is not supported; use an integer from 2 to 8, "
                     f"{HEAD_AUTO!r} or None (the body's width)"
