@@ -659,6 +659,7 @@ def round7_head4_rows() -> list[tuple[str, str, dict, str | None]]:
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
 ROUND3_PARTS = (  # and rounds 4 to 7, which come first on the page
     "round7-head4",
+    "round7-headgptq",
     "round6-draws",
     "round6-abq",
     "round5-actorder",
@@ -729,6 +730,19 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     ],
     # round 7: the W3 g128 cells with the head at 4 bits (free in the default lowering), once per draw
     "round7-head4": round7_head4_rows,
+    # round 7: GPTQ W4 g64 (the export default) with the tied head fitted by GPTQ instead of RTN
+    "round7-headgptq": lambda: (
+        [("RTN W4 g64, head same", "rtn", W4G64, None)]
+        + [
+            (
+                "GPTQ W4 g64, head same, act-order on, damp 0.1, head by GPTQ",
+                "gptq",
+                {**W4G64, "options": {**AO, "head": "gptq"}},
+                s,
+            )
+            for s in ROUND5_SOURCES
+        ]
+    ),
     # round 6: every goal cell at the current defaults, run once per draw (--seed 0/1/2) for the draw means
     "round6-draws": lambda: (
         round5_rows(
