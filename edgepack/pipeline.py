@@ -339,9 +339,14 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
         elif kind == "quantize":
             from edgepack.compressor.quantize import HEAD_AUTO, quantize
 
-            if step.head_bits == HEAD_AUTO and req.build.get("lowering") in ("compact", "planes"):
-                # these lowerings store b bits a weight: a head at the kernel's width would cost bytes there
-                step = dataclasses.replace(step, head_bits=None)
+            if step.head_bits == HEAD_AUTO:
+                from edgepack.kernels.packing import storage_of
+
+                opts = build_options(get_target(req.target), req.build)
+                if storage_of(step.wbits, opts.lowering, opts.activations) != "kernel":
+                    # the body's codes are stored at their own width (compact, planes): a head at the kernel's
+                    # wider width would cost bytes there
+                    step = dataclasses.replace(step, head_bits=None)
             mixed = step.budget_bpw is not None or step.size_budget is not None
             needs_calib = step.method != "rtn" or mixed
             if step.method == "abq" and not {"n_samples", "epochs"} & set(step.options):

@@ -337,7 +337,7 @@ def test_mix_llama_head_bits(mix, tmp_path):
     for name, head_bits, lowering, want in (("h8", 8, "compact", 8), ("auto-compact", "auto", "compact", 3),
                                              ("auto", "auto", "auto", 4)):  # fmt: skip
         out = tmp_path / name
-        cfg = QuantConfig(wbits=3, group_size=64, **({"head_bits": 8} if head_bits == 8 else {}))
+        cfg = QuantConfig(wbits=3, group_size=64, head_bits=head_bits)
         res = export(ExportRequest(mix, out, recipe=Recipe([cfg]), build={"lowering": lowering}))
         m = res.manifest
         assert m["parity"]["passed"]
