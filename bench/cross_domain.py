@@ -1061,7 +1061,7 @@ def model_draw_lines(
         get = {(r["name"], r["source"]): r["ppl"] for r in rows}
         for (n, src), p in get.items():
             if n.startswith("GPTQ"):
-                rtn = get[(", ".join(["RTN " + n.split(",")[0][5:], n.split(", ")[1]]), None)]
+                rtn = get[("RTN " + ", ".join(n[5:].split(", ")[:2]), None)]  # same width and head
                 total += len(EVALS)
                 bad += [(n, src, e) for e in EVALS if p[e] > rtn[e]]
     out.append(f"- GPTQ <= RTN: {total - len(bad)} of {total} cells over the draws"
