@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 from edgepack.compressor.fold import FoldConfig, fold, restructure, unique_parameter_count
-from edgepack.compressor.fold_cure import cure
+from edgepack.compressor.fold_cure import cure, held_out_kl
 from edgepack.compressor.fold_hooks import decoder_layers
-from edgepack.compressor.fold_importance import IMPORTANCE
+from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
 from edgepack.compressor.fold_plan import rank, removal_count
 from edgepack.compressor.quantize import QuantConfig, quantize
 from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, mix_samples
@@ -495,6 +495,8 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
         "BI removal, norms-only cure": {**bi, "cure_weights": False},
         "BI removal, cure 300 steps": {**bi, "cure_steps": 300},
         **{f"BI removal, refilled, scales from {init:g}": {**bi, "refill": init} for init in REFILL_INITS},
+        "BI sublayer removal": {**bi, "sublayers": True},
+        "BI removal, every kept block distilled": {**bi, "distill_all": True},
     }
 
 
@@ -540,16 +542,22 @@ def refill(model, kept: list[int], scores: list[float], init: float) -> list[nn.
     return scales
 
 
-def run_refill(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
-    """BI removal as ``run_fold`` builds it, refilled (``refill``) and cured with the scales in the cure."""
-    kwargs = dict(kwargs)
-    init = kwargs.pop("refill")
+def bi_removal_setup(model, data: Data, kwargs: dict, scores: dict):
+    """What the BI-removal variants start from: a copy of the model, the start time, the row's FoldConfig,
+    the BI scores and the blocks BI removal keeps."""
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
     n = len(decoder_layers(m))
     bi = scores[config.remove]["bi"]
-    kept = sorted(rank(bi)[: n - removal_count(config.remove, n)])
+    return m, t0, config, bi, sorted(rank(bi)[: n - removal_count(config.remove, n)])
+
+
+def run_refill(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """BI removal as ``run_fold`` builds it, refilled (``refill``) and cured with the scales in the cure."""
+    kwargs = dict(kwargs)
+    init = kwargs.pop("refill")
+    m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
     scales = refill(m, kept, bi, init)
     result = cure(
         m, model, data.ids(source), config, extra=({"params": scales, "lr": REFILL_SCALE_LR * config.lr},)
@@ -563,6 +571,150 @@ def run_refill(model, data: Data, name: str, kwargs: dict, source: str, scores: 
         "refill_init": init,
         "scale_mean_abs": mean_abs,
         "unique_block_params": unique_parameter_count(decoder_layers(m)),
+    }
+    return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
+
+
+# ---------------------------------------------------------------- round 8: sublayer removal
+
+
+def branch_projections(layer: nn.Module) -> dict[str, nn.Module]:
+    """The output projection of each residual branch of a Llama-style block (what the branch adds to h)."""
+    return {"attn": layer.self_attn.o_proj, "mlp": layer.mlp.down_proj}
+
+
+def branch_params(layer: nn.Module, branch: str) -> int:
+    """Parameter elements a branch owns: its projections and the norm in front of it."""
+    mod, norm = (
+        (layer.self_attn, layer.input_layernorm)
+        if branch == "attn"
+        else (layer.mlp, layer.post_attention_layernorm)
+    )
+    return sum(p.numel() for p in (*mod.parameters(), *norm.parameters()))
+
+
+@torch.no_grad()
+def sublayer_influence(model, ids: torch.Tensor, batch_size: int = 4) -> dict[tuple[int, str], float]:
+    """ShortGPT's Block Influence per residual branch: 1 - cos(h, h + attn) for the attention branch and
+    1 - cos(h + attn, h + attn + mlp) for the MLP branch, averaged over the calibration tokens."""
+    layers = decoder_layers(model)
+    seen: dict = {}
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: seen.__setitem__((i, "in"), a[0] if a else k["hidden_states"]),
+                with_kwargs=True,
+            )
+        )
+        for b, proj in branch_projections(layer).items():
+            handles.append(
+                proj.register_forward_hook(lambda m, a, out, i=i, b=b: seen.__setitem__((i, b), out))
+            )
+    sums: dict[tuple[int, str], float] = {(i, b): 0.0 for i in range(len(layers)) for b in ("attn", "mlp")}
+    count = 0
+    try:
+        for j in range(0, len(ids), batch_size):
+            x = ids[j : j + batch_size]
+            model(input_ids=x, use_cache=False)
+            for i in range(len(layers)):
+                h = seen[(i, "in")]
+                mid = h + seen[(i, "attn")]
+                sums[(i, "attn")] += block_influence(h, mid).sum().item()
+                sums[(i, "mlp")] += block_influence(mid, mid + seen[(i, "mlp")]).sum().item()
+            count += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v / count for k, v in sums.items()}
+
+
+def drop_branches(model, branches: list[tuple[int, str]]) -> list:
+    """Bypass each (block, branch): its output projection's result is replaced by zeros, so the block adds
+    nothing there (the exported form would simply omit the branch). Returns the hook handles."""
+    layers = decoder_layers(model)
+    return [
+        branch_projections(layers[i])[b].register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+        for i, b in branches
+    ]
+
+
+def sublayer_plans(model, influence: dict, target: int) -> list[list[tuple[int, str]]]:
+    """Candidate sets of branches to remove, each owning >= ``target`` parameters: for m = 0, 1, ... the m
+    MLP branches of lowest influence, then attention branches by influence until the budget is met."""
+    layers = decoder_layers(model)
+    by = {b: sorted((k for k in influence if k[1] == b), key=influence.get) for b in ("attn", "mlp")}
+    plans = []
+    for m in range(len(layers) + 1):
+        plan = by["mlp"][:m]
+        owned = sum(branch_params(layers[i], b) for i, b in plan)
+        if owned >= target and m and sum(branch_params(layers[i], b) for i, b in plan[:-1]) >= target:
+            break
+        for k in by["attn"]:
+            if owned >= target:
+                break
+            plan.append(k)
+            owned += branch_params(layers[k[0]], "attn")
+        if owned >= target:
+            plans.append(plan)
+    return plans
+
+
+def run_sublayers(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """Round 8 (FinerCut-style): remove residual branches (attention or MLP) instead of whole blocks, owning
+    at least the parameters BI removal of ``remove`` blocks owns; the plan with the lowest held-out KL to the
+    original (uncured) is cured with the default cure."""
+    kwargs = dict(kwargs)
+    kwargs.pop("sublayers")
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
+    layers = decoder_layers(m)
+    ids = data.ids(source)
+    held = ids[-max(4, len(ids) // 8) :]
+    cut = removal_count(config.remove, len(layers))
+    target = cut * sum(p.numel() for p in layers[0].parameters())
+    influence = sublayer_influence(m, ids)
+    trials = []
+    for plan in sublayer_plans(m, influence, target):
+        handles = drop_branches(m, plan)
+        kl = held_out_kl(m, model, held, config.batch_size)
+        for h in handles:
+            h.remove()
+        trials.append((kl, plan))
+    kl, plan = min(trials, key=lambda t: t[0])
+    drop_branches(m, plan)
+    result = cure(m, model, ids, config)
+    removed = sum(branch_params(layers[i], b) for i, b in plan)
+    extra = {
+        "removed_branches": [f"{i}.{b}" for i, b in sorted(plan)],
+        "trials": [
+            {"kl": round(k, 4), "mlp": sum(b == "mlp" for _, b in p), "attn": sum(b == "attn" for _, b in p)}
+            for k, p in trials
+        ],
+        "influence": {f"{i}.{b}": round(v, 4) for (i, b), v in sorted(influence.items())},
+        "distill_loss": [result.before, result.after],
+        "removed_params": removed,
+        "block_removal_params": target,
+        "unique_block_params": unique_parameter_count(layers) - removed,
+    }
+    return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
+
+
+def run_distill_all(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """Round 8: BI removal as ``run_fold`` builds it, cured with every kept block's output matched to the
+    original's output at that block (not only the last two): the cure may change what the blocks next to a
+    removed one compute, and is held to the original function everywhere else."""
+    kwargs = dict(kwargs)
+    kwargs.pop("distill_all")
+    m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
+    restructure(m, kept, [], bi, "important")
+    result = cure(m, model, data.ids(source), config, pairs=list(enumerate(kept)))
+    extra = {
+        "kept": kept,
+        "groups": [],
+        "distill_loss": [result.before, result.after],
+        "share_check": None,
     }
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
@@ -798,7 +950,16 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
             by = k.pop("score_source", s)  # the text the blocks are scored on (the cure's by default)
             if by not in scores:  # importance once per source, when its first row runs
                 scores[by] = importance_scores(model, data.ids(by), layers, removes)
-            return (run_refill if "refill" in k else run_fold)(model, data, n, k, s, scores[by])
+            run = (
+                run_refill
+                if "refill" in k
+                else run_sublayers
+                if "sublayers" in k
+                else run_distill_all
+                if "distill_all" in k
+                else run_fold
+            )
+            return run(model, data, n, k, s, scores[by])
 
         jobs = [  # source by source, so a partial run holds whole comparisons
             lambda n=n, k=k, s=s: fold_job(n, k, s)
@@ -1150,6 +1311,13 @@ def write_page(folder: Path) -> None:
             ]
             for r in rows[1:]:
                 x = r["extra"]
+                if "removed_branches" in x:  # round 8: branches removed instead of blocks
+                    out.append(f"- {r['name']} [{r['source']}]: removed {x['removed_branches']} "
+                               f"({x['removed_params']} parameters; block removal {x['block_removal_params']}), "
+                               f"plans (MLP, attention branches: held-out KL) "
+                               f"{[(t['mlp'], t['attn'], t['kl']) for t in x['trials']]}, "
+                               f"distill {x['distill_loss']}, {r['seconds']} s")  # fmt: skip
+                    continue
                 out.append(f"- {r['name']} [{r['source']}]: kept {x['kept']}, groups "
                            f"{[g for g in x['groups'] if len(g) > 1]}, distill {x['distill_loss']}, "
                            f"check {x['share_check']}, {r['seconds']} s")  # fmt: skip

@@ -104,11 +104,26 @@ def unique(params) -> list[nn.Parameter]:
 class _Distiller:
     """Runs teacher and student on a batch and returns the distillation loss."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, k: int, hidden_weight: float):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        k: int,
+        hidden_weight: float,
+        pairs: list[tuple[int, int]] | None = None,
+    ):
         self.student, self.teacher, self.hidden_weight = student, teacher, hidden_weight
         s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
-        self.s_tail = list(range(len(s_layers) - k, len(s_layers)))
-        self.t_tail = list(range(len(t_layers) - k, len(t_layers)))
+        if pairs is None:  # the last k positions against the teacher's last k layers
+            pairs = list(
+                zip(
+                    range(len(s_layers) - k, len(s_layers)),
+                    range(len(t_layers) - k, len(t_layers)),
+                    strict=True,
+                )
+            )
+        self.s_tail = [s for s, _ in pairs]
+        self.t_tail = [t for _, t in pairs]
         self.s_layers, self.t_layers = s_layers, t_layers
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,14 +147,17 @@ def cure(
     ids: torch.Tensor,
     config: FoldConfig,
     extra: tuple[dict, ...] = (),
+    pairs: list[tuple[int, int]] | None = None,
 ) -> CureResult:
     """Fine-tune ``student`` (norms, plus block weights if ``config.cure_weights``) to match ``teacher``.
     ``extra``: more optimizer groups ({"params": [...], "lr": ...}) for parameters a caller added to the
-    student (bench/cross_domain.py's per-position branch scales); they are excluded from the weights group."""
+    student (bench/cross_domain.py's per-position branch scales); they are excluded from the weights group.
+    ``pairs``: (student position, teacher layer) whose hidden states are matched, instead of the last
+    ``config.distill_layers`` of each."""
     device = next(student.parameters()).device
     teacher.to(device).eval()
     k = min(config.distill_layers, len(decoder_layers(student)))
-    distiller = _Distiller(student, teacher, k, config.hidden_weight)
+    distiller = _Distiller(student, teacher, k, config.hidden_weight, pairs)
     eval_ids = ids[: max(config.batch_size, 8)]
     layers = decoder_layers(student)
     norms = unique(

@@ -284,6 +284,20 @@ def test_cure_trains_extra_groups_at_their_own_rate(model, ids, lr):
     assert torch.equal(scale.detach(), torch.full_like(scale, 0.5)) == (lr == 0.0)
 
 
+def test_cure_pairs_name_the_matched_layers(model, ids):
+    """The default pairs are the last ``distill_layers`` of each model; explicit pairs match other layers
+    (bench/cross_domain.py's every-kept-block distillation), which changes the loss the cure starts from."""
+    from edgepack.compressor.fold import restructure
+
+    teacher = copy.deepcopy(model)
+    restructure(model, [0, 1, 2, 4], [], [1.0] * 5, "important")
+    config = FoldConfig(**{**FAST, "cure_steps": 0})
+    tail = cure(copy.deepcopy(model), teacher, ids, config)
+    assert cure(copy.deepcopy(model), teacher, ids, config, pairs=[(2, 3), (3, 4)]).before == tail.before
+    every = cure(copy.deepcopy(model), teacher, ids, config, pairs=list(enumerate([0, 1, 2, 4])))
+    assert every.before != tail.before
+
+
 def test_choose_fold_needs_a_unanimous_win_over_bi_removal():
     """Removal by block influence stays unless another fold drifts less on every held-out sample."""
     from edgepack.compressor.fold import choose_fold
