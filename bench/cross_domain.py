@@ -808,8 +808,11 @@ def round7_head4_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+HEAD_DAMPS = (1.0, 10.0)  # round 8: the tied head's dampening, in units of its Hessian's mean diagonal
+
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and rounds 4 to 7, which come first on the page
+ROUND3_PARTS = (  # and rounds 4 to 8, which come first on the page
+    "round8-headdamp",
     "round7-head4",
     "round7-headgptq",
     "round6-draws",
@@ -895,6 +898,17 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
             for s in ROUND5_SOURCES
         ]
     ),
+    # round 8: the tied head fitted by GPTQ with its embedding use weighted in (head_damp), W4 g64
+    "round8-headdamp": lambda: [
+        (
+            f"GPTQ W4 g64, head same, act-order on, damp 0.1, head by GPTQ, head_damp {hd:g}",
+            "gptq",
+            {**W4G64, "options": {**AO, "head": "gptq", "head_damp": hd}},
+            s,
+        )
+        for hd in HEAD_DAMPS
+        for s in ROUND5_SOURCES
+    ],
     # round 6: every goal cell at the current defaults, run once per draw (--seed 0/1/2) for the draw means
     "round6-draws": lambda: (
         round5_rows(
