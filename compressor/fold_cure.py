@@ -122,17 +122,17 @@ class _Distiller:
                     strict=True,
                 )
             )
-        self.s_tail = [s for s, _ in pairs]
-        self.t_tail = [t for _, t in pairs]
+        self.s_matched = [s for s, _ in pairs]
+        self.t_matched = [t for _, t in pairs]
         self.s_layers, self.t_layers = s_layers, t_layers
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), captured(self.t_layers, self.t_tail) as t_h:
+        with torch.no_grad(), captured(self.t_layers, self.t_matched) as t_h:
             t_logits = self.teacher(input_ids=x, use_cache=False).logits
-        with captured(self.s_layers, self.s_tail) as s_h:
+        with captured(self.s_layers, self.s_matched) as s_h:
             s_logits = self.student(input_ids=x, use_cache=False).logits
-        s_hidden = [s_h[i] for i in self.s_tail]
-        t_hidden = [t_h[i] for i in self.t_tail]
+        s_hidden = [s_h[i] for i in self.s_matched]
+        t_hidden = [t_h[i] for i in self.t_matched]
         return distill_loss(s_logits, t_logits, s_hidden, t_hidden, self.hidden_weight)
 
     @torch.no_grad()
