@@ -662,8 +662,8 @@ def sublayer_plans(model, influence: dict, target: int) -> list[list[tuple[int, 
 
 def run_sublayers(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
     """Round 8 (FinerCut-style): remove residual branches (attention or MLP) instead of whole blocks, owning
-    at least the parameters BI removal of ``remove`` blocks owns; the plan with the lowest held-out KL to the
-    original (uncured) is cured with the default cure."""
+    at least the parameters BI removal of ``remove`` blocks owns; the plan whose KL to the original (uncured,
+    on the last eighth of the cure samples) is lowest is cured with the default cure."""
     kwargs = dict(kwargs)
     kwargs.pop("sublayers")
     m = copy.deepcopy(model)
@@ -731,6 +731,10 @@ def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: di
         "share_check": report.share_check,
     }
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
+
+
+# the BI-removal variants of extra_fold_settings, by the key their settings carry (the rest run as run_fold)
+VARIANT_RUNS = (("refill", run_refill), ("sublayers", run_sublayers), ("distill_all", run_distill_all))
 
 
 def importance_scores(model, ids: torch.Tensor, layers: int, removes: set[float]) -> dict[float, dict]:
@@ -964,15 +968,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
             by = k.pop("score_source", s)  # the text the blocks are scored on (the cure's by default)
             if by not in scores:  # importance once per source, when its first row runs
                 scores[by] = importance_scores(model, data.ids(by), layers, removes)
-            run = (
-                run_refill
-                if "refill" in k
-                else run_sublayers
-                if "sublayers" in k
-                else run_distill_all
-                if "distill_all" in k
-                else run_fold
-            )
+            run = next((f for key, f in VARIANT_RUNS if key in k), run_fold)
             return run(model, data, n, k, s, scores[by])
 
         jobs = [  # source by source, so a partial run holds whole comparisons
@@ -1328,7 +1324,7 @@ def write_page(folder: Path) -> None:
                 if "removed_branches" in x:  # round 8: branches removed instead of blocks
                     out.append(f"- {r['name']} [{r['source']}]: removed {x['removed_branches']} "
                                f"({x['removed_params']} parameters; block removal {x['block_removal_params']}), "
-                               f"plans (MLP, attention branches: held-out KL) "
+                               f"plans (MLP, attention branches: KL on the last eighth of the cure samples) "
                                f"{[(t['mlp'], t['attn'], t['kl']) for t in x['trials']]}, "
                                f"distill {x['distill_loss']}, {r['seconds']} s")  # fmt: skip
                     continue
