@@ -645,11 +645,9 @@ def sublayer_plans(model, influence: dict, target: int) -> list[list[tuple[int, 
     layers = decoder_layers(model)
     by = {b: sorted((k for k in influence if k[1] == b), key=influence.get) for b in ("attn", "mlp")}
     plans = []
-    for m in range(len(layers) + 1):
+    for m in range(len(by["mlp"]) + 1):
         plan = by["mlp"][:m]
-        owned = sum(branch_params(layers[i], b) for i, b in plan)
-        if owned >= target and m and sum(branch_params(layers[i], b) for i, b in plan[:-1]) >= target:
-            break
+        mlp_only = owned = sum(branch_params(layers[i], b) for i, b in plan)
         for k in by["attn"]:
             if owned >= target:
                 break
@@ -657,6 +655,8 @@ def sublayer_plans(model, influence: dict, target: int) -> list[list[tuple[int, 
             owned += branch_params(layers[k[0]], "attn")
         if owned >= target:
             plans.append(plan)
+        if mlp_only >= target:  # more MLP branches would only overshoot the budget
+            break
     return plans
 
 
@@ -666,9 +666,7 @@ def run_sublayers(model, data: Data, name: str, kwargs: dict, source: str, score
     on the last eighth of the cure samples) is lowest is cured with the default cure."""
     kwargs = dict(kwargs)
     kwargs.pop("sublayers")
-    m = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
+    m, t0, config, _, _ = bi_removal_setup(model, data, kwargs, scores)
     layers = decoder_layers(m)
     ids = data.ids(source)
     held = ids[-max(4, len(ids) // 8) :]

@@ -40,16 +40,23 @@ SHAPES = {  # hidden, intermediate, layers, q/k/v out, vocab
 }
 
 
-def weight(rng, name: str, k: int, n: int, block: int, zp: bool) -> tuple[list, list[str]]:
-    """Initializers of one random 4-bit (N, K) weight and the node's weight input names."""
+def draw(rng, k: int, n: int, block: int, zp: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One random 4-bit (N, K) weight: codes (N, K), scales (N, K blocks), zero points (N, K blocks) or None.
+    Every variant draws through here, in this order, so graphs built from one seed hold the same weights."""
     codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
     k_blocks = -(-k // block)
-    scales = (rng.random((n, k_blocks), dtype=np.float32) * 0.01 + 0.001).reshape(-1)
+    scales = rng.random((n, k_blocks), dtype=np.float32) * 0.01 + 0.001
+    zps = rng.integers(6, 10, (n, k_blocks), dtype=np.uint8) if zp else None
+    return codes, scales, zps
+
+
+def weight(rng, name: str, k: int, n: int, block: int, zp: bool) -> tuple[list, list[str]]:
+    """Initializers of one random 4-bit (N, K) weight and the node's weight input names."""
+    codes, scales, zps = draw(rng, k, n, block, zp)
     inits = [numpy_helper.from_array(pack_nbits(codes, 4, block), f"{name}.q"),
-             numpy_helper.from_array(scales, f"{name}.s")]  # fmt: skip
+             numpy_helper.from_array(scales.reshape(-1), f"{name}.s")]  # fmt: skip
     names = [f"{name}.q", f"{name}.s"]
     if zp:
-        zps = rng.integers(6, 10, (n, k_blocks), dtype=np.uint8)
         inits.append(numpy_helper.from_array(pack_zero_points(zps, 4), f"{name}.z"))
         names.append(f"{name}.z")
     return inits, names
@@ -66,10 +73,8 @@ def qmoe_weight(
     """One expert's (N, K) 4-bit weight in QMoE's layout: (1, N, K / 2) bytes, scales (1, N, K / block), zero
     points (1, N, ceil(K / block / 2)); ``interleave``: N = 2 I rows ordered gate 0, up 0, gate 1, ...
     Returns (initializers, QMoE's weight / scales / bias input names, its zero-point input name or "")."""
-    codes = rng.integers(0, 16, (n, k), dtype=np.uint8)
-    scales = rng.random((n, k // block), dtype=np.float32) * 0.01 + 0.001
-    # drawn in weight()'s order, so that a qmoe graph holds the same weights as the packed one of its seed
-    zps = rng.integers(6, 10, (n, k // block), dtype=np.uint8) if zp else np.zeros_like(scales, np.uint8)
+    codes, scales, zps = draw(rng, k, n, block, zp)  # the packed graph of the same seed holds these weights
+    zps = np.zeros_like(scales, np.uint8) if zps is None else zps
     if interleave:  # draw gate and up as the packed variant does, then interleave their rows
         order = np.stack([np.arange(n // 2), np.arange(n // 2) + n // 2], 1).reshape(-1)
         codes, scales, zps = codes[order], scales[order], zps[order]

@@ -115,13 +115,7 @@ class _Distiller:
         self.student, self.teacher, self.hidden_weight = student, teacher, hidden_weight
         s_layers, t_layers = decoder_layers(student), decoder_layers(teacher)
         if pairs is None:  # the last k positions against the teacher's last k layers
-            pairs = list(
-                zip(
-                    range(len(s_layers) - k, len(s_layers)),
-                    range(len(t_layers) - k, len(t_layers)),
-                    strict=True,
-                )
-            )
+            pairs = [(len(s_layers) - k + j, len(t_layers) - k + j) for j in range(k)]
         self.s_matched = [s for s, _ in pairs]
         self.t_matched = [t for _, t in pairs]
         self.s_layers, self.t_layers = s_layers, t_layers

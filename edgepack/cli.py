@@ -424,9 +424,10 @@ def parse_head_bits(text: str) -> int | str | None:
     """--head-bits: an integer width, 'same' (None: the head takes --wbits) or 'auto' (QuantConfig's default)."""
     from edgepack.compressor.quantize import HEAD_AUTO
 
-    if text.strip().lower() == "same":
+    word = text.strip().lower()
+    if word == "same":
         return None
-    if text.strip().lower() == HEAD_AUTO:
+    if word == HEAD_AUTO:
         return HEAD_AUTO
     try:
         return int(text)
