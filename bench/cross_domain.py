@@ -1192,6 +1192,27 @@ def draw_means_lines(folder: Path) -> list[str]:
     return out
 
 
+LEVER_DRAW_PARTS = ("round8-headdamp", "round7-headgptq")  # levers run on the goal cells' draws (--seed N)
+
+
+def lever_means_lines(folder: Path) -> list[str]:
+    """Every cell of the levers measured on the same draws as the goal cells, as means over the draws, next
+    to which the goal tables' means are read (generalization.md, rounds 7 and 8)."""
+    out = []
+    for part in LEVER_DRAW_PARTS:
+        for model in ("mix-llama-14m", "stories260k"):
+            seeds, fp, cells, _ = draw_means(load_draws(folder, model, part))
+            if len(seeds) < 2:
+                continue
+            out += [f"## {part}: {model}, means over draws {seeds}", "",
+                    "| row | source | " + " | ".join(EVALS) + " |", "|---|---|" + "---:|" * len(EVALS)]  # fmt: skip
+            for (name, source), ppl in cells.items():
+                means = [sum(ppl[e]) / len(ppl[e]) for e in EVALS]
+                out.append(f"| {name} | {source} | " + " | ".join(pct(v, fp[e]) for v, e in zip(means, EVALS, strict=True)) + " |")  # fmt: skip
+            out.append("")
+    return out
+
+
 def row_named(cells: dict, prefix: str, suffix: str = "") -> str | None:
     """The one row name in ``cells`` of the form ``{prefix}, head <width>{suffix}`` (None if absent)."""
     names = {n for n, _ in cells if re.fullmatch(re.escape(prefix) + r", head \w+" + re.escape(suffix), n)}
@@ -1280,6 +1301,7 @@ def write_page(folder: Path) -> None:
            "per-site check, 64 calibration samples, 4096 evaluation tokens); the summary and goals are in "
            "generalization.md.", ""]  # fmt: skip
     out += draw_means_lines(folder)
+    out += lever_means_lines(folder)
     mech = folder / "cross_domain_mechanics.json"
     if mech.is_file():
         m = json.loads(mech.read_text())
