@@ -25,12 +25,13 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,6 +156,7 @@ class Artifact:
     build_s: float | None = None
     file_mib: float | None = None
     error: str | None = None
+    stored: dict | None = None  # llama.cpp: what the file holds (gguf_facts)
 
     @property
     def label(self) -> str:
@@ -246,6 +248,28 @@ def llama_missing() -> str | None:
     return f"llama.cpp skipped: {', '.join(missing)} not found; {how}"
 
 
+def gguf_facts(path: Path) -> dict:
+    """What a GGUF file stores: its 2-D tensors counted by type, the output head's type, the tensors' bytes.
+    llama-quantize falls back to another type where a tensor's K is not a multiple of the format's block
+    (256 for k-quants, 32 for the legacy formats), so a small model's "Q3_K_M" is mostly 4- and 5-bit."""
+    sys.path.insert(0, str(LLAMA_TREE / "gguf-py"))
+    import gguf
+
+    tensors = gguf.GGUFReader(str(path)).tensors
+    names = {t.name: t for t in tensors}
+    head = names.get("output.weight", names.get("token_embd.weight"))
+    return {
+        "matrices": dict(Counter(t.tensor_type.name for t in tensors if len(t.shape) == 2)),
+        "head": head.tensor_type.name if head is not None else None,
+        "tensor_bytes": sum(int(t.n_bytes) for t in tensors),
+    }
+
+
+def stored_line(stored: dict) -> str:
+    """``Q4_0 x48, Q5_0 x22; head Q8_0``."""
+    return ", ".join(f"{k} x{v}" for k, v in sorted(stored["matrices"].items())) + f"; head {stored['head']}"
+
+
 def build_gguf(
     model: str, model_dir: Path, formats: tuple[str, ...], work: Path, timeout: float
 ) -> list[Artifact]:
@@ -267,6 +291,7 @@ def build_gguf(
         art = Artifact(model, "llama.cpp", fmt, None if err else path, error=err)
         art.build_s = convert_s + time.perf_counter() - start
         art.file_mib = None if err else path.stat().st_size / MIB
+        art.stored = None if err else gguf_facts(path)
         arts.append(art)
     return arts
 
@@ -347,20 +372,45 @@ def parse_llama_bench(rows: list[dict], s: Settings) -> tuple[float | None, floa
     return prefill, decode, samples
 
 
+# A fork starts with a copy of its parent's memory, and Linux carries that copy's peak into the child's
+# ru_maxrss across exec: read directly, a child of this (large) bench process reports the bench's own RSS as
+# its floor. So the child is started by a small fresh interpreter, whose rusage of its own child it writes out.
+RUSAGE_LAUNCHER = """
+import json, os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"exit": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}, f)
+"""
+
+
+def run_with_peak_rss(cmd: list[str], stdout, stderr, timeout: float, tmp: Path) -> tuple[int, float]:
+    """Run ``cmd`` (output to the open files); its exit code and its own peak RSS in MiB."""
+    report = tmp / "rusage.json"
+    report.unlink(missing_ok=True)
+    launcher = [sys.executable, "-c", RUSAGE_LAUNCHER, str(report), *cmd]
+    proc = subprocess.Popen(launcher, stdout=stdout, stderr=stderr, start_new_session=True)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise RuntimeError(f"{Path(cmd[0]).name} timed out after {timeout:.0f} s") from None
+    if not report.is_file():
+        raise RuntimeError(f"{Path(cmd[0]).name} could not be started (launcher exit {proc.returncode})")
+    usage = json.loads(report.read_text())
+    return usage["exit"], usage["maxrss_kib"] / 1024  # KiB on Linux
+
+
 def measure_llama(art: Artifact, threads: int, s: Settings, tmp: Path) -> dict:
-    """``llama-bench -t T -p P -n N -r runs -o json``; peak RSS from the child's rusage."""
+    """``llama-bench -t T -p P -n N -r runs -o json``; peak RSS from its rusage (``run_with_peak_rss``)."""
     cmd = [str(LLAMA_BIN / "llama-bench"), "-m", str(art.path), "-t", str(threads), "-p", str(s.prompt_len),
            "-n", str(s.gen), "-r", str(s.runs), "-o", "json"]  # fmt: skip
     with open(tmp / "llama.json", "w") as out, open(tmp / "llama.log", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err)
-        timer = threading.Timer(s.timeout, proc.kill)  # wait4 (for the child's rusage) has no timeout
-        timer.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        timer.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
+        code, peak = run_with_peak_rss(cmd, out, err, s.timeout, tmp)
+    if code != 0:
         lines = (tmp / "llama.log").read_text(errors="replace").strip().splitlines() or ["no output"]
-        raise RuntimeError(f"llama-bench exit {proc.returncode}: {lines[-1][:200]}")
+        raise RuntimeError(f"llama-bench exit {code}: {lines[-1][:200]}")
     prefill, decode, samples = parse_llama_bench(json.loads((tmp / "llama.json").read_text()), s)
     return {
         "prefill_tok_s": {"median": prefill},
@@ -369,7 +419,7 @@ def measure_llama(art: Artifact, threads: int, s: Settings, tmp: Path) -> dict:
             "min": min(samples, default=decode),
             "max": max(samples, default=decode),
         },
-        "peak_rss_mib": usage.ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mib": peak,
         "load_s": None,
         "kv_layout": "llama.cpp",
     }
@@ -505,7 +555,7 @@ def fmt_values(values: list[float | None], digits: int = 1) -> str:
 def markdown(result: dict) -> str:
     """The results tables: one per model and thread count (one column group per round), then the ratios."""
     rows = [Measurement(**r) for r in result["measurements"]]
-    lines = []
+    lines, described = [], set()
     for model, threads in sorted({(r.model, r.threads) for r in rows}):
         subset = [r for r in rows if r.model == model and r.threads == threads]
         loads = [r.load_average for r in subset if r.load_average is not None]
@@ -557,6 +607,12 @@ def markdown(result: dict) -> str:
                 "Greedy tokens, runner.py vs onnxruntime-genai: "
                 + (f"differ for {', '.join(differ)}." if differ else f"identical for all {len(agree)} pairs.")
             )
+            lines.append("")
+        stored = [a for a in result.get("artifacts", []) if a["model"] == model and a.get("stored")]
+        if stored and model not in described:
+            described.add(model)
+            lines.append("llama.cpp files as stored (2-D tensors by type; `bench/speed.py` `gguf_facts`): "
+                         + "; ".join(f"{a['variant']}: {stored_line(a['stored'])}" for a in stored) + ".")  # fmt: skip
             lines.append("")
     return "\n".join(lines)
 

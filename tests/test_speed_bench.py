@@ -142,3 +142,58 @@ def test_parse_llama_bench_json() -> None:
     prefill, decode, samples = speed.parse_llama_bench(rows, speed.Settings(prompt_len=64, gen=32))
     assert (prefill, decode, samples) == (1500.5, 410.25, [400.5, 420.0])
     assert speed.parse_llama_bench(rows, speed.Settings(prompt_len=16, gen=32))[0] is None
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_peer_quality_maps_gguf_tensors_back(stories: Path) -> None:
+    """bench/peer_quality.py: every GGUF tensor name of a llama model maps to one of its parameters, and the
+    q/k rows come back from convert_hf_to_gguf.py's rotary permutation (written here as the converter does)."""
+    from edgepack.model import load_model
+
+    peer = load_bench("peer_quality")
+    model = load_model(stories)
+    params = {n for n, _ in model.named_parameters()}
+    gguf_names = ["token_embd.weight", "output_norm.weight"] + [
+        f"blk.{i}.{g}.weight" for i in range(model.config.num_hidden_layers) for g in peer.BLOCK_NAMES
+    ]
+    assert {peer.hf_name(n) for n in gguf_names} == params
+
+    def permute(w: torch.Tensor, n_head: int) -> torch.Tensor:  # convert_hf_to_gguf.py, LlamaModel.permute
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    for name, heads in (
+        ("q_proj", model.config.num_attention_heads),
+        ("k_proj", model.config.num_key_value_heads),
+    ):
+        w = getattr(model.model.layers[0].self_attn, name).weight.detach()
+        assert not torch.equal(permute(w, heads), w)
+        assert torch.equal(peer.unpermute(permute(w, heads), heads), w)
+
+
+def test_child_peak_rss_is_the_childs_own(tmp_path: Path) -> None:
+    """llama-bench's peak RSS: a child read directly by wait4 inherits this process's peak as its floor (Linux
+    carries the forked copy's high-water mark across exec); through the launcher it is the child's own."""
+    import os
+
+    ballast = bytearray(256 * 2**20)
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # this process now holds > 256 MiB
+    cmd = [sys.executable, "-c", "pass"]
+    direct = subprocess.Popen(cmd)
+    _, _, usage = os.wait4(direct.pid, 0)
+    assert usage.ru_maxrss / 1024 > 256  # the inherited floor the launcher avoids
+    with open(tmp_path / "out", "w") as out:
+        code, peak = speed.run_with_peak_rss(cmd, out, out, 60, tmp_path)
+    assert code == 0 and 1 < peak < 64
+    with open(tmp_path / "out", "w") as out:
+        code, _ = speed.run_with_peak_rss(
+            [sys.executable, "-c", "raise SystemExit(3)"], out, out, 60, tmp_path
+        )
+    assert code == 3
+    del ballast
