@@ -1,0 +1,289 @@
+"""Quality against llama.cpp's quantizations of the same model, on the same evaluation windows.
+
+    python bench/peer_quality.py [--models stories260k,mix-llama-14m] [--formats Q4_0,Q4_K_M,Q3_K_M,Q2_K] \
+        [--n-samples 64] [--eval-tokens 4096] [--work /tmp/edgepack-peer-quality] [--out docs/results]
+
+The peer: llama.cpp's own converter and ``llama-quantize`` (the build bench/speed.py caches; skipped with
+its message when absent) turn the model into GGUF files. Each file is read back with llama.cpp's gguf-py,
+every tensor dequantized by gguf-py's reference (numpy) dequantizers, the converter's q/k row permutation
+undone, and the weights loaded into the transformers model. The F32 file's round trip must reproduce the
+float model's perplexity exactly; the bench stops otherwise. Then the perplexity of every llama.cpp format
+and of edgepack's quantizations is measured by the same function (edgepack/evaluate.py) on the same windows
+as bench/cross_domain.py: the last 10% of Tiny Shakespeare and WikiText-2 test's second half, 256-token
+windows, the text never seen by calibration. Activations stay float on both sides (llama.cpp's CPU kernels
+round them to 8 bits, as our int8-activation kernels do).
+
+Bytes are the weights as stored: for llama.cpp the GGUF tensors' bytes (metadata and vocabulary excluded),
+for edgepack the exporter's byte count of each quantized weight (edgepack/artifact.py ``stored_bytes``, the
+lowering the row's export uses) plus every other parameter at float32, which is what both files hold besides.
+llama.cpp's k-quants need K to be a multiple of 256 and its legacy formats a multiple of 32; where a
+tensor is not, llama-quantize falls back to another type, so the tensor types of every file are listed
+with it (on these small models "Q3_K_M" and "Q2_K" are mostly 4- and 5-bit).
+
+Rows for edgepack: the export default (RTN, group 64, MLP group 128 where it divides K, head at the body's
+width), GPTQ with the data-free calibration (``--calib self``), the head at 8 bits (as llama.cpp keeps its
+tied output), and the mixed-precision planner (``--size-budget``) at the byte count of llama.cpp's Q4_0
+file and at that of edgepack's own W4, calibrated on the model's own samples: the same size, the choice of
+widths left to edgepack. The calibrated rows depend on the draw of the self samples (``--seed``); the
+llama.cpp and RTN rows use no data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import cross_domain  # noqa: E402
+import speed  # noqa: E402
+from edgepack.compressor.mixed import BUDGET_LOWERING, _unquantized_bytes, plan_mixed_precision  # noqa: E402
+from edgepack.compressor.quantize import (  # noqa: E402
+    QuantConfig,
+    effective_group,
+    linear_sites,
+    lowering_block_size,
+    quantize,
+)
+from edgepack.kernels.packing import kernel_bits, storage_of  # noqa: E402
+
+from edgepack.artifact import stored_bytes  # noqa: E402
+from edgepack.model import load_model, load_tokenizer  # noqa: E402
+
+log = logging.getLogger("peer_quality")
+
+FORMATS = ("Q4_0", "Q4_K_M", "Q3_K_M", "Q2_K")
+SELF = "self@1.6"  # the data-free calibration's default temperature
+# GGUF name -> transformers name, per decoder block and for the rest (llama-family models)
+BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+
+def gguf_module():
+    """llama.cpp's gguf-py from the cached tree (the same tree as the converter that wrote the files)."""
+    sys.path.insert(0, str(speed.LLAMA_TREE / "gguf-py"))
+    import gguf
+
+    return gguf
+
+
+def hf_name(gguf_name: str) -> str:
+    """``blk.3.ffn_up.weight`` -> ``model.layers.3.mlp.up_proj.weight``."""
+    stem, _, kind = gguf_name.rpartition(".")
+    parts = stem.split(".")
+    if parts[0] == "blk":
+        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{kind}"
+    return f"{TOP_NAMES[stem]}.{kind}"
+
+
+def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf.py's LlamaModel.permute of q/k rows (its rotary layout) for ``heads`` heads."""
+    return w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path, config) -> dict[str, torch.Tensor]:
+    """Every tensor of ``path`` dequantized to float32, under its transformers name."""
+    gguf = gguf_module()
+    state = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            data = np.array(t.data, dtype=np.float32)
+        else:
+            data = gguf.quants.dequantize(t.data, t.tensor_type)
+        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        name = hf_name(t.name)
+        if name.endswith("q_proj.weight"):
+            w = unpermute(w, config.num_attention_heads)
+        elif name.endswith("k_proj.weight"):
+            w = unpermute(w, config.num_key_value_heads)
+        state[name] = w
+    return state
+
+
+def load_into(model, state: dict[str, torch.Tensor]):
+    """A copy of ``model`` holding ``state`` (a tied head follows the embedding unless the file has its own)."""
+    m = copy.deepcopy(model)
+    if "lm_head.weight" in state and m.config.tie_word_embeddings:
+        m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())  # the file unties it
+    params = dict(m.named_parameters(remove_duplicate=False))
+    missing = sorted(
+        set(params) - set(state) - ({"lm_head.weight"} if m.config.tie_word_embeddings else set())
+    )
+    if missing:
+        raise SystemExit(f"error: the GGUF file has no tensor for {missing[0]}")
+    with torch.no_grad():
+        for name, w in state.items():
+            if params[name].shape != w.shape:
+                raise SystemExit(
+                    f"error: {name}: GGUF shape {tuple(w.shape)} != model {tuple(params[name].shape)}"
+                )
+            params[name].copy_(w)
+    return m
+
+
+def edgepack_bytes(model, config: QuantConfig, lowering: str = "auto") -> int:
+    """Weights as the export stores them: each quantized weight by the exporter's count, the rest at float32."""
+    sites = linear_sites(model, config)
+    total = _unquantized_bytes(model, sites)
+    for site in sites:
+        n, k = site.module.weight.shape
+        bits = site.fmt.wbits
+        block = lowering_block_size(effective_group(site.fmt, k), k)
+        kernel = kernel_bits(bits, lowering)
+        total += stored_bytes(
+            n, k, bits, block, site.fmt.symmetric, "float32", kernel, storage_of(bits, lowering)
+        )
+    return total
+
+
+def edgepack_rows(q4_0_bytes: int | None, w4_bytes: int) -> list[tuple[str, dict, str | None]]:
+    """(label, QuantConfig fields, calibration source) of edgepack's rows."""
+    rows = [
+        ("edgepack RTN W4 (export default)", {}, None),
+        ("edgepack GPTQ W4, --calib self", {"method": "gptq"}, SELF),
+        ("edgepack RTN W4, --head-bits 8", {"head_bits": 8}, None),
+        ("edgepack RTN W3 (export default group)", {"wbits": 3}, None),
+        ("edgepack GPTQ W3, --calib self", {"wbits": 3, "method": "gptq"}, SELF),
+        ("edgepack RTN W2", {"wbits": 2}, None),
+    ]
+    if q4_0_bytes:
+        rows.append(("edgepack --size-budget = llama.cpp Q4_0's bytes", {"size_budget": q4_0_bytes}, SELF))
+    rows.append(("edgepack --size-budget = edgepack W4's bytes", {"size_budget": w4_bytes}, SELF))
+    return rows
+
+
+def run_edgepack(model, data, label: str, fields: dict, source: str | None) -> dict:
+    t0 = time.perf_counter()
+    m = copy.deepcopy(model)
+    budget = fields.pop("size_budget", None)
+    config = QuantConfig(**fields)
+    calib = data.ids(source) if source else None
+    lowering = "auto"
+    if budget is not None:
+        plan = plan_mixed_precision(m, config, calib, budget_bytes=budget)
+        config = replace(config, overrides={**config.overrides, **plan}, head_bits=None)
+        lowering = BUDGET_LOWERING
+    nbytes = edgepack_bytes(m, config, lowering)
+    report = quantize(m, config, calib)
+    widths = Counter(f"W{layer['bits']}g{layer['group']}" for layer in report["layers"])
+    return {
+        "name": label, "tool": "edgepack", "source": source, "weight_bytes": nbytes,
+        "ppl": data.ppl(m), "seconds": round(time.perf_counter() - t0, 1), "formats": dict(widths),
+    }  # fmt: skip
+
+
+def bench(name: str, args: argparse.Namespace) -> dict:
+    model_dir = cross_domain.SHARED / "models" / name
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    data = cross_domain.Data(model, tok, args.n_samples, args.eval_tokens, args.seed)
+    fp = data.ppl(model)
+    rows = [{"name": "fp32", "tool": "transformers", "source": None, "ppl": fp,
+             "weight_bytes": sum(p.numel() * 4 for p in model.parameters())}]  # fmt: skip
+    gguf_paths = {
+        a.variant: a for a in speed.build_gguf(name, model_dir, ("F32", *args.formats), args.work, 900)
+    }
+    for fmt, art in gguf_paths.items():
+        if art.error:
+            raise SystemExit(f"error: llama.cpp {fmt} of {name}: {art.error}")
+        ppl = data.ppl(load_into(model, read_gguf(art.path, model.config)))
+        if fmt == "F32" and ppl != fp:
+            raise SystemExit(f"error: the F32 GGUF round trip gives {ppl}, not the float model's {fp}")
+        rows.append({"name": f"llama.cpp {fmt}", "tool": "llama.cpp", "source": None, "ppl": ppl,
+                     "weight_bytes": art.stored["tensor_bytes"], "stored": art.stored})  # fmt: skip
+        log.info("%s llama.cpp %s: %s", name, fmt, ppl)
+    q4_0 = next((r["weight_bytes"] for r in rows if r["name"] == "llama.cpp Q4_0"), None)
+    for label, fields, source in edgepack_rows(q4_0, edgepack_bytes(model, QuantConfig())):
+        if args.rows and label not in args.rows:
+            continue
+        rows.append(run_edgepack(model, data, label, dict(fields), source))
+        log.info("%s %s: %s", name, label, rows[-1]["ppl"])
+    return {
+        "model": name, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "n_samples": args.n_samples,
+        "seed": args.seed, "seq_len": cross_domain.SEQ_LEN,
+        "eval_tokens": {k: (len(v) - 1) // cross_domain.SEQ_LEN * cross_domain.SEQ_LEN for k, v in data.eval.items()},
+        "load": [round(x, 2) for x in os.getloadavg()], "rows": rows,
+    }  # fmt: skip
+
+
+def pct(v: float, ref: float) -> str:
+    return f"{v:.2f} ({100 * (v / ref - 1):+.1f}%)"
+
+
+def markdown(results: list[dict]) -> str:
+    out = []
+    for res in results:
+        fp = res["rows"][0]["ppl"]
+        out += [f"### {res['model']}", "",
+                f"{res['date']}; eval tokens {res['eval_tokens']}; calibration {res['n_samples']} x "
+                f"{res['seq_len']} tokens (seed {res['seed']}); load {res['load']}.", "",
+                "| row | weights KiB | Shakespeare tail | WikiText-2 tail | stored as |", "|---|---|---|---|---|"]  # fmt: skip
+        for r in res["rows"]:
+            stored = ""
+            if r["tool"] == "llama.cpp":
+                stored = speed.stored_line(r["stored"])
+            elif r["tool"] == "edgepack":
+                stored = ", ".join(f"{k} x{v}" for k, v in sorted(r["formats"].items()))
+            ppl = r["ppl"]
+            out.append(
+                f"| {r['name']} | {r['weight_bytes'] / 1024:.0f} | {pct(ppl['shakespeare_tail'], fp['shakespeare_tail'])} "
+                f"| {pct(ppl['wikitext2_tail'], fp['wikitext2_tail'])} | {stored} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="stories260k,mix-llama-14m")
+    p.add_argument("--formats", default=",".join(FORMATS))
+    p.add_argument("--rows", default="", help="';'-separated edgepack row labels (default: all)")
+    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--eval-tokens", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tag", default="", help="suffix of the output files' names, e.g. -seed1")
+    p.add_argument("--work", type=Path, default=Path("/tmp/edgepack-peer-quality"))
+    p.add_argument("--out", type=Path, default=None, help="folder for peer_quality{TAG}.json and .tables.md")
+    args = p.parse_args(argv)
+    args.formats = tuple(f for f in args.formats.split(",") if f)
+    args.rows = [r for r in args.rows.split(";") if r]
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    missing = speed.llama_missing()
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    results = []
+    for name in args.models.split(","):
+        (args.work / name).mkdir(parents=True, exist_ok=True)
+        results.append(bench(name, args))
+        text = markdown(results)
+        if args.out:
+            (args.out / f"peer_quality{args.tag}.json").write_text(json.dumps(results, indent=1) + "\n")
+            (args.out / f"peer_quality{args.tag}.tables.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
