@@ -765,9 +765,20 @@ def test_sigkill_leftover_is_cleaned_and_sigterm_cleans_itself(work: Work) -> No
 
 
 def test_concurrent_exports_to_one_output(work: Work) -> None:
-    """Two exports racing to one -o: exactly one wins, the other says so in one line and leaves nothing."""
+    """Two exports racing to one -o: exactly one wins, the other says so in one line and leaves nothing.
+    Both are held inside the race (past the -o check, staging) before either may finish: the first is stopped
+    until the second has staged too, so a slow start of the second cannot turn the race into a plain
+    "already exists"."""
     target = work.root / "out"
-    procs = [start_export(work, target) for _ in range(2)]
+    first = start_export(work, target)
+    staged = wait_for_partial(target, first)
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = start_export(work, target)
+        wait_for_partial(target, second, exclude={staged.name})
+    finally:
+        first.send_signal(signal.SIGCONT)
+    procs = [first, second]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _ in results)
     assert codes == [0, 2], results
