@@ -26,6 +26,11 @@ tied output), and the mixed-precision planner (``--size-budget``) at the byte co
 file and at that of edgepack's own W4, calibrated on the model's own samples: the same size, the choice of
 widths left to edgepack. The calibrated rows depend on the draw of the self samples (``--seed``); the
 llama.cpp and RTN rows use no data.
+
+The other peer, the onnxruntime-genai model builder's int4, and edgepack's own W4 export are run as ONNX
+files by ONNX Runtime on the same windows (bench/quant_quality.py's ``ort_perplexity``; int8 activations in
+both tools' kernels, so the W4 export's row also checks the PyTorch W4 row it was quantized like). Their
+bytes are the initializers less the rotary cos/sin tables. ``--no-onnx`` skips them.
 """
 
 from __future__ import annotations
@@ -194,6 +199,63 @@ def run_edgepack(model, data, label: str, fields: dict, source: str | None) -> d
     }  # fmt: skip
 
 
+ROTARY_TABLES = ("cos_cache", "sin_cache")  # computed on the fly by llama.cpp, so not counted as weights
+
+
+def onnx_facts(path: Path) -> tuple[int, str]:
+    """An ONNX artifact's weight bytes (its initializers less the rotary tables) and what its weights are
+    stored as (MatMulNBits / GatherBlockQuantized by bits and block, float Gather/MatMul)."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    nbytes = sum(
+        numpy_helper.to_array(t).nbytes for t in graph.initializer if not t.name.endswith(ROTARY_TABLES)
+    )
+    kinds = Counter()
+    for node in graph.node:
+        attrs = {a.name: a.i for a in node.attribute}
+        if node.op_type in ("MatMulNBits", "GatherBlockQuantized"):
+            kinds[f"{node.op_type} {attrs.get('bits', 4)}b/b{attrs.get('block_size')}"] += 1
+        elif node.op_type == "MatMul":
+            kinds["float MatMul"] += 1
+    return nbytes, ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
+
+
+def onnx_rows(name: str, model_dir: Path, model, data, work: Path) -> list[dict]:
+    """The onnxruntime-genai builder's int4 and edgepack's W4 export, each run by ONNX Runtime on the windows
+    of every other row (int8 activations inside both tools' kernels); a runtime failure is the row's result."""
+    from quant_quality import ort_perplexity
+
+    from edgepack.model import DecoderDims
+
+    dims = DecoderDims.from_config(model.config)
+    arts = [
+        (
+            "onnxruntime-genai builder int4",
+            speed.build_builder(name, model_dir, "int4", "-p int4", work, 900),
+        ),
+        ("edgepack W4 export", speed.build_edgepack(name, model_dir, "W4", "--wbits 4", work, 900)),
+    ]
+    rows = []
+    for label, art in arts:
+        row = {"name": f"{label} (ONNX Runtime)", "tool": art.tool, "source": None}
+        rows.append(row)
+        if art.error:
+            row["error"] = f"build failed: {art.error}"
+            continue
+        onnx_path = art.path / "model.onnx"
+        row["weight_bytes"], row["stored_text"] = onnx_facts(onnx_path)
+        try:
+            row["ppl"] = {
+                k: round(ort_perplexity(onnx_path, ids, dims, 2), 3) for k, ids in data.eval.items()
+            }
+        except Exception as e:  # the peer's own runtime failure is a result (e.g. head_size % 16 != 0)
+            row["error"] = f"fails in ONNX Runtime: {str(e).splitlines()[0][:160]}"
+        log.info("%s %s: %s", name, row["name"], row.get("ppl", row.get("error")))
+    return rows
+
+
 def bench(name: str, args: argparse.Namespace) -> dict:
     model_dir = cross_domain.SHARED / "models" / name
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
@@ -213,6 +275,8 @@ def bench(name: str, args: argparse.Namespace) -> dict:
         rows.append({"name": f"llama.cpp {fmt}", "tool": "llama.cpp", "source": None, "ppl": ppl,
                      "weight_bytes": art.stored["tensor_bytes"], "stored": art.stored})  # fmt: skip
         log.info("%s llama.cpp %s: %s", name, fmt, ppl)
+    if not args.no_onnx:
+        rows += onnx_rows(name, model_dir, model, data, args.work)
     q4_0 = next((r["weight_bytes"] for r in rows if r["name"] == "llama.cpp Q4_0"), None)
     for label, fields, source in edgepack_rows(q4_0, edgepack_bytes(model, QuantConfig())):
         if args.rows and label not in args.rows:
@@ -241,8 +305,13 @@ def markdown(results: list[dict]) -> str:
                 "| row | weights KiB | Shakespeare tail | WikiText-2 tail | stored as |", "|---|---|---|---|---|"]  # fmt: skip
         for r in res["rows"]:
             stored = ""
+            if "error" in r:
+                out.append(f"| {r['name']} | {r.get('weight_bytes', 0) / 1024:.0f} | {r['error']} | | |")
+                continue
             if r["tool"] == "llama.cpp":
                 stored = speed.stored_line(r["stored"])
+            elif "stored_text" in r:
+                stored = r["stored_text"]
             elif r["tool"] == "edgepack":
                 stored = ", ".join(f"{k} x{v}" for k, v in sorted(r["formats"].items()))
             ppl = r["ppl"]
@@ -262,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--eval-tokens", type=int, default=4096)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-onnx", action="store_true", help="skip the ONNX Runtime rows (builder int4, W4 export)"
+    )
     p.add_argument("--tag", default="", help="suffix of the output files' names, e.g. -seed1")
     p.add_argument("--work", type=Path, default=Path("/tmp/edgepack-peer-quality"))
     p.add_argument("--out", type=Path, default=None, help="folder for peer_quality{TAG}.json and .tables.md")
