@@ -98,6 +98,24 @@ def test_fused_form_ops_and_exact_parity(llama16, tmp_path):
     assert report.passed and report.max_abs_logit < 1e-4 and report.top1 == 1.0
 
 
+def test_target_passes_leave_the_norms_training_outputs_unnamed(llama16, tmp_path):
+    """SkipSimplifiedLayerNormalization's mean and inv_std_var (outputs 1, 2) are left empty after the target
+    passes, as onnxruntime-genai's builder emits them (ONNX Runtime then neither computes nor allocates them);
+    the residual sum (output 3) stays, and the logits are unchanged."""
+    from edgepack.exporter.passes import run_target_passes
+    from edgepack.targets.profiles import get_target
+
+    model = load_model(llama16)
+    path = save(
+        run_target_passes(build_decoder(model, BuildOptions()), get_target("cpu")), tmp_path / "t.onnx"
+    )
+    nodes = [n for n in onnx.load(path).graph.node if n.op_type == "SkipSimplifiedLayerNormalization"]
+    assert len(nodes) == 2 * 3
+    assert all(n.output[1] == n.output[2] == "" and n.output[0] and n.output[3] for n in nodes)
+    report = check_parity(model, path, PROMPTS, "float32", new_tokens=8)
+    assert report.passed and report.max_abs_logit < 1e-4 and report.top1 == 1.0
+
+
 def test_plain_form_on_request_and_for_small_heads(llama16, stories, tmp_path):
     model = load_model(llama16)
     path = save(build_decoder(model, BuildOptions(attention="plain")), tmp_path / "p.onnx")
