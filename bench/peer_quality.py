@@ -14,7 +14,7 @@ windows, the text never seen by calibration. Activations stay float on both side
 round them to 8 bits, as our int8-activation kernels do).
 
 Bytes are the weights as stored: for llama.cpp the GGUF tensors' bytes (metadata and vocabulary excluded),
-for edgepack the exporter's byte count of each quantized weight (edgepack/artifact.py ``stored_bytes``, the
+for edgepack the exporter's byte count of each quantized weight (compressor/mixed.py ``stored_bytes``, the
 lowering the row's export uses) plus every other parameter at float32, which is what both files hold besides.
 llama.cpp's k-quants need K to be a multiple of 256 and its legacy formats a multiple of 32; where a
 tensor is not, llama-quantize falls back to another type, so the tensor types of every file are listed
@@ -54,17 +54,18 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import cross_domain  # noqa: E402
 import speed  # noqa: E402
-from edgepack.compressor.mixed import BUDGET_LOWERING, _unquantized_bytes, plan_mixed_precision  # noqa: E402
+from edgepack.compressor.mixed import (  # noqa: E402
+    BUDGET_LOWERING,
+    _unquantized_bytes,
+    plan_mixed_precision,
+    stored_bytes,
+)
 from edgepack.compressor.quantize import (  # noqa: E402
     QuantConfig,
-    effective_group,
     linear_sites,
-    lowering_block_size,
     quantize,
 )
-from edgepack.kernels.packing import kernel_bits, storage_of  # noqa: E402
 
-from edgepack.artifact import stored_bytes  # noqa: E402
 from edgepack.model import load_model, load_tokenizer  # noqa: E402
 
 log = logging.getLogger("peer_quality")
@@ -86,14 +87,6 @@ BLOCK_NAMES = {
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
-def gguf_module():
-    """llama.cpp's gguf-py from the cached tree (the same tree as the converter that wrote the files)."""
-    sys.path.insert(0, str(speed.LLAMA_TREE / "gguf-py"))
-    import gguf
-
-    return gguf
-
-
 def hf_name(gguf_name: str) -> str:
     """``blk.3.ffn_up.weight`` -> ``model.layers.3.mlp.up_proj.weight``."""
     stem, _, kind = gguf_name.rpartition(".")
@@ -110,7 +103,7 @@ def unpermute(w: torch.Tensor, heads: int) -> torch.Tensor:
 
 def read_gguf(path: Path, config) -> dict[str, torch.Tensor]:
     """Every tensor of ``path`` dequantized to float32, under its transformers name."""
-    gguf = gguf_module()
+    gguf = speed.gguf_module()
     state = {}
     for t in gguf.GGUFReader(str(path)).tensors:
         if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
@@ -152,15 +145,7 @@ def edgepack_bytes(model, config: QuantConfig, lowering: str = "auto") -> int:
     """Weights as the export stores them: each quantized weight by the exporter's count, the rest at float32."""
     sites = linear_sites(model, config)
     total = _unquantized_bytes(model, sites)
-    for site in sites:
-        n, k = site.module.weight.shape
-        bits = site.fmt.wbits
-        block = lowering_block_size(effective_group(site.fmt, k), k)
-        kernel = kernel_bits(bits, lowering)
-        total += stored_bytes(
-            n, k, bits, block, site.fmt.symmetric, "float32", kernel, storage_of(bits, lowering)
-        )
-    return total
+    return total + sum(stored_bytes(tuple(s.module.weight.shape), s.fmt, lowering=lowering) for s in sites)
 
 
 def edgepack_rows(q4_0_bytes: int | None, w4_bytes: int) -> list[tuple[str, dict, str | None]]:
@@ -233,7 +218,7 @@ def onnx_rows(name: str, model_dir: Path, model, data, work: Path) -> list[dict]
     arts = [
         (
             "onnxruntime-genai builder int4",
-            speed.build_builder(name, model_dir, "int4", "-p int4", work, 900),
+            speed.build_builder(name, model_dir, "int4", speed.BUILDER_VARIANTS["int4"], work, 900),
         ),
         ("edgepack W4 export", speed.build_edgepack(name, model_dir, "W4", "--wbits 4", work, 900)),
     ]
@@ -291,10 +276,6 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     }  # fmt: skip
 
 
-def pct(v: float, ref: float) -> str:
-    return f"{v:.2f} ({100 * (v / ref - 1):+.1f}%)"
-
-
 def markdown(results: list[dict]) -> str:
     out = []
     for res in results:
@@ -316,8 +297,8 @@ def markdown(results: list[dict]) -> str:
                 stored = ", ".join(f"{k} x{v}" for k, v in sorted(r["formats"].items()))
             ppl = r["ppl"]
             out.append(
-                f"| {r['name']} | {r['weight_bytes'] / 1024:.0f} | {pct(ppl['shakespeare_tail'], fp['shakespeare_tail'])} "
-                f"| {pct(ppl['wikitext2_tail'], fp['wikitext2_tail'])} | {stored} |"
+                f"| {r['name']} | {r['weight_bytes'] / 1024:.0f} | {cross_domain.pct(ppl['shakespeare_tail'], fp['shakespeare_tail'])} "
+                f"| {cross_domain.pct(ppl['wikitext2_tail'], fp['wikitext2_tail'])} | {stored} |"
             )
         out.append("")
     return "\n".join(out)

@@ -248,14 +248,21 @@ def llama_missing() -> str | None:
     return f"llama.cpp skipped: {', '.join(missing)} not found; {how}"
 
 
+def gguf_module():
+    """llama.cpp's gguf-py from the cached tree (the same tree as the converter that writes the files)."""
+    tree = str(LLAMA_TREE / "gguf-py")
+    if tree not in sys.path:
+        sys.path.insert(0, tree)
+    import gguf
+
+    return gguf
+
+
 def gguf_facts(path: Path) -> dict:
     """What a GGUF file stores: its 2-D tensors counted by type, the output head's type, the tensors' bytes.
     llama-quantize falls back to another type where a tensor's K is not a multiple of the format's block
     (256 for k-quants, 32 for the legacy formats), so a small model's "Q3_K_M" is mostly 4- and 5-bit."""
-    sys.path.insert(0, str(LLAMA_TREE / "gguf-py"))
-    import gguf
-
-    tensors = gguf.GGUFReader(str(path)).tensors
+    tensors = gguf_module().GGUFReader(str(path)).tensors
     names = {t.name: t for t in tensors}
     head = names.get("output.weight", names.get("token_embd.weight"))
     return {

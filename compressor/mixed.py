@@ -66,15 +66,19 @@ class Sensitivity:
 
 
 def stored_bytes(
-    shape: tuple[int, int], fmt: QuantFormat, bit_balance: bool = False, dtype: str = "float32"
+    shape: tuple[int, int],
+    fmt: QuantFormat,
+    bit_balance: bool = False,
+    dtype: str = "float32",
+    lowering: str = BUDGET_LOWERING,
 ) -> float:
-    """Bytes of one (N, K) weight as a budgeted export stores it (BUDGET_LOWERING), scales (in the target's
-    ``dtype``: fp16 on cuda) and zero points included."""
+    """Bytes of one (N, K) weight as an export with ``lowering`` stores it (a budgeted export: BUDGET_LOWERING),
+    scales (in the target's ``dtype``: fp16 on cuda) and zero points included."""
     n, k = shape
     grid = grid_for(fmt, bit_balance)
     block = lowering_block_size(effective_group(fmt, k), k)
     bits = grid.bits
-    kernel, storage = kernel_bits(bits, BUDGET_LOWERING), storage_of(bits, BUDGET_LOWERING)
+    kernel, storage = kernel_bits(bits, lowering), storage_of(bits, lowering)
     return artifact_bytes(n, k, bits, block, grid.symmetric, dtype, kernel, storage)
 
 
