@@ -403,6 +403,16 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
     because the exporter stores one packed tensor for both (GatherBlockQuantized).
     """
     sites = linear_sites(model, config)
+    e2e = e2e_options(config)
+    teacher = None
+    if e2e is not None:
+        from edgepack.compressor.e2e import teacher_copy
+
+        if calib_ids is None:
+            raise EdgepackError(
+                "end-to-end scale tuning (e2e) needs calibration text: pass --calib self or a file"
+            )
+        teacher = teacher_copy(model)  # the float model, before its linears are replaced
     # RTN needs no other layer, so each weight is quantized and replaced in turn: its float tensor is freed
     # before the next one is read, and peak memory stays at the model plus one layer's temporaries.
     qtensors = None if config.method == "rtn" else METHODS[config.method](model, sites, config, calib_ids)
@@ -427,7 +437,30 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
             }
         )
     _retie_embedding(model)
-    return {"method": config.method, "layers": layers}
+    report = {"method": config.method, "layers": layers}
+    if teacher is not None:
+        from edgepack.compressor.e2e import tune_scales
+
+        report["e2e"] = tune_scales(model, teacher, calib_ids, e2e)
+        del teacher
+    return report
+
+
+E2E_DEFAULT = {"rtn": 0, "gptq": 4, "abq": 4}  # epochs of end-to-end scale tuning by method (0 = off)
+
+
+def e2e_options(config: QuantConfig):
+    """The end-to-end scale tuning this config runs after its quantizer (compressor.e2e), or None.
+
+    ``options["e2e"]``: epochs, a dict of ``E2EOptions`` fields, true (the defaults) or 0/false (off). Unset: on
+    for the calibrated methods (``E2E_DEFAULT``), off for RTN, which stays data-free unless asked."""
+    from edgepack.compressor.e2e import E2EOptions
+
+    value = config.options.get("e2e", E2E_DEFAULT.get(config.method, 0))
+    if value is False or value == 0 or value is None:
+        return None
+    opts = E2EOptions.from_value(value)
+    return opts if opts.epochs > 0 else None
 
 
 def _retie_embedding(model: nn.Module) -> None:

@@ -168,6 +168,13 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 )
 @click.option("--method", default="rtn", show_default=True, help="Quantizer: rtn, gptq or abq.")
 @click.option(
+    "--e2e-epochs",
+    type=int,
+    default=None,
+    help="Epochs of end-to-end tuning of the quantization scales by distillation from the float model on the "
+    "--calib sequences (codes and bytes unchanged; 0 = off). Default: 4 with --method gptq/abq, 0 with rtn.",
+)
+@click.option(
     "--skip", multiple=True, help="Module name pattern to keep in float (repeatable), e.g. lm_head."
 )
 @click.option(
@@ -266,6 +273,7 @@ def export(
     symmetric,
     abits,
     method,
+    e2e_epochs,
     skip,
     head_bits,
     size_budget,
@@ -352,6 +360,7 @@ QUANT_DETAIL_FLAGS = (
     "symmetric",
     "abits",
     "method",
+    "e2e_epochs",
     "skip",
     "head_bits",
 )
@@ -452,6 +461,7 @@ def recipe_from_flags(
     remove,
     share_groups,
     head_bits="auto",
+    e2e_epochs=None,
 ):
     from edgepack.recipe import Recipe, step_types
 
@@ -479,6 +489,10 @@ def recipe_from_flags(
         "method": method,
         "skip": list(skip),
     }
+    if e2e_epochs is not None:
+        if e2e_epochs < 0:
+            raise EdgepackError(f"--e2e-epochs {e2e_epochs} must be >= 0 (0 turns the tuning off), e.g. 4")
+        quant["options"] = {"e2e": e2e_epochs}
     if size_budget is not None or bpw is not None:
         steps.append(
             types["quantize"](

@@ -278,13 +278,19 @@ def export_model(
 
 def precheck(req: ExportRequest, raw_config: dict) -> None:
     """Refuse a recipe that cannot work on this model before anything heavy is loaded."""
+    from edgepack.compressor.quantize import e2e_options
     from edgepack.recipe import kind_of
 
     kinds = {kind_of(s): s for s in req.recipe.steps}
     quant = kinds.get("quantize")
     needs_calib = "fold" in kinds or (
         quant is not None
-        and (quant.method != "rtn" or quant.budget_bpw is not None or quant.size_budget is not None)
+        and (
+            quant.method != "rtn"
+            or quant.budget_bpw is not None
+            or quant.size_budget is not None
+            or e2e_options(quant) is not None
+        )
     )
     kv = kinds.get("kv")
     needs_calib = needs_calib or (kv is not None and kv.merge == "minicache")
@@ -337,7 +343,7 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # domain (generalization.md, round 4), where it helps GPTQ
             reports["fold"] = fold(model, step, ids_for(step)).to_dict()
         elif kind == "quantize":
-            from edgepack.compressor.quantize import HEAD_AUTO, quantize
+            from edgepack.compressor.quantize import HEAD_AUTO, e2e_options, quantize
 
             if step.head_bits == HEAD_AUTO:
                 from edgepack.kernels.packing import storage_of
@@ -348,7 +354,7 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
                     # wider width would cost bytes there
                     step = dataclasses.replace(step, head_bits=None)
             mixed = step.budget_bpw is not None or step.size_budget is not None
-            needs_calib = step.method != "rtn" or mixed
+            needs_calib = step.method != "rtn" or mixed or e2e_options(step) is not None
             if step.method == "abq" and not {"n_samples", "epochs"} & set(step.options):
                 from edgepack.compressor.abq import size_defaults
 

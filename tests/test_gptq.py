@@ -90,7 +90,9 @@ def test_head_rtn_leaves_the_tied_head_on_the_rtn_grid(setup):
     """head="rtn": the tied lm_head/embedding gets round-to-nearest codes, the blocks still GPTQ's."""
     path, calib, _, _ = setup
     model, plain = load_model(path), load_model(path)
-    quantize(model, QuantConfig(wbits=3, method="gptq", options={"head": "rtn", "batch_size": 4}), calib)
+    quantize(
+        model, QuantConfig(wbits=3, method="gptq", options={"head": "rtn", "batch_size": 4, "e2e": 0}), calib
+    )
     quantize(plain, QuantConfig(wbits=3), calib)
     head, rtn_head = model.get_output_embeddings(), plain.get_output_embeddings()
     assert torch.equal(head.codes, rtn_head.codes) and torch.equal(head.scales, rtn_head.scales)
@@ -223,7 +225,7 @@ def test_gptq_rtn_paths_follow_weight_range(setup):
     heads = {}
     for rng in ("mse", "minmax"):
         model, plain = load_model(path), load_model(path)
-        opts = {"head": "rtn", "batch_size": 4}
+        opts = {"head": "rtn", "batch_size": 4, "e2e": 0}
         quantize(model, QuantConfig(wbits=3, method="gptq", weight_range=rng, options=opts), calib)
         quantize(plain, QuantConfig(wbits=3, weight_range=rng), calib)
         head, rtn_head = model.get_output_embeddings(), plain.get_output_embeddings()
