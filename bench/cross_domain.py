@@ -25,6 +25,7 @@ import copy
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -122,6 +123,41 @@ class Data:
 
     def ppl(self, model) -> dict[str, float]:
         return {k: round(perplexity(model, ids, SEQ_LEN), 3) for k, ids in self.eval.items()}
+
+    @torch.no_grad()
+    def own_text(self, model, batch_size: int = 8) -> dict[str, float]:
+        """Perplexity and mean KL(fp32 || model) on the float model's own prose: 16 x 256 tokens it samples at
+        T=1.0 without nucleus cut, on a seed no calibration set uses (1000 + the draw). For stories260k both
+        evaluation texts are outside its training domain (TinyStories); this is the text it was made for."""
+        if getattr(self, "_own", None) is None:
+            config = SelfCalibConfig(16, SEQ_LEN, temperature=1.0, top_p=1.0, seed=1000 + self.seed)
+            self._own = generate_samples(self.model, self.tok, config)
+        nll, kl, n = 0.0, 0.0, 0
+        for i in range(0, len(self._own), batch_size):
+            b = self._own[i : i + batch_size]
+            p = torch.log_softmax(self.model(input_ids=b).logits.float()[:, :-1], -1)
+            q = torch.log_softmax(model(input_ids=b).logits.float()[:, :-1], -1)
+            nll -= q.gather(-1, b[:, 1:, None]).sum().item()
+            kl += (p.exp() * (p - q)).sum().item()
+            n += b[:, 1:].numel()
+        return {"ppl": round(math.exp(nll / n), 3), "kl": round(kl / n, 5)}
+
+    @torch.no_grad()
+    def kl(self, model, batch_size: int = 8) -> dict[str, float]:
+        """Mean per-token KL(fp32 || model) on each evaluation text: distance from the original float model
+        itself, not only its perplexity."""
+        out = {}
+        for k, ids in self.eval.items():
+            n = (len(ids) - 1) // SEQ_LEN
+            windows = ids[: n * SEQ_LEN].view(n, SEQ_LEN)
+            total = 0.0
+            for i in range(0, n, batch_size):
+                b = windows[i : i + batch_size]
+                p = torch.log_softmax(self.model(input_ids=b).logits.float(), -1)
+                q = torch.log_softmax(model(input_ids=b).logits.float(), -1)
+                total += (p.exp() * (p - q)).sum(-1).sum().item()
+            out[k] = round(total / (n * SEQ_LEN), 5)
+        return out
 
 
 # ---------------------------------------------------------------- quantization
@@ -456,9 +492,10 @@ def round3_abq_rows() -> list[tuple[str, str, dict, str | None]]:
 def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str | None) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    config = QuantConfig(**{**cfg, "method": method, "options": {**cfg.get("options", {})}})
+    # rows that do not name e2e ran before it existed: keep them meaning what they meant (no tuning)
+    config = QuantConfig(**{**cfg, "method": method, "options": {"e2e": 0, **cfg.get("options", {})}})
     if method == "rtn":
-        config = replace(config, options={})
+        config = replace(config, options={k: v for k, v in config.options.items() if k == "e2e"})
     report = quantize(m, config, data.ids(source) if source else None)
     seconds = time.perf_counter() - t0
     choices = [layer["calibration"]["choice"] for layer in report["layers"] if "calibration" in layer]
@@ -466,6 +503,10 @@ def run_quant(model, data: Data, name: str, method: str, cfg: dict, source: str 
              "mlp_group_size": config.mlp_group_size}  # fmt: skip
     if choices:  # GPTQ's per-site check: how many sites kept RTN's codes
         extra["rtn_kept"] = f"{choices.count('rtn')} of {len(choices)}"
+    if "e2e" in report:
+        extra["e2e"] = report["e2e"]
+    extra["kl_to_fp32"] = data.kl(m)
+    extra["own_text"] = data.own_text(m)
     return Row("quant", name, source, data.ppl(m), round(seconds, 1), extra)
 
 
@@ -810,10 +851,30 @@ def round7_head4_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def round10_e2e_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 10: each goal width by GPTQ (current defaults) without and with end-to-end scale tuning on the
+    same calibration sequences; RTN tuned on the model's own samples; ABQ W3 tuned on each source."""
+    e2e = {"e2e": 4}
+    widths = {"W3 g128": {**WIDTHS["W3 g128"], "head_bits": 4}, "W4 g128": WIDTHS["W4 g128"], "W4 g64": W4G64}
+    rows = []
+    for w, cfg in widths.items():
+        rows.append((f"RTN {w}", "rtn", cfg, None))
+        rows.append((f"RTN {w}, e2e", "rtn", {**cfg, "options": e2e}, "self@1.6"))
+        for s in ROUND5_SOURCES:
+            rows.append((f"GPTQ {w}, {AO_LABEL}", "gptq", {**cfg, "options": AO}, s))
+            rows.append((f"GPTQ {w}, {AO_LABEL}, e2e", "gptq", {**cfg, "options": {**AO, **e2e}}, s))
+    for s in ("shakespeare", "wikitext2", "self@1.6"):
+        cfg = widths["W3 g128"]
+        rows.append(("ABQ W3 g128", "abq", cfg, s))
+        rows.append(("ABQ W3 g128, e2e", "abq", {**cfg, "options": e2e}, s))
+    return rows
+
+
 HEAD_DAMPS = (1.0, 10.0)  # round 8: the tied head's dampening, in units of its Hessian's mean diagonal
 
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and rounds 4 to 8, which come first on the page
+ROUND3_PARTS = (  # and rounds 4 to 10, which come first on the page
+    "round10-e2e",
     "round8-headdamp",
     "round7-head4",
     "round7-headgptq",
@@ -911,6 +972,9 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
         for hd in HEAD_DAMPS
         for s in ROUND5_SOURCES
     ],
+    # round 10: end-to-end scale tuning (compressor/e2e.py) after GPTQ / ABQ / RTN, against the same rows
+    # without it, at the goal widths; once per draw (--seed 0/1/2)
+    "round10-e2e": round10_e2e_rows,
     # round 6: every goal cell at the current defaults, run once per draw (--seed 0/1/2) for the draw means
     "round6-draws": lambda: (
         round5_rows(
@@ -945,6 +1009,8 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         + (f" --seed {args.seed}" if args.seed else ""),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
+    if part in QUANT_PARTS:
+        rows[0].extra["own_text"] = data.own_text(model)
     path = args.out / f"cross_domain_{part}{args.tag}_{name}.json"
     if part in QUANT_PARTS:
         rows_for = QUANT_PARTS[part]
@@ -1283,6 +1349,46 @@ def model_draw_lines(
     return out
 
 
+E2E_PART = "round10-e2e"
+
+
+def e2e_lines(folder: Path) -> list[str]:
+    """Round 10: each row without and with end-to-end scale tuning, as means over the draws present, with the
+    distance from the float model itself (mean per-token KL) beside perplexity, on both evaluation texts and on
+    the float model's own prose ("own": 16 x 256 tokens sampled at T=1.0 on a seed no calibration uses)."""
+    out = []
+    for model in ("stories260k", "mix-llama-14m"):
+        draws = load_draws(folder, model, E2E_PART)
+        if not draws:
+            continue
+        seeds = sorted(draws)
+        fp = draws[seeds[0]][0]
+        own_fp = {seed: draws[seed][0]["extra"].get("own_text", {}).get("ppl") for seed in seeds}
+        cells: dict[tuple, list[tuple[int, dict]]] = {}
+        for seed in seeds:
+            for r in draws[seed][1:]:
+                cells.setdefault((r["name"], r["source"]), []).append((seed, r))
+        out += [f"## Round 10, end-to-end scale tuning: {model} (means over draws {', '.join(map(str, seeds))})", "",
+                f"fp32: Shakespeare {fp['ppl']['shakespeare_tail']:.2f}, WikiText-2 {fp['ppl']['wikitext2_tail']:.2f}, "
+                f"own prose (a different sample per draw) {', '.join(str(v) for v in own_fp.values())}. Perplexity "
+                "change vs fp32 (own prose: vs that draw's fp32), mean over the draws; KL = mean per-token "
+                "KL(fp32 || row), in nats. `n` = draws measured.", "",
+                "| row | source | n | Sh. | Wiki | own | KL Sh. | KL Wiki | KL own |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for (name, source), pairs in cells.items():
+            rows = [r for _, r in pairs]
+            mean = lambda f, rows=rows: sum(map(f, rows)) / len(rows)  # noqa: E731
+            pcts = [100 * (mean(lambda r, e=e: r["ppl"][e]) / fp["ppl"][e] - 1) for e in EVALS]
+            own = [(r["extra"].get("own_text"), own_fp[seed]) for seed, r in pairs]
+            have = all(o and f for o, f in own)
+            own_pct = f"{sum(100 * (o['ppl'] / f - 1) for o, f in own) / len(own):+.1f}%" if have else ""
+            kls = [f"{mean(lambda r, e=e: r['extra']['kl_to_fp32'][e]):.4f}" for e in EVALS]
+            kl_own = f"{sum(o['kl'] for o, _ in own) / len(own):.4f}" if have else ""
+            out.append(f"| {name} | {source or 'none'} | {len(rows)} | {pcts[0]:+.1f}% | {pcts[1]:+.1f}% | {own_pct} "
+                       f"| {kls[0]} | {kls[1]} | {kl_own} |")  # fmt: skip
+        out.append("")
+    return out
+
+
 def write_page(folder: Path) -> None:
     out = ["# Cross-domain quality (calibration source x evaluation text)", "",
            "Generated by `bench/cross_domain.py` from the JSON files beside this page. Calibration: "
@@ -1300,6 +1406,7 @@ def write_page(folder: Path) -> None:
            "with the searched weight range, GPTQ's options re-chosen), then round 2 (the 8-bit head, GPTQ's "
            "per-site check, 64 calibration samples, 4096 evaluation tokens); the summary and goals are in "
            "generalization.md.", ""]  # fmt: skip
+    out += e2e_lines(folder)
     out += draw_means_lines(folder)
     out += lever_means_lines(folder)
     mech = folder / "cross_domain_mechanics.json"

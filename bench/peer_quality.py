@@ -152,10 +152,16 @@ def edgepack_rows(q4_0_bytes: int | None, w4_bytes: int) -> list[tuple[str, dict
     """(label, QuantConfig fields, calibration source) of edgepack's rows."""
     rows = [
         ("edgepack RTN W4 (export default)", {}, None),
-        ("edgepack GPTQ W4, --calib self", {"method": "gptq"}, SELF),
+        ("edgepack GPTQ W4, --calib self, --e2e-epochs 0", {"method": "gptq", "options": {"e2e": 0}}, SELF),
+        ("edgepack GPTQ W4, --calib self (scales tuned end to end)", {"method": "gptq"}, SELF),
         ("edgepack RTN W4, --head-bits 8", {"head_bits": 8}, None),
         ("edgepack RTN W3 (export default group)", {"wbits": 3}, None),
-        ("edgepack GPTQ W3, --calib self", {"wbits": 3, "method": "gptq"}, SELF),
+        (
+            "edgepack GPTQ W3, --calib self, --e2e-epochs 0",
+            {"wbits": 3, "method": "gptq", "options": {"e2e": 0}},
+            SELF,
+        ),
+        ("edgepack GPTQ W3, --calib self (scales tuned end to end)", {"wbits": 3, "method": "gptq"}, SELF),
         ("edgepack RTN W2", {"wbits": 2}, None),
     ]
     if q4_0_bytes:
@@ -180,7 +186,8 @@ def run_edgepack(model, data, label: str, fields: dict, source: str | None) -> d
     widths = Counter(f"W{layer['bits']}g{layer['group']}" for layer in report["layers"])
     return {
         "name": label, "tool": "edgepack", "source": source, "weight_bytes": nbytes,
-        "ppl": data.ppl(m), "seconds": round(time.perf_counter() - t0, 1), "formats": dict(widths),
+        "ppl": data.ppl(m), "own_text": data.own_text(m), "seconds": round(time.perf_counter() - t0, 1),
+        "formats": dict(widths), **({"e2e": report["e2e"]} if "e2e" in report else {}),
     }  # fmt: skip
 
 
@@ -246,7 +253,7 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     data = cross_domain.Data(model, tok, args.n_samples, args.eval_tokens, args.seed)
     fp = data.ppl(model)
-    rows = [{"name": "fp32", "tool": "transformers", "source": None, "ppl": fp,
+    rows = [{"name": "fp32", "tool": "transformers", "source": None, "ppl": fp, "own_text": data.own_text(model),
              "weight_bytes": sum(p.numel() * 4 for p in model.parameters())}]  # fmt: skip
     gguf_paths = {
         a.variant: a for a in speed.build_gguf(name, model_dir, ("F32", *args.formats), args.work, 900)
@@ -254,10 +261,12 @@ def bench(name: str, args: argparse.Namespace) -> dict:
     for fmt, art in gguf_paths.items():
         if art.error:
             raise SystemExit(f"error: llama.cpp {fmt} of {name}: {art.error}")
-        ppl = data.ppl(load_into(model, read_gguf(art.path, model.config)))
+        loaded = load_into(model, read_gguf(art.path, model.config))
+        ppl = data.ppl(loaded)
         if fmt == "F32" and ppl != fp:
             raise SystemExit(f"error: the F32 GGUF round trip gives {ppl}, not the float model's {fp}")
         rows.append({"name": f"llama.cpp {fmt}", "tool": "llama.cpp", "source": None, "ppl": ppl,
+                     "own_text": data.own_text(loaded),
                      "weight_bytes": art.stored["tensor_bytes"], "stored": art.stored})  # fmt: skip
         log.info("%s llama.cpp %s: %s", name, fmt, ppl)
     if not args.no_onnx:
@@ -283,11 +292,13 @@ def markdown(results: list[dict]) -> str:
         out += [f"### {res['model']}", "",
                 f"{res['date']}; eval tokens {res['eval_tokens']}; calibration {res['n_samples']} x "
                 f"{res['seq_len']} tokens (seed {res['seed']}); load {res['load']}.", "",
-                "| row | weights KiB | Shakespeare tail | WikiText-2 tail | stored as |", "|---|---|---|---|---|"]  # fmt: skip
+                "| row | weights KiB | Shakespeare tail | WikiText-2 tail | own text (KL to fp32) | stored as |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        own_fp = res["rows"][0].get("own_text")
         for r in res["rows"]:
             stored = ""
             if "error" in r:
-                out.append(f"| {r['name']} | {r.get('weight_bytes', 0) / 1024:.0f} | {r['error']} | | |")
+                out.append(f"| {r['name']} | {r.get('weight_bytes', 0) / 1024:.0f} | {r['error']} | | | |")
                 continue
             if r["tool"] == "llama.cpp":
                 stored = speed.stored_line(r["stored"])
@@ -296,9 +307,12 @@ def markdown(results: list[dict]) -> str:
             elif r["tool"] == "edgepack":
                 stored = ", ".join(f"{k} x{v}" for k, v in sorted(r["formats"].items()))
             ppl = r["ppl"]
+            own = ""
+            if own_fp and "own_text" in r:
+                own = f"{cross_domain.pct(r['own_text']['ppl'], own_fp['ppl'])} ({r['own_text']['kl']:.3f})"
             out.append(
                 f"| {r['name']} | {r['weight_bytes'] / 1024:.0f} | {cross_domain.pct(ppl['shakespeare_tail'], fp['shakespeare_tail'])} "
-                f"| {cross_domain.pct(ppl['wikitext2_tail'], fp['wikitext2_tail'])} | {stored} |"
+                f"| {cross_domain.pct(ppl['wikitext2_tail'], fp['wikitext2_tail'])} | {own} | {stored} |"
             )
         out.append("")
     return "\n".join(out)
