@@ -107,3 +107,19 @@ def test_export_tunes_by_default_with_gptq_and_keeps_parity(stories, tmp_path):
     r = cli(*args, "--e2e-epochs", "-1", "-o", str(tmp_path / "c"))
     assert r.returncode == 2 and "--e2e-epochs -1" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+
+
+def test_folded_shared_blocks_tuned_export_exactly(stories, tmp_path):
+    """A fold whose positions share one set of linears (one Scan per group), quantized by GPTQ with the tuning:
+    the shared scales and each position's own tuned norms reach the graph (float activations: exact parity)."""
+    import onnx
+
+    out = tmp_path / "f"
+    r = cli("export", "--model", str(stories), "--remove", "0.2", "--share-groups", "2", "--wbits", "4",
+            "--method", "gptq", "--activations", "float", "-o", str(out))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["compression"]["fold"]["share_check"]["decision"] == "share"
+    assert m["compression"]["quantize"]["e2e"]["norm_weights"] > 0
+    assert "Scan" in {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+    assert m["parity"]["max_abs_logit"] < 1e-3 and m["parity"]["greedy"] == 1.0
