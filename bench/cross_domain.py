@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from edgepack.compressor.fold import FoldConfig, fold, restructure, unique_parameter_count
-from edgepack.compressor.fold_cure import cure, held_out_kl
+from edgepack.compressor.fold_cure import cure, held_out_kl, logit_kl
 from edgepack.compressor.fold_hooks import decoder_layers
 from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
 from edgepack.compressor.fold_plan import rank, removal_count
@@ -42,7 +42,7 @@ from edgepack.compressor.quantize import QuantConfig, quantize
 from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, mix_samples
 from torch import nn
 
-from edgepack.evaluate import perplexity
+from edgepack.evaluate import nll_sum, perplexity
 from edgepack.model import load_model, load_tokenizer
 from edgepack.textdata import calibration_samples, read_text, split_text, tokenize
 
@@ -101,6 +101,7 @@ class Data:
             "wikitext2": calibration_samples(tok, wiki_head, n_samples, SEQ_LEN, seed),
         }
         self.self_seconds = 0.0
+        self._own: torch.Tensor | None = None  # the float model's own prose (own_text), sampled on first use
         self.eval = {
             "shakespeare_tail": tokenize(tok, shakes_tail, eval_tokens + 1),
             "wikitext2_tail": tokenize(tok, wiki_tail, eval_tokens + 1),
@@ -129,16 +130,15 @@ class Data:
         """Perplexity and mean KL(fp32 || model) on the float model's own prose: 16 x 256 tokens it samples at
         T=1.0 without nucleus cut, on a seed no calibration set uses (1000 + the draw). For stories260k both
         evaluation texts are outside its training domain (TinyStories); this is the text it was made for."""
-        if getattr(self, "_own", None) is None:
+        if self._own is None:
             config = SelfCalibConfig(16, SEQ_LEN, temperature=1.0, top_p=1.0, seed=1000 + self.seed)
             self._own = generate_samples(self.model, self.tok, config)
         nll, kl, n = 0.0, 0.0, 0
         for i in range(0, len(self._own), batch_size):
             b = self._own[i : i + batch_size]
-            p = torch.log_softmax(self.model(input_ids=b).logits.float()[:, :-1], -1)
-            q = torch.log_softmax(model(input_ids=b).logits.float()[:, :-1], -1)
-            nll -= q.gather(-1, b[:, 1:, None]).sum().item()
-            kl += (p.exp() * (p - q)).sum().item()
+            logits = model(input_ids=b).logits[:, :-1]
+            nll += nll_sum(logits, b[:, 1:])
+            kl += logit_kl(logits, self.model(input_ids=b).logits[:, :-1]).item() * b[:, 1:].numel()
             n += b[:, 1:].numel()
         return {"ppl": round(math.exp(nll / n), 3), "kl": round(kl / n, 5)}
 
@@ -153,9 +153,9 @@ class Data:
             total = 0.0
             for i in range(0, n, batch_size):
                 b = windows[i : i + batch_size]
-                p = torch.log_softmax(self.model(input_ids=b).logits.float(), -1)
-                q = torch.log_softmax(model(input_ids=b).logits.float(), -1)
-                total += (p.exp() * (p - q)).sum(-1).sum().item()
+                total += (
+                    logit_kl(model(input_ids=b).logits, self.model(input_ids=b).logits).item() * b.numel()
+                )
             out[k] = round(total / (n * SEQ_LEN), 5)
         return out
 
@@ -1009,10 +1009,9 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         + (f" --seed {args.seed}" if args.seed else ""),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
-    if part in QUANT_PARTS:
-        rows[0].extra["own_text"] = data.own_text(model)
     path = args.out / f"cross_domain_{part}{args.tag}_{name}.json"
     if part in QUANT_PARTS:
+        rows[0].extra["own_text"] = data.own_text(model)
         rows_for = QUANT_PARTS[part]
         jobs = [
             lambda r=r: run_quant(model, data, *r)

@@ -56,12 +56,7 @@ class CalibOptions:
         opts = cls(**options)
         for f in fields(opts):
             value = getattr(opts, f.name)
-            if (
-                f.name != "e2e"
-                and isinstance(value, (int, float))
-                and not isinstance(value, bool)
-                and value < 0
-            ):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
                 raise EdgepackError(f"option {f.name}={value} for method {method!r} must not be negative")
         if opts.n_samples < 1 or opts.seq_len < 2 or opts.batch_size < 1:
             raise EdgepackError(f"options n_samples, batch_size must be >= 1 and seq_len >= 2 for {method!r}")

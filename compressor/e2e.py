@@ -23,6 +23,7 @@ import math
 from dataclasses import dataclass, fields
 
 import torch
+from edgepack.compressor.fold_cure import held_out_kl, logit_kl, norm_parameters, unique
 from edgepack.compressor.quantize import QuantLinear, activation_block, fake_quant_activations, group_view
 from torch import nn
 from tqdm.auto import tqdm
@@ -47,9 +48,9 @@ class E2EOptions:
     @classmethod
     def from_value(cls, value) -> E2EOptions:
         if value is True:
-            return cls()
-        if isinstance(value, int) and not isinstance(value, bool):
-            return cls(epochs=value)
+            value = {}
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = {"epochs": value}
         if not isinstance(value, dict):
             raise EdgepackError(f"e2e={value!r} is not supported; use true, a number of epochs or a dict")
         known = {f.name for f in fields(cls)}
@@ -91,23 +92,6 @@ class _Scaled:
         self.m._weight_cache = None
 
 
-def _norm_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The RMSNorm (or LayerNorm) weights, each once even when a folded block shares its module."""
-    seen, out = set(), []
-    for module in model.modules():
-        if "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), nn.Parameter):
-            if id(module.weight) not in seen:
-                seen.add(id(module.weight))
-                out.append(module.weight)
-    return out
-
-
-def _kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(teacher || student)."""
-    logq = torch.log_softmax(student_logits.float(), -1)
-    return (teacher_logp.exp() * (teacher_logp - logq)).sum(-1).mean()
-
-
 @torch.enable_grad()  # quantize() runs under no_grad
 def tune_scales(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: E2EOptions) -> dict:
     """Train ``model``'s QuantLinear scales (and norms) to match ``teacher`` on ``ids`` (n, seq_len); in place.
@@ -122,7 +106,7 @@ def tune_scales(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: E
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     emb = model.get_input_embeddings()
     tied = isinstance(head, QuantLinear) and getattr(model.config, "tie_word_embeddings", False)
-    norms = _norm_weights(model) if opts.norms else []
+    norms = unique(norm_parameters(model)) if opts.norms else []  # each once, however many positions use it
     norm_init = [w.detach().clone() for w in norms]
 
     g = torch.Generator().manual_seed(opts.seed)
@@ -142,25 +126,13 @@ def tune_scales(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: E
     if tied:
         emb.forward = lambda input_ids: nn.functional.embedding(input_ids, scaled[id(head)].weight())
 
-    def teacher_logp(batch: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.log_softmax(teacher(input_ids=batch).logits.float(), -1)
-
-    def held_out_kl() -> float:
-        total = 0.0
-        with torch.no_grad():
-            for i in range(0, len(hold), opts.batch_size):
-                b = hold[i : i + opts.batch_size]
-                total += _kl(model(input_ids=b).logits, teacher_logp(b)).item() * len(b)
-        return total / len(hold)
-
     params = [{"params": [s.log_mult for s in scaled.values()], "lr": opts.lr}]
     if norms:
         params.append({"params": norms, "lr": opts.norm_lr})
     optim = torch.optim.Adam(params)
     was_training = model.training
     model.eval()  # no dropout; gradients still flow
-    best = start = held_out_kl()
+    best = start = held_out_kl(model, teacher, hold, opts.batch_size)
     best_state = _snapshot(scaled, norms)
     best_epoch, history = 0, [round(start, 5)]
     steps = math.ceil(len(train) / opts.batch_size)
@@ -170,12 +142,14 @@ def tune_scales(model: nn.Module, teacher: nn.Module, ids: torch.Tensor, opts: E
             bar = tqdm(range(steps), desc=f"e2e scales, epoch {epoch}/{opts.epochs}", leave=False)
             for step in bar:
                 b = train[perm[step * opts.batch_size : (step + 1) * opts.batch_size]]
-                loss = _kl(model(input_ids=b).logits, teacher_logp(b))
+                with torch.no_grad():
+                    target = teacher(input_ids=b).logits
+                loss = logit_kl(model(input_ids=b).logits, target)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
                 optim.step()
                 bar.set_postfix(kl=f"{loss.item():.4f}")
-            kl = held_out_kl()
+            kl = held_out_kl(model, teacher, hold, opts.batch_size)
             history.append(round(kl, 5))
             log.info("e2e epoch %d: held-out KL %.5f (start %.5f)", epoch, kl, start)
             if kl < best:

@@ -442,7 +442,6 @@ def quantize(model: nn.Module, config: QuantConfig, calib_ids: torch.Tensor | No
         from edgepack.compressor.e2e import tune_scales
 
         report["e2e"] = tune_scales(model, teacher, calib_ids, e2e)
-        del teacher
     return report
 
 
@@ -457,7 +456,7 @@ def e2e_options(config: QuantConfig):
     from edgepack.compressor.e2e import E2EOptions
 
     value = config.options.get("e2e", E2E_DEFAULT.get(config.method, 0))
-    if value is False or value == 0 or value is None:
+    if value is None or value == 0:  # 0 or False: off
         return None
     opts = E2EOptions.from_value(value)
     return opts if opts.epochs > 0 else None

@@ -77,7 +77,7 @@ def test_e2e_options_and_defaults():
     assert e2e_options(QuantConfig(method="gptq", options={"e2e": 0})) is None
     assert e2e_options(QuantConfig(method="rtn", options={"e2e": 2})).epochs == 2
     assert e2e_options(QuantConfig(options={"e2e": {"lr": 1e-3}})) == E2EOptions(lr=1e-3)
-    for bad in ({"epochs": -1}, {"rate": 1}, "many", {"holdout": 1.0}):
+    for bad in ({"epochs": -1}, -1, {"rate": 1}, "many", {"holdout": 1.0}):
         with pytest.raises(EdgepackError):
             e2e_options(QuantConfig(options={"e2e": bad}))
     with pytest.raises(EdgepackError, match="needs calibration"):
