@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from edgepack.compressor.fold import FoldConfig, fold, restructure, unique_parameter_count
 from edgepack.compressor.fold_cure import cure, held_out_kl, logit_kl
-from edgepack.compressor.fold_hooks import decoder_layers
+from edgepack.compressor.fold_hooks import block_input, block_output, decoder_layers, with_block_output
 from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
 from edgepack.compressor.fold_plan import rank, removal_count
 from edgepack.compressor.quantize import QuantConfig, quantize
@@ -538,6 +538,8 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
         **{f"BI removal, refilled, scales from {init:g}": {**bi, "refill": init} for init in REFILL_INITS},
         "BI sublayer removal": {**bi, "sublayers": True},
         "BI removal, every kept block distilled": {**bi, "distill_all": True},
+        "BI removal, linear stand-ins": {**bi, "stand_ins": True},
+        "KL-searched removal": {**bi, "search": True},
     }
 
 
@@ -758,6 +760,153 @@ def run_distill_all(model, data: Data, name: str, kwargs: dict, source: str, sco
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
 
+# ---------------------------------------------------------------- round 11: two more removal levers
+
+
+class LinearStandIn(nn.Module):
+    """What a removed block added to the residual stream, fitted as a linear map of its RMS-normalized input
+    (LLM-Streamline-style replacement): ``h + norm(h) @ W + b``."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(hidden, hidden))
+        self.bias = nn.Parameter(torch.zeros(hidden))
+
+    @staticmethod
+    def normed(h: torch.Tensor) -> torch.Tensor:
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.normed(h) @ self.weight + self.bias
+
+    @torch.no_grad()
+    def fit(self, h: torch.Tensor, delta: torch.Tensor, ridge: float = 1e-2) -> float:
+        """Ridge least squares of ``delta`` (N, C) on ``normed(h)``; returns R^2 on the fitted rows."""
+        x = self.normed(h)
+        xm, dm = x.mean(0), delta.mean(0)
+        cov = (x - xm).T @ (x - xm) / len(x)
+        cov += ridge * torch.trace(cov) / len(cov) * torch.eye(len(cov))
+        self.weight.copy_(torch.linalg.solve(cov, (x - xm).T @ (delta - dm) / len(x)))
+        self.bias.copy_(dm - xm @ self.weight)
+        residual = delta - (x @ self.weight + self.bias)
+        return 1.0 - (residual.pow(2).sum() / (delta - dm).pow(2).sum()).item()
+
+
+@torch.no_grad()
+def block_deltas(model, ids: torch.Tensor, blocks: list[int], batch_size: int = 8) -> dict[int, tuple]:
+    """Each block's input and residual contribution (output - input) over ``ids``, as (N, C) rows."""
+    layers = decoder_layers(model)
+    seen: dict[int, list] = {i: [] for i in blocks}
+
+    def make(i: int):
+        def hook(module, args, kwargs, output):
+            h = block_input(args, kwargs)
+            seen[i].append((h.reshape(-1, h.shape[-1]), (block_output(output) - h).reshape(-1, h.shape[-1])))
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(make(i), with_kwargs=True) for i in blocks]
+    try:
+        for b in range(0, len(ids), batch_size):
+            model(input_ids=ids[b : b + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+    return {i: (torch.cat([x for x, _ in v]), torch.cat([d for _, d in v])) for i, v in seen.items()}
+
+
+def run_stand_ins(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """BI removal as ``run_fold`` builds it, each removed block replaced by a ``LinearStandIn`` fitted on the
+    cure text (applied after the kept block before it), then the default cure with the stand-ins trained at
+    the block weights' rate."""
+    kwargs = dict(kwargs)
+    kwargs.pop("stand_ins")
+    m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
+    ids = data.ids(source)
+    removed = [i for i in range(len(bi)) if i not in kept]
+    deltas = block_deltas(model, ids, removed)
+    hidden = model.config.hidden_size
+    stand_ins, r2 = nn.ModuleList(), {}
+    for i in removed:
+        stand_ins.append(LinearStandIn(hidden))
+        r2[i] = round(stand_ins[-1].fit(*deltas[i]), 4)
+    restructure(m, kept, [], bi, "important")
+    m.add_module("stand_ins", stand_ins)
+    layers = decoder_layers(m)
+    after: dict[int, list[nn.Module]] = {}
+    for i, s in zip(removed, stand_ins, strict=True):
+        after.setdefault(max([p for p, k in enumerate(kept) if k < i], default=-1), []).append(s)
+
+    def apply(mods):
+        def run(h):
+            for s in mods:
+                h = s(h)
+            return h
+
+        return run
+
+    for pos, mods in after.items():
+        f = apply(mods)
+        if pos >= 0:
+            layers[pos].register_forward_hook(
+                lambda mod, a, k, out, f=f: with_block_output(out, f(block_output(out))), with_kwargs=True
+            )
+        else:  # a stand-in for block 0 runs before the first kept block
+            layers[0].register_forward_pre_hook(
+                lambda mod, a, k, f=f: (
+                    ((f(a[0]), *a[1:]), k) if a else (a, {**k, "hidden_states": f(k["hidden_states"])})
+                ),
+                with_kwargs=True,
+            )
+    uncured = data.ppl(m)
+    group = {"params": list(stand_ins.parameters()), "lr": config.lr * config.weight_lr_scale}
+    result = cure(m, model, ids, config, extra=(group,))
+    extra = {
+        "kept": kept,
+        "groups": [],
+        "distill_loss": [result.before, result.after],
+        "share_check": None,
+        "stand_in_r2": r2,
+        "stand_in_params": sum(p.numel() for p in stand_ins.parameters()),
+        "uncured_ppl": uncured,
+        "unique_block_params": unique_parameter_count(layers),
+    }
+    return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
+
+
+def run_search(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """Every set of ``remove`` blocks, uncured, scored by KL to the original on the last eighth of the cure
+    samples (as the share check holds out); the set with the lowest KL is cured with the default cure."""
+    kwargs = dict(kwargs)
+    kwargs.pop("search")
+    m, t0, config, bi, kept_bi = bi_removal_setup(model, data, kwargs, scores)
+    ids = data.ids(source)
+    held = ids[-max(4, len(ids) // 8) :]
+    n = len(bi)
+    trials = []
+    for removed in itertools.combinations(range(n), n - len(kept_bi)):
+        trial = copy.deepcopy(model)
+        restructure(trial, [i for i in range(n) if i not in removed], [], bi, "important")
+        trials.append((held_out_kl(trial, model, held, config.batch_size), list(removed)))
+    trials.sort()
+    kept = [i for i in range(n) if i not in trials[0][1]]
+    restructure(m, kept, [], bi, "important")
+    uncured = data.ppl(m)
+    result = cure(m, model, ids, config)
+    bi_removed = [i for i in range(n) if i not in kept_bi]
+    extra = {
+        "kept": kept,
+        "groups": [],
+        "distill_loss": [result.before, result.after],
+        "share_check": None,
+        "sets_scored": len(trials),
+        "best_sets": [{"removed": r, "kl": round(k, 4)} for k, r in trials[:5]],
+        "bi_set": {"removed": bi_removed, "kl": round(next(k for k, r in trials if r == bi_removed), 4)},
+        "uncured_ppl": uncured,
+    }
+    return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
+
+
 def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -773,7 +922,13 @@ def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: di
 
 
 # the BI-removal variants of extra_fold_settings, by the key their settings carry (the rest run as run_fold)
-VARIANT_RUNS = (("refill", run_refill), ("sublayers", run_sublayers), ("distill_all", run_distill_all))
+VARIANT_RUNS = (
+    ("refill", run_refill),
+    ("sublayers", run_sublayers),
+    ("distill_all", run_distill_all),
+    ("stand_ins", run_stand_ins),
+    ("search", run_search),
+)
 
 
 def importance_scores(model, ids: torch.Tensor, layers: int, removes: set[float]) -> dict[float, dict]:
