@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from dataclasses import asdict
@@ -197,3 +198,43 @@ def test_child_peak_rss_is_the_childs_own(tmp_path: Path) -> None:
         )
     assert code == 3
     del ballast
+
+
+def test_duel_llama_pairs_adjacent_processes(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stories_fp32: Path
+) -> None:
+    """bench/duel_llama.py: the ONNX side decodes for real through onnxruntime-genai in its own process, the
+    llama.cpp side is a stand-in llama-bench (fixed JSON rows); the first process alternates pair by pair, each
+    pair's ratio is ONNX decode / llama decode, rounds hold medians; bad paths are one line, exit 2."""
+    duel = load_bench("duel_llama")
+    bin_dir, tree = tmp_path / "build" / "bin", tmp_path
+    bin_dir.mkdir(parents=True)
+    rows = [
+        {"n_prompt": 8, "n_gen": 0, "avg_ts": 4000.0, "samples_ts": [4000.0]},
+        {"n_prompt": 0, "n_gen": 3, "avg_ts": 250.0, "samples_ts": [250.0]},
+    ]
+    fake = bin_dir / "llama-bench"
+    fake.write_text(f"#!{sys.executable}\nimport json\nprint(json.dumps({rows!r}))\n")
+    fake.chmod(0o755)
+    (bin_dir / "llama-quantize").write_text("")
+    (tree / "convert_hf_to_gguf.py").write_text("")
+    monkeypatch.setattr(duel.speed, "LLAMA_BIN", bin_dir)
+    monkeypatch.setattr(duel.speed, "LLAMA_TREE", tree)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    out = tmp_path / "duel.json"
+    args = [str(stories_fp32), str(gguf), "--pairs", "3", "--rounds", "2", "--runs", "1", "--prompt-len", "8"]
+    assert duel.main([*args, "--gen", "3", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["names"] == ["edgepack-fp32", "m"] and len(result["rounds"]) == 2
+    pairs = [p for r in result["rounds"] for p in r["pairs"]]
+    assert [p["first"] for p in pairs] == ["onnx", "llama"] * 3
+    for p in pairs:
+        assert p["llama"]["decode"] == 250.0 and p["onnx"]["decode"] > 0
+        assert p["ratio"] == pytest.approx(p["onnx"]["decode"] / 250.0)
+    for r in result["rounds"]:
+        assert r["decode_ratio"] == pytest.approx(r["median"]["onnx"]["decode"] / 250.0)
+        assert r["prefill_ratio"] == pytest.approx(r["median"]["onnx"]["prefill"] / 4000.0)
+    assert duel.main([str(tmp_path / "missing"), str(gguf)]) == 2
+    monkeypatch.setattr(duel.speed, "LLAMA_BIN", tmp_path / "nothing")
+    assert duel.main([str(stories_fp32), str(gguf)]) == 2
