@@ -813,8 +813,13 @@ def versions() -> dict[str, str]:
             out[name] = __import__(name).__version__
         except ImportError:
             out[name] = "not installed"
-    source = CACHE / "SOURCE"
-    out["llama.cpp"] = source.read_text().strip() if source.is_file() else "not built"
+    source = CACHE / "SOURCE"  # one line naming the tree the cached build came from (speed.md, "build once")
+    if source.is_file():
+        out["llama.cpp"] = source.read_text().strip()
+    else:
+        out["llama.cpp"] = (
+            "not built" if llama_missing() else f"built in {LLAMA_TREE}, source not recorded in {source}"
+        )
     return out
 
 
