@@ -7,10 +7,10 @@ bench/duel.py puts two ONNX artifacts in one process. llama.cpp cannot join that
 thing: each "pair" runs the two tools in two fresh processes back to back (bench/speed.py's ``measure``: the
 genai driver, bench/genai_decode.py, and ``llama-bench -t T -p P -n N -r runs``), the one that goes first
 alternating every pair. On this host the state a process meets drifts within seconds (speed.md: the same 8 MB
-artifact at 1,356-2,504 tok/s in one minute), and in a speed.py round the two files being compared are up to
-ten processes apart; here they are one apart, so each pair's ratio is taken within the same few seconds. Per
-round: each tool's median decode and prefill over its pairs and the ratio of the medians; per pair: the ratio,
-whose quartiles show the noise left. Peak RSS is bench/speed.py's.
+artifact at 1,356-2,504 tok/s within a run of under 80 s), and in a speed.py round the two files being compared
+are up to ten processes apart; here they are one apart, so each pair's ratio is taken within the same few
+seconds. Per round: each tool's median decode and prefill over its pairs and the ratio of the medians; per
+pair: the ratio, whose quartiles show the noise left. Peak RSS is bench/speed.py's.
 """
 
 from __future__ import annotations
