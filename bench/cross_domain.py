@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from edgepack.compressor.fold import FoldConfig, fold, restructure, unique_parameter_count
 from edgepack.compressor.fold_cure import cure, held_out_kl, logit_kl
-from edgepack.compressor.fold_hooks import block_input, block_output, decoder_layers, with_block_output
+from edgepack.compressor.fold_hooks import block_output, captured, decoder_layers, with_block_output
 from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
 from edgepack.compressor.fold_plan import rank, removal_count
 from edgepack.compressor.quantize import QuantConfig, quantize
@@ -596,6 +596,17 @@ def bi_removal_setup(model, data: Data, kwargs: dict, scores: dict):
     return m, t0, config, bi, sorted(rank(bi)[: n - removal_count(config.remove, n)])
 
 
+def cured_extra(kept: list[int], result, **more) -> dict:
+    """The report fields every cured BI-removal variant shares (as ``run_fold``'s rows name them), plus ``more``."""
+    return {
+        "kept": kept,
+        "groups": [],
+        "distill_loss": [result.before, result.after],
+        "share_check": None,
+        **more,
+    }
+
+
 def run_refill(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
     """BI removal as ``run_fold`` builds it, refilled (``refill``) and cured with the scales in the cure."""
     kwargs = dict(kwargs)
@@ -606,15 +617,13 @@ def run_refill(model, data: Data, name: str, kwargs: dict, source: str, scores: 
         m, model, data.ids(source), config, extra=({"params": scales, "lr": REFILL_SCALE_LR * config.lr},)
     )
     mean_abs = [round(p.detach().abs().mean().item(), 3) for p in scales]
-    extra = {
-        "kept": kept,
-        "groups": [],
-        "distill_loss": [result.before, result.after],
-        "share_check": None,
-        "refill_init": init,
-        "scale_mean_abs": mean_abs,
-        "unique_block_params": unique_parameter_count(decoder_layers(m)),
-    }
+    extra = cured_extra(
+        kept,
+        result,
+        refill_init=init,
+        scale_mean_abs=mean_abs,
+        unique_block_params=unique_parameter_count(decoder_layers(m)),
+    )
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
 
@@ -703,6 +712,11 @@ def sublayer_plans(model, influence: dict, target: int) -> list[list[tuple[int, 
     return plans
 
 
+def held_out_slice(ids: torch.Tensor) -> torch.Tensor:
+    """The last eighth of the cure samples (at least 4): where the bench's plan searches score their KL."""
+    return ids[-max(4, len(ids) // 8) :]
+
+
 def run_sublayers(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
     """Round 8 (FinerCut-style): remove residual branches (attention or MLP) instead of whole blocks, owning
     at least the parameters BI removal of ``remove`` blocks owns; the plan whose KL to the original (uncured,
@@ -712,7 +726,7 @@ def run_sublayers(model, data: Data, name: str, kwargs: dict, source: str, score
     m, t0, config, _, _ = bi_removal_setup(model, data, kwargs, scores)
     layers = decoder_layers(m)
     ids = data.ids(source)
-    held = ids[-max(4, len(ids) // 8) :]
+    held = held_out_slice(ids)
     cut = removal_count(config.remove, len(layers))
     target = cut * sum(p.numel() for p in layers[0].parameters())
     influence = sublayer_influence(m, ids)
@@ -751,12 +765,7 @@ def run_distill_all(model, data: Data, name: str, kwargs: dict, source: str, sco
     m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
     restructure(m, kept, [], bi, "important")
     result = cure(m, model, data.ids(source), config, pairs=list(enumerate(kept)))
-    extra = {
-        "kept": kept,
-        "groups": [],
-        "distill_loss": [result.before, result.after],
-        "share_check": None,
-    }
+    extra = cured_extra(kept, result)
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
 
@@ -797,21 +806,12 @@ def block_deltas(model, ids: torch.Tensor, blocks: list[int], batch_size: int = 
     """Each block's input and residual contribution (output - input) over ``ids``, as (N, C) rows."""
     layers = decoder_layers(model)
     seen: dict[int, list] = {i: [] for i in blocks}
-
-    def make(i: int):
-        def hook(module, args, kwargs, output):
-            h = block_input(args, kwargs)
-            seen[i].append((h.reshape(-1, h.shape[-1]), (block_output(output) - h).reshape(-1, h.shape[-1])))
-
-        return hook
-
-    handles = [layers[i].register_forward_hook(make(i), with_kwargs=True) for i in blocks]
-    try:
+    with captured(layers, blocks, inputs=True) as ins, captured(layers, blocks) as outs:
         for b in range(0, len(ids), batch_size):
             model(input_ids=ids[b : b + batch_size])
-    finally:
-        for h in handles:
-            h.remove()
+            for i in blocks:
+                c = ins[i].shape[-1]
+                seen[i].append((ins[i].reshape(-1, c), (outs[i] - ins[i]).reshape(-1, c)))
     return {i: (torch.cat([x for x, _ in v]), torch.cat([d for _, d in v])) for i, v in seen.items()}
 
 
@@ -861,16 +861,14 @@ def run_stand_ins(model, data: Data, name: str, kwargs: dict, source: str, score
     uncured = data.ppl(m)
     group = {"params": list(stand_ins.parameters()), "lr": config.lr * config.weight_lr_scale}
     result = cure(m, model, ids, config, extra=(group,))
-    extra = {
-        "kept": kept,
-        "groups": [],
-        "distill_loss": [result.before, result.after],
-        "share_check": None,
-        "stand_in_r2": r2,
-        "stand_in_params": sum(p.numel() for p in stand_ins.parameters()),
-        "uncured_ppl": uncured,
-        "unique_block_params": unique_parameter_count(layers),
-    }
+    extra = cured_extra(
+        kept,
+        result,
+        stand_in_r2=r2,
+        stand_in_params=sum(p.numel() for p in stand_ins.parameters()),
+        uncured_ppl=uncured,
+        unique_block_params=unique_parameter_count(layers),
+    )
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
 
@@ -881,7 +879,7 @@ def run_search(model, data: Data, name: str, kwargs: dict, source: str, scores: 
     kwargs.pop("search")
     m, t0, config, bi, kept_bi = bi_removal_setup(model, data, kwargs, scores)
     ids = data.ids(source)
-    held = ids[-max(4, len(ids) // 8) :]
+    held = held_out_slice(ids)
     n = len(bi)
     trials = []
     for removed in itertools.combinations(range(n), n - len(kept_bi)):
@@ -894,16 +892,14 @@ def run_search(model, data: Data, name: str, kwargs: dict, source: str, scores: 
     uncured = data.ppl(m)
     result = cure(m, model, ids, config)
     bi_removed = [i for i in range(n) if i not in kept_bi]
-    extra = {
-        "kept": kept,
-        "groups": [],
-        "distill_loss": [result.before, result.after],
-        "share_check": None,
-        "sets_scored": len(trials),
-        "best_sets": [{"removed": r, "kl": round(k, 4)} for k, r in trials[:5]],
-        "bi_set": {"removed": bi_removed, "kl": round(next(k for k, r in trials if r == bi_removed), 4)},
-        "uncured_ppl": uncured,
-    }
+    extra = cured_extra(
+        kept,
+        result,
+        sets_scored=len(trials),
+        best_sets=[{"removed": r, "kl": round(k, 4)} for k, r in trials[:5]],
+        bi_set={"removed": bi_removed, "kl": round(next(k for k, r in trials if r == bi_removed), 4)},
+        uncured_ppl=uncured,
+    )
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
 
