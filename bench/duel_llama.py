@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen", type=int, default=32)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--aslr", action="store_true", help="keep address-space randomization in the measured processes"
+    )
     return p.parse_args(argv)
 
 
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} does not exist: pass an artifact folder and a .gguf file", file=sys.stderr)
             return 2
     names = args.names.split(",") if args.names else [args.artifact.name, args.gguf.stem]
+    layout = "randomized (--aslr)" if args.aslr else speed.fix_address_layout()
     onnx_art = speed.Artifact("model", "onnx", names[0], args.artifact)
     gguf_art = speed.Artifact("model", "llama.cpp", names[1], args.gguf)
     settings = speed.Settings(args.prompt_len, args.gen, args.runs, 1)
@@ -110,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "settings": vars(args) | {"artifact": str(args.artifact), "gguf": str(args.gguf), "json": None},
             "load_average": [min(loads), max(loads)],
+            "address_layout": layout,
             "rounds": rounds,
             "versions": speed.versions(),
         }

@@ -19,6 +19,7 @@ speed.json and speed.md into ``--out`` (the page's prose lives in docs/results/s
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -161,6 +162,28 @@ class Artifact:
     @property
     def label(self) -> str:
         return f"{self.tool} {self.variant}"
+
+
+# Linux's personality flag that turns address-space randomization off for the programs this process execs.
+ADDR_NO_RANDOMIZE = 0x0040000
+
+
+def fix_address_layout() -> str:
+    """Have every process this bench starts from now on run at one fixed address layout (no ASLR).
+
+    Under ASLR one and the same artifact's peak RSS takes one of two values from process to process (today's
+    W4 on mix-llama-14m: 109.4 or 112.9 MiB, glibc's heap 3.5 MiB larger in the second), depending only on
+    where the loader placed things; W3, W4 and the builder's int4 all show it. With the layout fixed a file's
+    peak RSS repeats to within 0.05 MiB, so the RSS ratios of a round compare the artifacts, not two draws of
+    the layout. The flag is inherited across fork and exec. Returns what the JSON records.
+    """
+    if sys.platform != "linux":
+        return f"randomized ({sys.platform}: no personality flag)"
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = libc.personality(0xFFFFFFFF)  # query
+    if current == -1 or libc.personality(current | ADDR_NO_RANDOMIZE) == -1:
+        return f"randomized (personality() refused: {os.strerror(ctypes.get_errno())})"
+    return "fixed (ADDR_NO_RANDOMIZE)"
 
 
 def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> str | None:
@@ -678,6 +701,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--render", type=Path, default=None, help="only redo the tables (and ratios) of a speed JSON"
     )
+    p.add_argument(
+        "--aslr", action="store_true", help="keep address-space randomization in the measured processes"
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
 
@@ -745,6 +771,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(work_ctx.name) if work_ctx else args.work
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
+    layout = "randomized (--aslr)" if args.aslr else fix_address_layout()
     models = {name: MODELS[name](CACHE) for name in args.models.split(",")}
     artifacts = build_all(models, variants, builder, drivers, work, args.timeout, args.llama_formats)
     jobs = []
@@ -779,6 +806,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": platform.python_version(),
             "load_average_start": load_start,
             "load_average_end": os.getloadavg(),
+            "address_layout": layout,
             "versions": versions(),
         },  # fmt: skip
     }

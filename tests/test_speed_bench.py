@@ -200,6 +200,30 @@ def test_child_peak_rss_is_the_childs_own(tmp_path: Path) -> None:
     del ballast
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="the personality flag is Linux's")
+def test_fixed_address_layout_repeats_across_children() -> None:
+    """After fix_address_layout, every process the bench starts maps its heap and libraries at the same
+    addresses (so a file's peak RSS repeats); without it, two children differ. Run in a child interpreter so
+    this test process keeps its randomization."""
+    probe = (
+        "import re, subprocess, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "import speed\n"
+        "child = [sys.executable, '-c', \"print(open('/proc/self/maps').read().split('[heap]')[0].splitlines()[-1])\"]\n"
+        "before = [subprocess.run(child, capture_output=True, text=True).stdout for _ in range(2)]\n"
+        "print(speed.fix_address_layout())\n"
+        "after = [subprocess.run(child, capture_output=True, text=True).stdout for _ in range(3)]\n"
+        "print(before[0] != before[1], len(set(after)) == 1)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(ROOT / "bench")], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    randomized, fixed = out[1].split()
+    assert out[0] == "fixed (ADDR_NO_RANDOMIZE)" and fixed == "True"
+    if Path("/proc/sys/kernel/randomize_va_space").read_text().strip() == "2":  # the heap is randomized too
+        assert randomized == "True"
+
+
 def test_duel_llama_pairs_adjacent_processes(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, stories_fp32: Path
 ) -> None:
