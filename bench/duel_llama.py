@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
             "settings": vars(args) | {"artifact": str(args.artifact), "gguf": str(args.gguf), "json": None},
             "load_average": [min(loads), max(loads)],
             "address_layout": layout,
+            "cpu": speed.cpu_facts(),
             "rounds": rounds,
             "versions": speed.versions(),
         }

@@ -807,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_start": load_start,
             "load_average_end": os.getloadavg(),
             "address_layout": layout,
+            "cpu": cpu_facts(),
             "versions": versions(),
         },  # fmt: skip
     }
@@ -831,6 +832,20 @@ def render(path: Path) -> int:
     tables.write_text(markdown(result) + "\n")
     print(f"wrote {path} and {tables}")
     return 0
+
+
+def cpu_facts() -> dict[str, str]:
+    """The CPU's model name and the vector extensions the kernels of either tool may pick (Linux), so runs on
+    different hosts can be told apart."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"model": platform.processor() or "unknown"}
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "asimddp", "sve", "i8mm")
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    return {"model": fields.get("model name", "unknown"), "extensions": " ".join(f for f in wanted if f in flags)}
 
 
 def versions() -> dict[str, str]:
