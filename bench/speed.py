@@ -845,7 +845,10 @@ def cpu_facts() -> dict[str, str]:
     fields = {k.strip(): v.strip() for k, v in fields.items()}
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "asimddp", "sve", "i8mm")
     flags = set((fields.get("flags") or fields.get("Features") or "").split())
-    return {"model": fields.get("model name", "unknown"), "extensions": " ".join(f for f in wanted if f in flags)}
+    return {
+        "model": fields.get("model name", "unknown"),
+        "extensions": " ".join(f for f in wanted if f in flags),
+    }
 
 
 def versions() -> dict[str, str]:
