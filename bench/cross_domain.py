@@ -1021,10 +1021,21 @@ def round10_e2e_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def round13_temp_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 13: round 10's tuned GPTQ rows (each goal width) self-calibrated at hotter temperatures than the
+    default 1.6, against the same rows' real-text calibrations in the round-10 JSONs (same code, same draws)."""
+    base = {r[0]: r for r in round10_e2e_rows() if r[1] == "gptq" and r[0].endswith("e2e")}
+    sources = (*(f"self@{t}" for t in HOT_TEMPERATURES), "self@1.6+self@2.5")
+    return [(n, kind, cfg, s) for n, (_, kind, cfg, _) in base.items() for s in sources]
+
+
+HOT_TEMPERATURES = (2.0, 2.5)  # round 13; and half the samples at 1.6, half at 2.5
+
 HEAD_DAMPS = (1.0, 10.0)  # round 8: the tied head's dampening, in units of its Hessian's mean diagonal
 
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and rounds 4 to 10, which come first on the page
+ROUND3_PARTS = (  # and rounds 4 to 13, which come first on the page
+    "round13-temp",
     "round10-e2e",
     "round8-headdamp",
     "round7-head4",
@@ -1078,6 +1089,7 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round3-self": lambda: [r for r in round3_new_rows() if "minmax" not in r[0] and "W4 g64" not in r[0]],
     "round3-strong": lambda: round3_levers_rows(STRONG),
     "round4-temp": round4_temp_rows,
+    "round13-temp": round13_temp_rows,
     "round4-mix": round4_mix_rows,
     "round4-abq": round4_abq_rows,
     "round4-abq-w4": round4_abq_w4_rows,
