@@ -510,8 +510,10 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
         thresholds = "float16-kv"  # KV codes / retained tokens decided on fp16 K/V (exporter/parity.py)
     elif target.dtype == "float16":
         thresholds = "float16"
-    else:
-        thresholds = "int8-activations" if abits == 8 else "float32"
+    elif abits == 8:
+        thresholds = "int8-activations"
+    else:  # KV codes / retained tokens decided on the graph's own fp32 K/V (exporter/parity.py)
+        thresholds = "float32-kv" if kv_layout(reports).compressed else "float32"
     return {
         "ops": dict(sorted(ops.items())),
         "opsets": {k or "ai.onnx": v for k, v in graph.opset_imports.items()},

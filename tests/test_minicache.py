@@ -290,7 +290,9 @@ def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Pat
     assert m["compression"]["kv"]["plan"]["pairs"] == [[1, 2], [3, 4]]
     t_trials = m["compression"]["kv"]["search"]["t_trials"]  # t chosen on the calibration text
     assert m["compression"]["kv"]["plan"]["t"] == min(t_trials, key=lambda r: r["ppl"])["t"]
-    assert m["parity"]["max_abs_logit"] < 2e-3 and m["parity"]["greedy"] == 1.0
+    # codes decided on the graph's own K/V: a value on a rounding boundary may take the neighbouring code
+    assert m["parity"]["thresholds"] == "float32-kv" and m["parity"]["passed"]
+    assert m["parity"]["max_abs_logit"] < 0.05 and m["parity"]["greedy"] == 1.0
     assert (
         not (out / "genai_config.json").exists()
         and "onnxruntime-genai cannot run" in (out / "README.md").read_text()

@@ -44,10 +44,15 @@ def test_reference_fallback_matches_numpy(bits: int, group: int, monkeypatch: py
     bias = torch.randn(n)
     layer = TritonQuantLinear(codes, scales, zero_points, bits, group, bias=bias)
     x = torch.randn(2, 3, k)
-    want = x.numpy() @ dequantize(codes, scales, zero_points, group).T + bias.numpy()
-    np.testing.assert_allclose(layer(x).numpy(), want, rtol=1e-5, atol=1e-5)
+    weight = dequantize(codes, scales, zero_points, group).astype(np.float64)
+    xs = x.numpy().astype(np.float64)
+    want = xs @ weight.T  # exact to float64; the fallback sums K float32 products in whatever order its BLAS takes
+    # float32 summation error is bounded by the sum of the terms' magnitudes (K * eps * sum|x w| at worst), not
+    # by the result, which cancels: bound each output by 1e-5 of its terms' magnitudes
+    bound = 1e-5 * (np.abs(xs) @ np.abs(weight).T) + 1e-6
+    assert np.all(np.abs(layer(x).numpy() - (want + bias.numpy())) <= bound + 1e-6 * np.abs(bias.numpy()))
     got = quantized_linear_reference(x, layer.planes, layer.scales, layer.zeros, bits, group)
-    np.testing.assert_allclose(got.numpy(), want - bias.numpy(), rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(got.numpy() - want) <= bound)
 
 
 def test_quant_linear_rejects_bad_shapes() -> None:
