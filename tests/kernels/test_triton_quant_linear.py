@@ -46,7 +46,8 @@ def test_reference_fallback_matches_numpy(bits: int, group: int, monkeypatch: py
     x = torch.randn(2, 3, k)
     weight = dequantize(codes, scales, zero_points, group).astype(np.float64)
     xs = x.numpy().astype(np.float64)
-    want = xs @ weight.T  # exact to float64; the fallback sums K float32 products in whatever order its BLAS takes
+    # exact to float64; the fallback sums K float32 products in whatever order its BLAS takes
+    want = xs @ weight.T
     # float32 summation error is bounded by the sum of the terms' magnitudes (K * eps * sum|x w| at worst), not
     # by the result, which cancels: bound each output by 1e-5 of its terms' magnitudes
     bound = 1e-5 * (np.abs(xs) @ np.abs(weight).T) + 1e-6
