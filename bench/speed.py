@@ -440,7 +440,13 @@ def measure_llama(art: Artifact, threads: int, s: Settings, tmp: Path) -> dict:
         code, peak = run_with_peak_rss(cmd, out, err, s.timeout, tmp)
     if code != 0:
         lines = (tmp / "llama.log").read_text(errors="replace").strip().splitlines() or ["no output"]
-        raise RuntimeError(f"llama-bench exit {code}: {lines[-1][:200]}")
+        hint = (
+            " (SIGILL: the build runs an instruction this CPU faults on, e.g. AMX in a GGML_NATIVE build;"
+            " rebuild with the flags in docs/results/speed.md, 'llama.cpp: build once')"
+            if code == -signal.SIGILL
+            else ""
+        )
+        raise RuntimeError(f"llama-bench exit {code}: {lines[-1][:200]}{hint}")
     prefill, decode, samples = parse_llama_bench(json.loads((tmp / "llama.json").read_text()), s)
     return {
         "prefill_tok_s": {"median": prefill},

@@ -206,9 +206,11 @@ def test_fixed_address_layout_repeats_across_children() -> None:
     addresses (so a file's peak RSS repeats); without it, two children differ. Run in a child interpreter so
     this test process keeps its randomization."""
     probe = (
-        "import re, subprocess, sys\n"
+        "import ctypes, re, subprocess, sys\n"
         "sys.path.insert(0, sys.argv[1])\n"
         "import speed\n"
+        "libc = ctypes.CDLL(None)\n"  # randomized to start with, whatever this test process was left with
+        "libc.personality(libc.personality(0xFFFFFFFF) & ~speed.ADDR_NO_RANDOMIZE)\n"
         "child = [sys.executable, '-c', \"print(open('/proc/self/maps').read().split('[heap]')[0].splitlines()[-1])\"]\n"
         "before = [subprocess.run(child, capture_output=True, text=True).stdout for _ in range(2)]\n"
         "print(speed.fix_address_layout())\n"
@@ -248,7 +250,8 @@ def test_duel_llama_pairs_adjacent_processes(
     gguf.write_bytes(b"GGUF")
     out = tmp_path / "duel.json"
     args = [str(stories_fp32), str(gguf), "--pairs", "3", "--rounds", "2", "--runs", "1", "--prompt-len", "8"]
-    assert duel.main([*args, "--gen", "3", "--json", str(out)]) == 0
+    # --aslr: leave this test process's address randomization as it is
+    assert duel.main([*args, "--gen", "3", "--json", str(out), "--aslr"]) == 0
     result = json.loads(out.read_text())
     assert result["names"] == ["edgepack-fp32", "m"] and len(result["rounds"]) == 2
     pairs = [p for r in result["rounds"] for p in r["pairs"]]
@@ -260,5 +263,10 @@ def test_duel_llama_pairs_adjacent_processes(
         assert r["decode_ratio"] == pytest.approx(r["median"]["onnx"]["decode"] / 250.0)
         assert r["prefill_ratio"] == pytest.approx(r["median"]["onnx"]["prefill"] / 4000.0)
     assert duel.main([str(tmp_path / "missing"), str(gguf)]) == 2
+    # a build that faults on this CPU (ggml's AMX kernels on a host that reports AMX): the row says how to rebuild
+    fake.write_text(f"#!{sys.executable}\nimport os, signal\nos.kill(os.getpid(), signal.SIGILL)\n")
+    m = duel.speed.measure(duel.speed.Artifact("m", "llama.cpp", "Q4_0", gguf), "llama-bench", 1, 0,
+                           duel.speed.Settings(8, 3, 1, 0, 60))  # fmt: skip
+    assert m.decode_tok_s is None and "exit -4" in m.error and "SIGILL" in m.error and "speed.md" in m.error
     monkeypatch.setattr(duel.speed, "LLAMA_BIN", tmp_path / "nothing")
     assert duel.main([str(stories_fp32), str(gguf)]) == 2
