@@ -1551,11 +1551,14 @@ def e2e_lines(folder: Path) -> list[str]:
     return out
 
 
-TEMP_PARTS = (
-    "round13-temp",
-    "round13-temp-mix",
-)  # round 13's self rows, per draw (--tag=-seedN / -mix-seedN)
+# round 13's self rows, per draw (--tag=-seedN / -mix-seedN)
+TEMP_PARTS = ("round13-temp", "round13-temp-mix")
 OFF_DOMAIN_REAL = {"wikitext2_tail": "shakespeare+self@1.6", "shakespeare_tail": "wikitext2+self@1.6"}
+
+
+def mean_gap(rows: list[dict], real: list[dict], value) -> float:
+    """Mean of ``value`` over ``rows`` relative to its mean over ``real``, minus 1."""
+    return (sum(map(value, rows)) / len(rows)) / (sum(map(value, real)) / len(real)) - 1
 
 
 def self_temperature_lines(folder: Path) -> list[str]:
@@ -1583,21 +1586,16 @@ def self_temperature_lines(folder: Path) -> list[str]:
         for (name, source), rows in cells.items():
             if not source.startswith("self") or len(rows) != len(seeds):
                 continue
-            mean = lambda f, rows: sum(map(f, rows)) / len(rows)  # noqa: E731
             gaps = []
             for e, real_source in OFF_DOMAIN_REAL.items():
                 real = cells.get((name, real_source), [])
                 if len(real) != len(seeds):
                     break
-                ppl = mean(lambda r, e=e: r["ppl"][e], rows) / mean(lambda r, e=e: r["ppl"][e], real) - 1
-                kl = (
-                    mean(lambda r, e=e: r["extra"]["kl_to_fp32"][e], rows)
-                    / mean(lambda r, e=e: r["extra"]["kl_to_fp32"][e], real)
-                    - 1
-                )
+                ppl = mean_gap(rows, real, lambda r, e=e: r["ppl"][e])
+                kl = mean_gap(rows, real, lambda r, e=e: r["extra"]["kl_to_fp32"][e])
                 gaps.append(f"{100 * ppl:+.1f}% / {100 * kl:+.1f}%")
             if len(gaps) == 2:
-                own = mean(lambda r: r["extra"]["own_text"]["kl"], rows)
+                own = sum(r["extra"]["own_text"]["kl"] for r in rows) / len(rows)
                 out.append(f"| {name} | {source} | {gaps[0]} | {gaps[1]} | {own:.4f} |")
         out.append("")
     return out

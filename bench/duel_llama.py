@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} does not exist: pass an artifact folder and a .gguf file", file=sys.stderr)
             return 2
     names = args.names.split(",") if args.names else [args.artifact.name, args.gguf.stem]
-    layout = "randomized (--aslr)" if args.aslr else speed.fix_address_layout()
+    layout = speed.fix_address_layout(args.aslr)
     onnx_art = speed.Artifact("model", "onnx", names[0], args.artifact)
     gguf_art = speed.Artifact("model", "llama.cpp", names[1], args.gguf)
     settings = speed.Settings(args.prompt_len, args.gen, args.runs, 1)

@@ -168,15 +168,19 @@ class Artifact:
 ADDR_NO_RANDOMIZE = 0x0040000
 
 
-def fix_address_layout() -> str:
-    """Have every process this bench starts from now on run at one fixed address layout (no ASLR).
+def fix_address_layout(keep_aslr: bool = False) -> str:
+    """Have every process this bench starts from now on run at one fixed address layout (no ASLR), unless
+    ``keep_aslr`` (the benches' ``--aslr``).
 
-    Under ASLR one and the same artifact's peak RSS takes one of two values from process to process (today's
-    W4 on mix-llama-14m: 109.4 or 112.9 MiB, glibc's heap 3.5 MiB larger in the second), depending only on
-    where the loader placed things; W3, W4 and the builder's int4 all show it. With the layout fixed a file's
-    peak RSS repeats to within 0.05 MiB, so the RSS ratios of a round compare the artifacts, not two draws of
-    the layout. The flag is inherited across fork and exec. Returns what the JSON records.
+    Under ASLR one and the same artifact's peak RSS takes one of two values from process to process (W4 on
+    mix-llama-14m: 109.4 or 112.9 MiB, glibc's heap 3.5 MiB larger in the second), depending only on where the
+    loader placed things; W3, W4 and the builder's int4 all show it. With the layout fixed a file's peak RSS
+    moved by at most 0.3 MiB over a run's rounds (speed.md, thirteenth session; a few two-thread processes
+    excepted), so the RSS ratios of a round compare the artifacts, not two draws of the layout. The flag is
+    inherited across fork and exec. Returns what the JSON records.
     """
+    if keep_aslr:
+        return "randomized (--aslr)"
     if sys.platform != "linux":
         return f"randomized ({sys.platform}: no personality flag)"
     libc = ctypes.CDLL(None, use_errno=True)
@@ -777,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(work_ctx.name) if work_ctx else args.work
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
-    layout = "randomized (--aslr)" if args.aslr else fix_address_layout()
+    layout = fix_address_layout(args.aslr)
     models = {name: MODELS[name](CACHE) for name in args.models.split(",")}
     artifacts = build_all(models, variants, builder, drivers, work, args.timeout, args.llama_formats)
     jobs = []

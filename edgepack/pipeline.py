@@ -506,14 +506,14 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
     else:
         ir.save(graph, path)
     ops = Counter(f"{n.domain or 'ai.onnx'}::{n.op_type}" for n in graph.graph.all_nodes())
-    if target.dtype == "float16" and kv_layout(reports).compressed:
-        thresholds = "float16-kv"  # KV codes / retained tokens decided on fp16 K/V (exporter/parity.py)
-    elif target.dtype == "float16":
-        thresholds = "float16"
+    # a compressed KV cache: codes / retained tokens decided on the graph's own K/V (exporter/parity.py)
+    kv = "-kv" if kv_layout(reports).compressed else ""
+    if target.dtype == "float16":
+        thresholds = f"float16{kv}"
     elif abits == 8:
         thresholds = "int8-activations"
-    else:  # KV codes / retained tokens decided on the graph's own fp32 K/V (exporter/parity.py)
-        thresholds = "float32-kv" if kv_layout(reports).compressed else "float32"
+    else:
+        thresholds = f"float32{kv}"
     return {
         "ops": dict(sorted(ops.items())),
         "opsets": {k or "ai.onnx": v for k, v in graph.opset_imports.items()},
