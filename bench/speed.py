@@ -173,7 +173,7 @@ def fix_address_layout(keep_aslr: bool = False) -> str:
     ``keep_aslr`` (the benches' ``--aslr``).
 
     Under ASLR one and the same artifact's peak RSS takes one of two values from process to process (W4 on
-    mix-llama-14m: 109.4 or 112.9 MiB, glibc's heap 3.5 MiB larger in the second), depending only on where the
+    mix-llama-14m: 109.4 or 112.9 MiB, the difference in glibc's heap), depending only on where the
     loader placed things; W3, W4 and the builder's int4 all show it. With the layout fixed a file's peak RSS
     moved by at most 0.3 MiB over a run's rounds (speed.md, thirteenth session; a few two-thread processes
     excepted), so the RSS ratios of a round compare the artifacts, not two draws of the layout. The flag is
