@@ -24,7 +24,7 @@ from edgepack.recipe import Recipe
 from edgepack.runtime.manifest import file_sizes, file_table
 from edgepack.runtime.runner import _proc_status_mib, peak_rss_mib
 from edgepack.runtime.runner import sha256_file as sha256
-from edgepack.staging import PARTIAL_MARKER, staging_dir
+from edgepack.staging import PARTIAL_MARKER, Termination, staging_dir
 from edgepack.targets.profiles import Target, get_target
 
 if TYPE_CHECKING:
@@ -202,6 +202,7 @@ STEPS: tuple[Step, ...] = (
 def run_steps(job: ExportJob, steps: tuple[Step, ...] = STEPS) -> None:
     """The pipeline: each applicable step in order, timed, with the process's memory after it."""
     for step in steps:
+        Termination.check()  # a SIGTERM whose SystemExit a callback swallowed stops the export here
         if not step.when(job):
             continue
         start = time.perf_counter()

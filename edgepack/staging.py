@@ -5,7 +5,8 @@ model folder, the current directory, home or ``/``. ``--force`` replaces only a 
 manifest (and nothing it does not list) or an empty folder. The artifact is built in a hidden sibling
 ``.NAME.partial-*`` folder marked as ours, and moved into place under an exclusive lock with a rename that
 never replaces a folder that appeared meanwhile (``renameat2(RENAME_NOREPLACE)`` where the kernel has it).
-Partial folders of dead exports to the same ``-o`` are removed on the next run; SIGTERM removes its own.
+Partial folders of dead exports to the same ``-o`` are removed on the next run; SIGTERM removes its own (see
+Termination for why the signal is recorded as well as raised).
 """
 
 from __future__ import annotations
@@ -305,15 +306,53 @@ def remove_created(created: list[Path]) -> None:
             path.rmdir()  # only while still empty
 
 
+class Termination:
+    """The terminating signal an export received, kept apart from the SystemExit its handler raises.
+
+    Python runs a signal handler at whatever bytecode the main thread is on, and some callers swallow what it
+    raises: a weakref or GC callback reports it as "Exception ignored" and carries on (seen in a loop of
+    in-process exports, tests/test_bad_input.py reproduces it), as can a native extension that clears the error.
+    The export then ran on to a complete artifact and exit 0 (CI, 2026-12-02). So the signal is also recorded here and checked between pipeline steps and
+    before the artifact is placed. Once placing has begun (``closing``), a signal only is recorded: the
+    placement and cleanup finish, and then the export exits 128 + signal with one line saying what is on disk.
+    """
+
+    signum: int | None = None
+    closing = False
+    outcome = "nothing was written"
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.signum, cls.closing, cls.outcome = None, False, "nothing was written"
+
+    @classmethod
+    def check(cls) -> None:
+        """Raise SystemExit(128 + signal) if a terminating signal arrived, even if its handler's was swallowed."""
+        if cls.signum is not None:
+            raise SystemExit(128 + cls.signum)
+
+
 @contextmanager
 def removed_on_sigterm() -> Iterator[None]:
-    """SIGTERM/SIGHUP raise SystemExit(128 + signal) so the staging cleanup runs; old handlers come back after."""
+    """SIGTERM/SIGHUP raise SystemExit(128 + signal) so the staging cleanup runs; old handlers come back after.
+
+    On the way out a received signal is reported in one line and exits 128 + signal, whatever became of the
+    SystemExit its handler raised.
+    """
 
     def on_signal(signum, frame):
-        name = signal.Signals(signum).name
-        print(f"edgepack: terminated ({name}); the partial artifact was removed", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        first = Termination.signum is None
+        Termination.signum = Termination.signum or signum
+        if first and not Termination.closing:
+            raise SystemExit(128 + signum)
 
+    def unraisable(report) -> None:
+        """A swallowed SystemExit of ours is not reported: the one line comes on the way out."""
+        if not (Termination.signum is not None and report.exc_type is SystemExit):
+            previous_hook(report)
+
+    Termination.reset()
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
     previous = {}
     try:
         for sig in TERMINATING_SIGNALS:
@@ -323,8 +362,14 @@ def removed_on_sigterm() -> Iterator[None]:
     try:
         yield
     finally:
+        Termination.closing = True
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        sys.unraisablehook = previous_hook
+        if Termination.signum is not None:
+            name = signal.Signals(Termination.signum).name
+            print(f"edgepack: terminated ({name}); {Termination.outcome}", file=sys.stderr)
+            raise SystemExit(128 + Termination.signum)
 
 
 @contextmanager
@@ -344,19 +389,24 @@ def staging_dir(out_dir: Path | str, force: bool, model_dir: Path | None = None)
             (tmp / MARKER_DRAFT).write_text(f"{os.getpid()} {socket.gethostname()}\n")
             os.replace(tmp / MARKER_DRAFT, tmp / PARTIAL_MARKER)
             yield tmp
+            Termination.check()  # a signal whose SystemExit was swallowed must not place the artifact
+            Termination.closing = True  # from here a signal waits until the artifact is in place
             (tmp / PARTIAL_MARKER).unlink()
             umask = os.umask(0)
             os.umask(umask)
             tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the artifact gets the user's usual mode
             place(tmp, out, force)
             placed = True
+            Termination.outcome = f"{out} was already complete"
         except OSError as e:
             error = disk_error(e, out)
             if error is None:
                 raise
             raise error from e
         finally:
+            Termination.closing = True  # a signal now must not cut the cleanup short
             if not placed:
                 if tmp is not None and tmp.is_dir():
                     shutil.rmtree(tmp, ignore_errors=True)  # ours: made by mkdtemp above, never swapped
+                    Termination.outcome = "the partial artifact was removed"
                 remove_created(created)

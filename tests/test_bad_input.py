@@ -18,9 +18,11 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -762,6 +764,65 @@ def test_sigkill_leftover_is_cleaned_and_sigterm_cleans_itself(work: Work) -> No
     assert second.returncode == 143 and len(err.strip().splitlines()) == 1 and "SIGTERM" in err, err
     assert "Traceback" not in err
     assert sorted(p.name for p in work.root.iterdir()) == ["cwd", "models"]
+
+
+def swallowed_sigterm() -> None:
+    """A SIGTERM whose handler runs inside a weakref callback: Python reports its SystemExit as unraisable and
+    carries on, as it did in an export on CI (exit 0 after "terminated")."""
+
+    class Box:
+        pass
+
+    box = Box()
+    ref = weakref.ref(box, lambda _: signal.raise_signal(signal.SIGTERM))  # noqa: F841 (kept alive to fire)
+    del box
+
+
+def test_swallowed_sigterm_still_stops_the_export(tmp_path: Path, capsys) -> None:
+    """A signal whose SystemExit a callback swallowed stops the pipeline at the next step, places nothing, and
+    says so in one line (no "Exception ignored" report)."""
+    from edgepack.pipeline import Step, run_steps
+    from edgepack.staging import staging_dir
+
+    ran = []
+    steps = (
+        Step("swallows", lambda job: swallowed_sigterm()),
+        Step("after", lambda job: ran.append("after")),
+    )
+    before, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    with pytest.raises(SystemExit) as exit_:
+        with staging_dir(tmp_path / "out", force=False):
+            run_steps(SimpleNamespace(phases={}), steps)
+    assert exit_.value.code == 143 and ran == []
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+    assert sys.unraisablehook is hook
+    assert capsys.readouterr().err == "edgepack: terminated (SIGTERM); the partial artifact was removed\n"
+    # swallowed in the last step: the artifact is still not placed
+    with pytest.raises(SystemExit) as exit_:
+        with staging_dir(tmp_path / "out", force=False) as tmp:
+            (tmp / "model.onnx").write_bytes(b"x")
+            swallowed_sigterm()
+    assert exit_.value.code == 143 and list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_while_placing_finishes_the_placement(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A signal once placing has begun waits: the artifact lands whole, then exit 143 saying it is complete."""
+    from edgepack import staging
+
+    real_place = staging.place
+
+    def place_interrupted(tmp: Path, out: Path, force: bool) -> None:
+        signal.raise_signal(signal.SIGTERM)  # handled here, mid-placement; it must not cut the rename short
+        real_place(tmp, out, force)
+
+    monkeypatch.setattr(staging, "place", place_interrupted)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        with staging.staging_dir(out, force=False) as tmp:
+            (tmp / "model.onnx").write_bytes(b"x")
+    assert exit_.value.code == 143 and [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert [p.name for p in out.iterdir()] == ["model.onnx"]
+    assert capsys.readouterr().err == f"edgepack: terminated (SIGTERM); {out} was already complete\n"
 
 
 def test_concurrent_exports_to_one_output(work: Work) -> None:
