@@ -40,8 +40,9 @@ class Cli(click.Group):
         except click.UsageError as e:  # bad flag values: one line too, not click's usage block
             command = e.ctx.command_path if e.ctx else "edgepack"
             fail(f"{e.format_message()}; see `{command} -h`")
-        except KeyboardInterrupt:
-            click.echo("edgepack: interrupted; nothing was written", err=True)
+        except KeyboardInterrupt as e:
+            # staging's carries what is on disk: "the partial artifact was removed", "OUT was already complete"
+            click.echo(f"edgepack: interrupted; {e.args[0] if e.args else 'nothing was written'}", err=True)
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise

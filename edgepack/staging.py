@@ -5,8 +5,8 @@ model folder, the current directory, home or ``/``. ``--force`` replaces only a 
 manifest (and nothing it does not list) or an empty folder. The artifact is built in a hidden sibling
 ``.NAME.partial-*`` folder marked as ours, and moved into place under an exclusive lock with a rename that
 never replaces a folder that appeared meanwhile (``renameat2(RENAME_NOREPLACE)`` where the kernel has it).
-Partial folders of dead exports to the same ``-o`` are removed on the next run; SIGTERM removes its own (see
-Termination for why the signal is recorded as well as raised).
+Partial folders of dead exports to the same ``-o`` are removed on the next run; SIGINT, SIGTERM and SIGHUP
+remove their own (see Termination for why the signal is recorded as well as raised).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ PARTIAL_MARKER = ".edgepack-partial"  # inside a staging folder: "pid hostname" 
 MARKER_DRAFT = PARTIAL_MARKER + ".draft"  # the marker before its atomic rename
 DRAFT_GRACE_S = 10.0  # a folder holding only a draft this old lost its export between mkdtemp and the rename
 TERMINATING_SIGNALS = tuple(
-    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
-)  # SIGINT is KeyboardInterrupt already; SIGKILL cannot be caught (the next run cleans up)
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)  # SIGINT stays a KeyboardInterrupt; SIGKILL cannot be caught (the next run cleans up)
 AT_FDCWD = -100
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -307,7 +307,7 @@ def remove_created(created: list[Path]) -> None:
 
 
 class Termination:
-    """The terminating signal an export received, kept apart from the SystemExit its handler raises.
+    """The terminating signal (SIGINT, SIGTERM, SIGHUP) an export received, kept apart from what its handler raises.
 
     Python runs a signal handler at whatever bytecode the main thread is on, and some callers swallow what it
     raises: a weakref or GC callback reports it as "Exception ignored" and carries on (seen in a loop of
@@ -326,29 +326,37 @@ class Termination:
         cls.signum, cls.closing, cls.outcome = None, False, "nothing was written"
 
     @classmethod
+    def stop(cls) -> BaseException:
+        """What a received signal raises: KeyboardInterrupt(what is on disk) for SIGINT, else SystemExit(128 + it)."""
+        if cls.signum == signal.SIGINT:
+            return KeyboardInterrupt(cls.outcome)
+        return SystemExit(128 + cls.signum)
+
+    @classmethod
     def check(cls) -> None:
-        """Raise SystemExit(128 + signal) if a terminating signal arrived, even if its handler's was swallowed."""
+        """Raise the signal's stop() if a terminating signal arrived, even if its handler's exception was lost."""
         if cls.signum is not None:
-            raise SystemExit(128 + cls.signum)
+            raise cls.stop()
 
 
 @contextmanager
 def removed_on_sigterm() -> Iterator[None]:
-    """SIGTERM/SIGHUP raise SystemExit(128 + signal) so the staging cleanup runs; old handlers come back after.
+    """SIGTERM/SIGHUP raise SystemExit(128 + signal), SIGINT KeyboardInterrupt, so the staging cleanup runs; old
+    handlers come back after.
 
-    On the way out a received signal is reported in one line and exits 128 + signal, whatever became of the
-    SystemExit its handler raised.
+    On the way out a received signal is raised again, whatever became of the exception its handler raised:
+    SIGTERM/SIGHUP print their one line here; SIGINT's KeyboardInterrupt carries what is on disk for the CLI's.
     """
 
     def on_signal(signum, frame):
         first = Termination.signum is None
         Termination.signum = Termination.signum or signum
         if first and not Termination.closing:
-            raise SystemExit(128 + signum)
+            raise Termination.stop()
 
     def unraisable(report) -> None:
-        """A swallowed SystemExit of ours is not reported: the one line comes on the way out."""
-        if not (Termination.signum is not None and report.exc_type is SystemExit):
+        """A swallowed exit of ours is not reported: the one line comes on the way out."""
+        if not (Termination.signum is not None and report.exc_type in (SystemExit, KeyboardInterrupt)):
             previous_hook(report)
 
     Termination.reset()
@@ -367,9 +375,10 @@ def removed_on_sigterm() -> Iterator[None]:
             signal.signal(sig, handler)
         sys.unraisablehook = previous_hook
         if Termination.signum is not None:
-            name = signal.Signals(Termination.signum).name
-            print(f"edgepack: terminated ({name}); {Termination.outcome}", file=sys.stderr)
-            raise SystemExit(128 + Termination.signum)
+            if Termination.signum != signal.SIGINT:
+                name = signal.Signals(Termination.signum).name
+                print(f"edgepack: terminated ({name}); {Termination.outcome}", file=sys.stderr)
+            raise Termination.stop()
 
 
 @contextmanager

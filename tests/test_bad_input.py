@@ -766,43 +766,63 @@ def test_sigkill_leftover_is_cleaned_and_sigterm_cleans_itself(work: Work) -> No
     assert sorted(p.name for p in work.root.iterdir()) == ["cwd", "models"]
 
 
-def swallowed_sigterm() -> None:
-    """A SIGTERM whose handler runs inside a weakref callback: Python reports its SystemExit as unraisable and
+def swallowed_signal(sig: int) -> None:
+    """A signal whose handler runs inside a weakref callback: Python reports its exception as unraisable and
     carries on, as it did in an export on CI (exit 0 after "terminated")."""
 
     class Box:
         pass
 
     box = Box()
-    ref = weakref.ref(box, lambda _: signal.raise_signal(signal.SIGTERM))  # noqa: F841 (kept alive to fire)
+    ref = weakref.ref(box, lambda _: signal.raise_signal(sig))  # noqa: F841 (kept alive to fire)
     del box
 
 
-def test_swallowed_sigterm_still_stops_the_export(tmp_path: Path, capsys) -> None:
-    """A signal whose SystemExit a callback swallowed stops the pipeline at the next step, places nothing, and
-    says so in one line (no "Exception ignored" report)."""
+STOPS = {signal.SIGTERM: (SystemExit, 143), signal.SIGINT: (KeyboardInterrupt, None)}
+
+
+@pytest.mark.parametrize("sig", list(STOPS), ids=lambda s: signal.Signals(s).name)
+def test_swallowed_signal_still_stops_the_export(tmp_path: Path, capsys, sig: int) -> None:
+    """A signal whose exception a callback swallowed stops the pipeline at the next step, places nothing, and
+    says so in one line (no "Exception ignored" report); Ctrl-C stays a KeyboardInterrupt for the CLI to word."""
     from edgepack.pipeline import Step, run_steps
     from edgepack.staging import staging_dir
 
+    kind, code = STOPS[sig]
+    line = "edgepack: terminated (SIGTERM); the partial artifact was removed\n" if code else ""
     ran = []
     steps = (
-        Step("swallows", lambda job: swallowed_sigterm()),
+        Step("swallows", lambda job: swallowed_signal(sig)),
         Step("after", lambda job: ran.append("after")),
     )
-    before, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
-    with pytest.raises(SystemExit) as exit_:
+    before, hook = signal.getsignal(sig), sys.unraisablehook
+    with pytest.raises(kind) as stop:
         with staging_dir(tmp_path / "out", force=False):
             run_steps(SimpleNamespace(phases={}), steps)
-    assert exit_.value.code == 143 and ran == []
-    assert list(tmp_path.iterdir()) == [] and signal.getsignal(signal.SIGTERM) == before
+    assert ran == [] and (
+        stop.value.code == code if code else stop.value.args == ("the partial artifact was removed",)
+    )
+    assert list(tmp_path.iterdir()) == [] and signal.getsignal(sig) == before
     assert sys.unraisablehook is hook
-    assert capsys.readouterr().err == "edgepack: terminated (SIGTERM); the partial artifact was removed\n"
+    assert capsys.readouterr().err == line
     # swallowed in the last step: the artifact is still not placed
-    with pytest.raises(SystemExit) as exit_:
+    with pytest.raises(kind):
         with staging_dir(tmp_path / "out", force=False) as tmp:
             (tmp / "model.onnx").write_bytes(b"x")
-            swallowed_sigterm()
-    assert exit_.value.code == 143 and list(tmp_path.iterdir()) == []
+            swallowed_signal(sig)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_removes_the_partial(work: Work) -> None:
+    """SIGINT to a running export: exit 130, one line saying the partial was removed, nothing left."""
+    target = work.root / "out"
+    proc = start_export(work, target)
+    wait_for_partial(target, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    r = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    assert proc.returncode == 130 and err == "edgepack: interrupted; the partial artifact was removed\n", err
+    assert sorted(p.name for p in work.root.iterdir()) == ["cwd", "models"], r
 
 
 def test_sigterm_while_placing_finishes_the_placement(tmp_path: Path, monkeypatch, capsys) -> None:
