@@ -38,6 +38,7 @@ from edgepack.compressor.fold_cure import cure, held_out_kl, logit_kl
 from edgepack.compressor.fold_hooks import block_output, captured, decoder_layers, with_block_output
 from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
 from edgepack.compressor.fold_plan import rank, removal_count
+from edgepack.compressor.fold_width import fold_width
 from edgepack.compressor.quantize import QuantConfig, quantize
 from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, mix_samples
 from torch import nn
@@ -540,6 +541,29 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
         "BI removal, every kept block distilled": {**bi, "distill_all": True},
         "BI removal, linear stand-ins": {**bi, "stand_ins": True},
         "KL-searched removal": {**bi, "search": True},
+        "MLP width pruning": {**bi, "width": "none"},
+        "MLP width pruning, down refit": {**bi, "width": "original"},
+        "MLP width pruning, down refit, channels from self@1.6": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6",
+        },
+        "MLP width pruning, down refit, channels from self@1.6, cure 300 steps": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6",
+            "cure_steps": 300,
+        },
+        "MLP width pruning, sequential refit, channels from self@1.6": {
+            **bi,
+            "width": "pruned",
+            "width_stats": "self@1.6",
+        },
+        "MLP width pruning, down refit, channels from self@1.6 + cure text": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6+",
+        },
     }
 
 
@@ -903,6 +927,34 @@ def run_search(model, data: Data, name: str, kwargs: dict, source: str, scores: 
     return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
 
 
+# ---------------------------------------------------------------- round 14: width instead of depth
+
+
+def run_width(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """Round 14: the unique block parameters of BI removal taken from the width of every block's MLP instead
+    of from depth (``compressor/fold_width.py``), the channels chosen on ``width_stats`` (the cure text by
+    default; "T+" = T's samples and the cure text's), down_proj refitted as ``width`` says; then the default cure."""
+    kwargs = dict(kwargs)
+    refit = kwargs.pop("width")
+    by = kwargs.pop("width_stats", source)
+    m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
+    ids = data.ids(source)
+    channel_ids = torch.cat([data.ids(by[:-1]), ids]) if by.endswith("+") else data.ids(by)
+    width = fold_width(m, model, len(bi) - len(kept), channel_ids, config.batch_size, refit)
+    uncured = data.ppl(m)
+    result = cure(m, model, ids, config)
+    extra = cured_extra(
+        list(range(len(bi))),
+        result,
+        width=width,
+        channels_from=by,
+        uncured_ppl=uncured,
+        unique_block_params=unique_parameter_count(decoder_layers(m)),
+        bi_removal_unique_block_params=unique_parameter_count(decoder_layers(model)) * len(kept) // len(bi),
+    )
+    return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
+
+
 def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
@@ -924,6 +976,7 @@ VARIANT_RUNS = (
     ("distill_all", run_distill_all),
     ("stand_ins", run_stand_ins),
     ("search", run_search),
+    ("width", run_width),
 )
 
 

@@ -9,6 +9,8 @@ Representation contract (the exporter and quantizer rely on it):
 - Positions in one share group hold the *same* ``nn.Parameter`` objects for every non-norm weight (q/k/v/o,
   gate/up/down, biases); norms stay distinct per position. Modules are never shared (that would share layer_idx).
 - No gates or hooks are left behind; the model runs ``forward``/``generate`` with a DynamicCache as before.
+- ``structure="mlp-width"`` (fold_width.py) keeps every position and narrows every MLP to one smaller
+  ``config.intermediate_size`` instead.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from edgepack.textdata import calibration_samples, read_text
 
 log = logging.getLogger(__name__)
 
+STRUCTURES = ("blocks", "mlp-width")  # what the removed parameters are taken from: whole blocks, or MLP width
 INITS = ("important", "mean")  # how a share group's weights start: its most important block's, or the average
 BASELINES = ("bi", "drop_one")  # always scored and reported next to the chosen importance method
 
@@ -48,6 +51,8 @@ class FoldConfig:
     """Recipe step: remove a fraction of decoder blocks, share weights within groups, cure by distillation."""
 
     remove: float = 0.25  # fraction of blocks to delete (rounded to whole blocks)
+    # "mlp-width": the parameters of those blocks come from every block's MLP width instead (fold_width.py)
+    structure: str = "blocks"
     share_group: int | list[list[int]] | None = None  # group size, or explicit groups of retained positions
     share_pairs: int = 0  # or: share the N least important neighbour pairs of retained blocks (not block 0)
     importance: str = "gates"  # "gates" | "bi" | "drop_one"
@@ -94,6 +99,14 @@ class FoldConfig:
         if self.importance not in IMPORTANCE:
             raise EdgepackError(
                 f"importance={self.importance!r} is unknown; choose one of {', '.join(sorted(IMPORTANCE))}"
+            )
+        if self.structure not in STRUCTURES:
+            raise EdgepackError(
+                f"structure={self.structure!r} is unknown; choose one of {', '.join(STRUCTURES)}"
+            )
+        if self.structure == "mlp-width" and (self.share_group is not None or self.share_pairs):
+            raise EdgepackError(
+                "a width fold shares no blocks; drop share_group/share_pairs or use structure=blocks"
             )
         if self.init not in INITS:
             raise EdgepackError(f"init={self.init!r} is unknown; choose one of {', '.join(INITS)}")
@@ -142,6 +155,8 @@ class FoldReport:
     distill_loss_after: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     share_check: dict | None = None  # sharing vs plain removal: held-out KL of each and the decision
+    # structure mlp-width: channels before/after, per block energy kept and refit R^2
+    width: dict | None = None
 
     @property
     def ranking(self) -> list[int]:
@@ -256,15 +271,24 @@ def fold(
     config: FoldConfig,
     calib_ids: torch.Tensor,
     scores: dict[str, list[float]] | None = None,
+    channel_ids: torch.Tensor | None = None,
 ) -> FoldReport:
     """Fold ``model`` in place (see the module docstring for the result's contract): score the blocks, remove
     the lowest-ranked, share weights within groups, cure by distillation from a copy of the original.
     ``scores`` may carry precomputed importance ({method: one score per block}) to skip recomputing it.
+    ``channel_ids``: for ``structure="mlp-width"``, the samples that choose and refit the MLP channels
+    (default ``calib_ids``; the pipeline passes the model's own samples).
     The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
     _check_ids(calib_ids)
     layers = decoder_layers(model)
     n = len(layers)
     n_remove = removal_count(config.remove, n)
+    if config.structure == "mlp-width":
+        if channel_ids is not None:
+            _check_ids(channel_ids)
+        return fold_mlp_width(
+            model, config, calib_ids, n_remove, calib_ids if channel_ids is None else channel_ids
+        )
     groups = resolve_groups(config.share_group, n - n_remove)
     check_pairs(config.share_pairs, n - n_remove)
     if config.distill_layers > n - n_remove:
@@ -324,6 +348,46 @@ def fold(
         report.seconds["cure"] = time.perf_counter() - t0
     if removals:
         check_sharing(model, removals, teacher, calib_ids, held_ids, config, report)
+    model.eval()
+    return report
+
+
+def fold_mlp_width(
+    model: nn.Module, config: FoldConfig, calib_ids: torch.Tensor, n_remove: int, channel_ids: torch.Tensor
+) -> FoldReport:
+    """The width structure: every block keeps its place, and its MLP loses the channels that sum to the
+    parameters of ``n_remove`` blocks (``fold_width``); then the same cure as a removal."""
+    from edgepack.compressor.fold_width import fold_width
+
+    layers = decoder_layers(model)
+    n = len(layers)
+    before = unique_parameter_count(layers)
+    report = FoldReport(
+        original_layers=n,
+        kept=list(range(n)),
+        removed=[],
+        groups=[],
+        importance="mlp-energy",
+        init=config.init,
+        scores={},
+        rankings={"mlp-energy": list(range(n))},
+        block_params_before=before,
+        block_params_after=before,
+    )
+    if not n_remove:
+        return report
+    teacher = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    report.width = fold_width(model, teacher, n_remove, channel_ids, config.batch_size)
+    report.seconds["width"] = time.perf_counter() - t0
+    report.block_params_after = unique_parameter_count(decoder_layers(model))
+    log.info("fold: MLP width, unique block params %d -> %d", before, report.block_params_after)
+    if config.cure_steps:
+        t0 = time.perf_counter()
+        result = cure(model, teacher, calib_ids, config)
+        report.cure_loss = result.curve
+        report.distill_loss_before, report.distill_loss_after = result.before, result.after
+        report.seconds["cure"] = time.perf_counter() - t0
     model.eval()
     return report
 

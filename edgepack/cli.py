@@ -194,6 +194,13 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
 )
 @click.option(
+    "--fold-structure",
+    type=click.Choice(["blocks", "mlp-width"]),
+    help="Fold: where --remove's parameters come from: whole blocks (default), or every block's MLP width, "
+    "channels chosen on the model's own samples (keeps depth and the KV cache; docs/results/generalization.md, "
+    "round 14).",
+)
+@click.option(
     "--kv-merge", help="KV cache across depth: minicache (MiniCache, arXiv 2405.14366), share or none."
 )
 @click.option(
@@ -281,6 +288,7 @@ def export(
     bpw,
     remove,
     share_groups,
+    fold_structure,
     kv_merge,
     kv_start,
     kv_bits,
@@ -369,6 +377,7 @@ RECIPE_FLAGS = (
     "wbits",
     "remove",
     "share_groups",
+    "fold_structure",
     "size_budget",
     "bpw",
     *QUANT_DETAIL_FLAGS,
@@ -461,25 +470,21 @@ def recipe_from_flags(
     bpw,
     remove,
     share_groups,
+    fold_structure=None,
     head_bits="auto",
     e2e_epochs=None,
 ):
     from edgepack.recipe import Recipe, step_types
 
-    if all(x is None for x in (wbits, remove, share_groups, size_budget, bpw)):
+    if all(x is None for x in (wbits, remove, share_groups, fold_structure, size_budget, bpw)):
         return Recipe()
     types = step_types()
     steps = []
+    if fold_structure is not None and remove is None:
+        raise EdgepackError("--fold-structure needs --remove, e.g. --remove 0.25 --fold-structure mlp-width")
     if remove is not None or share_groups is not None:
-        steps.append(
-            types["fold"].from_dict(
-                {
-                    k: v
-                    for k, v in {"remove": remove, "share_group": parse_groups(share_groups)}.items()
-                    if v is not None
-                }
-            )
-        )
+        fold_keys = {"remove": remove, "share_group": parse_groups(share_groups), "structure": fold_structure}
+        steps.append(types["fold"].from_dict({k: v for k, v in fold_keys.items() if v is not None}))
     quant = {
         "group_size": group_size,
         # None: QuantConfig's default (128 at group 64); 0: the group size everywhere

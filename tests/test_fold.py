@@ -114,6 +114,8 @@ def test_config_round_trip():
         (dict(share_group=[[0, 1], []]), "groups like"),
         (dict(cure_steps=-1), "non-negative integer"),
         (dict(share_group=2, share_pairs=1), "either share_group or share_pairs"),
+        (dict(structure="heads"), "choose one of blocks, mlp-width"),
+        (dict(structure="mlp-width", share_group=2), "a width fold shares no blocks"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -348,3 +350,56 @@ def test_share_check_keeps_the_fold_with_lower_held_out_kl(base, ids, cure_steps
     assert len(report.cure_loss) == cure_steps
     assert_cache_matches_full(model, ids[:1, :16], prefill=8)
     json.dumps(report.to_dict())
+
+
+# ---------------------------------------------------------------- width structure (fold_width.py)
+
+
+def test_width_fold_narrows_every_mlp_and_keeps_depth(model, ids):
+    """remove=0.2 of 5 blocks: the parameters of one block (45,440) come from every MLP instead: 172 -> 124.7
+    channels, rounded to a multiple of 8 = 128; depth, norms and attention stay; the KV cache still works."""
+    before = unique_parameter_count(model.model.layers)
+    attention = model.model.layers[2].self_attn.q_proj.weight.detach().clone()
+    config = FoldConfig(**{**FAST, "remove": 0.2, "structure": "mlp-width", "cure_steps": 0})
+    report = fold(model, config, ids)
+    assert len(model.model.layers) == 5 and report.kept == [0, 1, 2, 3, 4] and report.removed == []
+    assert report.width["channels_before"] == 172 and report.width["channels_after"] == 128
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        assert mlp.gate_proj.out_features == mlp.up_proj.out_features == mlp.down_proj.in_features == 128
+    assert model.config.intermediate_size == 128
+    assert report.block_params_before == before
+    assert report.block_params_after == unique_parameter_count(model.model.layers) == before - 5 * 44 * 3 * 64
+    assert report.width["block_params_of_removal"] == before * 4 // 5
+    torch.testing.assert_close(model.model.layers[2].self_attn.q_proj.weight, attention, rtol=0, atol=0)
+    assert len(report.width["per_block"]) == 5
+    assert_cache_matches_full(model, ids[:1, :24], 8)
+
+
+def test_width_refit_fits_the_original_mlps_and_drifts_less(base):
+    """The ridge refit of down_proj fits each block's original MLP output better than the sliced weights (R^2 on
+    the fitting samples) and leaves the uncured model closer to the original on samples it did not see (the
+    export's default count of samples: 32, here of 128 tokens)."""
+    from edgepack.compressor.fold_cure import held_out_kl
+    from edgepack.compressor.fold_width import fold_width
+
+    tok = load_tokenizer(STORIES)
+    windows = calibration_ids(tok, TEXT, FoldConfig(n_samples=40, seq_len=128))
+    fit_ids, held = windows[:32], windows[32:]
+    sliced, refit = copy.deepcopy(base), copy.deepcopy(base)
+    plain = fold_width(sliced, base, 1, fit_ids, 4, refit="none")
+    fitted = fold_width(refit, base, 1, fit_ids, 4, refit="original")
+    assert plain["per_block"][0]["energy_kept"] == fitted["per_block"][0]["energy_kept"]  # same channels
+    for a, b in zip(plain["per_block"], fitted["per_block"], strict=True):
+        assert b["refit_r2"] > a["refit_r2"]
+    assert held_out_kl(refit, base, held, 4) < held_out_kl(sliced, base, held, 4)
+
+
+def test_width_fold_refuses_what_it_cannot_do(model, ids):
+    from edgepack.compressor.fold_width import fold_width
+
+    with pytest.raises(EdgepackError, match="refit='least' is unknown"):
+        fold_width(model, copy.deepcopy(model), 1, ids, 4, refit="least")
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(100, 64, bias=False)
+    with pytest.raises(EdgepackError, match="one intermediate size"):
+        fold(model, FoldConfig(**{**FAST, "remove": 0.2, "structure": "mlp-width"}), ids)

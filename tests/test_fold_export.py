@@ -101,6 +101,24 @@ def test_fold_then_quantize_shares_packed_weights(stories, shakespeare, tmp_path
     assert len(shared) == 14  # every block linear quantized once, used by two positions
 
 
+def test_width_fold_exports_narrow_mlps_with_parity(stories, shakespeare, tmp_path):
+    """structure=mlp-width through the exporter: every block stays, each MLP is 128 channels wide in the graph
+    and in config.json, parity holds, and the channels were chosen on the model's own samples although the
+    cure text is Shakespeare (recorded as the fold's second calibration)."""
+    width = dict(remove=0.2, structure="mlp-width", cure_steps=4, n_samples=8, seq_len=64, batch_size=4)
+    out = tmp_path / "w"
+    m = export(ExportRequest(stories, out, recipe=Recipe([FoldConfig(**width)]), calib=shakespeare)).manifest
+    assert m["num_layers"] == 5 and m["parity"]["passed"] and m["parity"]["max_abs_logit"] < 1e-3
+    fold = m["compression"]["fold"]
+    assert fold["width"]["channels_after"] == 128 and fold["removed"] == []
+    assert m["compression"]["calibration"]["source"] == str(shakespeare)
+    assert m["compression"]["calibration_fold"]["self_share"] == 1.0
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 128
+    _, inits = weight_initializers(out / "model.onnx")
+    shapes = {t.name: list(t.dims) for t in inits if ".mlp." in t.name}
+    assert len(shapes) == 15 and all(128 in dims and 172 not in dims for dims in shapes.values()), shapes
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=300
@@ -113,6 +131,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
         (["--remove", "1.0"], "remove"),
         (["--remove", "0.2", "--share-groups", "0,1;2"], "group"),
         (["--share-groups", "0"], "must be >= 1"),  # an uneven size is valid: the last group is shorter
+        (["--fold-structure", "mlp-width"], "--fold-structure needs --remove"),
+        (["--remove", "0.2", "--share-groups", "2", "--fold-structure", "mlp-width"], "shares no blocks"),
     ],
 )
 def test_bad_fold_input(stories, shakespeare, tmp_path, args, needle):
