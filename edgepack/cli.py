@@ -189,7 +189,11 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 )
 @click.option("--size-budget", help="Mixed precision: largest weight size, e.g. 6MB.")
 @click.option("--bpw", type=float, help="Mixed precision: average stored bits per weight, e.g. 3.0.")
-@click.option("--remove", type=float, help="Fold: fraction of blocks to remove, e.g. 0.25.")
+@click.option(
+    "--remove",
+    type=float,
+    help="Fold: fraction of blocks to remove, e.g. 0.25 (--fold-structure mlp-width: their parameters).",
+)
 @click.option(
     "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
 )
