@@ -554,6 +554,12 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             "width_stats": "self@1.6",
             "cure_steps": 300,
         },
+        "MLP width pruning, down refit, channels from self@1.6, every block distilled": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6",
+            "distill_all_blocks": True,
+        },
         "MLP width pruning, sequential refit, channels from self@1.6": {
             **bi,
             "width": "pruned",
@@ -937,12 +943,13 @@ def run_width(model, data: Data, name: str, kwargs: dict, source: str, scores: d
     kwargs = dict(kwargs)
     refit = kwargs.pop("width")
     by = kwargs.pop("width_stats", source)
+    every = kwargs.pop("distill_all_blocks", False)
     m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
     ids = data.ids(source)
     channel_ids = torch.cat([data.ids(by[:-1]), ids]) if by.endswith("+") else data.ids(by)
     width = fold_width(m, model, len(bi) - len(kept), channel_ids, config.batch_size, refit)
     uncured = data.ppl(m)
-    result = cure(m, model, ids, config)
+    result = cure(m, model, ids, config, pairs=[(i, i) for i in range(len(bi))] if every else None)
     extra = cured_extra(
         list(range(len(bi))),
         result,
