@@ -18,7 +18,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from edgepack.compressor.calib_blocks import _Stop
 from edgepack.compressor.fold_hooks import decoder_layers
+from edgepack.compressor.fold_importance import batches
 from torch import nn
 
 from edgepack.errors import EdgepackError
@@ -29,18 +31,13 @@ CHANNEL_MULTIPLE = 32  # kept channels round to this (8 below 256 channels): who
 RIDGE = 1e-3  # the refit's ridge, relative to the mean diagonal of the activations' Gram matrix
 
 
-class _Stop(Exception):
-    """Raised by a hook once the block of interest has run: the later blocks are not needed."""
-
-
 @dataclass
 class WidthPlan:
-    """How many MLP channels every block keeps, and the unique block parameters before and after."""
+    """How many MLP channels every block keeps, and the unique block parameters before folding."""
 
     channels: int
     kept: int
     params_before: int
-    params_after: int
 
 
 def mlp_of(layer: nn.Module) -> nn.Module:
@@ -72,12 +69,7 @@ def plan_width(layers: nn.ModuleList, hidden: int, removed_blocks: int) -> Width
     exact = channels - removed_blocks * before / n / n / per_channel
     multiple = CHANNEL_MULTIPLE if channels >= 256 else 8
     kept = int(min(channels, max(multiple, round(exact / multiple) * multiple)))
-    return WidthPlan(channels, kept, before, before - n * (channels - kept) * per_channel)
-
-
-def _batches(ids: torch.Tensor, batch_size: int, device):
-    for i in range(0, len(ids), batch_size):
-        yield ids[i : i + batch_size].to(device)
+    return WidthPlan(channels, kept, before)
 
 
 @torch.no_grad()
@@ -99,7 +91,7 @@ def channel_energy(model: nn.Module, ids: torch.Tensor, batch_size: int) -> list
 
     handles = [mlp_of(layer).down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
     try:
-        for x in _batches(ids, batch_size, next(model.parameters()).device):
+        for x in batches(ids, batch_size, next(model.parameters()).device):
             model(input_ids=x, use_cache=False)
     finally:
         for h in handles:
@@ -121,11 +113,8 @@ def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
     return out
 
 
-REFITS = (
-    "original",
-    "pruned",
-    "none",
-)  # down_proj refitted on the original's activations, the pruned model's, or not
+# down_proj refitted on the original's activations, on the pruned model's, or not at all
+REFITS = ("original", "pruned", "none")
 
 
 @torch.no_grad()
@@ -171,7 +160,7 @@ def _refit_down(
     cross = torch.zeros(k, c, dtype=torch.float64)
     y_sum = torch.zeros(c, dtype=torch.float64)
     y_sq, n = 0.0, 0
-    for x in _batches(ids, batch_size, device):
+    for x in batches(ids, batch_size, device):
         a, y = _block_io(teacher, block, x)
         a = a.double().cpu()[:, keep.cpu()]
         if on == "pruned":
