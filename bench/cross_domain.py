@@ -560,6 +560,27 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             "width_stats": "self@1.6",
             "distill_all_blocks": True,
         },
+        "MLP width pruning, OBS channels from self@1.6": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6",
+            "width_select": "obs",
+        },
+        "MLP width pruning, OBS channels from self@1.6, MLP-only cure": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6",
+            "width_select": "obs",
+            "cure_weights": "mlp",
+        },
+        # the same settings, named for the run at --n-samples 128 (the width fold's default count since round 15)
+        "MLP width pruning, OBS channels from self@1.6, MLP-only cure, 128 samples": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6",
+            "width_select": "obs",
+            "cure_weights": "mlp",
+        },
         "MLP width pruning, sequential refit, channels from self@1.6": {
             **bi,
             "width": "pruned",
@@ -944,10 +965,11 @@ def run_width(model, data: Data, name: str, kwargs: dict, source: str, scores: d
     refit = kwargs.pop("width")
     by = kwargs.pop("width_stats", source)
     every = kwargs.pop("distill_all_blocks", False)
+    select = kwargs.pop("width_select", "energy")
     m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
     ids = data.ids(source)
     channel_ids = torch.cat([data.ids(by[:-1]), ids]) if by.endswith("+") else data.ids(by)
-    width = fold_width(m, model, len(bi) - len(kept), channel_ids, config.batch_size, refit)
+    width = fold_width(m, model, len(bi) - len(kept), channel_ids, config.batch_size, refit, select)
     uncured = data.ppl(m)
     result = cure(m, model, ids, config, pairs=[(i, i) for i in range(len(bi))] if every else None)
     extra = cured_extra(

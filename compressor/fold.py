@@ -60,7 +60,11 @@ class FoldConfig:
     cure_steps: int = 100
     lr: float = 4e-3  # norms; block weights use lr * weight_lr_scale (best of 2e-3/4e-3/8e-3 on mix-llama)
     weight_lr_scale: float = 0.1
-    cure_weights: bool = True  # also fine-tune block weights (shared ones included) in the cure
+    # the cure trains the norms and: True every block weight (shared ones included), False none, "mlp" the MLPs'
+    # only (attention stays the original's); None: the structure's default, True for blocks, "mlp" for
+    # mlp-width (whose attention the fold leaves as it was: off the cure's domain +16.9% against +21.8%,
+    # generalization.md round 15)
+    cure_weights: bool | str | None = None
     distill_layers: int = 2  # tail layers matched on hidden states (0 = logits only)
     hidden_weight: float = 1.0
     n_samples: int = 32
@@ -108,6 +112,10 @@ class FoldConfig:
             raise EdgepackError(
                 "a width fold shares no blocks; drop share_group/share_pairs or use structure=blocks"
             )
+        if self.cure_weights is None:
+            self.cure_weights = "mlp" if self.structure == "mlp-width" else True
+        if not (isinstance(self.cure_weights, bool) or self.cure_weights == "mlp"):
+            raise EdgepackError(f'cure_weights={self.cure_weights!r} must be true, false or "mlp"')
         if self.init not in INITS:
             raise EdgepackError(f"init={self.init!r} is unknown; choose one of {', '.join(INITS)}")
         for name in ("n_samples", "batch_size", "gate_steps"):

@@ -160,7 +160,11 @@ def cure(
     groups = [{"params": norms, "lr": config.lr}]
     if config.cure_weights:
         seen = {id(p) for p in norms} | {id(p) for group in extra for p in group["params"]}
-        weights = [p for p in unique(layers.parameters()) if id(p) not in seen]
+        weights = [
+            p
+            for name, p in layers.named_parameters()  # each shared Parameter once, first-seen order
+            if id(p) not in seen and (config.cure_weights != "mlp" or ".mlp." in f".{name}")
+        ]
         groups.append({"params": weights, "lr": config.lr * config.weight_lr_scale})
     groups += [dict(group) for group in extra]
     params = [p for group in groups for p in group["params"]]

@@ -1,15 +1,18 @@
 """The fold's width structure: the unique block parameters a removal of whole blocks would save, taken from the
 width of every block's MLP instead of from depth (FLAP / Minitron-style channel pruning).
 
-Each MLP channel owns a row of gate_proj and up_proj and a column of down_proj. Per block, the channels of least
-output energy (mean squared activation x squared norm of the down_proj column, on calibration text) are dropped,
-and down_proj over the kept channels is refitted by ridge least squares to the original block's MLP output, on the
-original model's activations. The fold's cure then runs as for a removal. Depth, the KV
-cache and the op graph stay the original's; every block keeps the same, smaller ``intermediate_size``.
+Each MLP channel owns a row of gate_proj and up_proj and a column of down_proj. Per block, channels are removed
+one at a time by greedy Optimal Brain Surgeon over down_proj's input columns (SlimGPT / ZipLM): each time the
+channel whose loss, with the rest of down_proj refitted, adds least squared error to the block's original MLP
+output on calibration text. (``select="energy"``, round 14's rule, drops the channels of least output energy,
+mean squared activation x squared down_proj column norm, one by one, blind to channels that stand in for each
+other.) down_proj over the kept channels is then refitted by ridge least squares to the original block's MLP
+output, on the original model's activations, and the fold's cure runs as for a removal. Depth, the KV cache and
+the op graph stay the original's; every block keeps the same, smaller ``intermediate_size``.
 
-Measured on mix-llama-14m (docs/results/generalization.md, round 14): at the parameters of 3 of 12 blocks, with
-channels chosen on the model's own samples, it lands closer to the float model than BI removal off the cure's
-domain.
+Measured on mix-llama-14m (docs/results/generalization.md, rounds 14-15): at the parameters of 3 of 12 blocks,
+with channels chosen on the model's own samples, it lands closer to the float model than BI removal off the
+cure's domain.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
 
 # down_proj refitted on the original's activations, on the pruned model's, or not at all
 REFITS = ("original", "pruned", "none")
+# how a block's channels are chosen: least output energy each, or greedy least refit error (OBS, as SlimGPT/ZipLM)
+SELECTS = ("energy", "obs")
 
 
 @torch.no_grad()
@@ -136,6 +141,46 @@ def _block_io(model: nn.Module, block: int, x: torch.Tensor) -> tuple[torch.Tens
     finally:
         handle.remove()
     return got[0], got[1]
+
+
+@torch.no_grad()
+def _gram(teacher: nn.Module, block: int, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """The Gram matrix (I, I) of ``block``'s down_proj input over ``ids``, in float64, run block by block so that
+    only one block's matrix is ever held."""
+    device = next(teacher.parameters()).device
+    gram = None
+    for x in batches(ids, batch_size, device):
+        a = _block_io(teacher, block, x)[0].double().cpu()
+        gram = a.T @ a if gram is None else gram + a.T @ a
+    return gram
+
+
+OBS_STEPS = 512  # at most this many greedy OBS steps per block: wider MLPs remove channels in chunks
+
+
+@torch.no_grad()
+def obs_keep(gram: torch.Tensor, weight: torch.Tensor, kept: int) -> torch.Tensor:
+    """The ``kept`` channels (sorted indices) left by greedy Optimal Brain Surgeon over whole input columns:
+    each step removes the channel whose loss, with the rest of down_proj refitted, adds least squared error to
+    the MLP output. ``gram``: (I, I) activations' Gram matrix; ``weight``: (C, I) down_proj weight. With a
+    diagonal Gram matrix this is the energy rule; otherwise it accounts for channels that others can stand in
+    for. Past ``OBS_STEPS`` removals, channels go in equal chunks, each chunk removed jointly."""
+    k = gram.shape[0]
+    ridge = RIDGE * torch.trace(gram) / k
+    hinv = torch.linalg.inv(gram + ridge * torch.eye(k, dtype=gram.dtype))
+    w = weight.detach().double().cpu().T.clone()  # (I, C): row j is channel j's output direction
+    alive = torch.ones(k, dtype=torch.bool)
+    remove = k - kept
+    chunk = max(1, -(-remove // OBS_STEPS))
+    while remove > 0:
+        cost = torch.where(alive, w.pow(2).sum(1) / hinv.diagonal().clamp_min(1e-300), torch.inf)
+        j = torch.topk(cost, min(chunk, remove), largest=False).indices
+        cols = hinv[:, j] @ torch.linalg.inv(hinv[j][:, j])
+        w -= cols @ w[j]  # the rest of down_proj refitted without j
+        hinv -= cols @ hinv[j]  # the inverse Gram matrix of the channels left
+        alive[j] = False
+        remove -= len(j)
+    return torch.nonzero(alive).flatten()
 
 
 @torch.no_grad()
@@ -190,19 +235,25 @@ def fold_width(
     channel_ids: torch.Tensor,
     batch_size: int,
     refit: str = "original",
+    select: str = "obs",
 ) -> dict:
     """Prune every block's MLP to ``plan_width``'s channels (chosen on ``channel_ids``: the model's own samples by
     default), refitting each down_proj on ``channel_ids`` against ``teacher`` (the unpruned original), in place.
     Returns the report the manifest records."""
     if refit not in REFITS:
         raise EdgepackError(f"refit={refit!r} is unknown; choose one of {', '.join(REFITS)}")
+    if select not in SELECTS:
+        raise EdgepackError(f"select={select!r} is unknown; choose one of {', '.join(SELECTS)}")
     layers = decoder_layers(model)
     plan = plan_width(layers, model.config.hidden_size, removed_blocks)
     energy = channel_energy(teacher, channel_ids, batch_size)
     per_block = []
     for i, layer in enumerate(layers):
         mlp = mlp_of(layer)
-        keep = torch.sort(torch.topk(energy[i], plan.kept).indices).values
+        if select == "obs":
+            keep = obs_keep(_gram(teacher, i, channel_ids, batch_size), mlp.down_proj.weight, plan.kept)
+        else:
+            keep = torch.sort(torch.topk(energy[i], plan.kept).indices).values
         mlp.gate_proj, mlp.up_proj = _sliced(mlp.gate_proj, keep, 0), _sliced(mlp.up_proj, keep, 0)
         mlp.down_proj = _sliced(mlp.down_proj, keep, 1)
         if hasattr(mlp, "intermediate_size"):
@@ -232,4 +283,5 @@ def fold_width(
         "per_block": per_block,
         "channel_samples": len(channel_ids),
         "refit": refit,
+        "select": select,
     }

@@ -116,6 +116,8 @@ def test_config_round_trip():
         (dict(share_group=2, share_pairs=1), "either share_group or share_pairs"),
         (dict(structure="heads"), "choose one of blocks, mlp-width"),
         (dict(structure="mlp-width", share_group=2), "a width fold shares no blocks"),
+        (dict(cure_weights="attention"), 'must be true, false or "mlp"'),
+        (dict(cure_weights=1), 'must be true, false or "mlp"'),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -376,6 +378,30 @@ def test_width_fold_narrows_every_mlp_and_keeps_depth(model, ids):
     assert_cache_matches_full(model, ids[:1, :24], 8)
 
 
+def test_width_fold_cures_the_mlps_and_keeps_the_attention(base, ids):
+    """The width fold's default cure trains the narrowed MLPs and the norms; every attention weight stays the
+    original's (the cure of a block removal trains them all)."""
+    width = {**FAST, "remove": 0.2, "structure": "mlp-width"}
+    assert FoldConfig(**width).cure_weights == "mlp" and FoldConfig(**FAST).cure_weights is True
+    uncured, cured = copy.deepcopy(base), copy.deepcopy(base)
+    fold(uncured, FoldConfig(**width), ids)
+    fold(cured, FoldConfig(**{**width, "cure_steps": 3}), ids)
+    changed = {
+        name
+        for (name, a), b in zip(uncured.named_parameters(), cured.parameters(), strict=True)
+        if not torch.equal(a, b)
+    }
+    assert not {n for n in changed if "self_attn" in n}
+    for part in (
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+        "input_layernorm",
+        "post_attention_layernorm",
+    ):
+        assert all(f"layers.{i}.{part}.weight" in " ".join(changed) for i in range(5)), part
+
+
 def test_width_refit_fits_the_original_mlps_and_drifts_less(base):
     """The ridge refit of down_proj fits each block's original MLP output better than the sliced weights (R^2 on
     the fitting samples) and leaves the uncured model closer to the original on samples it did not see (the
@@ -393,6 +419,12 @@ def test_width_refit_fits_the_original_mlps_and_drifts_less(base):
     for a, b in zip(plain["per_block"], fitted["per_block"], strict=True):
         assert b["refit_r2"] > a["refit_r2"]
     assert held_out_kl(refit, base, held, 4) < held_out_kl(sliced, base, held, 4)
+    # channels by output energy alone, refitted the same way: a worse fit in every block (the default, OBS,
+    # also weighs what the kept channels can stand in for)
+    by_energy = fold_width(copy.deepcopy(base), base, 1, fit_ids, 4, refit="original", select="energy")
+    assert fitted["select"] == "obs" and by_energy["select"] == "energy"
+    for a, b in zip(by_energy["per_block"], fitted["per_block"], strict=True):
+        assert b["refit_r2"] > a["refit_r2"]
 
 
 def test_width_fold_refuses_what_it_cannot_do(model, ids):
@@ -400,6 +432,32 @@ def test_width_fold_refuses_what_it_cannot_do(model, ids):
 
     with pytest.raises(EdgepackError, match="refit='least' is unknown"):
         fold_width(model, copy.deepcopy(model), 1, ids, 4, refit="least")
+    with pytest.raises(EdgepackError, match="select='magnitude' is unknown"):
+        fold_width(model, copy.deepcopy(model), 1, ids, 4, select="magnitude")
     model.model.layers[1].mlp.down_proj = torch.nn.Linear(100, 64, bias=False)
     with pytest.raises(EdgepackError, match="one intermediate size"):
         fold(model, FoldConfig(**{**FAST, "remove": 0.2, "structure": "mlp-width"}), ids)
+
+
+def test_obs_selection_drops_a_channel_others_can_stand_in_for():
+    """Channels 0 and 1 carry the same activation (1 a copy of 0 at 0.9x), both more energetic than channel 2.
+    Keeping two, the energy rule keeps 0 and 1 and loses channel 2's output; OBS drops one of the copies,
+    whose output the refit moves onto the other, and loses nothing."""
+    from edgepack.compressor.fold_width import obs_keep
+
+    gen = torch.Generator().manual_seed(0)
+    a0, a2 = (
+        torch.randn(512, generator=gen, dtype=torch.float64),
+        torch.randn(512, generator=gen, dtype=torch.float64),
+    )
+    acts = torch.stack([a0 * 2.0, a0 * 1.8, a2 * 0.5], dim=1)  # (N, 3)
+    weight = torch.randn(6, 3, generator=gen, dtype=torch.float64)  # down_proj (C, I)
+    gram = acts.T @ acts
+    energy = gram.diagonal() * weight.pow(2).sum(0)
+    assert set(torch.topk(energy, 2).indices.tolist()) == {0, 1}
+    keep = obs_keep(gram, weight, 2)
+    assert 2 in keep.tolist() and len(keep) == 2
+    target = acts @ weight.T
+    sub = acts[:, keep]
+    fit = torch.linalg.lstsq(sub, target).solution
+    assert (sub @ fit - target).pow(2).sum() < 1e-12 * target.pow(2).sum()
