@@ -1502,7 +1502,8 @@ def draw_means_lines(folder: Path) -> list[str]:
     return out
 
 
-LEVER_DRAW_PARTS = ("round8-headdamp", "round7-headgptq")  # levers run on the goal cells' draws (--seed N)
+# levers run on the goal cells' draws (--seed N); round 15: the width fold's default on three draws
+LEVER_DRAW_PARTS = ("round8-headdamp", "round7-headgptq", "fold-round15")
 
 
 def lever_means_lines(folder: Path) -> list[str]:
@@ -1521,6 +1522,54 @@ def lever_means_lines(folder: Path) -> list[str]:
                 out.append(f"| {name} | {source} | " + " | ".join(pct(v, fp[e]) for v, e in zip(means, EVALS, strict=True)) + " |")  # fmt: skip
             out.append("")
     return out
+
+
+# round 15: the width fold's default, round 14's width fold and BI removal on mix-llama-14m, per draw: the JSON
+# parts holding each draw's rows (draw 0 of the last two is round 14's run)
+WIDTH_DRAW_FILES = {
+    0: ("fold-round15-seed0", "fold-round14"),
+    1: ("fold-round15-seed1", "fold-round15base-seed1"),
+    2: ("fold-round15-seed2", "fold-round15base-seed2"),
+}
+WIDTH_DRAW_ROWS = (
+    "MLP width pruning, OBS channels from self@1.6, MLP-only cure",
+    "MLP width pruning, down refit, channels from self@1.6",
+    "BI removal",
+)
+
+
+def width_draw_lines(folder: Path, model: str = "mix-llama-14m") -> list[str]:
+    """Round 15: ``WIDTH_DRAW_ROWS`` self-cured and WikiText-2-cured, each draw and the mean over the draws."""
+    cells: dict[tuple[str, str], dict[int, dict]] = {}
+    fp = None
+    for seed, parts in WIDTH_DRAW_FILES.items():
+        for part in parts:
+            path = folder / f"cross_domain_{part}_{model}.json"
+            if not path.is_file():
+                continue
+            rows = json.loads(path.read_text())["rows"]
+            fp = rows[0]["ppl"]
+            for r in rows[1:]:
+                if r["name"] in WIDTH_DRAW_ROWS and r["source"] in ("self@1.6", "wikitext2"):
+                    cells.setdefault((r["name"], r["source"]), {})[seed] = r["ppl"]
+    if not cells:
+        return []
+    out = [f"## Round 15: the width fold on three draws, {model}", "",
+           f"fp32 {fp['shakespeare_tail']:.2f} / {fp['wikitext2_tail']:.2f}. Each cell: the mean over the draws "
+           "(change vs fp32) [draw 0 / 1 / 2]. Files: " + "; ".join(
+               f"draw {k}: " + ", ".join(f"cross_domain_{p}_{model}.json" for p in v) for k, v in WIDTH_DRAW_FILES.items()) + ".",
+           "", "| row | cure source | Shakespeare tail | WikiText-2 tail |", "|---|---|---|---|"]  # fmt: skip
+    for name in WIDTH_DRAW_ROWS:
+        for source in ("self@1.6", "wikitext2"):
+            draws = cells.get((name, source), {})
+            if not draws:
+                continue
+            text = []
+            for e in EVALS:
+                v = [draws[k][e] for k in sorted(draws)]
+                text.append(f"{pct(sum(v) / len(v), fp[e])} [{' / '.join(f'{x:.2f}' for x in v)}]")
+            out.append(f"| {name} | {source} | {' | '.join(text)} |")
+    return out + [""]
 
 
 def row_named(cells: dict, prefix: str, suffix: str = "") -> str | None:
@@ -1704,6 +1753,7 @@ def write_page(folder: Path) -> None:
     out += e2e_lines(folder)
     out += draw_means_lines(folder)
     out += lever_means_lines(folder)
+    out += width_draw_lines(folder)
     mech = folder / "cross_domain_mechanics.json"
     if mech.is_file():
         m = json.loads(mech.read_text())
