@@ -170,11 +170,12 @@ def ort_perplexity(onnx_path: Path, ids: torch.Tensor, dims: DecoderDims, thread
 
 def peer_row(row: Row, model_dir: Path, work: Path, dims: DecoderDims, wiki, held, threads: int) -> None:
     """Build the onnxruntime-genai int4 artifact (cached in ``work``) and measure it through ONNX Runtime."""
-    out = work / f"peer-{model_dir.name}-int4"
+    out = (work / f"peer-{model_dir.name}-int4").resolve()
     if not (out / "model.onnx").is_file():
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
-               "-p", "int4", "-e", "cpu", "-c", str(work / "peer-cache")]  # fmt: skip
-        subprocess.run(cmd, check=True, capture_output=True)
+               "-p", "int4", "-e", "cpu", "-c", str(out.parent / "peer-cache")]  # fmt: skip
+        # not from the checkout, whose kernels/ shadows the Hugging Face package (see edgepack/__main__.py)
+        subprocess.run(cmd, check=True, capture_output=True, cwd=out.parent)
     row.file_mb = round(sum(p.stat().st_size for p in out.glob("model.onnx*")) / 1e6, 3)
     try:
         row.wiki_ppl = round(ort_perplexity(out / "model.onnx", wiki, dims, threads), 3)

@@ -158,7 +158,8 @@ def measured(cmd: list[str], log: Path) -> dict:
     """Run ``cmd`` in a fresh process: wall seconds, the child's peak RSS (GB) and its exit status."""
     start = time.perf_counter()
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        # outside the checkout, whose kernels/ would shadow the Hugging Face package transformers imports
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
         _, status, usage = os.wait4(proc.pid, 0)
     ok = os.waitstatus_to_exitcode(status) == 0
     row = {
@@ -252,6 +253,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--make-only", action="store_true", help="only write the random checkpoints")
     args = parser.parse_args()
+    args.work = args.work.resolve()
     args.models = [m for m in args.models.split(",") if m]
     args.modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in args.models if m not in CONFIGS] + [

@@ -190,12 +190,14 @@ def fix_address_layout(keep_aslr: bool = False) -> str:
     return "fixed (ADDR_NO_RANDOMIZE)"
 
 
-def run_logged(cmd: list[str], log_path: Path, timeout: float, env: dict | None = None) -> str | None:
+def run_logged(
+    cmd: list[str], log_path: Path, timeout: float, env: dict | None = None, cwd: Path | None = None
+) -> str | None:
     """Run ``cmd`` with output to ``log_path``; None on success, else the last line of its output."""
     log.debug("running %s", shlex.join(cmd))
     with open(log_path, "w") as f:
         try:
-            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env)
+            done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, env=env, cwd=cwd)
         except subprocess.TimeoutExpired:
             return f"timed out after {timeout:.0f} s"
     if done.returncode == 0:
@@ -230,7 +232,8 @@ def build_builder(
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
            *shlex.split(flags), "-e", "cpu", "-c", str(work / model / "builder-cache")]  # fmt: skip
     start = time.perf_counter()
-    error = run_logged(cmd, work / model / f"builder-{variant}.log", timeout)
+    # run outside the checkout, whose kernels/ would shadow the Hugging Face package transformers imports
+    error = run_logged(cmd, work / model / f"builder-{variant}.log", timeout, cwd=work)
     art = Artifact(model, "builder", variant, None if error else out, flags, time.perf_counter() - start)
     art.error, art.file_mib = error, None if error else folder_mib(out)
     return art
@@ -778,7 +781,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     builder = {v: BUILDER_VARIANTS[v] for v in args.builder.split(",") if v}
     work_ctx = tempfile.TemporaryDirectory(prefix="edgepack-speed-") if args.work is None else None
-    work = Path(work_ctx.name) if work_ctx else args.work
+    work = Path(work_ctx.name) if work_ctx else args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     load_start = os.getloadavg()
     layout = fix_address_layout(args.aslr)

@@ -7,7 +7,7 @@ uint8 (N, k_groups), W = (codes - zp) * scale per group of `group_size` along K)
     y = layer(x)  # x (..., K) float16 or bfloat16 -> (..., N) in x's dtype
 
 It replaces an `nn.Linear(K, N)` in a model (e.g. every projection of a decoder block, see
-`bench/kernels.py --e2e`). On CUDA it runs the split-K GEMV for M <= 8 rows (decode) and the tiled GEMM
+`bench/kernel_speed.py --e2e`). On CUDA it runs the split-K GEMV for M <= 8 rows (decode) and the tiled GEMM
 otherwise (prefill); with no CUDA device it computes the same math in torch (`quantized_linear_reference`).
 """
 

@@ -4,7 +4,7 @@ Two kernels: a split-K GEMV for decode (M <= 8: few rows, so it streams the weig
 programs to fill the GPU) and a tiled GEMM for prefill (tensor-core `tl.dot` on weights dequantized in
 registers). Both dequantize exactly as `reference.dequantize`: w = (q - z) * s in float32. Activations are
 fp16 or bf16; the output has the activation dtype. Block sizes were chosen without a GPU (none was available):
-compiled ahead of time for sm_90, they use no register spills; their speed is what `bench/kernels.py` measures.
+compiled ahead of time for sm_90, they use no register spills; their speed is what `bench/kernel_speed.py` measures.
 
 The kernels also run in the Triton interpreter (TRITON_INTERPRET=1) on CPU tensors, which is how the tests
 check them without a GPU; the interpreter cannot `tl.dot` bf16, so there the GEMM's bf16 dot runs in fp32.

@@ -49,7 +49,8 @@ def builder_gqa(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp / "builder-fp32"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
            "-p", "fp32", "-e", "cpu", "-c", str(tmp / "cache")]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    # not from the checkout, whose kernels/ shadows the Hugging Face package (see edgepack/__main__.py)
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return model_dir, out
 

@@ -1,4 +1,4 @@
-"""bench/kernels.py without a GPU: it refuses in one line, and its decode step and RTN are correct on CPU."""
+"""bench/kernel_speed.py without a GPU: it refuses in one line, and its decode step and RTN are correct on CPU."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import torch
 from edgepack.kernels.reference import dequantize
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernels.py"
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "kernel_speed.py"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """GPU benchmark of the low-bit matmul kernels against torch fp16 and ONNX Runtime's MatMulNBits.
 
-    python bench/kernels.py [--out docs/results/kernels_<gpu>.json] [--e2e]
+    python bench/kernel_speed.py [--out docs/results/kernels_<gpu>.json] [--e2e]
 
 Prints a latency table for (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)} and
 M in {1, 4, 16, 256}: torch fp16 matmul, ORT CUDA EP MatMulNBits at 8/4/2 bits (n/a without
@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-log = logging.getLogger("bench.kernels")
+log = logging.getLogger("bench.kernel_speed")
 
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192))  # (K, N)
 ROWS = (1, 4, 16, 256)  # M
