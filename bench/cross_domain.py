@@ -115,10 +115,11 @@ class Data:
             a, b = (self.ids(part) for part in source.split("+"))
             half = self.n_samples // 2
             self.calib[source] = mix_samples(a[: self.n_samples - half], b[:half], self.seed)
-        if source not in self.calib:
+        if source not in self.calib:  # "self@TxN": N samples instead of --n-samples
             t0 = time.perf_counter()
-            temperature = {"temperature": float(source.split("@")[1])} if "@" in source else {}
-            config = SelfCalibConfig(self.n_samples, SEQ_LEN, seed=self.seed, **temperature)
+            spec, _, count = source.partition("x")
+            temperature = {"temperature": float(spec.split("@")[1])} if "@" in spec else {}
+            config = SelfCalibConfig(int(count or self.n_samples), SEQ_LEN, seed=self.seed, **temperature)
             self.calib[source] = generate_samples(self.model, self.tok, config)
             self.self_seconds += time.perf_counter() - t0
         return self.calib[source]
@@ -578,6 +579,29 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             **bi,
             "width": "original",
             "width_stats": "self@1.6",
+            "width_select": "obs",
+            "cure_weights": "mlp",
+        },
+        # round 16: the channels chosen on 4x the samples (the cure keeps --n-samples), or on cooler samples
+        "MLP width pruning, OBS channels from self@1.6x128, MLP-only cure": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6x128",
+            "width_select": "obs",
+            "cure_weights": "mlp",
+        },
+        "MLP width pruning, OBS channels from self@1.6, MLP-only cure, 200 steps": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.6",
+            "width_select": "obs",
+            "cure_weights": "mlp",
+            "cure_steps": 200,
+        },
+        "MLP width pruning, OBS channels from self@1.0, MLP-only cure": {
+            **bi,
+            "width": "original",
+            "width_stats": "self@1.0",
             "width_select": "obs",
             "cure_weights": "mlp",
         },
@@ -1502,8 +1526,15 @@ def draw_means_lines(folder: Path) -> list[str]:
     return out
 
 
-# levers run on the goal cells' draws (--seed N); round 15: the width fold's default on three draws
-LEVER_DRAW_PARTS = ("round8-headdamp", "round7-headgptq", "fold-round15")
+# levers run on the goal cells' draws (--seed N); round 15: the width fold's default on three draws; round 16: its
+# channels from 128 or from cooler self samples
+LEVER_DRAW_PARTS = (
+    "round8-headdamp",
+    "round7-headgptq",
+    "fold-round15",
+    "fold-round16",
+    "fold-round16-steps",
+)
 
 
 def lever_means_lines(folder: Path) -> list[str]:
