@@ -532,6 +532,14 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
     samples (``score_source``) while the cure runs on the row's source; no cure; a cure of the norms only; a
     cure three times as long."""
     bi = fold_settings(layers)["BI removal"]
+    # round 15's width fold: OBS channels from self@1.6 samples, the cure on the MLPs and norms only
+    obs_mlp = {
+        **bi,
+        "width": "original",
+        "width_stats": "self@1.6",
+        "width_select": "obs",
+        "cure_weights": "mlp",
+    }
     return {
         "BI removal, scored on self@1.6": {**bi, "score_source": "self@1.6"},
         "BI removal, no cure": {**bi, "cure_steps": 0},
@@ -567,43 +575,22 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             "width_stats": "self@1.6",
             "width_select": "obs",
         },
-        "MLP width pruning, OBS channels from self@1.6, MLP-only cure": {
-            **bi,
-            "width": "original",
-            "width_stats": "self@1.6",
-            "width_select": "obs",
-            "cure_weights": "mlp",
-        },
+        "MLP width pruning, OBS channels from self@1.6, MLP-only cure": obs_mlp,
         # the same settings, named for the run at --n-samples 128 (the width fold's default count since round 15)
-        "MLP width pruning, OBS channels from self@1.6, MLP-only cure, 128 samples": {
-            **bi,
-            "width": "original",
-            "width_stats": "self@1.6",
-            "width_select": "obs",
-            "cure_weights": "mlp",
-        },
-        # round 16: the channels chosen on 4x the samples (the cure keeps --n-samples), or on cooler samples
+        "MLP width pruning, OBS channels from self@1.6, MLP-only cure, 128 samples": obs_mlp,
+        # round 16: the channels chosen on 4x the samples (the cure keeps --n-samples) or on cooler samples; a
+        # cure twice as long
         "MLP width pruning, OBS channels from self@1.6x128, MLP-only cure": {
-            **bi,
-            "width": "original",
+            **obs_mlp,
             "width_stats": "self@1.6x128",
-            "width_select": "obs",
-            "cure_weights": "mlp",
         },
         "MLP width pruning, OBS channels from self@1.6, MLP-only cure, 200 steps": {
-            **bi,
-            "width": "original",
-            "width_stats": "self@1.6",
-            "width_select": "obs",
-            "cure_weights": "mlp",
+            **obs_mlp,
             "cure_steps": 200,
         },
         "MLP width pruning, OBS channels from self@1.0, MLP-only cure": {
-            **bi,
-            "width": "original",
+            **obs_mlp,
             "width_stats": "self@1.0",
-            "width_select": "obs",
-            "cure_weights": "mlp",
         },
         "MLP width pruning, sequential refit, channels from self@1.6": {
             **bi,
@@ -1527,7 +1514,7 @@ def draw_means_lines(folder: Path) -> list[str]:
 
 
 # levers run on the goal cells' draws (--seed N); round 15: the width fold's default on three draws; round 16: its
-# channels from 128 or from cooler self samples
+# channels from 128 or from cooler self samples, and its cure at 200 steps
 LEVER_DRAW_PARTS = (
     "round8-headdamp",
     "round7-headgptq",
