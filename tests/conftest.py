@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python -m pytest` from the checkout puts it first on sys.path, where its kernels/ would shadow the Hugging Face
+# `kernels` package that transformers imports (as for `python -m edgepack`, see edgepack/__main__.py); the suite
+# imports edgepack as installed.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
 SHARED = ROOT.parent / "shared"
 STORIES = SHARED / "models" / "stories260k"
 MIX = SHARED / "models" / "mix-llama-14m"
