@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from edgepack.compressor.fold import FoldConfig, fold, restructure, unique_parameter_count
+from edgepack.compressor.fold import FoldConfig, fold, restructure, split_held_out, unique_parameter_count
 from edgepack.compressor.fold_cure import cure, held_out_kl, logit_kl
 from edgepack.compressor.fold_hooks import block_output, captured, decoder_layers, with_block_output
 from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
@@ -588,6 +588,13 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             **obs_mlp,
             "cure_steps": 200,
         },
+        # round 17: up to 200 steps, the weights of the check with the least KL to the original on held-out
+        # samples (FoldConfig.cure_stop; measured, not the default: it kept step 200 every time)
+        "MLP width pruning, OBS channels from self@1.6, MLP-only cure, held-out stop": {
+            **obs_mlp,
+            "cure_steps": 200,
+            "cure_stop": True,
+        },
         "MLP width pruning, OBS channels from self@1.0, MLP-only cure": {
             **obs_mlp,
             "width_stats": "self@1.0",
@@ -977,16 +984,25 @@ def run_width(model, data: Data, name: str, kwargs: dict, source: str, scores: d
     by = kwargs.pop("width_stats", source)
     every = kwargs.pop("distill_all_blocks", False)
     select = kwargs.pop("width_select", "energy")
+    stop = kwargs.pop(
+        "cure_stop", False
+    )  # the row's config stays a blocks one: its cure_* defaults are round 15's
     m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
     ids = data.ids(source)
+    ids, held = split_held_out(ids, config.held_out) if stop else (ids, None)
     channel_ids = torch.cat([data.ids(by[:-1]), ids]) if by.endswith("+") else data.ids(by)
     width = fold_width(m, model, len(bi) - len(kept), channel_ids, config.batch_size, refit, select)
     uncured = data.ppl(m)
-    result = cure(m, model, ids, config, pairs=[(i, i) for i in range(len(bi))] if every else None)
+    result = cure(
+        m, model, ids, config, pairs=[(i, i) for i in range(len(bi))] if every else None, held_ids=held
+    )
     extra = cured_extra(
         list(range(len(bi))),
         result,
         width=width,
+        cure_held_out=result.held_out,
+        kl_to_fp32=data.kl(m),  # fidelity beside perplexity: below fp32's perplexity is drift too
+        own_text=data.own_text(m),
         channels_from=by,
         uncured_ppl=uncured,
         unique_block_params=unique_parameter_count(decoder_layers(m)),
@@ -1521,6 +1537,8 @@ LEVER_DRAW_PARTS = (
     "fold-round15",
     "fold-round16",
     "fold-round16-steps",
+    "fold-round17",
+    "fold-round17kl",
 )
 
 

@@ -373,8 +373,8 @@ def main() -> None:
     p.add_argument(
         "--goal-cure-steps",
         type=int,
-        default=FoldConfig.cure_steps,
-        help="cure budget of the goal rows (default: FoldConfig's)",
+        default=FoldConfig().cure_steps,
+        help="cure budget of the goal rows (default: a block fold's, FoldConfig's)",
     )
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core host)"

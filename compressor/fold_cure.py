@@ -82,11 +82,13 @@ def sample_kls(student: nn.Module, teacher: nn.Module, ids: torch.Tensor, batch_
 
 @dataclass
 class CureResult:
-    """Per-step training loss and the distillation loss on fixed samples before and after the cure."""
+    """Per-step training loss and the distillation loss on fixed samples before and after the cure; with held-out
+    samples, their KL to the original at each check (step 0 = uncured) and the step whose weights were kept."""
 
     curve: list[float]
     before: float
     after: float
+    held_out: dict | None = None
 
 
 def norm_parameters(module: nn.Module) -> list[nn.Parameter]:
@@ -142,12 +144,16 @@ def cure(
     config: FoldConfig,
     extra: tuple[dict, ...] = (),
     pairs: list[tuple[int, int]] | None = None,
+    held_ids: torch.Tensor | None = None,
 ) -> CureResult:
     """Fine-tune ``student`` (norms, plus block weights if ``config.cure_weights``) to match ``teacher``.
     ``extra``: more optimizer groups ({"params": [...], "lr": ...}) for parameters a caller added to the
     student (bench/cross_domain.py's per-position branch scales); they are excluded from the weights group.
     ``pairs``: (student position, teacher layer) whose hidden states are matched, instead of the last
-    ``config.distill_layers`` of each."""
+    ``config.distill_layers`` of each.
+    ``held_ids``: samples kept out of the training; before the first step and every ``config.cure_check_every``
+    steps their mean KL to the teacher is measured, and the trained weights end as they were at the lowest one,
+    a guard against a cure that drifts from the original on samples it does not train on (FoldConfig.cure_stop)."""
     device = next(student.parameters()).device
     teacher.to(device).eval()
     k = min(config.distill_layers, len(decoder_layers(student)))
@@ -173,7 +179,19 @@ def cure(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(config.cure_steps, 1))
     gen = torch.Generator().manual_seed(config.seed + 1)
     curve: list[float] = []
+    checks: list[tuple[int, float]] = []
+    best: tuple[float, int, list[torch.Tensor]] | None = None
+
+    def check(step: int) -> None:
+        nonlocal best
+        kl = held_out_kl(student, teacher, held_ids, config.batch_size)
+        checks.append((step, round(kl, 6)))
+        if best is None or kl < best[0]:
+            best = (kl, step, [p.detach().clone() for p in params])
+
     with trainable_only(student, params):
+        if held_ids is not None:
+            check(0)
         bar = tqdm(range(config.cure_steps), desc="fold: cure", leave=False)
         for step in bar:
             x = ids[torch.randint(len(ids), (config.batch_size,), generator=gen)].to(device)
@@ -187,6 +205,17 @@ def cure(
             bar.set_postfix(loss=f"{curve[-1]:.4f}")
             if step % 25 == 0 or step == config.cure_steps - 1:
                 log.info("fold: cure step %d distill loss %.4f", step, curve[-1])
+            done = step + 1
+            if held_ids is not None and (done % config.cure_check_every == 0 or done == config.cure_steps):
+                check(done)
+    held = None
+    if best is not None:
+        _, best_step, state = best
+        with torch.no_grad():
+            for p, kept in zip(params, state, strict=True):
+                p.copy_(kept)
+        held = {"samples": len(held_ids), "kl": [list(c) for c in checks], "kept_step": best_step}
+        log.info("fold: cure held-out KL %s; weights of step %d kept", checks, best_step)
     after = distiller.evaluate(eval_ids, config.batch_size)
     log.info("fold: cure distill loss %.4f -> %.4f over %d steps", before, after, config.cure_steps)
-    return CureResult(curve=curve, before=before, after=after)
+    return CureResult(curve=curve, before=before, after=after, held_out=held)

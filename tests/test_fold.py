@@ -118,6 +118,9 @@ def test_config_round_trip():
         (dict(structure="mlp-width", share_group=2), "a width fold shares no blocks"),
         (dict(cure_weights="attention"), 'must be true, false or "mlp"'),
         (dict(cure_weights=1), 'must be true, false or "mlp"'),
+        (dict(cure_stop=True), "cure_stop applies to structure=mlp-width"),
+        (dict(structure="mlp-width", cure_stop="yes"), "must be true or false"),
+        (dict(structure="mlp-width", cure_check_every=0), "cure_check_every=0 must be a positive integer"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -400,6 +403,46 @@ def test_width_fold_cures_the_mlps_and_keeps_the_attention(base, ids):
         "post_attention_layernorm",
     ):
         assert all(f"layers.{i}.{part}.weight" in " ".join(changed) for i in range(5)), part
+
+
+def test_width_cure_defaults_by_structure():
+    """A width fold cures 200 steps by default, a block fold 100; the held-out stop is off unless asked for;
+    explicit values win and survive the manifest's round trip."""
+    width = FoldConfig(structure="mlp-width")
+    assert (width.cure_steps, width.cure_stop, width.cure_check_every) == (200, False, 25)
+    assert (FoldConfig().cure_steps, FoldConfig().cure_stop) == (100, False)
+    explicit = FoldConfig(structure="mlp-width", cure_steps=60, cure_stop=True)
+    assert (explicit.cure_steps, explicit.cure_stop) == (60, True)
+    for config in (width, explicit, FoldConfig()):
+        assert FoldConfig.from_dict(config.to_dict()) == config
+
+
+def test_width_cure_keeps_the_weights_of_the_best_held_out_check(base, ids):
+    """With cure_stop the width fold holds out 1 of its 8 samples, measures their KL to the original before the
+    cure and every 2 steps, and ends with the weights of the lowest check: the model's held-out KL after the fold
+    is that check's, and a cure whose learning rate wrecks the model keeps the uncured weights."""
+    from edgepack.compressor.fold_cure import held_out_kl
+
+    width = {**FAST, "remove": 0.2, "structure": "mlp-width", "cure_steps": 6, "cure_check_every": 2}
+    held = ids[-1:]
+    good = copy.deepcopy(base)
+    report = fold(good, FoldConfig(**{**width, "cure_stop": True}), ids)
+    record = report.cure_held_out
+    assert record["samples"] == 1 and [step for step, _ in record["kl"]] == [0, 2, 4, 6]
+    kls = dict((step, kl) for step, kl in record["kl"])
+    assert record["kept_step"] == min(kls, key=kls.get) and record["kept_step"] > 0
+    assert held_out_kl(good, base, held, 4) == pytest.approx(kls[record["kept_step"]], rel=1e-4)
+    assert kls[record["kept_step"]] < kls[0]
+    assert report.to_dict()["cure_held_out"] == record
+
+    uncured, wrecked = copy.deepcopy(base), copy.deepcopy(base)
+    fold(uncured, FoldConfig(**{**width, "cure_steps": 0}), ids)
+    report = fold(
+        wrecked, FoldConfig(**{**width, "cure_stop": True, "lr": 50.0, "weight_lr_scale": 1.0}), ids
+    )
+    assert report.cure_held_out["kept_step"] == 0
+    for a, b in zip(uncured.parameters(), wrecked.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_width_refit_fits_the_original_mlps_and_drifts_less(base):

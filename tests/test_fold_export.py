@@ -106,11 +106,15 @@ def test_width_fold_exports_narrow_mlps_with_parity(stories, shakespeare, tmp_pa
     and in config.json, parity holds, and the channels were chosen on the model's own samples although the
     cure text is Shakespeare (recorded as the fold's second calibration)."""
     width = dict(remove=0.2, structure="mlp-width", cure_steps=4, n_samples=8, seq_len=64, batch_size=4)
+    width["cure_stop"] = True  # its record in the manifest is checked below
     out = tmp_path / "w"
     m = export(ExportRequest(stories, out, recipe=Recipe([FoldConfig(**width)]), calib=shakespeare)).manifest
     assert m["num_layers"] == 5 and m["parity"]["passed"] and m["parity"]["max_abs_logit"] < 1e-3
     fold = m["compression"]["fold"]
     assert fold["width"]["channels_after"] == 128 and fold["removed"] == []
+    # the cure's held-out stop is recorded: 1 of 8 samples, checked uncured and at step 4
+    held = fold["cure_held_out"]
+    assert held["samples"] == 1 and [s for s, _ in held["kl"]] == [0, 4] and held["kept_step"] in (0, 4)
     assert m["compression"]["calibration"]["source"] == str(shakespeare)
     assert m["compression"]["calibration_fold"]["self_share"] == 1.0
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 128
