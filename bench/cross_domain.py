@@ -984,9 +984,9 @@ def run_width(model, data: Data, name: str, kwargs: dict, source: str, scores: d
     by = kwargs.pop("width_stats", source)
     every = kwargs.pop("distill_all_blocks", False)
     select = kwargs.pop("width_select", "energy")
-    stop = kwargs.pop(
-        "cure_stop", False
-    )  # the row's config stays a blocks one: its cure_* defaults are round 15's
+    # popped, not passed: the row's FoldConfig stays a blocks one (its cure_* defaults are round 15's), which
+    # refuses cure_stop
+    stop = kwargs.pop("cure_stop", False)
     m, t0, config, bi, kept = bi_removal_setup(model, data, kwargs, scores)
     ids = data.ids(source)
     ids, held = split_held_out(ids, config.held_out) if stop else (ids, None)

@@ -429,7 +429,7 @@ def test_width_cure_keeps_the_weights_of_the_best_held_out_check(base, ids):
     report = fold(good, FoldConfig(**{**width, "cure_stop": True}), ids)
     record = report.cure_held_out
     assert record["samples"] == 1 and [step for step, _ in record["kl"]] == [0, 2, 4, 6]
-    kls = dict((step, kl) for step, kl in record["kl"])
+    kls = dict(record["kl"])
     assert record["kept_step"] == min(kls, key=kls.get) and record["kept_step"] > 0
     assert held_out_kl(good, base, held, 4) == pytest.approx(kls[record["kept_step"]], rel=1e-4)
     assert kls[record["kept_step"]] < kls[0]
