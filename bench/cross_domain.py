@@ -1530,7 +1530,8 @@ def draw_means_lines(folder: Path) -> list[str]:
 
 
 # levers run on the goal cells' draws (--seed N); round 15: the width fold's default on three draws; round 16: its
-# channels from 128 or from cooler self samples, and its cure at 200 steps
+# channels from 128 or from cooler self samples, and its cure at 200 steps; round 18: the width fold and the tuned
+# GPTQ rows at 64 / 128 samples (--n-samples)
 LEVER_DRAW_PARTS = (
     "round8-headdamp",
     "round7-headgptq",
@@ -1539,6 +1540,9 @@ LEVER_DRAW_PARTS = (
     "fold-round16-steps",
     "fold-round17",
     "fold-round17kl",
+    "fold-round18-n64",
+    "fold-round18-n128",
+    "round10-e2e-round18-n128",
 )
 
 

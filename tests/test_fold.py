@@ -121,6 +121,8 @@ def test_config_round_trip():
         (dict(cure_stop=True), "cure_stop applies to structure=mlp-width"),
         (dict(structure="mlp-width", cure_stop="yes"), "must be true or false"),
         (dict(structure="mlp-width", cure_check_every=0), "cure_check_every=0 must be a positive integer"),
+        (dict(structure="mlp-width", n_samples=0), "n_samples=0 must be a positive integer"),
+        (dict(n_samples="8"), "n_samples='8' must be a positive integer"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -415,6 +417,15 @@ def test_width_cure_defaults_by_structure():
     assert (explicit.cure_steps, explicit.cure_stop) == (60, True)
     for config in (width, explicit, FoldConfig()):
         assert FoldConfig.from_dict(config.to_dict()) == config
+
+
+def test_fold_sample_counts_by_structure():
+    """A width fold calibrates on 128 samples by default, a block fold on 32; an explicit count wins and the
+    resolved one survives the manifest's round trip."""
+    width = FoldConfig(structure="mlp-width")
+    assert (width.n_samples, FoldConfig().n_samples) == (128, 32)
+    assert FoldConfig(structure="mlp-width", n_samples=16).n_samples == 16
+    assert FoldConfig.from_dict(width.to_dict()) == width
 
 
 def test_width_cure_keeps_the_weights_of_the_best_held_out_check(base, ids):

@@ -116,11 +116,29 @@ def test_width_fold_exports_narrow_mlps_with_parity(stories, shakespeare, tmp_pa
     held = fold["cure_held_out"]
     assert held["samples"] == 1 and [s for s, _ in held["kl"]] == [0, 4] and held["kept_step"] in (0, 4)
     assert m["compression"]["calibration"]["source"] == str(shakespeare)
+    # with a text, the channels are chosen on n_samples of the model's samples (self_samples is for --calib self)
     assert m["compression"]["calibration_fold"]["self_share"] == 1.0
+    assert (
+        m["compression"]["calibration_fold"]["self"]["n_samples"] == 8
+        and fold["width"]["channel_samples"] == 8
+    )
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 128
     _, inits = weight_initializers(out / "model.onnx")
     shapes = {t.name: list(t.dims) for t in inits if ".mlp." in t.name}
     assert len(shapes) == 15 and all(128 in dims and 172 not in dims for dims in shapes.values()), shapes
+
+
+def test_self_calibrated_width_fold_draws_128_samples_by_default(stories, tmp_path):
+    """Without a text or a count, a width fold draws 128 of the model's samples (round 18): the manifest, the
+    stored samples and the channel statistics all hold that many."""
+    from edgepack.compressor.selfcalib import FILE_NAME, read_samples
+
+    width = dict(remove=0.2, structure="mlp-width", cure_steps=2, seq_len=32)
+    out = tmp_path / "s"
+    m = export(ExportRequest(stories, out, recipe=Recipe([FoldConfig(**width)]), parity=False)).manifest
+    calib, fold = m["compression"]["calibration"], m["compression"]["fold"]
+    assert calib["source"] == "self" and calib["n_samples"] == 128 and fold["width"]["channel_samples"] == 128
+    assert read_samples(out / FILE_NAME).shape == (128, 32)
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
