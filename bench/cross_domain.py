@@ -1542,6 +1542,7 @@ LEVER_DRAW_PARTS = (
     "fold-round17kl",
     "fold-round18-n64",
     "fold-round18-n128",
+    "fold-round18-n128sh",
     "round10-e2e-round18-n128",
 )
 
