@@ -576,7 +576,7 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             "width_select": "obs",
         },
         "MLP width pruning, OBS channels from self@1.6, MLP-only cure": obs_mlp,
-        # the same settings, named for the run at --n-samples 128 (the width fold's default count since round 15)
+        # the same settings, named for the run at --n-samples 128 (the width fold's default count since round 18)
         "MLP width pruning, OBS channels from self@1.6, MLP-only cure, 128 samples": obs_mlp,
         # round 16: the channels chosen on 4x the samples (the cure keeps --n-samples) or on cooler samples; a
         # cure twice as long

@@ -116,7 +116,7 @@ def test_width_fold_exports_narrow_mlps_with_parity(stories, shakespeare, tmp_pa
     held = fold["cure_held_out"]
     assert held["samples"] == 1 and [s for s, _ in held["kl"]] == [0, 4] and held["kept_step"] in (0, 4)
     assert m["compression"]["calibration"]["source"] == str(shakespeare)
-    # with a text, the channels are chosen on n_samples of the model's samples (self_samples is for --calib self)
+    # with a text, the channels are still chosen on n_samples of the model's own samples
     assert m["compression"]["calibration_fold"]["self_share"] == 1.0
     assert (
         m["compression"]["calibration_fold"]["self"]["n_samples"] == 8
