@@ -595,6 +595,8 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             "cure_steps": 200,
             "cure_stop": True,
         },
+        # round 19: the export default, structure auto (run_auto)
+        "auto structure (the default)": {"remove": bi["remove"], "auto": True},
         "MLP width pruning, OBS channels from self@1.0, MLP-only cure": {
             **obs_mlp,
             "width_stats": "self@1.0",
@@ -659,7 +661,7 @@ def bi_removal_setup(model, data: Data, kwargs: dict, scores: dict):
     the BI scores and the blocks BI removal keeps."""
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
+    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **{"structure": "blocks", **kwargs})
     n = len(decoder_layers(m))
     bi = scores[config.remove]["bi"]
     return m, t0, config, bi, sorted(rank(bi)[: n - removal_count(config.remove, n)])
@@ -1014,15 +1016,44 @@ def run_width(model, data: Data, name: str, kwargs: dict, source: str, scores: d
 def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
-    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **kwargs)
+    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, **{"structure": "blocks", **kwargs})
     report = fold(m, config, data.ids(source), scores=scores.get(config.remove))
+    seconds = round(time.perf_counter() - t0, 1)
     extra = {
         "kept": report.kept,
         "groups": report.groups,
         "distill_loss": [report.distill_loss_before, report.distill_loss_after],
         "share_check": report.share_check,
+        "kl_to_fp32": data.kl(m),
+        "own_text": data.own_text(m),
     }
-    return Row("fold", name, source, data.ppl(m), round(time.perf_counter() - t0, 1), extra)
+    return Row("fold", name, source, data.ppl(m), seconds, extra)
+
+
+def run_auto(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
+    """Round 19: the fold as ``edgepack export --remove`` runs it by default (``structure="auto"``,
+    compressor/fold.py ``fold_auto``): the width fold and block removals by gates and by BI, each built on all
+    but 1/8 of the model's own samples, the one with the least held-out KL to the original kept and folded
+    afresh on every sample. The own samples are ``self@1.6`` (the pipeline's default self-calibration), also
+    the cure text when the row's source is self@1.6. Block scores are the fold's own (``scores`` unused)."""
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("auto", "importance", "share_check")}
+    m = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, structure="auto", **kwargs)
+    report = fold(m, config, data.ids(source), channel_ids=data.ids("self@1.6"))
+    seconds = round(time.perf_counter() - t0, 1)
+    extra = {
+        "structure": report.structure,
+        "structure_check": report.structure_check,
+        "kept": report.kept,
+        "width": report.width,
+        "distill_loss": [report.distill_loss_before, report.distill_loss_after],
+        "fold_seconds": report.seconds,
+        "kl_to_fp32": data.kl(m),
+        "own_text": data.own_text(m),
+        "unique_block_params": unique_parameter_count(decoder_layers(m)),
+    }
+    return Row("fold", name, source, data.ppl(m), seconds, extra)
 
 
 # the BI-removal variants of extra_fold_settings, by the key their settings carry (the rest run as run_fold)
@@ -1033,14 +1064,16 @@ VARIANT_RUNS = (
     ("stand_ins", run_stand_ins),
     ("search", run_search),
     ("width", run_width),
+    ("auto", run_auto),
 )
 
 
 def importance_scores(model, ids: torch.Tensor, layers: int, removes: set[float]) -> dict[float, dict]:
     """Importance per removal rate (gates depend on the budget; BI and drop-one do not), computed once."""
-    base = {"bi": IMPORTANCE["bi"](model, ids, FoldConfig())}
-    base["drop_one"] = IMPORTANCE["drop_one"](model, ids[:8], FoldConfig())  # reported only: 8 samples
-    return {r: {**base, "gates": IMPORTANCE["gates"](model, ids, FoldConfig(remove=r))} for r in removes}
+    blocks = FoldConfig(structure="blocks")
+    base = {"bi": IMPORTANCE["bi"](model, ids, blocks)}
+    base["drop_one"] = IMPORTANCE["drop_one"](model, ids[:8], blocks)  # reported only: 8 samples
+    return {r: {**base, "gates": IMPORTANCE["gates"](model, ids, replace(blocks, remove=r))} for r in removes}
 
 
 # ---------------------------------------------------------------- sharing mechanics (Qwen2 tiny config)
@@ -1301,6 +1334,8 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         def fold_job(n: str, k: dict, s: str) -> Row:
             k = dict(k)
             by = k.pop("score_source", s)  # the text the blocks are scored on (the cure's by default)
+            if "auto" in k:  # scores its blocks itself, on the samples it does not hold out
+                return run_auto(model, data, n, k, s, {})
             if by not in scores:  # importance once per source, when its first row runs
                 scores[by] = importance_scores(model, data.ids(by), layers, removes)
             run = next((f for key, f in VARIANT_RUNS if key in k), run_fold)
@@ -1544,6 +1579,7 @@ LEVER_DRAW_PARTS = (
     "fold-round18-n128",
     "fold-round18-n128sh",
     "round10-e2e-round18-n128",
+    "fold-round19",
 )
 
 
@@ -1683,6 +1719,47 @@ def model_draw_lines(
     return out
 
 
+STRUCTURE_PART = "fold-round19"
+
+
+def structure_lines(folder: Path) -> list[str]:
+    """Round 19: every run of the default fold (structure auto): per draw and cure source, the held-out KL of
+    each candidate, on how many held-out samples the width fold drifted less than each removal, the decision,
+    and the row's perplexities."""
+    out = []
+    for model in ("mix-llama-14m", "stories260k"):
+        draws = load_draws(folder, model, STRUCTURE_PART)
+        if not draws:
+            continue
+        fp = draws[min(draws)][0]["ppl"]
+        out += [f"## Round 19, the default fold (structure auto): {model}", "",
+                "Held-out KL = mean KL(original || candidate) on the held-out 1/8 of the model's own samples "
+                "(self@1.6); `w < x` = held-out samples on which the width fold drifted less than removal x.", "",
+                "| draw | cure source | held-out KL: width / gates removal / BI removal | w < gates, w < BI | decision | "
+                + " | ".join(EVALS) + " | KL to fp32 (Sh. / Wiki) | row s |",
+                "|---|---|---|---|---|" + "---|" * len(EVALS) + "---|---|"]  # fmt: skip
+        for seed in sorted(draws):
+            for r in draws[seed][1:]:
+                check = r["extra"]["structure_check"]
+                kl, per = check["held_out_kl"], check["held_out_kl_per_sample"]
+                width = per["mlp-width"]
+                kls = " / ".join(
+                    f"{kl[k]:.4f}" if k in kl else "(= gates)"
+                    for k in ("mlp-width", "remove:gates", "remove:bi")
+                )
+                wins = ", ".join(
+                    f"{sum(a < b for a, b in zip(width, per[k], strict=True))}/{len(width)}"
+                    if k in per
+                    else "-"
+                    for k in ("remove:gates", "remove:bi")
+                )
+                tofp = " / ".join(f"{r['extra']['kl_to_fp32'][e]:.3f}" for e in EVALS)
+                out.append(f"| {seed} | {r['source']} | {kls} | {wins} | **{check['decision']}** | "
+                           + " | ".join(pct(r["ppl"][e], fp[e]) for e in EVALS) + f" | {tofp} | {r['seconds']:.0f} |")  # fmt: skip
+        out.append("")
+    return out
+
+
 E2E_PART = "round10-e2e"
 
 
@@ -1793,6 +1870,7 @@ def write_page(folder: Path) -> None:
     out += self_temperature_lines(folder)
     out += e2e_lines(folder)
     out += draw_means_lines(folder)
+    out += structure_lines(folder)
     out += lever_means_lines(folder)
     out += width_draw_lines(folder)
     mech = folder / "cross_domain_mechanics.json"
@@ -1839,6 +1917,12 @@ def write_page(folder: Path) -> None:
                                f"({x['removed_params']} parameters; block removal {x['block_removal_params']}), "
                                f"plans (MLP, attention branches: KL on the last eighth of the cure samples) "
                                f"{[(t['mlp'], t['attn'], t['kl']) for t in x['trials']]}, "
+                               f"distill {x['distill_loss']}, {r['seconds']} s")  # fmt: skip
+                    continue
+                if "structure_check" in x:  # round 19: the default fold, structure auto
+                    c = x["structure_check"]
+                    out.append(f"- {r['name']} [{r['source']}]: {c['decision']} (held-out KL "
+                               f"{ {k: round(v, 4) for k, v in c['held_out_kl'].items()} }), kept {x['kept']}, "
                                f"distill {x['distill_loss']}, {r['seconds']} s")  # fmt: skip
                     continue
                 out.append(f"- {r['name']} [{r['source']}]: kept {x['kept']}, groups "

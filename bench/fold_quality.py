@@ -132,7 +132,11 @@ class Bench:
         self.layers = len(self.base.model.layers)
         train, held_out = split_text(read_text(SHARED / "data" / "tinyshakespeare.txt"))
         self.config = FoldConfig(
-            n_samples=args.n_samples, seq_len=args.seq_len, batch_size=4, share_check=False
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            batch_size=4,
+            share_check=False,
+            structure="blocks",
         )
         self.calib = calibration_samples(self.tokenizer, train, args.n_samples, args.seq_len, seed=0)
         wiki = read_text(SHARED / "data" / "wikitext2-raw-test.txt")
@@ -373,7 +377,7 @@ def main() -> None:
     p.add_argument(
         "--goal-cure-steps",
         type=int,
-        default=FoldConfig().cure_steps,
+        default=FoldConfig(structure="blocks").cure_steps,
         help="cure budget of the goal rows (default: a block fold's, FoldConfig's)",
     )
     p.add_argument(

@@ -44,11 +44,18 @@ def main() -> None:
     parser.add_argument("--calib", type=Path, default=SHARED / "data" / "tinyshakespeare.txt")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads while timing (1: CPU time is not inflated by spinning)"
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads while timing (1: CPU time is not inflated by spinning)",
     )
-    parser.add_argument("--json", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results" / "gate_time.json")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / "docs" / "results" / "gate_time.json",
+    )
     args = parser.parse_args()
-    config = FoldConfig()
+    config = FoldConfig(structure="blocks")
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model), load_tokenizer(args.model)
     ids = calibration_samples(tokenizer, read_text(args.calib), config.batch_size, config.seq_len)  # (B, 256)
@@ -66,14 +73,18 @@ def main() -> None:
                 wall[n].append(w)
     threads = args.threads
     rows = []
-    print(f"| seq_len | CPU s/step (median of {args.reps}) | wall s/step | projected {config.gate_steps} steps, idle host, {threads} threads |")
+    print(
+        f"| seq_len | CPU s/step (median of {args.reps}) | wall s/step | projected {config.gate_steps} steps, idle host, {threads} threads |"
+    )
     print("|---|---|---|---|")
     for n in lengths:
         c = statistics.median(cpu[n])
         projected = config.gate_steps * c / threads
         rows.append({"seq_len": n, "cpu_s": cpu[n], "wall_s": wall[n], "projected_s": round(projected, 1)})
         print(f"| {n} | {c:.2f} | {statistics.median(wall[n]):.2f} | {projected / 60:.1f} min |")
-    print(f"CPU ratio {statistics.median(cpu[lengths[0]]) / statistics.median(cpu[lengths[1]]):.2f}x; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"CPU ratio {statistics.median(cpu[lengths[0]]) / statistics.median(cpu[lengths[1]]):.2f}x; load average {os.getloadavg()[0]:.1f}"
+    )
     args.json.write_text(json.dumps({
         "model": args.model.name, "batch_size": config.batch_size, "gate_steps": config.gate_steps,
         "torch_threads": threads, "load_average": os.getloadavg(), "rows": rows,

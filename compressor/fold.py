@@ -11,6 +11,9 @@ Representation contract (the exporter and quantizer rely on it):
 - No gates or hooks are left behind; the model runs ``forward``/``generate`` with a DynamicCache as before.
 - ``structure="mlp-width"`` (fold_width.py) keeps every position and narrows every MLP to one smaller
   ``config.intermediate_size`` instead.
+- ``structure="auto"`` (the default) builds both kinds on all but a held-out slice of the model's own samples,
+  keeps the kind whose result drifts least from the original on that slice, and then folds the model exactly as
+  that structure alone would (``fold_auto``); the manifest records every candidate's held-out KL.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +44,9 @@ from edgepack.textdata import calibration_samples, read_text
 
 log = logging.getLogger(__name__)
 
-STRUCTURES = ("blocks", "mlp-width")  # what the removed parameters are taken from: whole blocks, or MLP width
+# what the removed parameters are taken from: whole blocks, MLP width, or the one of the two that a held-out
+# check prefers ("auto"; sharing asked for: blocks)
+STRUCTURES = ("auto", "blocks", "mlp-width")
 INITS = ("important", "mean")  # how a share group's weights start: its most important block's, or the average
 BASELINES = ("bi", "drop_one")  # always scored and reported next to the chosen importance method
 
@@ -51,8 +56,9 @@ class FoldConfig:
     """Recipe step: remove a fraction of decoder blocks, share weights within groups, cure by distillation."""
 
     remove: float = 0.25  # fraction of blocks to delete (rounded to whole blocks)
-    # "mlp-width": the parameters of those blocks come from every block's MLP width instead (fold_width.py)
-    structure: str = "blocks"
+    # "mlp-width": the parameters of those blocks come from every block's MLP width instead (fold_width.py);
+    # "auto": whichever of blocks / mlp-width drifts less from the original on held-out samples (fold_auto)
+    structure: str = "auto"
     share_group: int | list[list[int]] | None = None  # group size, or explicit groups of retained positions
     share_pairs: int = 0  # or: share the N least important neighbour pairs of retained blocks (not block 0)
     importance: str = "gates"  # "gates" | "bi" | "drop_one"
@@ -119,17 +125,21 @@ class FoldConfig:
             raise EdgepackError(
                 f"structure={self.structure!r} is unknown; choose one of {', '.join(STRUCTURES)}"
             )
-        if self.structure == "mlp-width" and (self.share_group is not None or self.share_pairs):
+        sharing = self.share_group is not None or self.share_pairs
+        if self.structure == "auto" and sharing:
+            self.structure = "blocks"  # sharing is a block fold's (its own check weighs it against removal)
+        if self.structure == "mlp-width" and sharing:
             raise EdgepackError(
                 "a width fold shares no blocks; drop share_group/share_pairs or use structure=blocks"
             )
-        width = self.structure == "mlp-width"
-        if self.cure_weights is None:
+        width, auto = self.structure == "mlp-width", self.structure == "auto"
+        # auto keeps the cure settings it was given (None = each candidate's own default, resolved per structure)
+        if self.cure_weights is None and not auto:
             self.cure_weights = "mlp" if width else True
-        if self.cure_steps is None:
+        if self.cure_steps is None and not auto:
             self.cure_steps = 200 if width else 100
         if self.n_samples is None:
-            self.n_samples = 128 if width else 32
+            self.n_samples = 32 if self.structure == "blocks" else 128
         if not isinstance(self.cure_stop, bool):
             raise EdgepackError(f"cure_stop={self.cure_stop!r} must be true or false")
         if self.cure_stop and not width:
@@ -137,7 +147,11 @@ class FoldConfig:
                 "cure_stop applies to structure=mlp-width (a block fold's share check holds its samples out); "
                 "drop cure_stop or use structure=mlp-width"
             )
-        if not (isinstance(self.cure_weights, bool) or self.cure_weights == "mlp"):
+        if not (
+            isinstance(self.cure_weights, bool)
+            or self.cure_weights == "mlp"
+            or (auto and self.cure_weights is None)
+        ):
             raise EdgepackError(f'cure_weights={self.cure_weights!r} must be true, false or "mlp"')
         if self.init not in INITS:
             raise EdgepackError(f"init={self.init!r} is unknown; choose one of {', '.join(INITS)}")
@@ -145,6 +159,8 @@ class FoldConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise EdgepackError(f"{name}={getattr(self, name)!r} must be a positive integer")
         for name in ("cure_steps", "distill_layers", "seed"):
+            if name == "cure_steps" and auto and self.cure_steps is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise EdgepackError(f"{name}={getattr(self, name)!r} must be a non-negative integer")
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
@@ -190,6 +206,9 @@ class FoldReport:
     width: dict | None = None
     # cure_stop: held-out samples, their KL to the original at each check ([step, KL]), the step kept
     cure_held_out: dict | None = None
+    structure: str = "blocks"  # what was built: "blocks" or "mlp-width"
+    # structure auto: each candidate's held-out KL to the original (mean and per sample) and the decision
+    structure_check: dict | None = None
 
     @property
     def ranking(self) -> list[int]:
@@ -316,6 +335,10 @@ def fold(
     layers = decoder_layers(model)
     n = len(layers)
     n_remove = removal_count(config.remove, n)
+    if config.structure == "auto":
+        if channel_ids is not None:
+            _check_ids(channel_ids)
+        return fold_auto(model, config, calib_ids, n_remove, channel_ids)
     if config.structure == "mlp-width":
         if channel_ids is not None:
             _check_ids(channel_ids)
@@ -406,6 +429,7 @@ def fold_mlp_width(
         rankings={"mlp-energy": list(range(n))},
         block_params_before=before,
         block_params_after=before,
+        structure="mlp-width",
     )
     if not n_remove:
         return report
@@ -429,6 +453,94 @@ def fold_mlp_width(
         report.cure_held_out = result.held_out
         report.seconds["cure"] = time.perf_counter() - t0
     model.eval()
+    return report
+
+
+def structure_candidates(
+    config: FoldConfig, rankings: dict[str, list[int]], n_keep: int
+) -> dict[str, FoldConfig]:
+    """The folds ``structure="auto"`` weighs, by label: the width fold, and removal of whole blocks by the
+    configured importance and by block influence (ShortGPT's BI, the yardstick the fold must never lose to),
+    distinct kept sets only. Each resolves its own structure's defaults for what ``config`` leaves unset."""
+    out = {"mlp-width": replace(config, structure="mlp-width")}
+    for label in removal_candidates(rankings, (config.importance, "bi"), n_keep):
+        method = label.split(":", 1)[1]
+        out[label] = replace(config, structure="blocks", importance=method, share_check=False)
+    return out
+
+
+def fold_auto(
+    model: nn.Module,
+    config: FoldConfig,
+    calib_ids: torch.Tensor,
+    n_remove: int,
+    channel_ids: torch.Tensor | None,
+) -> FoldReport:
+    """``structure="auto"``: hold out the last ``held_out`` of the model's own samples (``channel_ids``; the
+    calibration samples when none are given), build and cure every candidate of ``structure_candidates`` on the
+    rest (the cure text in full when it is a text), and keep the one whose next-token distributions drift least
+    from the original's on the held-out samples (lowest mean KL). Those samples are the model's own, so the
+    choice judges the fold on the model's distribution, not on the cure text's domain. Then fold ``model``
+    exactly as the winner's structure alone would, on every sample (so the result is that fold's, and its
+    measurements hold); the report records each candidate's held-out KL and the decision."""
+    own = calib_ids if channel_ids is None else channel_ids
+    if not n_remove or len(own) < 2:
+        if n_remove:
+            log.warning("fold: one sample, none to hold out: structure auto folds blocks")
+        return fold(model, replace(config, structure="blocks"), calib_ids, channel_ids=channel_ids)
+    t0 = time.perf_counter()
+    fit, held = split_held_out(own, config.held_out)
+    self_cured = own is calib_ids or (own.shape == calib_ids.shape and torch.equal(own, calib_ids))
+    cure_ids = fit if self_cured else calib_ids
+    layers = decoder_layers(model)
+    n = len(layers)
+    block_config = replace(config, structure="blocks")
+    scores = score_blocks(model, cure_ids, block_config, list(dict.fromkeys((config.importance, *BASELINES))))
+    candidates = structure_candidates(config, {m: rank(s) for m, s in scores.items()}, n - n_remove)
+    skipped = {}
+    try:  # a family without one gated MLP width (fused gate/up, per-layer widths) cannot narrow its MLPs
+        from edgepack.compressor.fold_width import plan_width
+
+        plan_width(layers, model.config.hidden_size, n_remove)
+    except EdgepackError as e:
+        skipped["mlp-width"] = str(e)
+        del candidates["mlp-width"]
+        log.warning("fold: structure auto without the width fold: %s", e)
+    if len(candidates) == 1:  # nothing to weigh: the one block fold, as structure=blocks builds it
+        report = fold(model, block_config, calib_ids)
+        report.structure_check = {"decision": next(iter(candidates)), "skipped": skipped, "held_out_kl": {}}
+        return report
+    per_sample: dict[str, list[float]] = {}
+    for label, candidate_config in candidates.items():
+        candidate = copy.deepcopy(model)  # the model stays the original: every candidate's teacher
+        fold(candidate, candidate_config, cure_ids, scores=scores, channel_ids=fit)
+        per_sample[label] = sample_kls(candidate, model, held, config.batch_size)
+        del candidate  # one candidate in memory at a time
+    losses = {label: sum(v) / len(v) for label, v in per_sample.items()}
+    decision = min(losses, key=losses.get)
+    log.info(
+        "fold: structure auto, held-out KL %s -> %s", {k: round(v, 4) for k, v in losses.items()}, decision
+    )
+    checked = time.perf_counter() - t0
+    report = fold(model, candidates[decision], calib_ids, channel_ids=channel_ids)
+    report.structure_check = {
+        "decision": decision,
+        "held_out_kl": losses,
+        "held_out_kl_per_sample": per_sample,
+        "held_out_samples": len(held),
+        "held_out_from": "channel_ids (the model's own samples)" if channel_ids is not None else "calib_ids",
+        "skipped": skipped,
+        "candidates": {
+            label: {
+                "structure": c.structure,
+                "importance": c.importance if c.structure == "blocks" else None,
+                "cure_steps": c.cure_steps,
+                "cure_weights": c.cure_weights,
+            }
+            for label, c in candidates.items()
+        },
+    }
+    report.seconds["structure_check"] = checked
     return report
 
 

@@ -51,7 +51,7 @@ def mlp_of(layer: nn.Module) -> nn.Module:
     ):
         raise EdgepackError(
             f"{type(layer).__name__} has no gated MLP with gate_proj/up_proj/down_proj; width folding needs one "
-            "(use the default block structure)"
+            "(use --fold-structure blocks)"
         )
     return mlp
 

@@ -203,17 +203,19 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
 @click.option(
     "--remove",
     type=float,
-    help="Fold: fraction of blocks to remove, e.g. 0.25 (--fold-structure mlp-width: their parameters).",
+    help="Fold: fraction of blocks to remove, e.g. 0.25 (a width fold removes their parameters).",
 )
 @click.option(
     "--share-groups", help="Fold: group size (e.g. 2) or explicit groups of kept positions (0,1;2,3;4)."
 )
 @click.option(
     "--fold-structure",
-    type=click.Choice(["blocks", "mlp-width"]),
-    help="Fold: where --remove's parameters come from: whole blocks (default), or every block's MLP width, "
-    "channels chosen on the model's own samples (keeps depth and the KV cache; docs/results/generalization.md, "
-    "round 14).",
+    type=click.Choice(["auto", "blocks", "mlp-width"]),
+    help="Fold: where --remove's parameters come from: whole blocks (fewer layers: a smaller KV cache and less "
+    "compute per token), every block's MLP width (channels chosen on the model's own samples; keeps depth and "
+    "the KV cache), or auto (default; blocks with --share-groups): both built, the one closer to the original "
+    "on held-out samples of the model's own text kept (about twice the fold's time; docs/results/"
+    "generalization.md, round 19).",
 )
 @click.option(
     "--kv-merge", help="KV cache across depth: minicache (MiniCache, arXiv 2405.14366), share or none."

@@ -70,6 +70,25 @@ def tensor_group(name: str, fam: Family) -> str:
     return "other"
 
 
+def fold_summary(fold: dict) -> str:
+    """One line: what the fold removed (blocks, or MLP width) and, for structure auto, what it weighed."""
+    width = fold.get("width")
+    if width:
+        text = f"MLP width {width['channels_before']} -> {width['channels_after']} in all {fold['original_layers']} blocks"
+    else:
+        text = f"{len(fold['kept'])} of {fold['original_layers']} blocks kept, removed {fold['removed']}"
+        shared = [g for g in fold["groups"] if len(g) > 1]
+        if shared:
+            text += f", positions sharing weights {shared}"
+    check = fold.get("structure_check")
+    if check:
+        kls = ", ".join(f"{label} {kl:.4f}" for label, kl in check["held_out_kl"].items())
+        text += f"; structure auto chose {check['decision']}"
+        text += f" (held-out KL to the original: {kls})" if kls else ""
+        text += "".join(f"; {label} not possible: {why}" for label, why in check.get("skipped", {}).items())
+    return text
+
+
 def inspect_artifact(folder: Path, as_json: bool = False) -> str:
     m = load_manifest(folder)
     if as_json:
@@ -99,6 +118,9 @@ def inspect_artifact(folder: Path, as_json: bool = False) -> str:
         f"opset      {m['opsets']}  IR {m['ir_version']}",
         "ops        " + ", ".join(f"{k.split('::')[1]} x{v}" for k, v in m["ops"].items()),
     ]
+    fold = m.get("compression", {}).get("fold")
+    if fold:
+        lines.append(f"fold       {fold_summary(fold)}")
     if m.get("parity"):
         p = m["parity"]
         lines.append(

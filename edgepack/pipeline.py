@@ -343,9 +343,10 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # the cure on the text alone: mixing in the model's samples cost the fold in and off the text's
             # domain (generalization.md, round 4), where it helps GPTQ
             # a width fold chooses its channels on the model's own samples, whatever the cure text: channels
-            # chosen on WikiText-2 cost Shakespeare +39.5% against +24.8% (generalization.md, round 14)
+            # chosen on WikiText-2 cost Shakespeare +39.5% against +24.8% (generalization.md, round 14); auto
+            # also holds some of them out to choose the structure on
             cure_ids = ids_for(step)
-            channels = ids_for(step, 1.0) if step.structure == "mlp-width" else None
+            channels = ids_for(step, 1.0) if step.structure in ("mlp-width", "auto") else None
             reports["fold"] = fold(model, step, cure_ids, channel_ids=channels).to_dict()
         elif kind == "quantize":
             from edgepack.compressor.quantize import HEAD_AUTO, e2e_options, quantize

@@ -14,6 +14,7 @@ from edgepack.compressor.fold import (
     fold,
     score_blocks,
     shared_parameter_names,
+    structure_candidates,
     unique_parameter_count,
 )
 from edgepack.compressor.fold_cure import cure
@@ -30,7 +31,14 @@ if not STORIES.is_dir():
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 
 FAST = dict(
-    n_samples=8, seq_len=64, batch_size=4, gate_steps=12, cure_steps=0, importance="bi", share_check=False
+    n_samples=8,
+    seq_len=64,
+    batch_size=4,
+    gate_steps=12,
+    cure_steps=0,
+    importance="bi",
+    share_check=False,
+    structure="blocks",
 )
 SHARED = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
 SHARED += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
@@ -114,7 +122,7 @@ def test_config_round_trip():
         (dict(share_group=[[0, 1], []]), "groups like"),
         (dict(cure_steps=-1), "non-negative integer"),
         (dict(share_group=2, share_pairs=1), "either share_group or share_pairs"),
-        (dict(structure="heads"), "choose one of blocks, mlp-width"),
+        (dict(structure="heads"), "choose one of auto, blocks, mlp-width"),
         (dict(structure="mlp-width", share_group=2), "a width fold shares no blocks"),
         (dict(cure_weights="attention"), 'must be true, false or "mlp"'),
         (dict(cure_weights=1), 'must be true, false or "mlp"'),
@@ -412,10 +420,18 @@ def test_width_cure_defaults_by_structure():
     explicit values win and survive the manifest's round trip."""
     width = FoldConfig(structure="mlp-width")
     assert (width.cure_steps, width.cure_stop, width.cure_check_every) == (200, False, 25)
-    assert (FoldConfig().cure_steps, FoldConfig().cure_stop) == (100, False)
+    blocks = FoldConfig(structure="blocks")
+    assert (blocks.cure_steps, blocks.cure_stop) == (100, False)
     explicit = FoldConfig(structure="mlp-width", cure_steps=60, cure_stop=True)
     assert (explicit.cure_steps, explicit.cure_stop) == (60, True)
-    for config in (width, explicit, FoldConfig()):
+    # auto leaves the cure to each candidate's structure unless told
+    assert (FoldConfig().structure, FoldConfig().cure_steps, FoldConfig().cure_weights) == (
+        "auto",
+        None,
+        None,
+    )
+    assert FoldConfig(cure_steps=7).cure_steps == 7
+    for config in (width, explicit, blocks, FoldConfig()):
         assert FoldConfig.from_dict(config.to_dict()) == config
 
 
@@ -423,9 +439,95 @@ def test_fold_sample_counts_by_structure():
     """A width fold calibrates on 128 samples by default, a block fold on 32; an explicit count wins and the
     resolved one survives the manifest's round trip."""
     width = FoldConfig(structure="mlp-width")
-    assert (width.n_samples, FoldConfig().n_samples) == (128, 32)
+    assert (width.n_samples, FoldConfig(structure="blocks").n_samples, FoldConfig().n_samples) == (
+        128,
+        32,
+        128,
+    )
+    # sharing is a block fold's: auto resolves to blocks (and its count) when sharing is asked for
+    assert (FoldConfig(share_group=2).structure, FoldConfig(share_pairs=1).n_samples) == ("blocks", 32)
     assert FoldConfig(structure="mlp-width", n_samples=16).n_samples == 16
     assert FoldConfig.from_dict(width.to_dict()) == width
+
+
+AUTO = dict(remove=0.2, n_samples=8, seq_len=64, batch_size=4, gate_steps=12, held_out=0.25)
+
+
+def test_auto_candidates_resolve_their_own_structure_defaults():
+    """auto weighs the width fold against removal by the configured importance and by BI (one candidate when
+    both keep the same blocks), each with its own structure's cure defaults unless the config sets them."""
+    rankings = {"gates": [0, 1, 2, 3, 4], "bi": [0, 4, 2, 1, 3]}
+    c = structure_candidates(FoldConfig(), rankings, 4)
+    assert list(c) == ["mlp-width", "remove:gates", "remove:bi"]
+    assert [(x.structure, x.cure_steps, x.cure_weights) for x in c.values()] == [
+        ("mlp-width", 200, "mlp"),
+        ("blocks", 100, True),
+        ("blocks", 100, True),
+    ]
+    assert (c["remove:gates"].importance, c["remove:bi"].importance) == ("gates", "bi")
+    same = structure_candidates(FoldConfig(cure_steps=5), {**rankings, "bi": [1, 0, 3, 2, 4]}, 4)
+    assert list(same) == ["mlp-width", "remove:gates"] and {x.cure_steps for x in same.values()} == {5}
+
+
+def test_auto_fold_is_the_plain_fold_of_the_candidate_closest_on_held_out_samples(base, ids):
+    """structure auto (the default): every candidate is built on the samples it does not hold out, the one with
+    the least mean held-out KL to the original is kept, and the model is then exactly the fold that structure
+    alone makes on every sample; the report says which, with every candidate's KLs."""
+    model = copy.deepcopy(base)
+    report = fold(model, FoldConfig(**AUTO, cure_steps=3), ids)
+    check = report.structure_check
+    assert check["held_out_samples"] == 2 and {"mlp-width", "remove:bi"} <= set(check["held_out_kl"])
+    for label, kls in check["held_out_kl_per_sample"].items():
+        assert len(kls) == 2 and check["held_out_kl"][label] == pytest.approx(sum(kls) / 2)
+    assert check["decision"] == min(check["held_out_kl"], key=check["held_out_kl"].get)
+    chosen = check["candidates"][check["decision"]]
+    assert report.structure == chosen["structure"] and chosen["cure_steps"] == 3
+    plain = copy.deepcopy(base)
+    importance = {"importance": chosen["importance"]} if chosen["importance"] else {}
+    fold(plain, FoldConfig(**AUTO, cure_steps=3, structure=chosen["structure"], **importance), ids)
+    a, b = dict(model.named_parameters()), dict(plain.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_auto_fold_folds_blocks_where_the_mlp_cannot_narrow(base, ids):
+    """A model whose blocks' MLPs differ in width cannot take the width fold: auto weighs the block removals
+    alone, and says why in its report."""
+    model = copy.deepcopy(base)
+    model.model.layers[1].mlp.gate_proj = torch.nn.Linear(64, 100, bias=False)
+    model.model.layers[1].mlp.up_proj = torch.nn.Linear(64, 100, bias=False)
+    model.model.layers[1].mlp.down_proj = torch.nn.Linear(100, 64, bias=False)
+    report = fold(model, FoldConfig(**AUTO, cure_steps=0), ids)
+    check = report.structure_check
+    assert (
+        "one intermediate size" in check["skipped"]["mlp-width"] and "mlp-width" not in check["held_out_kl"]
+    )
+    assert (
+        report.structure == "blocks"
+        and len(model.model.layers) == 4
+        and check["decision"].startswith("remove:")
+    )
+
+
+@pytest.mark.parametrize("winner", ["mlp-width", "blocks"])
+def test_auto_fold_builds_the_structure_the_held_out_check_prefers(base, ids, monkeypatch, winner):
+    """Whichever structure drifts less on the held-out samples is what the model becomes: five narrowed blocks,
+    or four whole ones. (The drift is stubbed here: the test pins the decision's wiring, the one above the
+    measured decision.)"""
+    import edgepack.compressor.fold as fold_module
+
+    def kls(student, teacher, ids, batch_size):
+        narrow = student.config.intermediate_size < teacher.config.intermediate_size
+        return [0.1 if narrow == (winner == "mlp-width") else 0.5] * len(ids)
+
+    monkeypatch.setattr(fold_module, "sample_kls", kls)
+    model = copy.deepcopy(base)
+    report = fold(model, FoldConfig(**AUTO, cure_steps=0), ids)
+    assert report.structure_check["decision"].startswith("mlp-width" if winner == "mlp-width" else "remove:")
+    layers = model.model.layers
+    if winner == "mlp-width":
+        assert len(layers) == 5 and model.config.intermediate_size == 128 and report.width is not None
+    else:
+        assert len(layers) == 4 and model.config.intermediate_size == 172 and len(report.removed) == 1
 
 
 def test_width_cure_keeps_the_weights_of_the_best_held_out_check(base, ids):

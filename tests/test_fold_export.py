@@ -141,6 +141,33 @@ def test_self_calibrated_width_fold_draws_128_samples_by_default(stories, tmp_pa
     assert read_samples(out / FILE_NAME).shape == (128, 32)
 
 
+def test_auto_fold_through_the_exporter_records_its_choice(stories, shakespeare, tmp_path):
+    """The default structure through the exporter: the choice is made on the model's own samples although the
+    cure text is Shakespeare, the graph and config.json are the chosen structure's, parity holds, and the
+    manifest and `edgepack inspect` show every candidate's held-out KL and the decision."""
+    from edgepack.inspect import inspect_artifact
+
+    # importance bi: two candidates (width, BI removal), no gate training
+    auto = dict(remove=0.2, importance="bi", cure_steps=2, n_samples=8, seq_len=64, batch_size=4)
+    out = tmp_path / "auto"
+    m = export(ExportRequest(stories, out, recipe=Recipe([FoldConfig(**auto)]), calib=shakespeare)).manifest
+    assert m["recipe"]["steps"][0]["structure"] == "auto" and m["parity"]["passed"]
+    fold = m["compression"]["fold"]
+    check = fold["structure_check"]
+    assert check["held_out_samples"] == 1 and check["held_out_from"].startswith("channel_ids")
+    assert check["decision"] == min(check["held_out_kl"], key=check["held_out_kl"].get)
+    assert m["compression"]["calibration_fold"]["self_share"] == 1.0  # the own samples it held out from
+    config = json.loads((out / "config.json").read_text())
+    if check["decision"] == "mlp-width":
+        assert (
+            fold["structure"] == "mlp-width" and m["num_layers"] == 5 and config["intermediate_size"] == 128
+        )
+    else:
+        assert fold["structure"] == "blocks" and m["num_layers"] == 4 and config["num_hidden_layers"] == 4
+    line = next(x for x in inspect_artifact(out).splitlines() if x.startswith("fold "))
+    assert f"structure auto chose {check['decision']}" in line and "mlp-width" in line and "remove:bi" in line
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, timeout=300

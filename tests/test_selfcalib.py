@@ -145,7 +145,9 @@ def test_fold_cures_on_the_text_alone_and_gptq_mixes(stories, shakespeare, tmp_p
     from edgepack.pipeline import ExportRequest, export
     from edgepack.recipe import Recipe
 
-    fold = FoldConfig(remove=0.2, importance="bi", cure_steps=2, n_samples=8, seq_len=64, batch_size=4)
+    fold = FoldConfig(
+        remove=0.2, importance="bi", cure_steps=2, n_samples=8, seq_len=64, batch_size=4, structure="blocks"
+    )
     gptq = QuantConfig(wbits=4, method="gptq", options={"n_samples": 8, "seq_len": 64})
     recipe = Recipe([fold, gptq])
     m = export(
