@@ -1036,7 +1036,7 @@ def run_auto(model, data: Data, name: str, kwargs: dict, source: str, scores: di
     but 1/8 of the model's own samples, the one with the least held-out KL to the original kept and folded
     afresh on every sample. The own samples are ``self@1.6`` (the pipeline's default self-calibration), also
     the cure text when the row's source is self@1.6. Block scores are the fold's own (``scores`` unused)."""
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("auto", "importance", "share_check")}
+    kwargs = {k: v for k, v in kwargs.items() if k != "auto"}
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, structure="auto", **kwargs)
@@ -1064,7 +1064,6 @@ VARIANT_RUNS = (
     ("stand_ins", run_stand_ins),
     ("search", run_search),
     ("width", run_width),
-    ("auto", run_auto),
 )
 
 

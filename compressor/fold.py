@@ -324,12 +324,14 @@ def fold(
     calib_ids: torch.Tensor,
     scores: dict[str, list[float]] | None = None,
     channel_ids: torch.Tensor | None = None,
+    baselines: tuple[str, ...] = BASELINES,
 ) -> FoldReport:
     """Fold ``model`` in place (see the module docstring for the result's contract): score the blocks, remove
     the lowest-ranked, share weights within groups, cure by distillation from a copy of the original.
     ``scores`` may carry precomputed importance ({method: one score per block}) to skip recomputing it.
     ``channel_ids``: for ``structure="mlp-width"``, the samples that choose and refit the MLP channels
-    (default ``calib_ids``; the pipeline passes the model's own samples).
+    (default ``calib_ids``; the pipeline passes the model's own samples). ``baselines``: the importance methods
+    scored and reported beside the chosen one (a candidate of ``fold_auto``, whose report is discarded: none).
     The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
     _check_ids(calib_ids)
     layers = decoder_layers(model)
@@ -359,7 +361,7 @@ def fold(
             raise EdgepackError(
                 f"precomputed {method} scores have {len(s)} entries for {n} blocks; recompute them"
             )
-    wanted = [m for m in (config.importance, *BASELINES) if m not in scores]
+    wanted = [m for m in (config.importance, *baselines) if m not in scores]
     scores.update(score_blocks(model, calib_ids, config, list(dict.fromkeys(wanted))))
     seconds = {"importance": time.perf_counter() - t0}
     rankings = {method: rank(s) for method, s in scores.items()}
@@ -490,13 +492,8 @@ def fold_auto(
         return fold(model, replace(config, structure="blocks"), calib_ids, channel_ids=channel_ids)
     t0 = time.perf_counter()
     fit, held = split_held_out(own, config.held_out)
-    self_cured = own is calib_ids or (own.shape == calib_ids.shape and torch.equal(own, calib_ids))
-    cure_ids = fit if self_cured else calib_ids
+    cure_ids = fit if own is calib_ids or torch.equal(own, calib_ids) else calib_ids  # self-cured: hold out
     layers = decoder_layers(model)
-    n = len(layers)
-    block_config = replace(config, structure="blocks")
-    scores = score_blocks(model, cure_ids, block_config, list(dict.fromkeys((config.importance, *BASELINES))))
-    candidates = structure_candidates(config, {m: rank(s) for m, s in scores.items()}, n - n_remove)
     skipped = {}
     try:  # a family without one gated MLP width (fused gate/up, per-layer widths) cannot narrow its MLPs
         from edgepack.compressor.fold_width import plan_width
@@ -504,16 +501,22 @@ def fold_auto(
         plan_width(layers, model.config.hidden_size, n_remove)
     except EdgepackError as e:
         skipped["mlp-width"] = str(e)
-        del candidates["mlp-width"]
         log.warning("fold: structure auto without the width fold: %s", e)
+    # the two rankings the removal candidates keep blocks by (the baselines are the final fold's to report)
+    methods = list(dict.fromkeys((config.importance, "bi")))
+    scores = score_blocks(model, cure_ids, replace(config, structure="blocks"), methods)
+    candidates = structure_candidates(config, {m: rank(s) for m, s in scores.items()}, len(layers) - n_remove)
+    for label in skipped:
+        del candidates[label]
     if len(candidates) == 1:  # nothing to weigh: the one block fold, as structure=blocks builds it
-        report = fold(model, block_config, calib_ids)
-        report.structure_check = {"decision": next(iter(candidates)), "skipped": skipped, "held_out_kl": {}}
+        ((label, only),) = candidates.items()
+        report = fold(model, only, calib_ids)
+        report.structure_check = {"decision": label, "skipped": skipped, "held_out_kl": {}}
         return report
     per_sample: dict[str, list[float]] = {}
     for label, candidate_config in candidates.items():
         candidate = copy.deepcopy(model)  # the model stays the original: every candidate's teacher
-        fold(candidate, candidate_config, cure_ids, scores=scores, channel_ids=fit)
+        fold(candidate, candidate_config, cure_ids, scores=scores, channel_ids=fit, baselines=())
         per_sample[label] = sample_kls(candidate, model, held, config.batch_size)
         del candidate  # one candidate in memory at a time
     losses = {label: sum(v) / len(v) for label, v in per_sample.items()}
