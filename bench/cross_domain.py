@@ -40,7 +40,7 @@ from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
 from edgepack.compressor.fold_plan import rank, removal_count
 from edgepack.compressor.fold_width import fold_width
 from edgepack.compressor.quantize import QuantConfig, quantize
-from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, mix_samples
+from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, held_out_config, mix_samples
 from torch import nn
 
 from edgepack.evaluate import nll_sum, perplexity
@@ -595,8 +595,13 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
             "cure_steps": 200,
             "cure_stop": True,
         },
-        # round 19: the export default, structure auto (run_auto)
-        "auto structure (the default)": {"remove": bi["remove"], "auto": True},
+        # the export default, structure auto (run_auto): since round 20 judged on own samples drawn apart, the
+        # winner kept as built; round 19's way (held out of the own samples, the winner folded afresh) beside
+        "auto structure (the default)": {"remove": bi["remove"], "auto": True, "held_apart": True},
+        "auto structure, round 19 (held out of the own samples, folded afresh)": {
+            "remove": bi["remove"],
+            "auto": True,
+        },
         "MLP width pruning, OBS channels from self@1.0, MLP-only cure": {
             **obs_mlp,
             "width_stats": "self@1.0",
@@ -1031,16 +1036,24 @@ def run_fold(model, data: Data, name: str, kwargs: dict, source: str, scores: di
 
 
 def run_auto(model, data: Data, name: str, kwargs: dict, source: str, scores: dict) -> Row:
-    """Round 19: the fold as ``edgepack export --remove`` runs it by default (``structure="auto"``,
-    compressor/fold.py ``fold_auto``): the width fold and block removals by gates and by BI, each built on all
-    but 1/8 of the model's own samples, the one with the least held-out KL to the original kept and folded
+    """The fold as ``edgepack export --remove`` runs it by default (``structure="auto"``, compressor/fold.py
+    ``fold_auto``): the width fold and block removals by gates and by BI, the one with the least KL to the
+    original on held-out own samples kept. Round 20 (``held_apart``, the pipeline's way since): each candidate
+    is built on every sample and judged on 1/8 as many more own samples drawn apart (``held_out_config``), and
+    the winner is kept as built. Round 19: each built on all but 1/8 of the own samples, the winner folded
     afresh on every sample. The own samples are ``self@1.6`` (the pipeline's default self-calibration), also
     the cure text when the row's source is self@1.6. Block scores are the fold's own (``scores`` unused)."""
     kwargs = {k: v for k, v in kwargs.items() if k != "auto"}
+    apart = kwargs.pop("held_apart", False)
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, structure="auto", **kwargs)
-    report = fold(m, config, data.ids(source), channel_ids=data.ids("self@1.6"))
+    held = None
+    if apart:  # as edgepack.pipeline.held_out_samples draws them (and timed with the fold, as there)
+        own = SelfCalibConfig(data.n_samples, SEQ_LEN, seed=data.seed, temperature=1.6)
+        n_held = max(1, round(config.held_out * data.n_samples))
+        held = generate_samples(model, data.tok, held_out_config(own, n_held))
+    report = fold(m, config, data.ids(source), channel_ids=data.ids("self@1.6"), held_ids=held)
     seconds = round(time.perf_counter() - t0, 1)
     extra = {
         "structure": report.structure,
@@ -1718,22 +1731,35 @@ def model_draw_lines(
     return out
 
 
-STRUCTURE_PART = "fold-round19"
+STRUCTURE_PARTS = {  # part -> (round, how the held-out samples were drawn)
+    "fold-round20": (
+        "Round 20",
+        "16 more of the model's own samples (self@1.6) drawn apart, on seed 2000 + the draw",
+    ),
+    "fold-round19": ("Round 19", "the held-out 1/8 of the model's own samples (self@1.6)"),
+}
 
 
 def structure_lines(folder: Path) -> list[str]:
-    """Round 19: every run of the default fold (structure auto): per draw and cure source, the held-out KL of
-    each candidate, on how many held-out samples the width fold drifted less than each removal, the decision,
+    """Rounds 19-20: every run of the default fold (structure auto): per draw and cure source, the held-out KL
+    of each candidate, on how many held-out samples the width fold drifted less than each removal, the decision,
     and the row's perplexities."""
     out = []
+    for part, (title, held) in STRUCTURE_PARTS.items():
+        out += structure_part_lines(folder, part, title, held)
+    return out
+
+
+def structure_part_lines(folder: Path, part: str, title: str, held: str) -> list[str]:
+    out = []
     for model in ("mix-llama-14m", "stories260k"):
-        draws = load_draws(folder, model, STRUCTURE_PART)
+        draws = load_draws(folder, model, part)
         if not draws:
             continue
         fp = draws[min(draws)][0]["ppl"]
-        out += [f"## Round 19, the default fold (structure auto): {model}", "",
-                "Held-out KL = mean KL(original || candidate) on the held-out 1/8 of the model's own samples "
-                "(self@1.6); `w < x` = held-out samples on which the width fold drifted less than removal x.", "",
+        out += [f"## {title}, the default fold (structure auto): {model}", "",
+                f"Held-out KL = mean KL(original || candidate) on {held}; `w < x` = held-out samples on which "
+                "the width fold drifted less than removal x.", "",
                 "| draw | cure source | held-out KL: width / gates removal / BI removal | w < gates, w < BI | decision | "
                 + " | ".join(EVALS) + " | KL to fp32 (Sh. / Wiki) | row s |",
                 "|---|---|---|---|---|" + "---|" * len(EVALS) + "---|---|"]  # fmt: skip

@@ -11,9 +11,9 @@ Representation contract (the exporter and quantizer rely on it):
 - No gates or hooks are left behind; the model runs ``forward``/``generate`` with a DynamicCache as before.
 - ``structure="mlp-width"`` (fold_width.py) keeps every position and narrows every MLP to one smaller
   ``config.intermediate_size`` instead.
-- ``structure="auto"`` (the default) builds both kinds on all but a held-out slice of the model's own samples,
-  keeps the kind whose result drifts least from the original on that slice, and then folds the model exactly as
-  that structure alone would (``fold_auto``); the manifest records every candidate's held-out KL.
+- ``structure="auto"`` (the default) builds both kinds, keeps the one whose result drifts least from the
+  original on held-out samples of the model's own text, and leaves the model exactly as that structure alone
+  would fold it (``fold_auto``); the manifest records every candidate's held-out KL.
 """
 
 from __future__ import annotations
@@ -325,6 +325,7 @@ def fold(
     scores: dict[str, list[float]] | None = None,
     channel_ids: torch.Tensor | None = None,
     baselines: tuple[str, ...] = BASELINES,
+    held_ids: torch.Tensor | None = None,
 ) -> FoldReport:
     """Fold ``model`` in place (see the module docstring for the result's contract): score the blocks, remove
     the lowest-ranked, share weights within groups, cure by distillation from a copy of the original.
@@ -332,15 +333,18 @@ def fold(
     ``channel_ids``: for ``structure="mlp-width"``, the samples that choose and refit the MLP channels
     (default ``calib_ids``; the pipeline passes the model's own samples). ``baselines``: the importance methods
     scored and reported beside the chosen one (a candidate of ``fold_auto``, whose report is discarded: none).
-    The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
+    ``held_ids``: for ``structure="auto"``, samples of the model's own text that no candidate is built on, to
+    choose between them (the pipeline draws them apart, ``selfcalib.held_out_config``); without them auto holds
+    out part of ``channel_ids`` and folds the winner afresh. The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
     _check_ids(calib_ids)
     layers = decoder_layers(model)
     n = len(layers)
     n_remove = removal_count(config.remove, n)
     if config.structure == "auto":
-        if channel_ids is not None:
-            _check_ids(channel_ids)
-        return fold_auto(model, config, calib_ids, n_remove, channel_ids)
+        for extra in (channel_ids, held_ids):
+            if extra is not None:
+                _check_ids(extra)
+        return fold_auto(model, config, calib_ids, n_remove, channel_ids, held_ids)
     if config.structure == "mlp-width":
         if channel_ids is not None:
             _check_ids(channel_ids)
@@ -477,22 +481,35 @@ def fold_auto(
     calib_ids: torch.Tensor,
     n_remove: int,
     channel_ids: torch.Tensor | None,
+    held_ids: torch.Tensor | None = None,
 ) -> FoldReport:
-    """``structure="auto"``: hold out the last ``held_out`` of the model's own samples (``channel_ids``; the
-    calibration samples when none are given), build and cure every candidate of ``structure_candidates`` on the
-    rest (the cure text in full when it is a text), and keep the one whose next-token distributions drift least
-    from the original's on the held-out samples (lowest mean KL). Those samples are the model's own, so the
-    choice judges the fold on the model's distribution, not on the cure text's domain. Then fold ``model``
-    exactly as the winner's structure alone would, on every sample (so the result is that fold's, and its
-    measurements hold); the report records each candidate's held-out KL and the decision."""
+    """``structure="auto"``: build and cure every candidate of ``structure_candidates`` and keep the one whose
+    next-token distributions drift least from the original's on held-out samples of the model's own text
+    (lowest mean KL). Those samples are the model's own, so the choice judges the fold on the model's
+    distribution, not on the cure text's domain. The report records each candidate's held-out KL and the
+    decision, and the result is exactly the fold the winner's structure alone makes (its measurements hold).
+
+    With ``held_ids`` (samples drawn apart from every fitting sample; what the pipeline passes) each candidate
+    is that plain fold itself, built on every sample, and the winner becomes ``model``: no fold is built twice.
+    Without them, the last ``held_out`` of the own samples (``channel_ids``; the calibration samples when none
+    are given) are held out of every candidate, and ``model`` is then folded afresh, on every sample, as the
+    winner's structure alone would. Memory: the original, the best candidate so far and the one being built
+    (each with its cure's teacher copy)."""
     own = calib_ids if channel_ids is None else channel_ids
-    if not n_remove or len(own) < 2:
+    if not n_remove or (held_ids is None and len(own) < 2):
         if n_remove:
             log.warning("fold: one sample, none to hold out: structure auto folds blocks")
         return fold(model, replace(config, structure="blocks"), calib_ids, channel_ids=channel_ids)
     t0 = time.perf_counter()
-    fit, held = split_held_out(own, config.held_out)
-    cure_ids = fit if own is calib_ids or torch.equal(own, calib_ids) else calib_ids  # self-cured: hold out
+    apart = held_ids is not None
+    if apart:  # every candidate is the plain fold: all samples, the baselines scored once for its report
+        fit, held, cure_ids, baselines = channel_ids, held_ids, calib_ids, BASELINES
+    else:
+        fit, held = split_held_out(own, config.held_out)
+        cure_ids = (
+            fit if own is calib_ids or torch.equal(own, calib_ids) else calib_ids
+        )  # self-cured: hold out
+        baselines = ()  # the final fold scores and reports them
     layers = decoder_layers(model)
     skipped = {}
     try:  # a family without one gated MLP width (fused gate/up, per-layer widths) cannot narrow its MLPs
@@ -502,36 +519,53 @@ def fold_auto(
     except EdgepackError as e:
         skipped["mlp-width"] = str(e)
         log.warning("fold: structure auto without the width fold: %s", e)
-    # the two rankings the removal candidates keep blocks by (the baselines are the final fold's to report)
-    methods = list(dict.fromkeys((config.importance, "bi")))
+    # the two rankings the removal candidates keep blocks by (and, built on all samples, the baselines)
+    methods = list(dict.fromkeys((config.importance, "bi", *baselines)))
     scores = score_blocks(model, cure_ids, replace(config, structure="blocks"), methods)
     candidates = structure_candidates(config, {m: rank(s) for m, s in scores.items()}, len(layers) - n_remove)
     for label in skipped:
         del candidates[label]
     if len(candidates) == 1:  # nothing to weigh: the one block fold, as structure=blocks builds it
         ((label, only),) = candidates.items()
-        report = fold(model, only, calib_ids)
+        report = fold(model, only, calib_ids, scores=scores if apart else None)
         report.structure_check = {"decision": label, "skipped": skipped, "held_out_kl": {}}
         return report
     per_sample: dict[str, list[float]] = {}
+    best: tuple[float, nn.Module, FoldReport] | None = None
     for label, candidate_config in candidates.items():
         candidate = copy.deepcopy(model)  # the model stays the original: every candidate's teacher
-        fold(candidate, candidate_config, cure_ids, scores=scores, channel_ids=fit, baselines=())
+        built = fold(
+            candidate, candidate_config, cure_ids, scores=scores, channel_ids=fit, baselines=baselines
+        )
         per_sample[label] = sample_kls(candidate, model, held, config.batch_size)
-        del candidate  # one candidate in memory at a time
+        loss = sum(per_sample[label]) / len(per_sample[label])
+        if apart and (best is None or loss < best[0]):
+            best = (loss, candidate, built)  # kept: it is the plain fold of its structure
+        del candidate, built
     losses = {label: sum(v) / len(v) for label, v in per_sample.items()}
     decision = min(losses, key=losses.get)
     log.info(
         "fold: structure auto, held-out KL %s -> %s", {k: round(v, 4) for k, v in losses.items()}, decision
     )
-    checked = time.perf_counter() - t0
-    report = fold(model, candidates[decision], calib_ids, channel_ids=channel_ids)
+    if best is not None:
+        _, winner, report = best
+        model.__dict__.update(winner.__dict__)  # in place, as every fold: the model becomes the winner
+        checked = time.perf_counter() - t0 - sum(report.seconds.values())
+    else:
+        checked = time.perf_counter() - t0
+        report = fold(model, candidates[decision], calib_ids, channel_ids=channel_ids)
     report.structure_check = {
         "decision": decision,
         "held_out_kl": losses,
         "held_out_kl_per_sample": per_sample,
         "held_out_samples": len(held),
-        "held_out_from": "channel_ids (the model's own samples)" if channel_ids is not None else "calib_ids",
+        "held_out_from": (
+            "own samples drawn apart (no candidate built on them)"
+            if apart
+            else "channel_ids (the model's own samples)"
+            if channel_ids is not None
+            else "calib_ids"
+        ),
         "skipped": skipped,
         "candidates": {
             label: {

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 SELF = "self"  # the --calib value that selects data-free calibration
 FILE_NAME = "calib_self.json"
 STARTS = ("bos", "model", "uniform")  # the mix of first tokens, in round-robin order
+# a check's held-out samples (fold structure auto) are drawn apart from the calibration samples, on seed + this
+# (the calibration draws use the seed itself; the cross-domain bench's own-prose text, 1000 + the seed)
+HELD_OUT_SEED_OFFSET = 2000
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,12 @@ def generate_samples(model: nn.Module, tokenizer, config: SelfCalibConfig) -> to
         config.top_p,
     )
     return ids
+
+
+def held_out_config(config: SelfCalibConfig, n_samples: int) -> SelfCalibConfig:
+    """``n_samples`` more of the model's own samples, drawn like ``config``'s but on a seed no calibration draw
+    uses: text a check can hold out because no fold or quantizer ever fitted on it."""
+    return replace(config, n_samples=n_samples, seed=config.seed + HELD_OUT_SEED_OFFSET)
 
 
 def mix_samples(real: torch.Tensor, own: torch.Tensor, seed: int = 0) -> torch.Tensor:

@@ -347,7 +347,10 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # also holds some of them out to choose the structure on
             cure_ids = ids_for(step)
             channels = ids_for(step, 1.0) if step.structure in ("mlp-width", "auto") else None
-            reports["fold"] = fold(model, step, cure_ids, channel_ids=channels).to_dict()
+            # auto judges its candidates on own samples that none is built on: drawn apart, so every candidate
+            # is the plain fold of its structure and the winner is kept as built
+            held = held_out_samples(model, tokenizer, req, step) if step.structure == "auto" else None
+            reports["fold"] = fold(model, step, cure_ids, channel_ids=channels, held_ids=held).to_dict()
         elif kind == "quantize":
             from edgepack.compressor.quantize import HEAD_AUTO, e2e_options, quantize
 
@@ -415,6 +418,21 @@ def plan_kv(
             plan.group,
         )
     return {"plan": plan.to_dict(), "search": search}
+
+
+def held_out_samples(model, tokenizer, req: ExportRequest, step):
+    """The fold's held-out share of ``step.n_samples`` (at least one) in more of the model's own samples, drawn
+    with the request's self-calibration settings on a seed apart from every calibration draw; None when the
+    fold removes nothing."""
+    from edgepack.compressor import selfcalib
+
+    if not step.remove:
+        return None
+    config = selfcalib.SelfCalibConfig.from_dict(
+        {"n_samples": step.n_samples, "seq_len": step.seq_len, **req.self_calib}
+    )
+    n = max(1, round(step.held_out * step.n_samples))
+    return selfcalib.generate_samples(model, tokenizer, selfcalib.held_out_config(config, n))
 
 
 def calib_source(req: ExportRequest) -> str:

@@ -489,6 +489,32 @@ def test_auto_fold_is_the_plain_fold_of_the_candidate_closest_on_held_out_sample
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_auto_fold_with_samples_drawn_apart_keeps_the_winning_candidate_as_built(base, ids):
+    """Given held-out samples that no candidate is built on (as the pipeline draws them), every candidate is the
+    plain fold of its structure on every sample, and the winner itself becomes the model (no second fold): the
+    result equals the plain fold of the decision, parameter for parameter, report included."""
+    held = ids[:2].flip(1)  # two rows unlike any the candidates fit
+    model = copy.deepcopy(base)
+    report = fold(model, FoldConfig(**AUTO, cure_steps=3), ids, held_ids=held)
+    check = report.structure_check
+    assert check["held_out_samples"] == 2 and check["held_out_from"].startswith("own samples drawn apart")
+    assert check["decision"] == min(check["held_out_kl"], key=check["held_out_kl"].get)
+    chosen = check["candidates"][check["decision"]]
+    plain = copy.deepcopy(base)
+    importance = {"importance": chosen["importance"]} if chosen["importance"] else {}
+    expected = fold(plain, FoldConfig(**AUTO, cure_steps=3, structure=chosen["structure"], **importance), ids)
+    a, b = dict(model.named_parameters()), dict(plain.named_parameters())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert model.config.to_dict() == plain.config.to_dict()
+    assert (report.structure, report.kept, report.cure_loss) == (
+        expected.structure,
+        expected.kept,
+        expected.cure_loss,
+    )
+    x = ids[:1]
+    assert torch.equal(model(input_ids=x).logits, plain(input_ids=x).logits)
+
+
 def test_auto_fold_folds_blocks_where_the_mlp_cannot_narrow(base, ids):
     """A model whose blocks' MLPs differ in width cannot take the width fold: auto weighs the block removals
     alone, and says why in its report."""
@@ -508,11 +534,12 @@ def test_auto_fold_folds_blocks_where_the_mlp_cannot_narrow(base, ids):
     )
 
 
+@pytest.mark.parametrize("apart", [False, True])
 @pytest.mark.parametrize("winner", ["mlp-width", "blocks"])
-def test_auto_fold_builds_the_structure_the_held_out_check_prefers(base, ids, monkeypatch, winner):
+def test_auto_fold_builds_the_structure_the_held_out_check_prefers(base, ids, monkeypatch, winner, apart):
     """Whichever structure drifts less on the held-out samples is what the model becomes: five narrowed blocks,
-    or four whole ones. (The drift is stubbed here: the test pins the decision's wiring, the one above the
-    measured decision.)"""
+    or four whole ones, whether it is folded afresh or kept as built (held-out samples drawn apart). (The drift
+    is stubbed here: the test pins the decision's wiring, the ones above the measured decision.)"""
     import edgepack.compressor.fold as fold_module
 
     def kls(student, teacher, ids, batch_size):
@@ -521,7 +548,7 @@ def test_auto_fold_builds_the_structure_the_held_out_check_prefers(base, ids, mo
 
     monkeypatch.setattr(fold_module, "sample_kls", kls)
     model = copy.deepcopy(base)
-    report = fold(model, FoldConfig(**AUTO, cure_steps=0), ids)
+    report = fold(model, FoldConfig(**AUTO, cure_steps=0), ids, held_ids=ids[:2] if apart else None)
     assert report.structure_check["decision"].startswith("mlp-width" if winner == "mlp-width" else "remove:")
     layers = model.model.layers
     if winner == "mlp-width":

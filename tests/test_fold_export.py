@@ -154,9 +154,10 @@ def test_auto_fold_through_the_exporter_records_its_choice(stories, shakespeare,
     assert m["recipe"]["steps"][0]["structure"] == "auto" and m["parity"]["passed"]
     fold = m["compression"]["fold"]
     check = fold["structure_check"]
-    assert check["held_out_samples"] == 1 and check["held_out_from"].startswith("channel_ids")
+    # one held-out sample (1/8 of 8), drawn apart from the 8 the candidates were built on
+    assert check["held_out_samples"] == 1 and check["held_out_from"].startswith("own samples drawn apart")
     assert check["decision"] == min(check["held_out_kl"], key=check["held_out_kl"].get)
-    assert m["compression"]["calibration_fold"]["self_share"] == 1.0  # the own samples it held out from
+    assert m["compression"]["calibration_fold"]["self_share"] == 1.0  # the own samples the width fold reads
     config = json.loads((out / "config.json").read_text())
     if check["decision"] == "mlp-width":
         assert (

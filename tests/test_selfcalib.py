@@ -13,6 +13,7 @@ from edgepack.compressor.selfcalib import (
     FILE_NAME,
     SelfCalibConfig,
     generate_samples,
+    held_out_config,
     mix_samples,
     nucleus_sample,
     read_samples,
@@ -68,6 +69,17 @@ def test_generation_is_seeded_mixed_and_model_like(setup, shakespeare):
     # The model's own samples are far more likely under it than real text of another domain.
     text = tokenize(tok, read_text(shakespeare), 6 * 48).view(6, 48)
     assert mean_nll(model, ids, 6) < 0.6 * mean_nll(model, text, 6)
+
+
+def test_held_out_samples_are_drawn_apart_from_the_calibration_draw(setup):
+    """A check's held-out samples (fold structure auto): the same settings on a seed of their own, so none
+    repeats a calibration sample, and the same every run."""
+    model, tok = setup
+    held_config = held_out_config(SMALL, 2)
+    assert (held_config.n_samples, held_config.seed, held_config.temperature) == (2, 2003, SMALL.temperature)
+    calib, held = generate_samples(model, tok, SMALL), generate_samples(model, tok, held_config)
+    assert held.shape == (2, 48) and torch.equal(held, generate_samples(model, tok, held_config))
+    assert not {tuple(r) for r in held.tolist()} & {tuple(r) for r in calib.tolist()}
 
 
 def test_export_self_calibrates_by_default_and_reproduces(stories, tmp_path):
