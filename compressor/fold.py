@@ -326,6 +326,7 @@ def fold(
     channel_ids: torch.Tensor | None = None,
     baselines: tuple[str, ...] = BASELINES,
     held_ids: torch.Tensor | None = None,
+    teacher: nn.Module | None = None,
 ) -> FoldReport:
     """Fold ``model`` in place (see the module docstring for the result's contract): score the blocks, remove
     the lowest-ranked, share weights within groups, cure by distillation from a copy of the original.
@@ -335,7 +336,9 @@ def fold(
     scored and reported beside the chosen one (a candidate of ``fold_auto``, whose report is discarded: none).
     ``held_ids``: for ``structure="auto"``, samples of the model's own text that no candidate is built on, to
     choose between them (the pipeline draws them apart, ``selfcalib.held_out_config``); without them auto holds
-    out part of ``channel_ids`` and folds the winner afresh. The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
+    out part of ``channel_ids`` and folds the winner afresh. ``teacher``: a module equal to ``model`` as it is
+    now, left unchanged, to distil from (``fold_auto`` passes the original a candidate was copied from);
+    default: a copy of ``model``. The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
     _check_ids(calib_ids)
     layers = decoder_layers(model)
     n = len(layers)
@@ -349,7 +352,7 @@ def fold(
         if channel_ids is not None:
             _check_ids(channel_ids)
         return fold_mlp_width(
-            model, config, calib_ids, n_remove, calib_ids if channel_ids is None else channel_ids
+            model, config, calib_ids, n_remove, calib_ids if channel_ids is None else channel_ids, teacher
         )
     groups = resolve_groups(config.share_group, n - n_remove)
     check_pairs(config.share_pairs, n - n_remove)
@@ -380,7 +383,10 @@ def fold(
     check = config.share_check and any(len(g) > 1 for g in groups) and len(calib_ids) >= 2
     cure_ids, held_ids = split_held_out(calib_ids, config.held_out) if check else (calib_ids, None)
     need_teacher = (config.cure_steps and changed) or check
-    teacher = copy.deepcopy(model) if need_teacher else None  # nothing to cure otherwise
+    if need_teacher and teacher is None:
+        teacher = copy.deepcopy(model)
+    elif not need_teacher:
+        teacher = None  # nothing to cure
     n_alt = n_remove + sum(len(g) - 1 for g in groups)  # blocks a plain removal drops for the same size
     removals = removal_candidates(rankings, (config.importance, "bi"), n - n_alt) if check else {}
     before = unique_parameter_count(layers)
@@ -415,7 +421,12 @@ def fold(
 
 
 def fold_mlp_width(
-    model: nn.Module, config: FoldConfig, calib_ids: torch.Tensor, n_remove: int, channel_ids: torch.Tensor
+    model: nn.Module,
+    config: FoldConfig,
+    calib_ids: torch.Tensor,
+    n_remove: int,
+    channel_ids: torch.Tensor,
+    teacher: nn.Module | None = None,
 ) -> FoldReport:
     """The width structure: every block keeps its place, and its MLP loses the channels that sum to the
     parameters of ``n_remove`` blocks (``fold_width``); then the same cure as a removal."""
@@ -439,7 +450,7 @@ def fold_mlp_width(
     )
     if not n_remove:
         return report
-    teacher = copy.deepcopy(model)
+    teacher = copy.deepcopy(model) if teacher is None else teacher
     t0 = time.perf_counter()
     report.width = fold_width(model, teacher, n_remove, channel_ids, config.batch_size)
     report.seconds["width"] = time.perf_counter() - t0
@@ -493,8 +504,8 @@ def fold_auto(
     is that plain fold itself, built on every sample, and the winner becomes ``model``: no fold is built twice.
     Without them, the last ``held_out`` of the own samples (``channel_ids``; the calibration samples when none
     are given) are held out of every candidate, and ``model`` is then folded afresh, on every sample, as the
-    winner's structure alone would. Memory: the original, the best candidate so far and the one being built
-    (each with its cure's teacher copy)."""
+    winner's structure alone would. Memory: the original (every candidate's teacher), the best candidate so
+    far and the one being built."""
     own = calib_ids if channel_ids is None else channel_ids
     if not n_remove or (held_ids is None and len(own) < 2):
         if n_remove:
@@ -535,7 +546,13 @@ def fold_auto(
     for label, candidate_config in candidates.items():
         candidate = copy.deepcopy(model)  # the model stays the original: every candidate's teacher
         built = fold(
-            candidate, candidate_config, cure_ids, scores=scores, channel_ids=fit, baselines=baselines
+            candidate,
+            candidate_config,
+            cure_ids,
+            scores=scores,
+            channel_ids=fit,
+            baselines=baselines,
+            teacher=model,
         )
         per_sample[label] = sample_kls(candidate, model, held, config.batch_size)
         loss = sum(per_sample[label]) / len(per_sample[label])
