@@ -1533,9 +1533,17 @@ AO_LABEL = "act-order on, damp 0.1"  # the GPTQ rows' option suffix in both part
 
 
 def load_draws(folder: Path, model: str, part: str) -> dict[int, list[dict]]:
-    """Seed -> rows (fp32 first) of ``part``'s per-draw JSONs (``--tag=-seedN``) for ``model``."""
-    runs = sorted(folder.glob(f"cross_domain_{part}-seed*_{model}.json"))
-    return {int(re.search(r"-seed(\d+)_", p.name).group(1)): json.loads(p.read_text())["rows"] for p in runs}
+    """Seed -> rows (fp32 first) of ``part``'s per-draw JSONs (``--tag=-seedN``) for ``model``; a draw's later
+    runs (``--tag=-seedN-more``: more sources of the same draw) add their rows after the first run's."""
+    out: dict[int, list[dict]] = {}
+    runs = []
+    for path in folder.glob(f"cross_domain_{part}-seed*_{model}.json"):
+        match = re.search(r"-seed(\d+)(-[a-z]+)?_", path.name)
+        runs.append((int(match.group(1)), match.group(2) or "", path))
+    for seed, _, path in sorted(runs):
+        rows = json.loads(path.read_text())["rows"]
+        out[seed] = out[seed] + rows[1:] if seed in out else rows
+    return out
 
 
 def draw_means(draws: dict[int, list[dict]]) -> tuple[list[int], dict, dict, list[list[dict]]]:

@@ -214,8 +214,8 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     help="Fold: where --remove's parameters come from: whole blocks (fewer layers: a smaller KV cache and less "
     "compute per token), every block's MLP width (channels chosen on the model's own samples; keeps depth and "
     "the KV cache), or auto (default; blocks with --share-groups): both built, the one closer to the original "
-    "on held-out samples of the model's own text kept (about 2.5x the fold's time; docs/results/"
-    "generalization.md, round 19).",
+    "on held-out samples of the model's own text kept (about 2x the fold's time; docs/results/"
+    "generalization.md, round 20).",
 )
 @click.option(
     "--kv-merge", help="KV cache across depth: minicache (MiniCache, arXiv 2405.14366), share or none."
