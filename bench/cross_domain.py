@@ -1051,8 +1051,7 @@ def run_auto(model, data: Data, name: str, kwargs: dict, source: str, scores: di
     held = None
     if apart:  # as edgepack.pipeline.held_out_samples draws them (and timed with the fold, as there)
         own = SelfCalibConfig(data.n_samples, SEQ_LEN, seed=data.seed, temperature=1.6)
-        n_held = max(1, round(config.held_out * data.n_samples))
-        held = generate_samples(model, data.tok, held_out_config(own, n_held))
+        held = generate_samples(model, data.tok, held_out_config(own, config.held_out))
     report = fold(m, config, data.ids(source), channel_ids=data.ids("self@1.6"), held_ids=held)
     seconds = round(time.perf_counter() - t0, 1)
     extra = {
@@ -1346,7 +1345,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         def fold_job(n: str, k: dict, s: str) -> Row:
             k = dict(k)
             by = k.pop("score_source", s)  # the text the blocks are scored on (the cure's by default)
-            if "auto" in k:  # scores its blocks itself, on the samples it does not hold out
+            if "auto" in k:  # scores its blocks itself
                 return run_auto(model, data, n, k, s, {})
             if by not in scores:  # importance once per source, when its first row runs
                 scores[by] = importance_scores(model, data.ids(by), layers, removes)
@@ -1952,7 +1951,7 @@ def write_page(folder: Path) -> None:
                                f"{[(t['mlp'], t['attn'], t['kl']) for t in x['trials']]}, "
                                f"distill {x['distill_loss']}, {r['seconds']} s")  # fmt: skip
                     continue
-                if "structure_check" in x:  # round 19: the default fold, structure auto
+                if "structure_check" in x:  # rounds 19-20: the default fold, structure auto
                     c = x["structure_check"]
                     out.append(f"- {r['name']} [{r['source']}]: {c['decision']} (held-out KL "
                                f"{ {k: round(v, 4) for k, v in c['held_out_kl'].items()} }), kept {x['kept']}, "

@@ -338,7 +338,8 @@ def fold(
     choose between them (the pipeline draws them apart, ``selfcalib.held_out_config``); without them auto holds
     out part of ``channel_ids`` and folds the winner afresh. ``teacher``: a module equal to ``model`` as it is
     now, left unchanged, to distil from (``fold_auto`` passes the original a candidate was copied from);
-    default: a copy of ``model``. The cure holds the original as its teacher on the model's device: twice the model's memory meanwhile."""
+    default: a copy of ``model``. The cure holds the original as its teacher on the model's device: twice the
+    model's memory meanwhile."""
     _check_ids(calib_ids)
     layers = decoder_layers(model)
     n = len(layers)
@@ -517,9 +518,8 @@ def fold_auto(
         fit, held, cure_ids, baselines = channel_ids, held_ids, calib_ids, BASELINES
     else:
         fit, held = split_held_out(own, config.held_out)
-        cure_ids = (
-            fit if own is calib_ids or torch.equal(own, calib_ids) else calib_ids
-        )  # self-cured: hold out
+        self_cured = own is calib_ids or torch.equal(own, calib_ids)
+        cure_ids = fit if self_cured else calib_ids  # the cure text holds the held-out samples out too
         baselines = ()  # the final fold scores and reports them
     layers = decoder_layers(model)
     skipped = {}

@@ -67,6 +67,11 @@ class SelfCalibConfig:
             )
         return cls(**d)
 
+    @classmethod
+    def sized(cls, n_samples: int, seq_len: int, overrides: dict) -> SelfCalibConfig:
+        """``n_samples`` x ``seq_len`` samples with ``overrides`` (a request's settings) for the other fields."""
+        return cls.from_dict({"n_samples": n_samples, "seq_len": seq_len, **overrides})
+
 
 # ---------------------------------------------------------------- pure tensor math
 
@@ -169,10 +174,12 @@ def generate_samples(model: nn.Module, tokenizer, config: SelfCalibConfig) -> to
     return ids
 
 
-def held_out_config(config: SelfCalibConfig, n_samples: int) -> SelfCalibConfig:
-    """``n_samples`` more of the model's own samples, drawn like ``config``'s but on a seed no calibration draw
-    uses: text a check can hold out because no fold or quantizer ever fitted on it."""
-    return replace(config, n_samples=n_samples, seed=config.seed + HELD_OUT_SEED_OFFSET)
+def held_out_config(config: SelfCalibConfig, fraction: float) -> SelfCalibConfig:
+    """``fraction`` as many more (at least one) of the model's own samples as ``config`` draws, drawn like them
+    but on a seed no calibration draw uses: text a check can hold out because no fold or quantizer ever fitted
+    on it."""
+    n = max(1, round(fraction * config.n_samples))
+    return replace(config, n_samples=n, seed=config.seed + HELD_OUT_SEED_OFFSET)
 
 
 def mix_samples(real: torch.Tensor, own: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -194,7 +201,7 @@ def text_with_own(
     ids = calibration_samples(tokenizer, text, n - n_own, seq_len) if n_own < n else None
     if not n_own:
         return ids, None, None
-    config = SelfCalibConfig.from_dict({"n_samples": n_own, "seq_len": seq_len, **self_calib})
+    config = SelfCalibConfig.sized(n_own, seq_len, self_calib)
     own = generate_samples(model, tokenizer, config)
     return (own if ids is None else mix_samples(ids, own, config.seed)), own, config
 

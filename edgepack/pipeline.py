@@ -343,8 +343,7 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # the cure on the text alone: mixing in the model's samples cost the fold in and off the text's
             # domain (generalization.md, round 4), where it helps GPTQ
             # a width fold chooses its channels on the model's own samples, whatever the cure text: channels
-            # chosen on WikiText-2 cost Shakespeare +39.5% against +24.8% (generalization.md, round 14); auto
-            # also holds some of them out to choose the structure on
+            # chosen on WikiText-2 cost Shakespeare +39.5% against +24.8% (generalization.md, round 14)
             cure_ids = ids_for(step)
             channels = ids_for(step, 1.0) if step.structure in ("mlp-width", "auto") else None
             # auto judges its candidates on own samples that none is built on: drawn apart, so every candidate
@@ -428,11 +427,8 @@ def held_out_samples(model, tokenizer, req: ExportRequest, step):
 
     if not step.remove:
         return None
-    config = selfcalib.SelfCalibConfig.from_dict(
-        {"n_samples": step.n_samples, "seq_len": step.seq_len, **req.self_calib}
-    )
-    n = max(1, round(step.held_out * step.n_samples))
-    return selfcalib.generate_samples(model, tokenizer, selfcalib.held_out_config(config, n))
+    config = selfcalib.SelfCalibConfig.sized(step.n_samples, step.seq_len, req.self_calib)
+    return selfcalib.generate_samples(model, tokenizer, selfcalib.held_out_config(config, step.held_out))
 
 
 def calib_source(req: ExportRequest) -> str:
@@ -456,7 +452,7 @@ def calibration_ids(
     seq = getattr(step, "seq_len", None) or getattr(step, "options", {}).get("seq_len", 256)
     source = calib_source(req)
     if source == selfcalib.SELF:
-        config = selfcalib.SelfCalibConfig.from_dict({"n_samples": n, "seq_len": seq, **req.self_calib})
+        config = selfcalib.SelfCalibConfig.sized(n, seq, req.self_calib)
         ids = selfcalib.generate_samples(model, tokenizer, config)
         if out is not None:
             selfcalib.write_samples(out, ids, tokenizer, config)

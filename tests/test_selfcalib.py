@@ -75,7 +75,7 @@ def test_held_out_samples_are_drawn_apart_from_the_calibration_draw(setup):
     """A check's held-out samples (fold structure auto): the same settings on a seed of their own, so none
     repeats a calibration sample, and the same every run."""
     model, tok = setup
-    held_config = held_out_config(SMALL, 2)
+    held_config = held_out_config(SMALL, 1 / 3)  # a third as many as the 6 calibration samples
     assert (held_config.n_samples, held_config.seed, held_config.temperature) == (2, 2003, SMALL.temperature)
     calib, held = generate_samples(model, tok, SMALL), generate_samples(model, tok, held_config)
     assert held.shape == (2, 48) and torch.equal(held, generate_samples(model, tok, held_config))
