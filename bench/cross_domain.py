@@ -40,7 +40,14 @@ from edgepack.compressor.fold_importance import IMPORTANCE, block_influence
 from edgepack.compressor.fold_plan import rank, removal_count
 from edgepack.compressor.fold_width import fold_width
 from edgepack.compressor.quantize import QuantConfig, quantize
-from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples, held_out_config, mix_samples
+from edgepack.compressor.selfcalib import (
+    AUTO,
+    SelfCalibConfig,
+    generate_samples,
+    held_out_config,
+    mix_samples,
+    resolve_temperature,
+)
 from torch import nn
 
 from edgepack.evaluate import nll_sum, perplexity
@@ -102,6 +109,7 @@ class Data:
             "wikitext2": calibration_samples(tok, wiki_head, n_samples, SEQ_LEN, seed),
         }
         self.self_seconds = 0.0
+        self.temperatures: dict[str, float] = {}  # each self source's sampling temperature ("auto" resolved)
         self._own: torch.Tensor | None = None  # the float model's own prose (own_text), sampled on first use
         self.eval = {
             "shakespeare_tail": tokenize(tok, shakes_tail, eval_tokens + 1),
@@ -118,8 +126,11 @@ class Data:
         if source not in self.calib:  # "self@TxN": N samples instead of --n-samples
             t0 = time.perf_counter()
             spec, _, count = source.partition("x")
-            temperature = {"temperature": float(spec.split("@")[1])} if "@" in spec else {}
+            t = spec.split("@")[1] if "@" in spec else None  # self@auto: the default, resolved per model
+            temperature = {} if t is None else {"temperature": t if t == AUTO else float(t)}
             config = SelfCalibConfig(int(count or self.n_samples), SEQ_LEN, seed=self.seed, **temperature)
+            config = resolve_temperature(self.model, self.tok, config)
+            self.temperatures[source] = config.temperature
             self.calib[source] = generate_samples(self.model, self.tok, config)
             self.self_seconds += time.perf_counter() - t0
         return self.calib[source]
@@ -598,6 +609,14 @@ def extra_fold_settings(layers: int) -> dict[str, dict]:
         # the export default, structure auto (run_auto): since round 20 judged on own samples drawn apart, the
         # winner kept as built; round 19's way (held out of the own samples, the winner folded afresh) beside
         "auto structure (the default)": {"remove": bi["remove"], "auto": True, "held_apart": True},
+        # round 21: the own samples (channels, held-out check) at the temperature "auto" resolves to, the
+        # pipeline's default since
+        "auto structure, own samples at temperature auto": {
+            "remove": bi["remove"],
+            "auto": True,
+            "held_apart": True,
+            "own": f"self@{AUTO}",
+        },
         "auto structure, round 19 (held out of the own samples, folded afresh)": {
             "remove": bi["remove"],
             "auto": True,
@@ -1042,17 +1061,22 @@ def run_auto(model, data: Data, name: str, kwargs: dict, source: str, scores: di
     is built on every sample and judged on 1/8 as many more own samples drawn apart (``held_out_config``), and
     the winner is kept as built. Round 19: each built on all but 1/8 of the own samples, the winner folded
     afresh on every sample. The own samples are ``self@1.6`` (the pipeline's default self-calibration), also
-    the cure text when the row's source is self@1.6. Block scores are the fold's own (``scores`` unused)."""
+    the cure text when the row's source is self@1.6 (round 21: ``own`` names another self source, e.g. self@auto). Block scores are the fold's own (``scores`` unused)."""
     kwargs = {k: v for k, v in kwargs.items() if k != "auto"}
     apart = kwargs.pop("held_apart", False)
+    own_source = kwargs.pop("own", "self@1.6")
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, structure="auto", **kwargs)
     held = None
     if apart:  # as edgepack.pipeline.held_out_samples draws them (and timed with the fold, as there)
-        own = SelfCalibConfig(data.n_samples, SEQ_LEN, seed=data.seed, temperature=1.6)
+        t = own_source.split("@")[1]
+        own = SelfCalibConfig(
+            data.n_samples, SEQ_LEN, seed=data.seed, temperature=t if t == AUTO else float(t)
+        )
+        own = resolve_temperature(model, data.tok, own)
         held = generate_samples(model, data.tok, held_out_config(own, config.held_out))
-    report = fold(m, config, data.ids(source), channel_ids=data.ids("self@1.6"), held_ids=held)
+    report = fold(m, config, data.ids(source), channel_ids=data.ids(own_source), held_ids=held)
     seconds = round(time.perf_counter() - t0, 1)
     extra = {
         "structure": report.structure,
@@ -1184,10 +1208,26 @@ def round13_temp_rows() -> list[tuple[str, str, dict, str | None]]:
 
 HOT_TEMPERATURES = (2.0, 2.5)  # round 13; and half the samples at 1.6, half at 2.5
 
+
+def round21_auto_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 21: round 10's tuned rows calibrated on the model's own samples at the temperature "auto" chooses
+    (1.6, hotter where the sampling entropy is under 0.65 ln V), alone and mixed half and half into each real
+    text (the default when a text is given), against round 10's rows at 1.6 (same code, same draws)."""
+    auto = f"self@{AUTO}"
+    rows = []
+    for name, kind, cfg, source in round10_e2e_rows():
+        if not name.endswith("e2e") or source is None:
+            continue
+        if source == "self@1.6" or (kind == "gptq" and source.endswith("+self@1.6")):
+            rows.append((name, kind, cfg, source.replace("self@1.6", auto)))
+    return rows
+
+
 HEAD_DAMPS = (1.0, 10.0)  # round 8: the tied head's dampening, in units of its Hessian's mean diagonal
 
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and rounds 4 to 13, which come first on the page
+ROUND3_PARTS = (  # and rounds 4 to 21, which come first on the page
+    "round21-auto",
     "round13-temp",
     "round10-e2e",
     "round8-headdamp",
@@ -1243,6 +1283,7 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round3-strong": lambda: round3_levers_rows(STRONG),
     "round4-temp": round4_temp_rows,
     "round13-temp": round13_temp_rows,
+    "round21-auto": round21_auto_rows,
     "round4-mix": round4_mix_rows,
     "round4-abq": round4_abq_rows,
     "round4-abq-w4": round4_abq_w4_rows,
@@ -1364,6 +1405,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         log.info("%s %s [%s]: %s (%.0f s)", name, row.name, row.source, row.ppl, row.seconds)
         meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
         meta["self_calibration_s"] = round(data.self_seconds, 1)
+        meta["self_temperatures"] = data.temperatures
         save(path, meta, rows)
     write_page(args.out)
 
@@ -1832,9 +1874,11 @@ def e2e_lines(folder: Path) -> list[str]:
     return out
 
 
-# round 13's self rows, per draw (--tag=-seedN / -mix-seedN)
-TEMP_PARTS = ("round13-temp", "round13-temp-mix")
-OFF_DOMAIN_REAL = {"wikitext2_tail": "shakespeare+self@1.6", "shakespeare_tail": "wikitext2+self@1.6"}
+# round 13's self rows, per draw (--tag=-seedN / -mix-seedN), and round 21's (temperature auto)
+TEMP_PARTS = ("round13-temp", "round13-temp-mix", "round21-auto")
+# the real text off-domain for each evaluated text, as the default calibrates on it (mixed half and half with
+# the model's own samples): at 1.6, or with a self source's own samples where its part measured that mix
+OFF_DOMAIN_REAL = {"wikitext2_tail": "shakespeare", "shakespeare_tail": "wikitext2"}
 
 
 def mean_gap(rows: list[dict], real: list[dict], value) -> float:
@@ -1860,16 +1904,17 @@ def self_temperature_lines(folder: Path) -> list[str]:
                         cells.setdefault((r["name"], r["source"]), []).append(r)
         out += [f"## Round 13, self-calibration temperature: {model} (means over draws {', '.join(map(str, seeds))})",
                 "", "Gap = the self-calibrated row against the same row calibrated on the real text that is "
-                "off-domain for the evaluated text (WikiText-2: Shakespeare + self@1.6; Shakespeare: WikiText-2 + "
-                "self@1.6), in mean perplexity and in mean KL(fp32 || row); goal: perplexity gap <= +2%. KL own: "
-                "on the float model's own prose.", "",
+                "off-domain for the evaluated text as the default calibrates on it, mixed half and half with the "
+                "model's own samples (WikiText-2: Shakespeare + self@1.6; Shakespeare: WikiText-2 + self@1.6; for "
+                "self@auto, round 21, the texts + self@auto), in mean perplexity and in mean KL(fp32 || row); goal: "
+                "perplexity gap <= +2%. KL own: on the float model's own prose.", "",
                 "| row | source | Wiki gap ppl / KL | Sh. gap ppl / KL | KL own |", "|---|---|---|---|---|"]  # fmt: skip
         for (name, source), rows in cells.items():
             if not source.startswith("self") or len(rows) != len(seeds):
                 continue
             gaps = []
-            for e, real_source in OFF_DOMAIN_REAL.items():
-                real = cells.get((name, real_source), [])
+            for e, text in OFF_DOMAIN_REAL.items():
+                real = cells.get((name, f"{text}+{source}"), cells.get((name, f"{text}+self@1.6"), []))
                 if len(real) != len(seeds):
                     break
                 ppl = mean_gap(rows, real, lambda r, e=e: r["ppl"][e])
@@ -1988,7 +2033,7 @@ def main() -> None:
     args = ap.parse_args()
     args.sources = tuple(s for s in args.sources.split(",") if s)
     args.rows = tuple(r for r in args.rows.split(";") if r)
-    one = rf"({'|'.join(SOURCES)}|self@\d+(\.\d+)?)"
+    one = rf"({'|'.join(SOURCES)}|self@(\d+(\.\d+)?|{AUTO}))"
     if any(not re.fullmatch(rf"{one}(\+{one})?", s) for s in args.sources):
         ap.error(
             f"--sources: choose from {', '.join(SOURCES)}, self@T (self-generated at temperature T), or A+B "

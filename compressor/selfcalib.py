@@ -6,12 +6,20 @@ token, a token drawn from the model's own distribution after BOS, or a uniformly
 then the first ``greedy_tokens`` continue greedily (LLM-QAT's hybrid: a random start alone often derails)
 and the rest are sampled with ``temperature`` and nucleus ``top_p``. Seeded, so a run reproduces exactly;
 the result is written into the artifact (``calib_self.json``: settings, token ids, decoded text).
+
+``temperature="auto"`` (``--calib-temperature auto``) chooses it per model: 1.6, or hotter when the model's
+sampling distribution at 1.6 is narrow. A pilot batch measures the mean entropy of softmax(logits / T) over the
+sampled steps; when it is under ``entropy_target`` x ln(vocabulary), T is raised until it is not
+(``resolve_temperature``). stories260k (TinyStories: 0.40 ln V at 1.6) goes to about 2.5; mix-llama-14m (about
+0.67 ln V at 1.6) keeps 1.6. It is not the default: on stories260k it moves the quantized model away from the
+float model on its own prose (round 21 of docs/results/generalization.md).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -29,6 +37,12 @@ STARTS = ("bos", "model", "uniform")  # the mix of first tokens, in round-robin 
 # a check's held-out samples (fold structure auto) are drawn apart from the calibration samples, on seed + this
 # (the calibration draws use the seed itself; the cross-domain bench's own-prose text, 1000 + the seed)
 HELD_OUT_SEED_OFFSET = 2000
+AUTO = "auto"  # the temperature chosen from the model's sampling entropy (resolve_temperature)
+AUTO_MIN_TEMPERATURE = 1.6  # "auto" never samples cooler than the default
+# the pilot batch's fixed-point iterations (each samples the batch at the T solved from the last one's logits;
+# they settle within 0.01-0.03 in two or three) and the float bytes of logits a pilot keeps to solve on
+PILOT_ITERATIONS = 4
+PILOT_LOGIT_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -39,16 +53,30 @@ class SelfCalibConfig:
     seq_len: int = 256
     # Above 1 the samples cover more of the vocabulary (word salad at 1.6, yet what a Hessian needs): GPTQ
     # self-calibrated at 1.6 <= RTN in all 12 self cells of the cross-domain matrix vs 9 at 1.0 (round 4 of
-    # docs/results/generalization.md)
-    temperature: float = 1.6
+    # docs/results/generalization.md). Or "auto": AUTO_MIN_TEMPERATURE, hotter where the sampling entropy there
+    # is under entropy_target (round 21)
+    temperature: float | str = 1.6
+    # "auto": the least mean entropy of softmax(logits / T) the samples are drawn at, as a fraction of
+    # ln(vocabulary). stories260k's self cells of the cross-domain goal close at T = 2.5 against round 10's
+    # text calibrations (round 13), which is 0.65 of its ln V; mix-llama-14m is above it at 1.6
+    entropy_target: float = 0.65
     top_p: float = 0.95
     greedy_tokens: int = 2  # after the first token (LLM-QAT: a few deterministic steps, then sampling)
     batch_size: int = 16
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise EdgepackError(f"calibration temperature={self.temperature} must be > 0, e.g. 1.0")
+        if self.temperature != AUTO and not (
+            isinstance(self.temperature, int | float) and self.temperature > 0
+        ):
+            raise EdgepackError(
+                f"calibration temperature={self.temperature!r} must be 'auto' or a number > 0, e.g. 1.0"
+            )
+        if not 0 < self.entropy_target < 1:
+            raise EdgepackError(
+                f"self-calibration entropy_target={self.entropy_target} must be in (0, 1) (a fraction of "
+                "ln(vocabulary)), e.g. 0.65"
+            )
         if not 0 < self.top_p <= 1:
             raise EdgepackError(f"calibration top_p={self.top_p} must be in (0, 1], e.g. 0.95")
         for name in ("n_samples", "batch_size"):
@@ -130,11 +158,32 @@ def _first_tokens(model: nn.Module, tokenizer, kinds: list[str], gen: torch.Gene
     return torch.tensor(out, dtype=torch.long)
 
 
+def sampling_entropy(logits: torch.Tensor, temperature: float) -> float:
+    """Mean entropy (nats) of softmax(``logits`` / ``temperature``) over the rows of ``logits`` (N, V)."""
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def solve_temperature(logits: torch.Tensor, target: float, lo: float = 0.05, hi: float = 50.0) -> float:
+    """The temperature at which ``sampling_entropy(logits, T)`` is ``target`` nats (bisection in log T; the
+    entropy grows with T), clamped to [lo, hi]."""
+    for _ in range(40):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if sampling_entropy(logits, mid) < target else (lo, mid)
+    return math.sqrt(lo * hi)
+
+
 @torch.no_grad()
 def generate_batch(
-    model: nn.Module, first: torch.Tensor, config: SelfCalibConfig, gen: torch.Generator
+    model: nn.Module,
+    first: torch.Tensor,
+    config: SelfCalibConfig,
+    gen: torch.Generator,
+    keep: list | None = None,
+    keep_every: int = 1,
 ) -> torch.Tensor:
-    """Continue ``first`` (B,) to (B, seq_len) tokens with the KV cache: greedy, then nucleus sampling."""
+    """Continue ``first`` (B,) to (B, seq_len) tokens with the KV cache: greedy, then nucleus sampling. With
+    ``keep``, the logits (B, V) of every ``keep_every``-th sampled step are appended to it."""
     device = next(model.parameters()).device
     ids = first.to(device)[:, None]  # (B, 1)
     out = model(input_ids=ids, use_cache=True)
@@ -143,6 +192,8 @@ def generate_batch(
         if t <= config.greedy_tokens:
             nxt = logits.argmax(-1)
         else:
+            if keep is not None and (t - config.greedy_tokens - 1) % keep_every == 0:
+                keep.append(logits.float().cpu())
             nxt = nucleus_sample(logits, config.temperature, config.top_p, gen)
         ids = torch.cat([ids, nxt[:, None]], 1)
         if t < config.seq_len - 1:
@@ -150,8 +201,59 @@ def generate_batch(
     return ids.cpu()
 
 
+def _pilot_logits(model: nn.Module, tokenizer, config: SelfCalibConfig) -> torch.Tensor:
+    """(steps x B, V) logits of the sampled steps of the first batch ``config`` draws (at most
+    ``PILOT_LOGIT_BYTES`` of them, steps evenly spaced)."""
+    gen = torch.Generator().manual_seed(config.seed)
+    b = min(config.batch_size, config.n_samples)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    steps = max(1, config.seq_len - 1 - config.greedy_tokens)
+    every = max(1, math.ceil(steps * b * vocab * 4 / PILOT_LOGIT_BYTES))
+    keep: list[torch.Tensor] = []
+    first = _first_tokens(model, tokenizer, start_kinds(b), gen)
+    generate_batch(model, first, config, gen, keep, every)
+    return torch.cat(keep)
+
+
+def resolve_temperature(model: nn.Module, tokenizer, config: SelfCalibConfig) -> SelfCalibConfig:
+    """``config`` with ``temperature="auto"`` made a number: ``AUTO_MIN_TEMPERATURE`` if the first batch it
+    draws there has a mean sampling entropy of at least ``entropy_target`` x ln(vocabulary), else the T at which
+    it does (fixed point: the batch is drawn at T, T solved on its logits, up to ``PILOT_ITERATIONS`` times;
+    rounded to 0.01). A number is returned unchanged. Costs one batch of sampling (more when it heats)."""
+    if config.temperature != AUTO:
+        return config
+    was_training = model.training
+    model.eval()
+    vocab = model.get_output_embeddings().weight.shape[0]
+    target = config.entropy_target * math.log(vocab)
+    t = AUTO_MIN_TEMPERATURE
+    logits = _pilot_logits(model, tokenizer, replace(config, temperature=t))
+    at_min = sampling_entropy(logits, t)
+    if at_min < target:
+        for i in range(PILOT_ITERATIONS):
+            t_next = max(AUTO_MIN_TEMPERATURE, solve_temperature(logits, target))
+            settled = abs(t_next - t) < 0.02
+            t = t_next
+            if settled or i == PILOT_ITERATIONS - 1:
+                break
+            logits = _pilot_logits(model, tokenizer, replace(config, temperature=t))
+    model.train(was_training)
+    t = round(t, 2)
+    log.info(
+        "self-calibration temperature auto: %.2f (sampling entropy at %.1f: %.2f of ln V; target %.2f)",
+        t,
+        AUTO_MIN_TEMPERATURE,
+        at_min / math.log(vocab),
+        config.entropy_target,
+    )
+    return replace(config, temperature=t)
+
+
 def generate_samples(model: nn.Module, tokenizer, config: SelfCalibConfig) -> torch.Tensor:
-    """``n_samples`` sequences of ``seq_len`` tokens sampled from ``model``: a LongTensor (N, T)."""
+    """``n_samples`` sequences of ``seq_len`` tokens sampled from ``model``: a LongTensor (N, T). A temperature
+    of "auto" is resolved first (``resolve_temperature``; callers that record the settings resolve it
+    themselves)."""
+    config = resolve_temperature(model, tokenizer, config)
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(config.seed)
@@ -201,7 +303,7 @@ def text_with_own(
     ids = calibration_samples(tokenizer, text, n - n_own, seq_len) if n_own < n else None
     if not n_own:
         return ids, None, None
-    config = SelfCalibConfig.sized(n_own, seq_len, self_calib)
+    config = resolve_temperature(model, tokenizer, SelfCalibConfig.sized(n_own, seq_len, self_calib))
     own = generate_samples(model, tokenizer, config)
     return (own if ids is None else mix_samples(ids, own, config.seed)), own, config
 

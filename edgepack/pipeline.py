@@ -428,6 +428,7 @@ def held_out_samples(model, tokenizer, req: ExportRequest, step):
     if not step.remove:
         return None
     config = selfcalib.SelfCalibConfig.sized(step.n_samples, step.seq_len, req.self_calib)
+    config = selfcalib.resolve_temperature(model, tokenizer, config)  # the calibration draw's temperature
     return selfcalib.generate_samples(model, tokenizer, selfcalib.held_out_config(config, step.held_out))
 
 
@@ -453,6 +454,7 @@ def calibration_ids(
     source = calib_source(req)
     if source == selfcalib.SELF:
         config = selfcalib.SelfCalibConfig.sized(n, seq, req.self_calib)
+        config = selfcalib.resolve_temperature(model, tokenizer, config)  # "auto" recorded as its number
         ids = selfcalib.generate_samples(model, tokenizer, config)
         if out is not None:
             selfcalib.write_samples(out, ids, tokenizer, config)

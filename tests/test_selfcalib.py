@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from edgepack.compressor.fold_importance import mean_nll
 from edgepack.compressor.selfcalib import (
+    AUTO,
     FILE_NAME,
     SelfCalibConfig,
+    _pilot_logits,
     generate_samples,
     held_out_config,
     mix_samples,
     nucleus_sample,
     read_samples,
+    resolve_temperature,
+    sampling_entropy,
+    solve_temperature,
 )
 from edgepack.runtime.runner import sha256_file
 
 from edgepack.errors import EdgepackError
 from edgepack.model import load_model, load_tokenizer
+from edgepack.pipeline import ExportRequest, calibration_ids
 from edgepack.textdata import read_text, tokenize
 
 SMALL = SelfCalibConfig(n_samples=6, seq_len=48, batch_size=3, seed=3)
@@ -55,6 +65,46 @@ def test_bad_settings_are_one_line_errors():
             SelfCalibConfig(**kwargs)
     with pytest.raises(EdgepackError, match="unknown self-calibration keys"):
         SelfCalibConfig.from_dict({"temp": 1.0})
+
+
+def test_solve_temperature_hits_the_entropy_target():
+    logits = 4 * torch.randn(50, 300, generator=torch.Generator().manual_seed(0))
+    assert sampling_entropy(logits, 1.0) < sampling_entropy(logits, 2.0) < math.log(300)
+    for target in (0.5, 3.0, 5.5):
+        assert sampling_entropy(logits, solve_temperature(logits, target)) == pytest.approx(target, abs=1e-3)
+
+
+def test_auto_temperature_heats_a_narrow_model_and_keeps_a_broad_one(setup, mix, tmp_path):
+    """stories260k's own samples at 1.6 carry about 0.40 ln V of sampling entropy per step: "auto" heats them
+    until they carry the target 0.65 (about 2.5). mix-llama-14m's carry 0.67-0.69 ln V at 1.6, which stays.
+    A number is kept; "auto" draws exactly the samples of the number it resolves to (which calib_self.json
+    records, so a reproduction needs no second resolution)."""
+    model, tok = setup
+    config = SelfCalibConfig(16, 256, seed=0, temperature=AUTO)
+    hot = resolve_temperature(model, tok, config)
+    assert 2.3 < hot.temperature < 2.8 and hot.entropy_target == 0.65
+    ln_v = math.log(model.config.vocab_size)
+    at = {t: sampling_entropy(_pilot_logits(model, tok, replace(config, temperature=t)), t) / ln_v
+          for t in (1.6, hot.temperature)}  # fmt: skip
+    assert at[1.6] < 0.5 and at[hot.temperature] == pytest.approx(0.65, abs=0.02)
+    assert resolve_temperature(model, tok, replace(config, temperature=1.2)).temperature == 1.2
+    auto = replace(SMALL, temperature=AUTO)
+    assert torch.equal(
+        generate_samples(model, tok, auto),
+        generate_samples(model, tok, resolve_temperature(model, tok, auto)),
+    )
+    broad = load_model(mix)
+    assert resolve_temperature(broad, load_tokenizer(mix), config).temperature == 1.6
+    # the pipeline records the number "auto" resolved to (calib_self.json and the manifest reproduce it)
+    req = ExportRequest(model_dir=Path("unused"), out_dir=tmp_path, self_calib={"temperature": AUTO})
+    reports: dict = {}
+    ids = calibration_ids(
+        tok, req, SimpleNamespace(n_samples=4, seq_len=64), model, tmp_path, reports, 0.0, "q"
+    )
+    settings = json.loads((tmp_path / FILE_NAME).read_text())["settings"]
+    assert (
+        ids.shape == (4, 64) and 2.3 < reports["calibration"]["temperature"] == settings["temperature"] < 2.8
+    )
 
 
 def test_generation_is_seeded_mixed_and_model_like(setup, shakespeare):
@@ -96,6 +146,7 @@ def test_export_self_calibrates_by_default_and_reproduces(stories, tmp_path):
     data = json.loads(stored.read_text())
     ids = read_samples(stored)
     assert ids.shape == (64, 256) and len(data["text"]) == 64 and data["settings"]["top_p"] == 0.95
+    assert data["settings"]["temperature"] == calib["temperature"]
     assert data["text"][1] == load_tokenizer(stories).decode(data["ids"][1])
     r = cli(*args, "--calib", str(stored), "-o", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
@@ -116,6 +167,9 @@ def test_bad_calibration_file_is_one_line(stories, tmp_path):
             "-o", str(tmp_path / "y"))  # fmt: skip
     assert r.returncode == 2 and "--calib self" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "y").exists()
+    r = cli("export", "--model", str(stories), "--calib-temperature", "hot", "-o", str(tmp_path / "z"))
+    assert r.returncode == 2 and "--calib-temperature 'hot'" in r.stderr and "'auto'" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "z").exists()
 
 
 def test_mix_samples_keeps_every_row_and_shuffles_reproducibly():
