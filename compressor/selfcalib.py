@@ -227,16 +227,22 @@ def resolve_temperature(model: nn.Module, tokenizer, config: SelfCalibConfig) ->
     vocab = model.get_output_embeddings().weight.shape[0]
     target = config.entropy_target * math.log(vocab)
     t = AUTO_MIN_TEMPERATURE
+    # one bar step per pilot batch drawn (a large model spends a while on each)
+    bar = tqdm(total=PILOT_ITERATIONS, desc="self-calibration temperature", unit="pilot", leave=False)
     logits = _pilot_logits(model, tokenizer, replace(config, temperature=t))
+    bar.update()
     at_min = sampling_entropy(logits, t)
     if at_min < target:
         for i in range(PILOT_ITERATIONS):
             t_next = max(AUTO_MIN_TEMPERATURE, solve_temperature(logits, target))
             settled = abs(t_next - t) < 0.02
             t = t_next
+            bar.set_postfix(T=f"{t:.2f}")
             if settled or i == PILOT_ITERATIONS - 1:
                 break
             logits = _pilot_logits(model, tokenizer, replace(config, temperature=t))
+            bar.update()
+    bar.close()
     model.train(was_training)
     t = round(t, 2)
     log.info(
