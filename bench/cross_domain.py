@@ -1061,22 +1061,20 @@ def run_auto(model, data: Data, name: str, kwargs: dict, source: str, scores: di
     is built on every sample and judged on 1/8 as many more own samples drawn apart (``held_out_config``), and
     the winner is kept as built. Round 19: each built on all but 1/8 of the own samples, the winner folded
     afresh on every sample. The own samples are ``self@1.6`` (the pipeline's default self-calibration), also
-    the cure text when the row's source is self@1.6 (round 21: ``own`` names another self source, e.g. self@auto). Block scores are the fold's own (``scores`` unused)."""
+    the cure text when the row's source is self@1.6; round 21: ``own`` names another self source (self@auto).
+    Block scores are the fold's own (``scores`` unused)."""
     kwargs = {k: v for k, v in kwargs.items() if k != "auto"}
     apart = kwargs.pop("held_apart", False)
     own_source = kwargs.pop("own", "self@1.6")
     m = copy.deepcopy(model)
     t0 = time.perf_counter()
     config = FoldConfig(n_samples=data.n_samples, seq_len=SEQ_LEN, structure="auto", **kwargs)
-    held = None
+    channels, held = data.ids(own_source), None
     if apart:  # as edgepack.pipeline.held_out_samples draws them (and timed with the fold, as there)
-        t = own_source.split("@")[1]
-        own = SelfCalibConfig(
-            data.n_samples, SEQ_LEN, seed=data.seed, temperature=t if t == AUTO else float(t)
-        )
-        own = resolve_temperature(model, data.tok, own)
+        t = data.temperatures[own_source]  # the own samples' temperature, "auto" resolved once
+        own = SelfCalibConfig(data.n_samples, SEQ_LEN, seed=data.seed, temperature=t)
         held = generate_samples(model, data.tok, held_out_config(own, config.held_out))
-    report = fold(m, config, data.ids(source), channel_ids=data.ids(own_source), held_ids=held)
+    report = fold(m, config, data.ids(source), channel_ids=channels, held_ids=held)
     seconds = round(time.perf_counter() - t0, 1)
     extra = {
         "structure": report.structure,
