@@ -76,7 +76,7 @@ def test_solve_temperature_hits_the_entropy_target():
 
 def test_auto_temperature_heats_a_narrow_model_and_keeps_a_broad_one(setup, mix, tmp_path):
     """stories260k's own samples at 1.6 carry about 0.40 ln V of sampling entropy per step: "auto" heats them
-    until they carry the target 0.65 (about 2.5). mix-llama-14m's carry 0.67-0.69 ln V at 1.6, which stays.
+    until they carry the target 0.65 (about 2.5). mix-llama-14m's carry about 0.67 ln V at 1.6, which stays.
     A number is kept; "auto" draws exactly the samples of the number it resolves to (which calib_self.json
     records, so a reproduction needs no second resolution)."""
     model, tok = setup
