@@ -490,6 +490,7 @@ def build_options(target: Target, overrides: dict | None = None) -> BuildOptions
     return BuildOptions(
         dtype=target.dtype,
         quantized_embedding=target.quantized_embedding,
+        gather_zero_points=target.gather_zero_points,
         activations=overrides.get("activations", target.activations),
         lowering=overrides.get("lowering", "auto"),
         attention=overrides.get("attention", "auto"),

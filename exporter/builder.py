@@ -57,6 +57,9 @@ class BuildOptions:
     dtype: str = "float32"
     loop_shared_blocks: bool = True  # a folded group of positions sharing weights becomes one Scan
     quantized_embedding: bool = True  # share the packed lm_head with the embedding via GatherBlockQuantized
+    # how the target EP's GatherBlockQuantized reads zero points: "per-row" (padded like MatMulNBits: CPU) or
+    # "flat" (CUDA); with "flat", rows whose zero points do not fill whole bytes take standard ops instead
+    gather_zero_points: str = "per-row"
     activations: str = "int8"  # low-bit matmuls: "int8" = accuracy_level 4 (fast), "float" = level 0 (exact)
     lowering: str = "auto"  # kernels.packing.LOWERINGS: how other widths map onto 2/4/8-bit kernels
     attention: str = "auto"  # ATTENTION_FORMS: "auto" = fused where the model allows it

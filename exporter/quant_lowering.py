@@ -224,11 +224,70 @@ def lower_quant_linear(b: Builder, x: ir.Value, module: QuantLinear, name: str) 
     return matmuls_plus_bias(b, x, quant_kernel_weights(b, module, name), bias)
 
 
+def unpack_rows(b: Builder, rows: ir.Value, bits: int) -> ir.Value:
+    """(B, S, R) uint8 packed codes -> (B, S, R * 8 / bits) float32 codes, low bits first (MatMulNBits' order).
+
+    Float arithmetic (c = floor(x / 2^(bits i)) - 2^bits floor(x / 2^(bits (i + 1)))) is exact on 0..255 and
+    runs on every execution provider, unlike the bitwise ops."""
+    x = b.op("Cast", rows, to=ir.DataType.FLOAT)
+    per_byte = 8 // bits
+    if per_byte == 1:
+        return x
+    parts, low = [], x
+    for i in range(per_byte):
+        high = b.op("Floor", b.op("Div", x, b.const(np.float32(2 ** (bits * (i + 1))))))
+        parts.append(
+            b.op("Unsqueeze", b.op("Sub", low, b.op("Mul", high, b.const(np.float32(2**bits)))), b.ints(-1))
+        )
+        low = high
+    return b.op(
+        "Reshape", b.op("Concat", *parts, axis=-1), b.ints(0, 0, -1)
+    )  # (B, S, R, per) -> (B, S, R * per)
+
+
+def zero_points_fill_bytes(w: KernelWeight) -> bool:
+    """Whether a row's packed zero points fill whole bytes: then the per-row padded layout MatMulNBits uses and a
+    flat array of all the rows' zero points are the same bytes."""
+    return (-(-w.k // w.block) * w.bits) % 8 == 0
+
+
+def gather_dequantized(b: Builder, w: KernelWeight, n: int, input_ids: ir.Value) -> ir.Value:
+    """The rows of ``w`` for ``input_ids``, dequantized with standard ops from the same packed bytes: (B, S, k_pad).
+
+    For execution providers whose GatherBlockQuantized reads zero points as one flat array (ONNX Runtime's CUDA
+    kernel indexes zero point ``row * k_blocks + block``), where the rows' zero points do not fill whole bytes:
+    measured on an H200 (docs/results/cuda.md), stories260k's W4 embedding (1 block per row) came out wrong on
+    the CUDA EP and right on the CPU EP, which reads the padded per-row layout that MatMulNBits shares."""
+    k_blocks = -(-w.k // w.block)
+    data = b.prep("Reshape", w.data, b.ints(n, -1))  # (V, k_blocks * blob)
+    codes = unpack_rows(b, b.op("Gather", data, input_ids, axis=0), w.bits)  # (B, S, k_pad)
+    codes = b.op("Reshape", codes, b.ints(0, 0, k_blocks, w.block))
+    zero_points = b.op("Gather", b.prep("Reshape", w.zero_points, b.ints(n, -1)), input_ids, axis=0)
+    zero_points = b.op("Slice", unpack_rows(b, zero_points, w.bits), b.ints(0), b.ints(k_blocks), b.ints(-1))
+    scales = b.op("Gather", b.prep("Reshape", w.scales, b.ints(n, -1)), input_ids, axis=0)  # (B, S, k_blocks)
+    scales = b.op("Cast", scales, to=ir.DataType.FLOAT)
+    y = b.op(
+        "Mul",
+        b.op("Sub", codes, b.op("Unsqueeze", zero_points, b.ints(-1))),
+        b.op("Unsqueeze", scales, b.ints(-1)),
+    )  # (B, S, k_blocks, block)
+    return b.op("Cast", b.op("Reshape", y, b.ints(0, 0, -1)), to=b.ir_dtype)
+
+
 def lower_quant_embedding(b: Builder, head: QuantLinear, input_ids: ir.Value, name: str) -> ir.Value:
-    """Embedding rows straight from the packed lm_head: one GatherBlockQuantized per kernel weight, summed."""
+    """Embedding rows straight from the packed lm_head: one GatherBlockQuantized per kernel weight, summed
+    (standard ops instead where the target's GatherBlockQuantized would misread the zero points)."""
     n, k = head.codes.shape
     y = None
     for w in quant_kernel_weights(b, head, name):
+        if (
+            b.opts.gather_zero_points == "flat"
+            and w.zero_points is not None
+            and not zero_points_fill_bytes(w)
+        ):
+            out = gather_dequantized(b, w, n, input_ids)
+            y = out if y is None else b.op("Add", y, out)
+            continue
         data = b.prep("Reshape", w.data, b.ints(n, -1))  # (V, k_blocks * blob): same bytes, 2-D view
         scales = b.prep("Reshape", w.scales, b.ints(n, -1))
         inputs = [data, input_ids, scales]

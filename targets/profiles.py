@@ -91,6 +91,9 @@ class Target:
     allowed_ops: frozenset[tuple[str, str]]
     android_bundle: bool = False  # .ort + required_operators.config + Kotlin snippet + on-device runner
     quantized_embedding: bool = True  # GatherBlockQuantized for a quantized tied embedding
+    gather_zero_points: str = (
+        "per-row"  # how the EP's GatherBlockQuantized indexes zero points (BuildOptions)
+    )
     activations: str = "int8"  # low-bit matmuls on int8 activations (accuracy_level 4) or "float" (level 0)
 
     def to_dict(self) -> dict:
@@ -127,6 +130,7 @@ TARGETS: dict[str, Target] = {
             execution_provider="CUDAExecutionProvider",
             allowed_ops=STANDARD_OPS | CONTRIB_OPS,
             activations="float",  # the CUDA kernels compute in fp16 whatever the accuracy level
+            gather_zero_points="flat",  # ONNX Runtime's CUDA GatherBlockQuantized (docs/results/cuda.md)
         ),
     )
 }
