@@ -223,6 +223,11 @@ class Manifest:
         return [Packed.from_dict(name, d) for name, d in self.raw.get("packed", {}).items()]
 
     @property
+    def aliases(self) -> dict[str, str]:
+        """{initializer name: the name it is stored under}, for weights deduplication stored once."""
+        return self.raw.get("aliases", {})
+
+    @property
     def fold_groups(self) -> list[list[int]]:
         return self.raw.get("compression", {}).get("fold", {}).get("groups", [])
 

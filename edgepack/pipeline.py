@@ -557,6 +557,7 @@ def write_model(model, target: Target, out: Path, reports: dict, overrides: dict
             "outputs": [io_spec(v) for v in graph.graph.outputs],
         },
         "packed": graph.meta["packed"],
+        "aliases": graph.meta["aliases"],
         "thresholds": thresholds,
         "abits": abits,
         "build": {**opts.to_dict(), "attention_form": graph.meta["attention"]},
@@ -865,6 +866,7 @@ def build_manifest(req, target, arch, model, built, reports, parity, folder: Pat
         "bits_per_weight": round(8 * built["initializer_bytes"] / max(1, unique_parameter_count(model)), 3),
         "tensors": built["tensors"],
         "packed": built["packed"],  # artifact.Packed: projections stored as one tensor per kind
+        "aliases": built["aliases"],  # initializers stored once under another name (identical bytes)
         "compression": reports,
         "parity": parity,
     }

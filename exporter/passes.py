@@ -5,6 +5,7 @@ The builder emits a straightforward graph; these passes clean it up and enforce 
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 from edgepack.targets.profiles import Target
 from onnx_ir.passes import common
@@ -64,9 +65,37 @@ def target_passes(target: Target) -> ir.passes.PassManager:
     )
 
 
+def merged_initializers(before: dict[str, ir.TensorProtocol], after: ir.Model) -> dict[str, str]:
+    """{name that deduplication dropped: the kept initializer with the same dtype, shape and bytes}.
+
+    DeduplicateInitializersPass stores identical weights once (a random model's all-ones norms, a fold's repeated
+    tensors); a reader that looks weights up by their module's name (the torch backend) resolves through this."""
+    kept = after.graph.initializers
+    aliases = {}
+    for name, tensor in before.items():
+        if name in kept or name.startswith("const_"):
+            continue
+        data = tensor.numpy()
+        for other in kept.values():
+            candidate = other.const_value
+            if (
+                candidate is not None
+                and candidate.dtype == tensor.dtype
+                and tuple(candidate.shape) == tuple(tensor.shape)
+                and np.array_equal(candidate.numpy(), data)
+            ):
+                aliases[name] = other.name
+                break
+    return aliases
+
+
 def run_target_passes(model: ir.Model, target: Target) -> ir.Model:
+    """Run the target's passes in place; ``model.meta["aliases"]`` maps merged initializer names to kept ones."""
+    before = {n: v.const_value for n, v in model.graph.initializers.items() if v.const_value is not None}
     try:
-        return target_passes(target)(model).model
+        result = target_passes(target)(model).model
+        result.meta["aliases"] = merged_initializers(before, result)
+        return result
     except ir.passes.PassError as e:  # the pass manager wraps errors; surface ours as the one-line message
         cause = e
         while cause is not None and not isinstance(cause, EdgepackError):

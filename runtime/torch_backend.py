@@ -96,10 +96,11 @@ class Initializers:
     """The named initializers of an artifact's model.onnx, read as numpy arrays on demand (``stored``); the
     view ``inits`` also reads each packed projection's tensors under the projection's own names."""
 
-    def __init__(self, path: Path, packed: list[Packed]) -> None:
+    def __init__(self, path: Path, packed: list[Packed], aliases: dict[str, str] | None = None) -> None:
         self.path = path
         self.values = ir.load(path).graph.initializers
-        self.view = PackedView(self.stored, self.values.__contains__, packed)
+        self.aliases = aliases or {}
+        self.view = PackedView(self.stored, lambda n: self.aliases.get(n, n) in self.values, packed)
 
     def __contains__(self, name: str) -> bool:
         return name in self.view
@@ -108,6 +109,7 @@ class Initializers:
         return self.view.get(name)
 
     def stored(self, name: str) -> np.ndarray:
+        name = self.aliases.get(name, name)
         if name not in self.values:
             raise EdgepackError(
                 f"{self.path} has no initializer {name}: the graph does not match its manifest; re-export it"
@@ -218,7 +220,7 @@ def load_artifact_torch(
     onnx_path = artifact_dir / MODEL_FILE
     if not onnx_path.is_file():
         raise EdgepackError(f"{artifact_dir} has no {MODEL_FILE}: the torch backend reads the ONNX weights")
-    inits = Initializers(onnx_path, manifest.packed)
+    inits = Initializers(onnx_path, manifest.packed, manifest.aliases)
     config = AutoConfig.from_pretrained(artifact_dir, local_files_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -105,6 +105,31 @@ def test_float32_matches_onnxruntime(artifacts, name, monkeypatch):
     assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) < 1e-3
 
 
+def test_weights_stored_once_load_under_every_name(tmp_path, shakespeare, monkeypatch):
+    """Identical tensors (a random model's all-ones norms, its zero q/k/v biases) are stored once; the manifest's
+    aliases lead the loader from each module's name to the kept initializer (H200 session: the 0.5B random model's
+    W4 failed to load with 'has no initializer model.layers.0.post_attention_layernorm.weight')."""
+    from conftest import make_random_model
+
+    from edgepack.artifact import Manifest
+
+    monkeypatch.delenv("TRITON_INTERPRET")
+    folder = make_random_model(tmp_path / "m", "Qwen2ForCausalLM", num_hidden_layers=3)
+    out = tmp_path / "w4"
+    export(ExportRequest(folder, out, recipe=RECIPES["w4"], calib=shakespeare, parity=False,
+                         build={"activations": "float"}))  # fmt: skip
+    aliases = Manifest.load(out).aliases
+    assert (
+        aliases["model.layers.2.post_attention_layernorm.weight"] == "model.layers.0.input_layernorm.weight"
+    )
+    assert aliases["model.norm.weight"] == "model.layers.0.input_layernorm.weight"
+    model = load_artifact_torch(out, device="cpu", dtype=torch.float32)
+    want_tokens, want = greedy(ort_decoder(out), NEW_TOKENS)
+    got_tokens, got = greedy(TorchDecoder(model, "cpu"), NEW_TOKENS)
+    assert got_tokens == want_tokens
+    assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) < 1e-3
+
+
 @pytest.mark.parametrize("name", ["w4", "fold-w4"])
 def test_packed_projections_load_per_module(tmp_path, shakespeare, name, monkeypatch):
     """A fused-form artifact (head_dim 16) stores q/k/v and gate/up packed (Qwen2: with biases); the loader
