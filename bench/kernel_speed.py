@@ -159,10 +159,11 @@ def ort_matmulnbits_us(
     return result
 
 
-def kernel_rows(group: int, device: torch.device, with_ort: bool) -> tuple[list[Row], float]:
+def kernel_rows(group: int, device: torch.device, with_ort: bool, on_shape=None) -> tuple[list[Row], float]:
     """Time every (K, N, M) for torch fp16, ORT MatMulNBits and our kernels; check our outputs.
 
-    Returns the rows and the copy bandwidth (GB/s) the floors are computed from.
+    Returns the rows and the copy bandwidth (GB/s) the floors are computed from; ``on_shape(rows, gbps)`` is
+    called after each (K, N), so a run cut short keeps what it measured.
     """
     from edgepack.kernels.packing import pack_for_triton
     from edgepack.kernels.reference import dequantize
@@ -212,6 +213,8 @@ def kernel_rows(group: int, device: torch.device, with_ort: bool) -> tuple[list[
                 row.floor_us[bits] = nbytes / (copy_gbps * 1e3)
             rows.append(row)
             log.info("K=%d N=%d M=%d done", k, n, m)
+        if on_shape is not None:
+            on_shape(rows, copy_gbps)
     return rows, copy_gbps
 
 
@@ -430,9 +433,6 @@ def main(argv: list[str] | None = None) -> int:
         or Path("docs/results") / f"kernels_{re.sub(r'[^a-z0-9]+', '_', name.lower()).strip('_')}.json"
     )
     with_ort = ort_cuda_available()
-    rows, copy_gbps = kernel_rows(args.group_size, device, with_ort)
-    tables = markdown_tables(rows, copy_gbps, name, args.group_size)
-    print(tables)
     result = {
         "device": name,
         "torch": torch.__version__,
@@ -440,15 +440,22 @@ def main(argv: list[str] | None = None) -> int:
         "onnxruntime": onnxruntime.__version__,
         "ort_cuda_ep": with_ort,
         "group_size": args.group_size,
-        "copy_bandwidth_gbps": copy_gbps,
-        "rows": [asdict(r) for r in rows],
     }
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(rows: list[Row], copy_gbps: float) -> str:
+        result.update(copy_bandwidth_gbps=copy_gbps, rows=[asdict(r) for r in rows])
+        tables = markdown_tables(rows, copy_gbps, name, args.group_size)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        out.with_suffix(".md").write_text(tables)
+        return tables
+
+    rows, copy_gbps = kernel_rows(args.group_size, device, with_ort, on_shape=save)
+    print(save(rows, copy_gbps))
     if args.e2e:
         result["e2e"] = e2e(device)
         print(json.dumps(result["e2e"], indent=2))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    out.with_suffix(".md").write_text(tables)
+        save(rows, copy_gbps)
     log.info("wrote %s and %s", out, out.with_suffix(".md"))
     return 0
 

@@ -103,7 +103,7 @@ QWEN05B_CONFIG = {
 }
 
 
-def random_qwen05b(cache: Path) -> Path:
+def random_qwen05b(cache: Path, tokenizer: Path = SHARED / "models" / "mix-llama-14m") -> Path:
     """Qwen2.5-0.5B's exact config with seeded random weights (bf16 safetensors), built once into the cache.
 
     The tokenizer is mix-llama-14m's byte-level BPE (8,192 ids, all below the model's 151,936): the cheapest one
@@ -129,7 +129,6 @@ def random_qwen05b(cache: Path) -> Path:
     )  # transformers 5 writes rope_parameters only; older readers want this
     saved = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**saved, "rope_theta": QWEN05B_CONFIG["rope_theta"]}, indent=2) + "\n")
-    tokenizer = SHARED / "models" / "mix-llama-14m"
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer / name, staging / name)
     staging.rename(out)
