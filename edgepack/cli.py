@@ -374,9 +374,15 @@ def export(
     )
     if m["parity"]:
         p = m["parity"]
+        where = ""
+        target_ep = m["target"]["execution_provider"]
+        if (
+            p.get("provider") and p["provider"] != target_ep
+        ):  # e.g. a cuda artifact exported on a CPU-only host
+            where = f" (on {p['provider']}: this host has no {target_ep}; check on the device)"
         click.echo(
             f"parity vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
-            f"greedy {p['greedy']:.3f} over {p['new_tokens']} tokens"
+            f"greedy {p['greedy']:.3f} over {p['new_tokens']} tokens{where}"
         )
 
 

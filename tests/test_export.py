@@ -108,6 +108,25 @@ def test_default_model_exports_without_model_flag(tmp_path):
     assert m["source"]["architecture"] == "LlamaForCausalLM" and m["parity"]["passed"]
 
 
+def test_parity_line_says_when_it_ran_off_the_targets_provider(tmp_path, stories):
+    """A cuda artifact checked on the CPU EP has not met the CUDA kernels (on an H200 the CPU EP passed a
+    quantized embedding that the CUDA EP misread, docs/results/cuda.md): the line says where parity ran."""
+    import onnxruntime as ort
+
+    r = run_cli("export", "--target", "cuda", "--model", str(stories), "-o", str(tmp_path / "c"))
+    assert r.returncode == 0, r.stderr
+    line = next(x for x in r.stdout.splitlines() if x.startswith("parity vs PyTorch"))
+    off_device = "CUDAExecutionProvider" not in ort.get_available_providers()
+    assert (
+        line.endswith(
+            "(on CPUExecutionProvider: this host has no CUDAExecutionProvider; check on the device)"
+        )
+        == off_device
+    )
+    cpu = run_cli("export", "--target", "cpu", "--model", str(stories), "-o", str(tmp_path / "p"))
+    assert cpu.returncode == 0 and "check on the device" not in cpu.stdout
+
+
 def test_mix_llama_export_parity(mix, tmp_path):
     res = export(ExportRequest(model_dir=mix, out_dir=tmp_path / "mix"))
     p = res.manifest["parity"]
