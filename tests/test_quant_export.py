@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections import Counter
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -434,7 +435,9 @@ def test_cuda_embedding_where_zero_points_leave_a_partial_byte(stories, tmp_path
             build={"activations": "float"},
         )
     )
-    kernel = kernel_bits(wbits, "auto", "float")  # the width the head's kernel stores (W2 runs on 4 bits here)
+    kernel = kernel_bits(
+        wbits, "auto", "float"
+    )  # the width the head's kernel stores (W2 runs on 4 bits here)
     whole_bytes = (64 // group * kernel) % 8 == 0  # stories260k: hidden 64
     gathered = target == "cpu" or whole_bytes
     ops = res.manifest["ops"]
@@ -442,3 +445,32 @@ def test_cuda_embedding_where_zero_points_leave_a_partial_byte(stories, tmp_path
     assert ("ai.onnx::Floor" in ops) == (not gathered)
     assert res.manifest["parity"]["passed"]
     assert res.manifest["parity"]["top1"] >= 0.99
+
+
+def cuda_gather_zero_point(packed: np.ndarray, row: int, block: int, k_blocks: int, bits: int) -> int:
+    """The zero point ONNX Runtime's CUDA GatherBlockQuantized reads for (row, block): element
+    row * k_blocks + block of one flat array, low bits first (contrib_ops/cuda/quantization/
+    gather_block_quantized.cu, get_val(zero_points, block_id))."""
+    index = row * k_blocks + block
+    per_byte = 8 // bits
+    return int(packed[index // per_byte] >> ((index % per_byte) * bits)) & ((1 << bits) - 1)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("k_blocks", [1, 2, 3, 4, 5, 14])
+def test_flat_zero_point_reading_agrees_exactly_when_rows_fill_bytes(bits, k_blocks):
+    """The rule the cuda target lowers by (quant_lowering.zero_points_fill_bytes) is exactly where the CUDA
+    kernel's flat reading of MatMulNBits' per-row padded zero points gives back every zero point."""
+    from edgepack.exporter.builder import KernelWeight
+    from edgepack.exporter.quant_lowering import zero_points_fill_bytes
+    from edgepack.kernels.packing import pack_zero_points
+
+    rng = np.random.default_rng(bits * 100 + k_blocks)
+    rows = 6
+    zero_points = rng.integers(0, 1 << bits, size=(rows, k_blocks), dtype=np.uint8)
+    packed = pack_zero_points(zero_points, bits)
+    flat = np.array(
+        [[cuda_gather_zero_point(packed, r, b, k_blocks, bits) for b in range(k_blocks)] for r in range(rows)]
+    )
+    w = KernelWeight(None, None, None, bits, 64, 64 * k_blocks, rows, 0)
+    assert np.array_equal(flat, zero_points) == zero_points_fill_bytes(w)
