@@ -96,3 +96,12 @@ def test_cuda_runtime_ratios_are_taken_within_each_round() -> None:
     table = bench.markdown(result)
     assert "| edgepack W4 | 254.3 | 1 | 60.0 | 330.0 | 1000.0 | 800.0 | 0.50 |" in table
     assert "| edgepack W4 | 254.3 | 2 | exit 1: x |||||" in table
+
+
+def test_cuda_runtime_plane_variants_export_their_own_kernel_width() -> None:
+    bench = load("cuda_runtime")
+    assert bench.width_flags("W2-planes") == ["--wbits", "2", "--lowering", "planes"]
+    assert bench.width_flags("W2") == ["--wbits", "2"] and bench.width_flags("fp16") == []
+    assert bench.parse_args(["--widths", "fp16,W2-planes"]).widths == ["fp16", "W2-planes"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--widths", "W9"])
