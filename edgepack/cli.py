@@ -376,9 +376,8 @@ def export(
         p = m["parity"]
         where = ""
         target_ep = m["target"]["execution_provider"]
-        if (
-            p.get("provider") and p["provider"] != target_ep
-        ):  # e.g. a cuda artifact exported on a CPU-only host
+        # e.g. a cuda artifact exported on a CPU-only host: the target's kernels were not part of the check
+        if p.get("provider") and p["provider"] != target_ep:
             where = f" (on {p['provider']}: this host has no {target_ep}; check on the device)"
         click.echo(
             f"parity vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
