@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import RUNNER, SHARED, folder_mib, random_qwen05b, run_logged  # noqa: E402
+from speed import RUNNER, SHARED, build_builder, build_edgepack, random_qwen05b, run_logged  # noqa: E402
 
 log = logging.getLogger("cuda_runtime")
 
@@ -57,27 +57,28 @@ def width_flags(width: str) -> list[str]:
     return [] if width == "fp16" else ["--wbits", str(QUANT_WIDTHS[width])]
 
 
-def edgepack_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "edgepack", *args]
-
-
-def export_cuda(model: Path, out: Path, flags: list[str], parity: bool, work: Path, timeout: float) -> dict:
-    """One ``edgepack export --target cuda``; the manifest's parity and build facts, or the error line."""
-    cmd = edgepack_cmd("export", "--model", str(model), "--target", "cuda", "-o", str(out), "--force", *flags)
-    if not parity:
-        cmd.append("--no-parity")
-    start = time.perf_counter()
-    error = run_logged(cmd, work / f"{out.name}.log", timeout, cwd=work)
-    row = {"flags": shlex.join(flags), "export_s": round(time.perf_counter() - start, 1), "error": error}
-    if error is None:
+def export_cuda(
+    model: Path, variant: str, flags: list[str], parity: bool, work: Path, timeout: float
+) -> dict:
+    """One ``edgepack export --target cuda`` (speed.build_edgepack, run outside the checkout); the manifest's
+    parity and build facts, or the error line."""
+    (work / model.name).mkdir(parents=True, exist_ok=True)
+    art = build_edgepack(
+        model.name, model, variant, shlex.join(flags), work, timeout, "cuda", parity, cwd=work
+    )
+    out = work / model.name / f"edgepack-{variant}"
+    row = {"path": str(out), "flags": art.flags, "export_s": round(art.build_s, 1), "error": art.error}
+    if art.error is None:
         manifest = json.loads((out / "manifest.json").read_text())
         row.update(
-            file_mib=round(folder_mib(out), 2),
+            file_mib=round(art.file_mib, 2),
             parity=manifest.get("parity"),
             attention_form=manifest["build"].get("attention_form"),
             ops=manifest.get("ops"),
         )
-    log.info("export %s: %s", out.name, error or f"{row['file_mib']} MiB in {row['export_s']} s")
+    log.info(
+        "export %s %s: %s", model.name, variant, art.error or f"{row['file_mib']} MiB in {row['export_s']} s"
+    )
     return row
 
 
@@ -88,32 +89,25 @@ def step_model(args: argparse.Namespace, result: dict) -> None:
 
 def step_builder(args: argparse.Namespace, result: dict) -> None:
     model = Path(result["model"]["path"])
-    out = args.cache / "builder-int4"
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model), "-o", str(out),
-           "-p", "int4", "-e", "cuda", "-c", str(args.cache / "builder-cache")]  # fmt: skip
-    start = time.perf_counter()
-    error = run_logged(cmd, args.cache / "builder-int4.log", args.timeout, cwd=args.cache)
+    (args.cache / model.name).mkdir(parents=True, exist_ok=True)
+    art = build_builder(model.name, model, "int4", "-p int4", args.cache, args.timeout, ep="cuda")
     result.setdefault("artifacts", {})["builder int4"] = {
-        "path": str(out),
+        "path": str(args.cache / model.name / "builder-int4"),
         "tool": "builder",
         "flags": "-p int4 -e cuda",
-        "build_s": round(time.perf_counter() - start, 1),
-        "file_mib": None if error else round(folder_mib(out), 2),
-        "error": error,
+        "build_s": round(art.build_s, 1),
+        "file_mib": None if art.error else round(art.file_mib, 2),
+        "error": art.error,
     }
-    log.info("builder int4: %s", error or "built")
+    log.info("builder int4: %s", art.error or "built")
 
 
 def step_export(args: argparse.Namespace, result: dict) -> None:
     model = Path(result["model"]["path"])
     for width in args.widths:
-        out = args.cache / f"edgepack-{width}"
-        row = export_cuda(model, out, width_flags(width), False, args.cache, args.timeout)
-        result.setdefault("artifacts", {})[f"edgepack {width}"] = {
-            "path": str(out),
-            "tool": "edgepack",
-            **row,
-        }
+        row = export_cuda(model, width, width_flags(width), False, args.cache, args.timeout)
+        result.setdefault("artifacts", {})[f"edgepack {width}"] = {"tool": "edgepack", **row}
+        args.save(result)
 
 
 def step_parity(args: argparse.Namespace, result: dict) -> None:
@@ -129,9 +123,10 @@ def step_parity(args: argparse.Namespace, result: dict) -> None:
         variants["fold W4"] = ["--wbits", "4", "--remove", "0.25", "--share-groups", "2",
                                "--fold-structure", "blocks"]  # fmt: skip
         for name, flags in variants.items():
-            out = args.cache / "parity" / f"{model.name}-{name.replace(' ', '-')}"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            rows[f"{model.name} {name}"] = export_cuda(model, out, flags, True, out.parent, args.timeout)
+            variant = name.replace(" ", "-")
+            rows[f"{model.name} {name}"] = export_cuda(
+                model, variant, flags, True, args.cache / "parity", args.timeout
+            )
             args.save(result)
     rows["providers"] = ort.get_available_providers()
 
@@ -154,8 +149,8 @@ def step_torch(args: argparse.Namespace, result: dict) -> None:
         art = Path(result["artifacts"][name]["path"])
         report = args.cache / f"torch-{art.name}.json"
         report.unlink(missing_ok=True)
-        cmd = edgepack_cmd("bench", str(art), "--backend", "torch-triton", "--device", "cuda",
-                           *bench_settings(args), "--json", str(report))  # fmt: skip
+        cmd = [sys.executable, "-m", "edgepack", "bench", str(art), "--backend", "torch-triton", "--device", "cuda",
+               *bench_settings(args), "--json", str(report)]  # fmt: skip
         error = run_logged(cmd, args.cache / f"torch-{art.name}.log", args.timeout, cwd=args.cache)
         runner = None if error else json.loads(report.read_text())["artifacts"][0]["runner"]
         rows[name] = {"error": error, "runner": runner}

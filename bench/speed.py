@@ -210,26 +210,37 @@ def folder_mib(path: Path, pattern: str = "model.onnx*") -> float:
 
 
 def build_edgepack(
-    model: str, model_dir: Path, variant: str, flags: str, work: Path, timeout: float
+    model: str,
+    model_dir: Path,
+    variant: str,
+    flags: str,
+    work: Path,
+    timeout: float,
+    target: str = "cpu",
+    parity: bool = False,
+    cwd: Path | None = None,
 ) -> Artifact:
-    """``edgepack export --target cpu --no-parity FLAGS`` (parity is the exporter's tests' job, not the bench's)."""
+    """``edgepack export --target TARGET --no-parity FLAGS`` (parity is the exporter's tests' job, not the
+    bench's, unless ``parity``)."""
     out = work / model / f"edgepack-{variant}"
-    cmd = [sys.executable, "-m", "edgepack", "export", "--model", str(model_dir), "--target", "cpu",
-           "-o", str(out), "--no-parity", "--force", *shlex.split(flags)]  # fmt: skip
+    no_parity = [] if parity else ["--no-parity"]
+    cmd = [sys.executable, "-m", "edgepack", "export", "--model", str(model_dir), "--target", target,
+           "-o", str(out), *no_parity, "--force", *shlex.split(flags)]  # fmt: skip
     start = time.perf_counter()
-    error = run_logged(cmd, work / model / f"edgepack-{variant}.log", timeout)
+    error = run_logged(cmd, work / model / f"edgepack-{variant}.log", timeout, cwd=cwd)
     art = Artifact(model, "edgepack", variant, None if error else out, flags, time.perf_counter() - start)
     art.error, art.file_mib = error, None if error else folder_mib(out)
     return art
 
 
 def build_builder(
-    model: str, model_dir: Path, variant: str, flags: str, work: Path, timeout: float
+    model: str, model_dir: Path, variant: str, flags: str, work: Path, timeout: float, ep: str = "cpu"
 ) -> Artifact:
-    """The onnxruntime-genai model builder for the cpu EP (its --help crashes; arguments passed directly)."""
+    """The onnxruntime-genai model builder for the ``ep`` execution provider (its --help crashes; arguments
+    passed directly)."""
     out = work / model / f"builder-{variant}"
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(out),
-           *shlex.split(flags), "-e", "cpu", "-c", str(work / model / "builder-cache")]  # fmt: skip
+           *shlex.split(flags), "-e", ep, "-c", str(work / model / "builder-cache")]  # fmt: skip
     start = time.perf_counter()
     # run outside the checkout, whose kernels/ would shadow the Hugging Face package transformers imports
     error = run_logged(cmd, work / model / f"builder-{variant}.log", timeout, cwd=work)
