@@ -15,7 +15,7 @@ Two forms of each decoder block, chosen per model (``attention_form``):
 
 I/O (the names optimum's ORTModelForCausalLM and onnxruntime-genai use):
   input_ids (B, S) int64, attention_mask (B, P+S) int64, position_ids (B, S) int64 (plain form only),
-  past_key_values.{i}.key/.value (B, kv_heads, P, head_dim)  ->  logits (B, S, V) float32,
+  past_key_values.{i}.key/.value (B, kv_heads, P, head_dim)  ->  logits (B, S, V) in the activation dtype,
   present.{i}.key/.value (B, kv_heads, P+S, head_dim). The fused form's presents come straight from
   GroupQueryAttention, so onnxruntime-genai can bind past and present to one buffer (past_present_share_buffer).
 """
@@ -440,15 +440,16 @@ def build_decoder(model: nn.Module, opts: BuildOptions) -> ir.Model:
         h = fused_norm(b, stream, final, spec.rms_norm_eps)[0]
     else:
         h = rms_norm(b, materialize(b, stream), final, spec.rms_norm_eps)
+    # Logits stay in the activation dtype, as onnxruntime-genai's builder emits them: the lm_head computed them
+    # in it, so a float32 Cast adds no information, and on the GPU it doubled the bytes every prefill hands the
+    # host (151,936 x 128 positions: 78 MB against 39 MB; docs/results/cuda.md).
     logits = lower_lm_head(b, model, h)
-    if act != ir.DataType.FLOAT:
-        logits = b.op("Cast", logits, to=ir.DataType.FLOAT)
     if spec.final_softcap is not None:
-        logits = softcap(b, logits, spec.final_softcap, np.float32)
+        logits = softcap(b, logits, spec.final_softcap)
 
     outputs = [logits]
     logits.name = "logits"
-    logits.type, logits.shape = ir.TensorType(ir.DataType.FLOAT), ir.Shape([batch, seq, spec.vocab_size])
+    logits.type, logits.shape = ir.TensorType(act), ir.Shape([batch, seq, spec.vocab_size])
     # the layout names the presents (plain: past ++ new), or stores the new tokens (compressed)
     outputs.extend(layout.finish(b, presents))
 

@@ -445,6 +445,14 @@ def test_cuda_embedding_where_zero_points_leave_a_partial_byte(stories, tmp_path
     assert ("ai.onnx::Floor" in ops) == (not gathered)
     assert res.manifest["parity"]["passed"]
     assert res.manifest["parity"]["top1"] >= 0.99
+    # logits leave in the activation dtype straight from the lm_head, as the builder's: no float32 Cast doubling
+    # what a GPU prefill hands the host
+    graph = onnx.load(str(tmp_path / "a" / "model.onnx"), load_external_data=False).graph
+    (logits,) = [o for o in graph.output if o.name == "logits"]
+    dtype = onnx.TensorProto.FLOAT16 if target == "cuda" else onnx.TensorProto.FLOAT
+    assert logits.type.tensor_type.elem_type == dtype
+    (producer,) = [n for n in graph.node if "logits" in n.output]
+    assert producer.op_type in ("MatMulNBits", "Reshape")
 
 
 def cuda_gather_zero_point(packed: np.ndarray, row: int, block: int, k_blocks: int, bits: int) -> int:
