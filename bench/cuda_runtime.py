@@ -14,9 +14,9 @@ can run in separate calls on one machine):
   default stories260k: head_dim 8, so the plain-attention fallback) and of mix-llama-14m when present (fused
   attention), exported for the cuda target with the exporter's parity check on; the exporter runs it on the
   CUDA EP when onnxruntime has it (the report's ``provider`` says where it ran).
-- ``torch``: ``edgepack bench --backend torch-triton`` on every quantized artifact (PyTorch on the Triton
-  kernels, fp16 activations, the same weights as the ONNX file).
-- ``ort``: every ONNX artifact, ours and the builder's, through one plain onnxruntime decode loop
+- ``torch``: ``edgepack bench --backend torch-triton`` on the quantized artifacts at ``--widths`` (PyTorch on
+  the Triton kernels, fp16 activations, the same weights as the ONNX file).
+- ``ort``: the builder's artifact and ours at ``--widths``, through one plain onnxruntime decode loop
   (runtime/runner.py ``--device cuda``: IOBinding, KV cache on the GPU, each artifact's declared KV layout),
   a fresh process per measurement, ``--rounds`` rounds in turn; ratios are taken within a round.
 
@@ -49,11 +49,18 @@ DEFAULT_WIDTHS = "fp16,W4,W3,W2"
 # the 4-bit kernel that the cuda target's float activations choose by default: the bytes a 2-bit kernel saves on
 # the CUDA EP, where it ran at the 4-bit kernel's speed (../shared/docs/facts.md, H100). Not yet measured here.
 PLANE_VARIANTS = {"W2-planes": 2, "W3-planes": 3}
+# W4 in the builder's own layout (symmetric, block 32 everywhere, no zero points): the layout ONNX Runtime's
+# CUTLASS weight-only path (ORT_FPA_INTB_GEMM=1) takes in its default build, and the builder's block size, to tell
+# the layout's share of the prefill gap from the graph's.
+LAYOUT_VARIANTS = {"W4-sym32": ["--wbits", "4", "--symmetric", "--group-size", "32", "--mlp-group-size", "0"]}
+VARIANTS = (*QUANT_WIDTHS, *PLANE_VARIANTS, *LAYOUT_VARIANTS)
 
 
 def width_flags(width: str) -> list[str]:
     if width in PLANE_VARIANTS:
         return ["--wbits", str(PLANE_VARIANTS[width]), "--lowering", "planes"]
+    if width in LAYOUT_VARIANTS:
+        return list(LAYOUT_VARIANTS[width])
     return [] if width == "fp16" else ["--wbits", str(QUANT_WIDTHS[width])]
 
 
@@ -146,6 +153,8 @@ def bench_settings(args: argparse.Namespace) -> list[str]:
 def step_torch(args: argparse.Namespace, result: dict) -> None:
     rows = result.setdefault("torch", {})
     for name in quantized(result):
+        if name.removeprefix("edgepack ") not in args.widths:
+            continue
         art = Path(result["artifacts"][name]["path"])
         report = args.cache / f"torch-{art.name}.json"
         report.unlink(missing_ok=True)
@@ -159,9 +168,14 @@ def step_torch(args: argparse.Namespace, result: dict) -> None:
 
 
 def step_ort(args: argparse.Namespace, result: dict) -> None:
-    arts = {n: a for n, a in result.get("artifacts", {}).items() if not a.get("error")}
+    arts = {
+        n: a
+        for n, a in result.get("artifacts", {}).items()
+        if not a.get("error") and (a["tool"] != "edgepack" or n.removeprefix("edgepack ") in args.widths)
+    }
     rounds = []
-    result["ort"] = {"device": args.device, "rounds": rounds}
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("ORT_")}  # e.g. ORT_FPA_INTB_GEMM=1
+    result["ort"] = {"device": args.device, "env": env, "rounds": rounds}
     for rnd in range(args.rounds):
         runs = {}
         rounds.append(runs)
@@ -180,7 +194,7 @@ def step_ort(args: argparse.Namespace, result: dict) -> None:
 
 def ratios(result: dict) -> list[dict]:
     """Decode and prefill ratios within each ort round: our widths against the builder's int4 and our fp16."""
-    widths = ("W8", "W4", "W3", "W2", *PLANE_VARIANTS)
+    widths = VARIANTS
     pairs = [(f"edgepack {w}", "builder int4") for w in widths]
     pairs += [(f"edgepack {w}", "edgepack fp16") for w in widths]
     out = []
@@ -206,7 +220,9 @@ def markdown(result: dict) -> str:
     lines += [
         f"Model {model}; prompt {result['settings']['prompt_len']} tokens, {result['settings']['gen']} greedy "
         f"steps, medians of {result['settings']['runs']} runs per measurement; driver runtime/runner.py "
-        f"(--device {result.get('ort', {}).get('device', 'cuda')}).",
+        f"(--device {result.get('ort', {}).get('device', 'cuda')})"
+        + "".join(f"; {k}={v}" for k, v in result.get("ort", {}).get("env", {}).items())
+        + ".",
         "",
         "| artifact | file MiB | round | prefill tok/s | decode tok/s | GPU MiB | peak RSS MiB | load s |",
         "|---|---|---|---|---|---|---|---|",
@@ -281,7 +297,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--widths",
         default=DEFAULT_WIDTHS,
-        help=f"fp16 and any of {', '.join([*QUANT_WIDTHS, *PLANE_VARIANTS])}",
+        help=f"fp16 and any of {', '.join(VARIANTS)}: what the export, parity, torch and ort steps take",
     )
     p.add_argument("--model", type=Path, help="model folder (default: the random Qwen2.5-0.5B-config model)")
     p.add_argument("--tokenizer", type=Path, default=SHARED / "models" / "mix-llama-14m",
@@ -299,12 +315,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.steps = [s for s in args.steps.split(",") if s]
     args.widths = [w for w in args.widths.split(",") if w]
-    bad = [s for s in args.steps if s not in STEPS] + [
-        w for w in args.widths if w not in ("fp16", *QUANT_WIDTHS, *PLANE_VARIANTS)
-    ]
+    bad = [s for s in args.steps if s not in STEPS] + [w for w in args.widths if w not in ("fp16", *VARIANTS)]
     if bad:
         p.error(
-            f"unknown step or width {bad[0]!r}: steps {', '.join(STEPS)}; widths fp16, {', '.join([*QUANT_WIDTHS, *PLANE_VARIANTS])}"
+            f"unknown step or width {bad[0]!r}: steps {', '.join(STEPS)}; widths fp16, {', '.join(VARIANTS)}"
         )
     return args
 

@@ -96,6 +96,8 @@ def test_cuda_runtime_ratios_are_taken_within_each_round() -> None:
     table = bench.markdown(result)
     assert "| edgepack W4 | 254.3 | 1 | 60.0 | 330.0 | 1000.0 | 800.0 | 0.50 |" in table
     assert "| edgepack W4 | 254.3 | 2 | exit 1: x |||||" in table
+    result["ort"]["env"] = {"ORT_FPA_INTB_GEMM": "1"}
+    assert "(--device cuda); ORT_FPA_INTB_GEMM=1." in bench.markdown(result)
 
 
 def test_cuda_runtime_plane_variants_export_their_own_kernel_width() -> None:
@@ -103,5 +105,7 @@ def test_cuda_runtime_plane_variants_export_their_own_kernel_width() -> None:
     assert bench.width_flags("W2-planes") == ["--wbits", "2", "--lowering", "planes"]
     assert bench.width_flags("W2") == ["--wbits", "2"] and bench.width_flags("fp16") == []
     assert bench.parse_args(["--widths", "fp16,W2-planes"]).widths == ["fp16", "W2-planes"]
+    assert bench.width_flags("W4-sym32") == ["--wbits", "4", "--symmetric", "--group-size", "32",
+                                             "--mlp-group-size", "0"]  # fmt: skip
     with pytest.raises(SystemExit):
         bench.parse_args(["--widths", "W9"])
