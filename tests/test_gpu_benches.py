@@ -4,6 +4,7 @@ against itself, the missing-provider line, and the ratios and tables the runtime
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,23 @@ def test_cuda_runtime_plane_variants_export_their_own_kernel_width() -> None:
                                              "--mlp-group-size", "0"]  # fmt: skip
     with pytest.raises(SystemExit):
         bench.parse_args(["--widths", "W9"])
+
+
+def test_cuda_profile_sums_the_gpu_timeline_per_call(tmp_path: Path) -> None:
+    """bench/cuda_profile.py reads kernels and copies from the profiler's Chrome trace (the GPU timeline, whatever
+    library launched them), per call; host-side events do not count."""
+    bench = load("cuda_profile")
+
+    class FakeProfile:
+        def export_chrome_trace(self, path: str) -> None:
+            events = [
+                {"cat": "kernel", "name": "MatMulFloatInt4Kernel", "dur": 30.0},
+                {"cat": "kernel", "name": "MatMulFloatInt4Kernel", "dur": 10.0},
+                {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pageable)", "dur": 50.0},
+                {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "dur": 99.0},
+                {"cat": "kernel", "name": "no duration"},
+            ]
+            Path(path).write_text(json.dumps({"traceEvents": events}))
+
+    times = bench.kernel_times(FakeProfile(), calls=2)
+    assert times == {"Memcpy DtoH (Device -> Pageable)": 25.0, "MatMulFloatInt4Kernel": 20.0}
