@@ -1,17 +1,22 @@
 """GPU benchmark of the low-bit matmul kernels against torch fp16 and ONNX Runtime's MatMulNBits.
 
-    python bench/kernel_speed.py [--out docs/results/kernels_<gpu>.json] [--e2e]
+    python bench/kernel_speed.py [--out docs/results/kernels_<gpu>.json] [--e2e] [--gemv-sweep]
 
 Prints a latency table for (K, N) in {(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)} and
 M in {1, 4, 16, 256}: torch fp16 matmul, ORT CUDA EP MatMulNBits at 8/4/2 bits (n/a without
 CUDAExecutionProvider, see docs/gpu.md) and our Triton kernels at 8/4/3/2 bits, then a bandwidth table:
 GB/s achieved on our packed bytes (codes + scales + zero points + activations + output) and the floor,
 those bytes over the HBM copy bandwidth measured in the same run. Writes the numbers as JSON to --out and
-the tables as Markdown beside it.
+the tables as Markdown beside it. Our kernels pick their configs by timing candidates on the first call per
+shape (`triton_matmul.tuned_configs`); the chosen config and every candidate's time are saved as "tuned" and
+tabulated.
 
 Timing: torch and Triton with `triton.testing.do_bench` (CUDA events, L2 flushed before every call,
 warm-up, median). An ORT Run is synchronous, so ORT is host-timed over one Run of several MatMulNBits nodes,
 each with its own weight (so weights come from HBM, not L2), median per node.
+
+--gemv-sweep: every GEMV candidate config at M = 1 and 4, per shape and width, timed like the rest (shorter
+do_bench runs), saved as "gemv_sweep" and tabulated, the whole landscape the tuner chose from.
 
 --e2e: a Llama-3.2-1B-shaped model with random fp16 weights decodes greedily, one token per step with a
 static KV cache, eagerly and replayed from a CUDA graph; tokens/s with torch fp16 linears vs W4 (RTN,
@@ -59,11 +64,11 @@ class Row:
     ours_max_rel_err: dict[int, float]
 
 
-def _median_us(fn) -> float:
-    """Median GPU time of fn in microseconds (CUDA events, L2 flushed, warmed up)."""
+def _median_us(fn, warmup: int = 25, rep: int = 200) -> float:
+    """Median GPU time of fn in microseconds (CUDA events, L2 flushed, warmed up; warmup and rep in ms)."""
     import triton.testing
 
-    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+    return 1e3 * triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
 def copy_bandwidth_gbps(device: torch.device, nbytes: int = 1 << 30) -> float:
@@ -159,11 +164,30 @@ def ort_matmulnbits_us(
     return result
 
 
-def kernel_rows(group: int, device: torch.device, with_ort: bool, on_shape=None) -> tuple[list[Row], float]:
+SWEEP_ROWS = (1, 4)  # M of --gemv-sweep
+
+
+def gemv_sweep(
+    x: torch.Tensor, planes, s: torch.Tensor, z: torch.Tensor, bits: int, group: int
+) -> dict[str, float]:
+    """Median microseconds of every GEMV candidate config on x (M, K), by config label."""
+    from edgepack.kernels.triton_matmul import gemv_candidates, quant_gemv
+
+    m, k = x.shape
+    return {
+        c.label: _median_us(partial(quant_gemv, x, planes, s, z, bits, group, config=c), warmup=5, rep=25)
+        for c in gemv_candidates(m, s.shape[1], k, group, x.device)
+    }
+
+
+def kernel_rows(
+    group: int, device: torch.device, with_ort: bool, on_shape=None, sweep: list[dict] | None = None
+) -> tuple[list[Row], float]:
     """Time every (K, N, M) for torch fp16, ORT MatMulNBits and our kernels; check our outputs.
 
     Returns the rows and the copy bandwidth (GB/s) the floors are computed from; ``on_shape(rows, gbps)`` is
-    called after each (K, N), so a run cut short keeps what it measured.
+    called after each (K, N), so a run cut short keeps what it measured. With ``sweep`` a list, every GEMV
+    candidate is timed at M in SWEEP_ROWS and a dict per (K, N, M, bits) appended to it.
     """
     from edgepack.kernels.packing import pack_for_triton
     from edgepack.kernels.reference import dequantize
@@ -211,6 +235,8 @@ def kernel_rows(group: int, device: torch.device, with_ort: bool, on_shape=None)
                 nbytes = sum(t.nbytes for t in (*planes, s, z)) + 2 * m * (k + n)
                 row.ours_gbps[bits] = nbytes / (row.ours_us[bits] * 1e3)
                 row.floor_us[bits] = nbytes / (copy_gbps * 1e3)
+                if sweep is not None and m in SWEEP_ROWS:
+                    sweep.append(dict(k=k, n=n, m=m, bits=bits, us=gemv_sweep(x, planes, s, z, bits, group)))
             rows.append(row)
             log.info("K=%d N=%d M=%d done", k, n, m)
         if on_shape is not None:
@@ -222,8 +248,15 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}"
 
 
-def markdown_tables(rows: list[Row], copy_gbps: float, device_name: str, group: int) -> str:
-    """The latency table and the bandwidth table as Markdown."""
+def markdown_tables(
+    rows: list[Row],
+    copy_gbps: float,
+    device_name: str,
+    group: int,
+    tuned: list[dict] | None = None,
+    sweep: list[dict] | None = None,
+) -> str:
+    """The latency table and the bandwidth table as Markdown; then the tuned configs and the GEMV sweep, if any."""
     lines = [
         f"# Low-bit matmul kernels on {device_name} (group {group}, fp16 activations)",
         "",
@@ -250,6 +283,33 @@ def markdown_tables(rows: list[Row], copy_gbps: float, device_name: str, group: 
     for r in rows:
         cells = [r.k, r.n, r.m] + [f"{r.ours_gbps[b]:.0f} | {r.floor_us[b]:.1f}" for b in OUR_BITS]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if tuned:
+        lines += [
+            "",
+            "Configs our kernels chose (fastest candidate on the first call; microseconds from the tuner's own "
+            "5 timed calls).",
+            "",
+            "| kernel | K | N | M bucket | bits | dtype | chosen | us | runner-up | us | candidates |",
+            "|---" * 11 + "|",
+        ]
+        for t in tuned:
+            ranked = sorted(t["candidates_us"].items(), key=lambda item: item[1])
+            second = ranked[1] if len(ranked) > 1 else ("-", None)
+            cells = [t["kernel"], t["k"], t["n"], t["m_bucket"], t["bits"], t["dtype"], t["best"]]
+            cells += [_fmt(ranked[0][1]), second[0], _fmt(second[1]), len(ranked)]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if sweep:
+        lines += [
+            "",
+            "GEMV sweep: microseconds of every candidate config (median, L2 flushed), fastest first.",
+            "",
+            "| K | N | M | bits | candidates |",
+            "|---" * 5 + "|",
+        ]
+        for s in sweep:
+            ranked = sorted(s["us"].items(), key=lambda item: item[1])
+            cells = [s["k"], s["n"], s["m"], s["bits"], ", ".join(f"{c} {us:.1f}" for c, us in ranked)]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -418,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="JSON path (default docs/results/kernels_<gpu>.json)")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--e2e", action="store_true", help="also time 1B-class Llama decode, fp16 vs W4")
+    parser.add_argument(
+        "--gemv-sweep", action="store_true", help="also time every GEMV candidate config at M = 1 and 4"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU; torch.cuda.is_available() is False on this machine", file=sys.stderr)
@@ -425,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import onnxruntime
     import triton
+    from edgepack.kernels.triton_matmul import tuned_configs
 
     device = torch.device("cuda")
     name = torch.cuda.get_device_name(device)
@@ -443,14 +507,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
 
+    sweep = [] if args.gemv_sweep else None
+
     def save(rows: list[Row], copy_gbps: float) -> str:
-        result.update(copy_bandwidth_gbps=copy_gbps, rows=[asdict(r) for r in rows])
-        tables = markdown_tables(rows, copy_gbps, name, args.group_size)
+        result.update(copy_bandwidth_gbps=copy_gbps, rows=[asdict(r) for r in rows], tuned=tuned_configs())
+        if sweep is not None:
+            result["gemv_sweep"] = sweep
+        tables = markdown_tables(rows, copy_gbps, name, args.group_size, result["tuned"], sweep)
         out.write_text(json.dumps(result, indent=2) + "\n")
         out.with_suffix(".md").write_text(tables)
         return tables
 
-    rows, copy_gbps = kernel_rows(args.group_size, device, with_ort, on_shape=save)
+    rows, copy_gbps = kernel_rows(args.group_size, device, with_ort, on_shape=save, sweep=sweep)
     print(save(rows, copy_gbps))
     if args.e2e:
         result["e2e"] = e2e(device)

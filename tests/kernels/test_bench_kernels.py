@@ -65,3 +65,37 @@ def test_static_decoder_matches_hf(bench, monkeypatch: pytest.MonkeyPatch) -> No
     bench.quantize_linears(model, 4, 32)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "TritonQuantLinear"
     assert bench.check_decoder(bench.StaticDecoder(model, max_len=16), prompt) < 1e-5
+
+
+def test_markdown_tables_show_tuned_configs_and_sweep(bench) -> None:
+    row = bench.Row(
+        4096,
+        4096,
+        1,
+        18.6,
+        dict.fromkeys(bench.ORT_BITS),
+        *({b: 1.0 for b in bench.OUR_BITS} for _ in range(4)),
+    )
+    tuned = [
+        dict(
+            kernel="gemv",
+            k=4096,
+            n=4096,
+            m_bucket=1,
+            bits=4,
+            dtype="float16",
+            best="n16_k128_w4_s2_split1",
+            candidates_us={"n32_k128_w4_s2_split1": 12.0, "n16_k128_w4_s2_split1": 9.5},
+        )
+    ]
+    sweep = [
+        dict(k=4096, n=4096, m=1, bits=4, us={"b": 12.0, "a": 9.5}),
+        dict(k=4096, n=4096, m=4, bits=4, us={"a": 7.0}),
+    ]
+    md = bench.markdown_tables([row], 4000.0, "GPU", 128, tuned, sweep)
+    assert (
+        "| gemv | 4096 | 4096 | 1 | 4 | float16 | n16_k128_w4_s2_split1 | 9.5 | n32_k128_w4_s2_split1 | 12.0 | 2 |"
+        in md
+    )
+    assert "| 4096 | 4096 | 1 | 4 | a 9.5, b 12.0 |" in md and "| 4096 | 4096 | 4 | 4 | a 7.0 |" in md
+    assert "chose" not in bench.markdown_tables([row], 4000.0, "GPU", 128)  # no tuning table without tuning
