@@ -266,7 +266,7 @@ def decode_weight(
     name, bits, block = layer.name, layer.bits, layer.block
     n, k = layer.shape
     k_blocks = -(-k // block)
-    codes = np.zeros((n, k), np.int32)
+    codes = None  # uint8 (N, K): a sum of shifted planes wraps as the low byte of the int32 sum would
     zeros = np.zeros((n, k_blocks), np.int32)
     kernel = layer.kernel_bits
     widened = layer.storage == "compact"
@@ -280,7 +280,8 @@ def decode_weight(
             plane = np.unpackbits(raw.reshape(n, -1), axis=1, bitorder="little")[:, :k]
         else:
             plane = unpack_nbits(raw, storage, k)
-        codes += plane.astype(np.int32) << shift
+        part = plane if shift == 0 else plane << np.uint8(shift)
+        codes = part if codes is None else codes + part
         if widened:
             continue
         zp_name = qzeros_name(name, j, planes)
@@ -294,4 +295,4 @@ def decode_weight(
     if zeros.min() < 0 or zeros.max() > 255:
         raise EdgepackError(f"{name}: zero points outside 0..255 after recombining planes; re-export it")
     scales = get(scales_name(name)).astype(np.float32).reshape(n, k_blocks)
-    return DecodedWeight(codes.astype(np.uint8), scales, zeros.astype(np.uint8), bits, block)
+    return DecodedWeight(np.ascontiguousarray(codes), scales, zeros.astype(np.uint8), bits, block)

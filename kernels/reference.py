@@ -15,7 +15,13 @@ def _expand_groups(values: np.ndarray, group_size: int, k: int) -> np.ndarray:
 
 def dequantize(codes: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, group_size: int) -> np.ndarray:
     """W[n, k] = (codes[n, k] - zp[n, k // g]) * scale[n, k // g], float32 (N, K)."""
-    k = codes.shape[1]
+    n, k = codes.shape
+    k_groups = np.shape(scales)[1]
+    if k_groups * group_size == k:  # whole groups: broadcast per group instead of repeating (N, K) copies
+        w = np.asarray(codes).reshape(n, k_groups, group_size).astype(np.float32)
+        w -= np.asarray(zero_points, dtype=np.float32)[:, :, None]
+        w *= np.asarray(scales, dtype=np.float32)[:, :, None]
+        return w.reshape(n, k)
     scale = _expand_groups(np.asarray(scales, dtype=np.float32), group_size, k)  # (N, K)
     zero = _expand_groups(np.asarray(zero_points, dtype=np.float32), group_size, k)  # (N, K)
     return ((codes.astype(np.float32) - zero) * scale).astype(np.float32)

@@ -62,3 +62,38 @@ def test_quant_linear_rejects_bad_shapes() -> None:
         TritonQuantLinear(codes, np.ones((4, 1), np.float32), np.zeros((4, 1), np.uint8), 4, 32)
     with pytest.raises(ValueError, match="bits"):
         TritonQuantLinear(codes, np.ones((4, 2), np.float32), np.zeros((4, 2), np.uint8), 7, 32)
+
+
+@pytest.mark.parametrize("bits", sorted(TRITON_PLANE_BITS))
+def test_pack_for_triton_every_word(bits: int) -> None:
+    """Every word of every plane against the layout's definition: word [w, n] of a b-bit plane holds bits
+    shift.. of code k = w * (32 // b) + i at bits i * b, K padded with zero codes."""
+    rng = np.random.default_rng(100 + bits)
+    n, k = 5, 75
+    codes = rng.integers(0, 2**bits, size=(n, k), dtype=np.uint8)
+    padded = np.zeros((n, 96), np.int64)
+    padded[:, :k] = codes
+    shift = bits
+    for plane, b in zip(pack_for_triton(codes, bits), TRITON_PLANE_BITS[bits], strict=True):
+        shift -= b
+        per = 32 // b
+        want = np.zeros((96 // per, n), np.int64)
+        for w in range(96 // per):
+            for i in range(per):
+                want[w] |= ((padded[:, w * per + i] >> shift) & ((1 << b) - 1)) << (i * b)
+        assert plane.dtype == np.int32 and plane.flags.c_contiguous
+        np.testing.assert_array_equal(plane.view(np.uint32).astype(np.int64), want)
+
+
+@pytest.mark.parametrize(("k", "group"), [(96, 32), (100, 32), (64, 64)])
+def test_dequantize_whole_and_ragged_groups(k: int, group: int) -> None:
+    """reference.dequantize (broadcast per group where K is whole groups, repeated otherwise) is
+    (q - z[k // g]) * s[k // g] element by element, in float32."""
+    rng = np.random.default_rng(k)
+    codes, scales, zero_points = _random_quant(rng, 7, k, 4, group)
+    want = np.array(
+        [[(np.float32(codes[r, c]) - np.float32(zero_points[r, c // group])) * scales[r, c // group]
+          for c in range(k)] for r in range(7)], np.float32)  # fmt: skip
+    got = dequantize(codes, scales, zero_points, group)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
