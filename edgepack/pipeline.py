@@ -344,11 +344,19 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # domain (generalization.md, round 4), where it helps GPTQ
             # a width fold chooses its channels on the model's own samples, whatever the cure text: channels
             # chosen on WikiText-2 cost Shakespeare +39.5% against +24.8% (generalization.md, round 14)
+            before = set(reports)
             cure_ids = ids_for(step)
             channels = ids_for(step, 1.0) if step.structure in ("mlp-width", "auto") else None
             # auto judges its candidates on own samples that none is built on: drawn apart, so every candidate
-            # is the plain fold of its structure and the winner is kept as built
-            held = held_out_samples(model, tokenizer, req, step) if step.structure == "auto" else None
+            # is the plain fold of its structure and the winner is kept as built; at the temperature the
+            # calibration draw resolved "auto" to (the same model and sizes: no second pilot)
+            drawn = own_sample_temperature({k: v for k, v in reports.items() if k not in before}, req)
+            held_req = (
+                dataclasses.replace(req, self_calib={**req.self_calib, "temperature": drawn})
+                if drawn
+                else req
+            )
+            held = held_out_samples(model, tokenizer, held_req, step) if step.structure == "auto" else None
             reports["fold"] = fold(model, step, cure_ids, channel_ids=channels, held_ids=held).to_dict()
         elif kind == "quantize":
             from edgepack.compressor.quantize import HEAD_AUTO, e2e_options, quantize
@@ -417,6 +425,23 @@ def plan_kv(
             plan.group,
         )
     return {"plan": plan.to_dict(), "search": search}
+
+
+def own_sample_temperature(reports: dict, req: ExportRequest) -> float | None:
+    """The number the latest calibration draw of the model's own samples in ``reports`` (the step's
+    "calibration*" entries, as ``calibration_ids`` records them) resolved ``--calib-temperature auto`` to;
+    None when the request names a number or no own samples were drawn."""
+    from edgepack.compressor.selfcalib import AUTO
+
+    if req.self_calib.get("temperature") != AUTO:
+        return None
+    drawn = None
+    for key, report in reports.items():
+        if key.startswith("calibration") and isinstance(report, dict):
+            own = report if "temperature" in report else report.get("self")
+            if own and own.get("temperature") not in (None, AUTO):
+                drawn = own["temperature"]  # reports keep insertion order: the latest draw wins
+    return drawn
 
 
 def held_out_samples(model, tokenizer, req: ExportRequest, step):

@@ -239,3 +239,39 @@ def test_abq_calibrates_on_the_text_alone(stories, shakespeare, tmp_path):
         ExportRequest(stories, tmp_path / "a", recipe=Recipe([abq]), calib=shakespeare, parity=False)
     ).manifest
     assert m["compression"]["calibration"]["self_share"] == 0.0 and not (tmp_path / "a" / FILE_NAME).exists()
+
+
+def test_auto_temperature_is_resolved_once_per_fold_step(stories, tmp_path, monkeypatch):
+    """A fold of structure auto draws its cure / channel samples and its held-out samples from the same model at
+    the same sizes: "auto" is resolved once (one pilot), and the held-out draw takes the number it resolved to."""
+    from edgepack.compressor import selfcalib
+    from edgepack.compressor.fold import FoldConfig
+
+    from edgepack.pipeline import compress
+    from edgepack.recipe import Recipe
+
+    resolved = []
+    original = selfcalib.resolve_temperature
+
+    def counting(model, tokenizer, config):
+        out = original(model, tokenizer, config)
+        if config.temperature == AUTO:
+            resolved.append(out.temperature)
+        return out
+
+    drawn = []
+    original_generate = selfcalib.generate_samples
+
+    def recording(model, tokenizer, config):
+        drawn.append(config)
+        return original_generate(model, tokenizer, config)
+
+    monkeypatch.setattr(selfcalib, "resolve_temperature", counting)
+    monkeypatch.setattr(selfcalib, "generate_samples", recording)
+    step = FoldConfig(remove=0.2, importance="bi", cure_steps=1, n_samples=8, seq_len=32, batch_size=4)
+    req = ExportRequest(stories, tmp_path, recipe=Recipe([step]), self_calib={"temperature": AUTO})
+    reports = compress(load_model(stories), load_tokenizer(stories), req, tmp_path)
+    assert len(resolved) == 1 and 2.0 < resolved[0] < 3.0  # stories260k heats (see above)
+    held = [c for c in drawn if c.seed != drawn[0].seed]
+    assert len(held) == 1 and held[0].temperature == resolved[0] == reports["calibration"]["temperature"]
+    assert reports["fold"]["structure_check"]["held_out_samples"] == 1
