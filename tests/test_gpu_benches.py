@@ -130,3 +130,13 @@ def test_cuda_profile_sums_the_gpu_timeline_per_call(tmp_path: Path) -> None:
 
     times = bench.kernel_times(FakeProfile(), calls=2)
     assert times == {"Memcpy DtoH (Device -> Pageable)": 25.0, "MatMulFloatInt4Kernel": 20.0}
+
+
+def test_cuda_session_script_names_its_stages(tmp_path: Path) -> None:
+    """bench/cuda_session.sh parses, and an unknown stage is one line and exit 2 (before touching anything)."""
+    script = ROOT / "bench" / "cuda_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    done = subprocess.run(
+        ["bash", str(script), "9"], capture_output=True, text=True, env={"OUT": str(tmp_path)}
+    )
+    assert done.returncode == 2 and done.stderr.strip() == "unknown stage 9: prepare or 1..6"
