@@ -947,7 +947,7 @@ From the source model's generation_config.json over onnxruntime-genai's builder 
 Prefill: feed the prompt ids with `position_ids = 0..S-1`, `attention_mask` all ones and every
 `past_key_values.*` as an empty tensor (past length 0). Decode: feed the next token (S = 1), its position,
 a mask one longer, and each `present.{{i}}.*` from the last call as `past_key_values.{{i}}.*`.
-Logits are float32 over the vocabulary; take the argmax (or sample) of the last position.
+Logits are {logits_dtype} over the vocabulary; take the argmax (or sample) of the last position.
 {android}
 `manifest.json` lists every file's SHA-256 (`edgepack inspect .` verifies them), the ops used, and the
 parity figures measured against the PyTorch model at export time.
@@ -1036,6 +1036,7 @@ def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
         ort_line += KV_README.format(**m["compression"]["kv"]["plan"])
     steps = [s["kind"] for s in m["recipe"]["steps"]] or ["none (float)"]
     search = genai["search"]
+    logits_dtype = next(o["dtype"] for o in m["io"]["outputs"] if o["name"] == "logits")  # onnx-ir's names
     text = APP_README.format(
         name=Path(m["source"]["path"]).name,
         version=m["edgepack_version"],
@@ -1068,6 +1069,7 @@ def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
         quality=quality_text(m.get("quality")),
         inputs=rows(m["io"]["inputs"]),
         outputs=rows(m["io"]["outputs"]),
+        logits_dtype={"float": "float32"}.get(logits_dtype, logits_dtype),
         android=android,
     )
     (folder / "README.md").write_text(text)

@@ -36,7 +36,9 @@ def export(out: Path, *args: str) -> Path:
 def w4_android(tmp_path_factory, stories: Path, shakespeare: Path) -> Path:
     """stories260k, W4 (tied head + embedding share one packed weight), Android bundle, quality measured."""
     out = tmp_path_factory.mktemp("bundle") / "w4"
-    return export(out, "--model", str(stories), "--target", "android", "--wbits", "4", "--eval", str(shakespeare))
+    return export(
+        out, "--model", str(stories), "--target", "android", "--wbits", "4", "--eval", str(shakespeare)
+    )
 
 
 def test_search_takes_the_source_values_over_the_builder_defaults() -> None:
@@ -102,11 +104,14 @@ def test_quality_vs_original_in_manifest(w4_android: Path) -> None:
     quality = json.loads((w4_android / "manifest.json").read_text())["quality"]
     assert quality["measured"] and quality["tokens"] >= 1024
     assert 0.3 < quality["top1_agreement"] < 1.0  # W4 moves some argmaxes on a 260k model
-    assert quality["perplexity_delta"] == pytest.approx(quality["perplexity"] - quality["perplexity_original"], abs=1e-3)
+    assert quality["perplexity_delta"] == pytest.approx(
+        quality["perplexity"] - quality["perplexity_original"], abs=1e-3
+    )
 
 
 def test_readme_has_every_integration_item(w4_android: Path) -> None:
     readme = (w4_android / "README.md").read_text()
+    assert "Logits are float32 over the vocabulary" in readme  # what the Kotlin loop's floatBuffer reads
     manifest = json.loads((w4_android / "manifest.json").read_text())
     genai = json.loads((w4_android / "genai_config.json").read_text())
     facts = token_facts(w4_android)
@@ -163,7 +168,17 @@ def test_kv_facts_counts_every_past_input() -> None:
 
 def test_missing_eval_file_is_one_line_and_writes_nothing(tmp_path: Path, stories: Path) -> None:
     out = tmp_path / "out"
-    args = ["export", "--model", str(stories), "--wbits", "4", "--eval", str(tmp_path / "nope.txt"), "-o", str(out)]
+    args = [
+        "export",
+        "--model",
+        str(stories),
+        "--wbits",
+        "4",
+        "--eval",
+        str(tmp_path / "nope.txt"),
+        "-o",
+        str(out),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2
     assert "nope.txt does not exist; pass a local UTF-8 text file to --eval" in result.output
@@ -176,9 +191,18 @@ def test_kotlin_compiles_against_the_ort_java_api(w4_android: Path, tmp_path: Pa
     if kotlinc is None or javac is None:
         pytest.skip("kotlinc/javac not installed (apt-get install kotlin default-jdk-headless)")
     stubs = sorted((STUBS / "ai" / "onnxruntime").glob("*.java"))
-    subprocess.run([javac, "-d", str(tmp_path / "classes"), *map(str, stubs)], check=True, capture_output=True)
+    subprocess.run(
+        [javac, "-d", str(tmp_path / "classes"), *map(str, stubs)], check=True, capture_output=True
+    )
     done = subprocess.run(
-        [kotlinc, str(w4_android / "EdgepackDecoder.kt"), "-cp", str(tmp_path / "classes"), "-d", str(tmp_path / "kt.jar")],
+        [
+            kotlinc,
+            str(w4_android / "EdgepackDecoder.kt"),
+            "-cp",
+            str(tmp_path / "classes"),
+            "-d",
+            str(tmp_path / "kt.jar"),
+        ],
         capture_output=True,
         text=True,
     )

@@ -123,6 +123,8 @@ def test_parity_line_says_when_it_ran_off_the_targets_provider(tmp_path, stories
         )
         == off_device
     )
+    # the app README states the logits' dtype as the graph has it (float16 on cuda, as the builder's)
+    assert "Logits are float16 over the vocabulary" in (tmp_path / "c" / "README.md").read_text()
     cpu = run_cli("export", "--target", "cpu", "--model", str(stories), "-o", str(tmp_path / "p"))
     assert cpu.returncode == 0 and "check on the device" not in cpu.stdout
 
