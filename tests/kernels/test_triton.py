@@ -160,7 +160,13 @@ def test_tuner_picks_fastest_and_caches(monkeypatch: pytest.MonkeyPatch) -> None
     _assert_gemv_exact(quant_gemv(x, planes, s, z, 4, 32), want, torch.float16)
     assert len(timed) == len(candidates)
     ran.clear()
-    quant_gemv(x, planes, s, z, 4, 32)
+
+    def rebuilt(*args):
+        raise AssertionError("a cached key rebuilt its candidates (about 30 us a call)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(triton_matmul, "gemv_candidates", rebuilt)
+        quant_gemv(x, planes, s, z, 4, 32)
     assert len(timed) == len(candidates) and ran == [fastest]  # cached: no timing, the fastest runs
     (row,) = tuned_configs()
     assert row["best"] == candidates[3].label and row["m_bucket"] == 1 and row["bits"] == 4
