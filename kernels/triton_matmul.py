@@ -258,6 +258,17 @@ GEMM_LARGE_M = GemmConfig(128, 128, 32, 8, 4)
 _TUNED: dict[tuple, tuple[GemvConfig | GemmConfig, dict[GemvConfig | GemmConfig, float]]] = {}
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) on the host. Recent Triton makes `triton.cdiv` a constexpr function costing microseconds a
+    call, paid by every linear of every decode step."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """The smallest power of 2 >= n (n >= 1), on the host (see `_cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -369,14 +380,12 @@ def _sm_count(device: torch.device) -> int:
 def gemv_candidates(m: int, n: int, k: int, group_size: int, device: torch.device) -> list[GemvConfig]:
     """`GEMV_CANDIDATES` for this shape, K tiles fitted to M and the group, FILL resolved, duplicates dropped;
     the first one is the default."""
-    block_m = triton.next_power_of_2(m)
+    block_m = _pow2(m)
     configs = []
     for block_n, block_k, num_warps, num_stages, split_k in GEMV_CANDIDATES:
         block_k = _fit_block_k(max(16, block_k // block_m), group_size)
         if split_k == FILL:
-            split_k = max(
-                1, min(16, triton.cdiv(2 * _sm_count(device), triton.cdiv(n, block_n)), k // block_k)
-            )
+            split_k = max(1, min(16, _cdiv(2 * _sm_count(device), _cdiv(n, block_n)), k // block_k))
         configs.append(GemvConfig(block_n, block_k, num_warps, num_stages, split_k))
     return list(dict.fromkeys(configs))
 
@@ -386,7 +395,7 @@ def gemm_candidates(m: int, group_size: int) -> list[GemmConfig]:
     if m > 64:
         configs = [GEMM_LARGE_M]
     else:
-        block_m = max(16, triton.next_power_of_2(m))
+        block_m = max(16, _pow2(m))
         configs = [GemmConfig(block_m, bn, bk, w, s) for bn, bk, w, s in GEMM_CANDIDATES]
     return list(
         dict.fromkeys(
@@ -412,11 +421,11 @@ def quant_gemv(
         raise ValueError(f"the GEMV takes at most {GEMV_MAX_M} rows, got {m}")
 
     def launch(config: GemvConfig) -> torch.Tensor:
-        k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
-        split_k = triton.cdiv(k, k_per_split)
+        k_per_split = _cdiv(_cdiv(k, config.split_k), config.block_k) * config.block_k
+        split_k = _cdiv(k, k_per_split)
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)  # (M, N)
         part = out if split_k == 1 else torch.empty((split_k, m, n), device=x.device, dtype=torch.float32)
-        _gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
+        _gemv_kernel[(_cdiv(n, config.block_n), split_k)](
             x,
             planes[0],
             planes[-1],
@@ -432,20 +441,18 @@ def quant_gemv(
             HI_BITS=TRITON_PLANE_BITS[bits][0],
             LO_BITS=lo_bits,
             EVEN_GROUPS=group_size % config.block_k == 0,
-            BLOCK_M=triton.next_power_of_2(m),
+            BLOCK_M=_pow2(m),
             BLOCK_N=config.block_n,
             BLOCK_K=config.block_k,
             num_warps=config.num_warps,
             num_stages=config.num_stages,
         )
         if split_k > 1:
-            _sum_splits_kernel[(triton.cdiv(m * n, 1024),)](
-                part, out, m * n, split_k, BLOCK=1024, num_warps=4
-            )
+            _sum_splits_kernel[(_cdiv(m * n, 1024),)](part, out, m * n, split_k, BLOCK=1024, num_warps=4)
         return out
 
     if config is None:
-        key = ("gemv", triton.next_power_of_2(m), n, k, bits, group_size, x.dtype, x.device)
+        key = ("gemv", _pow2(m), n, k, bits, group_size, x.dtype, x.device)
         config = _tuned(key, lambda: gemv_candidates(m, n, k, group_size, x.device), launch, x)
     return launch(config)
 
@@ -464,7 +471,7 @@ def quant_gemm(
 
     def launch(config: GemmConfig) -> torch.Tensor:
         out = torch.empty((m, n), device=x.device, dtype=x.dtype)  # (M, N)
-        grid = (triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n),)
+        grid = (_cdiv(m, config.block_m) * _cdiv(n, config.block_n),)
         _gemm_kernel[grid](
             x,
             planes[0],
@@ -491,7 +498,7 @@ def quant_gemm(
         return out
 
     if config is None:
-        bucket = 128 if m > 64 else max(16, triton.next_power_of_2(m))
+        bucket = 128 if m > 64 else max(16, _pow2(m))
         key = ("gemm", bucket, n, k, bits, group_size, x.dtype, x.device)
         config = _tuned(key, lambda: gemm_candidates(m, group_size), launch, x)
     return launch(config)
