@@ -157,7 +157,14 @@ def step_side_files(job: ExportJob) -> None:
 
     genai = genai_can_run(kv_plan(job.reports), job.built["build"]["attention_form"])
     job.genai = write_side_files(
-        job.req.model_dir, job.out, job.model, job.raw_config, job.tokenizer, job.built, genai=genai
+        job.req.model_dir,
+        job.out,
+        job.model,
+        job.raw_config,
+        job.tokenizer,
+        job.built,
+        genai=genai,
+        providers=job.target.genai_providers(),
     )
 
 
@@ -693,9 +700,10 @@ def write_side_files(
     tokenizer,
     built: dict | None = None,
     genai: bool = True,
+    providers: list[dict] | None = None,
 ) -> dict:
     """Tokenizer files, the (possibly folded) config.json, and genai_config.json for the graph ``built`` (not
-    for a compressed KV layout, which onnxruntime-genai cannot run)."""
+    for a compressed KV layout, which onnxruntime-genai cannot run), opened on the target's ``providers``."""
     for name in TOKENIZER_FILES:
         src = Path(model_dir) / name
         if src.is_file():
@@ -707,7 +715,7 @@ def write_side_files(
     if "intermediate_size" in config:  # a width fold narrows every block's MLP
         config["intermediate_size"] = model.config.intermediate_size
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    config = genai_config(model, tokenizer, read_generation_config(Path(model_dir)), built)
+    config = genai_config(model, tokenizer, read_generation_config(Path(model_dir)), built, providers)
     if genai:
         (out / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
     return config  # the README's token facts and sampling defaults, also where no file is written
@@ -789,9 +797,16 @@ def shares_kv_buffer(built: dict | None) -> bool:
     return built["build"]["attention_form"] == "fused" and "ai.onnx::Scan" not in built["ops"]
 
 
-def genai_config(model, tokenizer, generation: dict | None = None, built: dict | None = None) -> dict:
+def genai_config(
+    model,
+    tokenizer,
+    generation: dict | None = None,
+    built: dict | None = None,
+    providers: list[dict] | None = None,
+) -> dict:
     """onnxruntime-genai's config for our graph ``built`` (write_model's facts: its inputs, its block form);
-    ``generation``: the source's generation_config.json."""
+    ``generation``: the source's generation_config.json; ``providers``: the execution providers genai opens the
+    model on (the target's; none: its CPU default)."""
     from edgepack.model import DecoderDims
 
     dims = DecoderDims.from_config(model.config)
@@ -806,7 +821,7 @@ def genai_config(model, tokenizer, generation: dict | None = None, built: dict |
             "bos_token_id": bos if bos is not None else tokenizer.bos_token_id,
             "context_length": dims.max_positions,
             "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers or []},
                 "filename": "model.onnx",
                 "head_size": dims.head_dim,
                 "hidden_size": dims.hidden_size,
@@ -1034,6 +1049,13 @@ def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
         )
     if "kv" in m["compression"] and not (folder / "genai_config.json").exists():
         ort_line += KV_README.format(**m["compression"]["kv"]["plan"])
+    elif providers := genai["model"]["decoder"]["session_options"]["provider_options"]:
+        names = ", ".join(next(iter(p)) for p in providers)
+        ort_line += (
+            f"genai_config.json opens the model on onnxruntime-genai's `{names}` provider (install the matching "
+            f"onnxruntime-genai package, e.g. onnxruntime-genai-cuda); Python onnxruntime: pass "
+            f'`providers=["{m["target"]["execution_provider"]}"]` (onnxruntime-gpu).\n'
+        )
     steps = [s["kind"] for s in m["recipe"]["steps"]] or ["none (float)"]
     search = genai["search"]
     logits_dtype = next(o["dtype"] for o in m["io"]["outputs"] if o["name"] == "logits")  # onnx-ir's names

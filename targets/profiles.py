@@ -95,6 +95,13 @@ class Target:
         "per-row"  # how the EP's GatherBlockQuantized indexes zero points (BuildOptions)
     )
     activations: str = "int8"  # low-bit matmuls on int8 activations (accuracy_level 4) or "float" (level 0)
+    # genai_config.json's provider_options: the execution provider onnxruntime-genai opens the model on (none:
+    # its CPU default; the builder's -e cuda writes {"cuda": {"enable_cuda_graph": "0"}})
+    genai_provider_options: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ()
+
+    def genai_providers(self) -> list[dict]:
+        """genai_config.json's session_options.provider_options for this target."""
+        return [{name: dict(options)} for name, options in self.genai_provider_options]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -131,6 +138,7 @@ TARGETS: dict[str, Target] = {
             allowed_ops=STANDARD_OPS | CONTRIB_OPS,
             activations="float",  # the CUDA kernels compute in fp16 whatever the accuracy level
             gather_zero_points="flat",  # ONNX Runtime's CUDA GatherBlockQuantized (docs/results/cuda.md)
+            genai_provider_options=(("cuda", (("enable_cuda_graph", "0"),)),),
         ),
     )
 }

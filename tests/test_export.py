@@ -106,6 +106,8 @@ def test_default_model_exports_without_model_flag(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["source"]["architecture"] == "LlamaForCausalLM" and m["parity"]["passed"]
+    genai = json.loads((tmp_path / "d" / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["provider_options"] == []  # genai's CPU default
 
 
 def test_parity_line_says_when_it_ran_off_the_targets_provider(tmp_path, stories):
@@ -125,6 +127,15 @@ def test_parity_line_says_when_it_ran_off_the_targets_provider(tmp_path, stories
     )
     # the app README states the logits' dtype as the graph has it (float16 on cuda, as the builder's)
     assert "Logits are float16 over the vocabulary" in (tmp_path / "c" / "README.md").read_text()
+    # onnxruntime-genai opens a cuda artifact on its CUDA provider (as the builder's -e cuda config); with no
+    # provider_options it would run the float16 graph on the CPU
+    genai = json.loads((tmp_path / "c" / "genai_config.json").read_text())
+    options = genai["model"]["decoder"]["session_options"]["provider_options"]
+    assert options == [{"cuda": {"enable_cuda_graph": "0"}}]
+    readme = (tmp_path / "c" / "README.md").read_text()
+    assert (
+        "onnxruntime-genai's `cuda` provider" in readme and '`providers=["CUDAExecutionProvider"]`' in readme
+    )
     cpu = run_cli("export", "--target", "cpu", "--model", str(stories), "-o", str(tmp_path / "p"))
     assert cpu.returncode == 0 and "check on the device" not in cpu.stdout
 
