@@ -33,13 +33,17 @@ def _check_storage_bits(bits: int) -> None:
         raise ValueError(f"MatMulNBits stores 2, 4 or 8 bits per weight, got bits={bits}")
 
 
-def _pack_rows(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack the last axis of uint8 `values` (length a multiple of 8 // bits) little-endian into bytes."""
+def _pack_rows(values: np.ndarray, bits: int, axis: int = -1) -> np.ndarray:
+    """Pack ``axis`` of uint8 `values` (length a multiple of 8 // bits) little-endian into bytes, in place of
+    that axis (the last by default; `pack_for_triton` packs K-major planes along the first)."""
     per_byte = 8 // bits
-    grouped = values.astype(np.uint8, copy=False).reshape(*values.shape[:-1], -1, per_byte)  # (..., L/p, p)
-    out = grouped[..., 0].copy()
+    axis %= values.ndim
+    shape = values.shape
+    grouped = values.astype(np.uint8, copy=False).reshape(*shape[:axis], -1, per_byte, *shape[axis + 1 :])
+    before = (slice(None),) * (axis + 1)  # (..., L/p, p, ...): slot j is a view at index j of the p axis
+    out = grouped[(*before, 0)].copy()
     for j in range(1, per_byte):  # one shifted OR per slot: ~10x faster than a bitwise_or.reduce over slots
-        out |= grouped[..., j] << np.uint8(j * bits)
+        out |= grouped[(*before, j)] << np.uint8(j * bits)
     return out
 
 
@@ -256,10 +260,7 @@ def pack_for_triton(codes: np.ndarray, bits: int) -> tuple[np.ndarray, ...]:
             padded if plane_bits == bits else (padded >> np.uint8(shift)) & np.uint8((1 << plane_bits) - 1)
         )
         # bytes along K, low bits first (K_pad * b / 8, N); word w of column n is bytes 4w..4w+3, little-endian
-        grouped = plane.reshape(-1, 8 // plane_bits, n)  # (K_pad * b / 8, 8 / b, N)
-        packed = grouped[:, 0].copy()
-        for i in range(1, 8 // plane_bits):
-            packed |= grouped[:, i] << np.uint8(i * plane_bits)
+        packed = _pack_rows(plane, plane_bits, axis=0)
         quads = np.ascontiguousarray(packed.reshape(-1, 4, n).transpose(0, 2, 1))  # (K_pad * b / 32, N, 4)
         words.append(quads.view("<u4")[..., 0].astype(np.uint32).view(np.int32))
     return tuple(words)
