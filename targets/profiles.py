@@ -91,9 +91,8 @@ class Target:
     allowed_ops: frozenset[tuple[str, str]]
     android_bundle: bool = False  # .ort + required_operators.config + Kotlin snippet + on-device runner
     quantized_embedding: bool = True  # GatherBlockQuantized for a quantized tied embedding
-    gather_zero_points: str = (
-        "per-row"  # how the EP's GatherBlockQuantized indexes zero points (BuildOptions)
-    )
+    # how the EP's GatherBlockQuantized indexes zero points (BuildOptions): "per-row" or "flat"
+    gather_zero_points: str = "per-row"
     activations: str = "int8"  # low-bit matmuls on int8 activations (accuracy_level 4) or "float" (level 0)
     # genai_config.json's provider_options: the execution provider onnxruntime-genai opens the model on (none:
     # its CPU default; the builder's -e cuda writes {"cuda": {"enable_cuda_graph": "0"}})
