@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import shutil
 import time
 from collections import Counter
@@ -171,7 +172,7 @@ def step_side_files(job: ExportJob) -> None:
 def step_bundle(job: ExportJob) -> None:
     from edgepack.targets.android import make_android_bundle
 
-    make_android_bundle(job.out, job.target.allowed_ops)
+    make_android_bundle(job.out, job.target.allowed_ops, job.genai)
 
 
 def step_manifest(job: ExportJob) -> None:
@@ -736,6 +737,11 @@ def token_facts(folder: Path, genai: dict | None = None) -> TokenFacts:
     and its own tokenizer files."""
     from transformers import AutoTokenizer
 
+    if genai is None and not (folder / GENAI_CONFIG).is_file():
+        raise EdgepackError(
+            f"{folder} has no {GENAI_CONFIG} (an artifact with a compressed KV cache has none): pass its genai "
+            "config's contents, or re-export the artifact with `edgepack export`"
+        )
     model = (genai or json.loads((folder / GENAI_CONFIG).read_text()))["model"]
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     probe = "Hello"
@@ -918,8 +924,7 @@ Made by edgepack {version} for target `{target}` from `{arch}` ({layers} layers,
 {mb:.2f} MB model file). Recipe: `{recipe}`.
 
 ## Load
-Python (onnxruntime): `ort.InferenceSession("{model_file}")`. onnxruntime-genai: `og.Model(".")` (genai_config.json
-names `{genai_file}`).
+Python (onnxruntime): `ort.InferenceSession("{model_file}")`. {genai_load}
 {ort_line}
 ## Tokenizer
 Files: {tokenizer_files}. On a device, run `tokenizer.json` with onnxruntime-genai's tokenizer (Python
@@ -937,7 +942,7 @@ transformers' ids works, the graph only sees ids.
 {context_length} positions (prompt + generated tokens); the rotary tables end there.
 
 ## KV cache and memory
-{kv_layers} KV inputs (`past_key_values.*`, {kv_dtype}): {kv_per_token:,} bytes per token.
+{kv_line}
 | context | KV cache | + model file | total (weights + KV, before activations) |
 |---|---|---|---|
 {memory_rows}
@@ -947,8 +952,7 @@ One intra-op thread per big core: `setIntraOpNumThreads(4)` on a 4+4 phone (defa
 more threads than big cores slow decoding down. `runner.py --threads N` measures it on the device.
 
 ## Sampling defaults
-From the source model's generation_config.json over onnxruntime-genai's builder defaults (genai_config.json's
-`search`): {sampling}.
+From the source model's generation_config.json over onnxruntime-genai's builder defaults{search_where}: {sampling}.
 `do_sample` false means greedy; set it true to sample with these top_k / top_p / temperature.
 
 ## Quality against the original float model
@@ -985,15 +989,70 @@ ANDROID_README = """
 """
 
 
-def kv_facts(inputs: list[dict]) -> tuple[int, int, str]:
-    """(number of KV inputs, bytes per token over all of them, dtype) from the graph's past_key_values inputs."""
-    itemsize = {"float": 4, "float32": 4, "float16": 2, "bfloat16": 2}
+KV_ITEMSIZE = {"float": 4, "float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1, "int64": 8}
+
+
+@dataclass(frozen=True)
+class KVFacts:
+    """What the cache inputs cost, from their dtypes and shapes (README's memory table)."""
+
+    inputs: int  # past_key_values.* inputs
+    per_token: float  # bytes per context position, over every stream that grows with the context
+    dtypes: str  # their dtypes, e.g. "uint8, float16"
+    bounded: int  # at most this many more bytes that do not grow (a channel-group layout's float residual)
+    per_retained: int  # bytes per outlier token a MiniCache pair keeps (data-dependent count), 0 without
+
+
+def kv_facts(inputs: list[dict], channel_group: int = 32) -> KVFacts:
+    """KVFacts from the graph's past_key_values inputs (manifest io specs: name, dtype, shape with free axes
+    named). A stream grows with the free axis it carries: one entry per position (past_sequence_length,
+    past_quantized_length), one per ``channel_group`` positions (past_group_count), at most ``channel_group``
+    entries (past_residual_length) or one per retained outlier token (past_retained_length)."""
     kv = [s for s in inputs if s["name"].startswith("past_key_values.")]
-    plain = [s for s in kv if s["dtype"] in itemsize and len(s["shape"]) == 4]
-    per_token = sum(
-        int(s["shape"][1]) * int(s["shape"][3]) * itemsize[s["dtype"]] for s in plain
-    )  # [B, H, past, D]; a compressed layout's streams are sized by its own README section
-    return len(kv), per_token, kv[0]["dtype"] if kv else "none"
+    per_token = 0.0
+    bounded = per_retained = 0
+    for spec in kv:
+        if spec["dtype"] not in KV_ITEMSIZE:
+            raise EdgepackError(
+                f"{spec['name']} has dtype {spec['dtype']}, which the README's KV table cannot size"
+            )
+        shape = [str(d) for d in spec["shape"]]
+        axes = shape[1:] if len(shape) == 4 else shape  # a 4-d cache's axis 0 is the batch (1 on a device)
+        fixed = KV_ITEMSIZE[spec["dtype"]] * math.prod(int(d) for d in axes if d.isdigit())
+        free = [d for d in axes if not d.isdigit()]
+        axis = free[0] if len(free) == 1 else str(free)
+        if axis in ("past_sequence_length", "past_quantized_length"):
+            per_token += fixed
+        elif axis == "past_group_count":
+            per_token += fixed / channel_group
+        elif axis == "past_residual_length":
+            bounded += fixed * channel_group
+        elif axis == "past_retained_length":
+            per_retained += fixed
+        else:
+            raise EdgepackError(
+                f"{spec['name']} has a cache axis {axis!r} that the README's KV table cannot size"
+            )
+    dtypes = ", ".join(dict.fromkeys({"float": "float32"}.get(s["dtype"], s["dtype"]) for s in kv)) or "none"
+    return KVFacts(len(kv), per_token, dtypes, bounded, per_retained)
+
+
+def kv_line(facts: KVFacts) -> str:
+    """The README's sentence on the cache's cost per token."""
+    per_token = (
+        f"{facts.per_token:,.0f}" if facts.per_token == int(facts.per_token) else f"{facts.per_token:,.1f}"
+    )
+    line = f"{facts.inputs} KV inputs (`past_key_values.*`, {facts.dtypes}): {per_token} bytes per token"
+    if facts.bounded:
+        line += (
+            f", plus at most {facts.bounded:,} bytes of float residual (the newest tokens, not yet grouped)"
+        )
+    if facts.per_retained:
+        line += (
+            f", plus {facts.per_retained:,} bytes per outlier token the merged layers keep (how many depends on "
+            "the text; `runner.py --context N` measures the whole cache)"
+        )
+    return line + "."
 
 
 def quality_text(quality: dict | None) -> str:
@@ -1029,11 +1088,12 @@ def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
 
     genai = genai or json.loads((folder / GENAI_CONFIG).read_text())
     facts = token_facts(folder, genai)
-    kv_layers, kv_per_token, kv_dtype = kv_facts(m["io"]["inputs"])
+    kv_plan = m["compression"].get("kv", {}).get("plan", {})
+    cache = kv_facts(m["io"]["inputs"], kv_plan.get("channel_group", 32))
     memory_rows = "\n".join(
         f"| {n:,} tokens{'' if n <= facts.context_length else ' (beyond this model)'} | "
-        f"{kv_per_token * n / 2**20:.2f} MiB | {m['model_bytes'] / 2**20:.2f} MiB | "
-        f"{(kv_per_token * n + m['model_bytes']) / 2**20:.2f} MiB |"
+        f"{(cache.per_token * n + cache.bounded) / 2**20:.2f} MiB | {m['model_bytes'] / 2**20:.2f} MiB | "
+        f"{(cache.per_token * n + cache.bounded + m['model_bytes']) / 2**20:.2f} MiB |"
         for n in (1024, 4096)
     )
     android = ""
@@ -1069,7 +1129,12 @@ def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
         mb=m["model_bytes"] / 1e6,
         recipe=" -> ".join(steps),
         model_file="model.ort" if m["target"]["file_format"] == "ort" else "model.onnx",
-        genai_file=genai["model"]["decoder"]["filename"],
+        genai_load=(
+            f'onnxruntime-genai: `og.Model(".")` (genai_config.json names `{genai["model"]["decoder"]["filename"]}`).'
+            if (folder / GENAI_CONFIG).is_file()
+            else "onnxruntime-genai: not this artifact (below)."
+        ),
+        search_where=" (genai_config.json's `search`)" if (folder / GENAI_CONFIG).is_file() else "",
         ort_line=ort_line,
         tokenizer_files=", ".join(f"`{n}`" for n in TOKENIZER_FILES if (folder / n).is_file()),
         bos_id="none" if facts.bos_id is None else facts.bos_id,
@@ -1080,9 +1145,7 @@ def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
         ),
         eos_ids=", ".join(str(i) for i in facts.eos_ids),
         context_length=facts.context_length,
-        kv_layers=kv_layers,
-        kv_dtype=kv_dtype,
-        kv_per_token=kv_per_token,
+        kv_line=kv_line(cache),
         memory_rows=memory_rows,
         sampling=", ".join(
             f"`{k}` {json.dumps(search[k])}"

@@ -70,7 +70,7 @@ import ai.onnxruntime.OnnxTensor
 import ai.onnxruntime.OrtEnvironment
 import ai.onnxruntime.OrtSession
 import ai.onnxruntime.TensorInfo
-import java.nio.FloatBuffer
+import java.nio.ByteBuffer
 import java.nio.LongBuffer
 
 class EdgepackDecoder(modelPath: String, threads: Int = {threads}) : AutoCloseable {{
@@ -128,8 +128,13 @@ class EdgepackDecoder(modelPath: String, threads: Int = {threads}) : AutoCloseab
         inputs.keys.retainAll(session.inputNames)
         for (name in pastNames) {{
             inputs[name] = if (past == null) {{
-                val shape = (session.inputInfo.getValue(name).info as TensorInfo).shape  // [B, kv_heads, past, head_dim]
-                OnnxTensor.createTensor(env, FloatBuffer.allocate(0), longArrayOf(1, shape[1], 0, shape[3]))
+                // The empty cache in the input's own dtype (float, float16, int8/uint8 codes, int64 indices of a
+                // merged layer): the batch axis of a 4-d cache is 1, every other free axis (a length) is 0.
+                val info = session.inputInfo.getValue(name).info as TensorInfo
+                val shape = info.shape.mapIndexed {{ axis, dim ->
+                    if (dim >= 0) dim else if (axis == 0 && info.shape.size == 4) 1L else 0L
+                }}
+                OnnxTensor.createTensor(env, ByteBuffer.allocateDirect(0), shape.toLongArray(), info.type)
                     .also {{ owned += it }}
             }} else {{
                 past.get(name.replace("past_key_values.", "present.")).get() as OnnxTensor
@@ -268,11 +273,45 @@ def point_genai_config_at(artifact_dir: Path, model_file: str) -> None:
         path.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def make_android_bundle(artifact_dir: Path, allowed_ops: frozenset[OpKey] | None = None) -> None:
+def kotlin_empty_past(dims: list[int | str]) -> list[int]:
+    """The empty cache EdgepackDecoder.kt feeds for a past input of these dims (int: fixed, str: free): the
+    batch axis of a 4-d cache is 1, every other free axis 0, as the Kotlin loop computes from the input's
+    TensorInfo (where a free axis reads -1)."""
+    return [
+        d if isinstance(d, int) else (1 if axis == 0 and len(dims) == 4 else 0) for axis, d in enumerate(dims)
+    ]
+
+
+def check_kotlin_cache_io(model: onnx.ModelProto) -> None:
+    """Refuse a graph whose cache EdgepackDecoder.kt would feed wrongly: every ``past_key_values.X`` input needs
+    a ``present.X`` output, and the Kotlin loop's empty cache must be runner.py's (batch 1, lengths 0)."""
+    outputs = {o.name for o in model.graph.output}
+    for value in model.graph.input:
+        if not value.name.startswith("past_key_values."):
+            continue
+        present = "present." + value.name.removeprefix("past_key_values.")
+        dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+        runner_empty = [1 if d == "batch_size" else (d if isinstance(d, int) else 0) for d in dims]
+        if present not in outputs:
+            raise EdgepackError(
+                f"{value.name} has no {present} output to feed it from: re-export the artifact with `edgepack export`"
+            )
+        if kotlin_empty_past(dims) != runner_empty:
+            raise EdgepackError(
+                f"{value.name} (shape {dims}) has its batch axis where the generated EdgepackDecoder.kt cannot size "
+                "it: re-export without --target android, or report the command you ran"
+            )
+
+
+def make_android_bundle(
+    artifact_dir: Path, allowed_ops: frozenset[OpKey] | None = None, genai: dict | None = None
+) -> None:
     """Add the Android hand-off files to an artifact folder (see the module docstring).
 
     ``allowed_ops`` narrows ANDROID_OPS to a target's policy. If the folder already has manifest.json, its file
     list is refreshed (``update_manifest_files``); in the export pipeline the manifest is written afterwards.
+    ``genai``: the genai config's contents, for an artifact that has no genai_config.json (a compressed KV
+    cache, which onnxruntime-genai cannot run); the bundle's token facts come from it.
     """
     import onnxruntime
 
@@ -282,9 +321,10 @@ def make_android_bundle(artifact_dir: Path, allowed_ops: frozenset[OpKey] | None
             f"{artifact_dir} has no model.onnx: export the artifact before bundling it for Android"
         )
     check_android_ops(model_path, allowed_ops)
+    check_kotlin_cache_io(onnx.load(str(model_path), load_external_data=False))
     ort_path, _ = convert_to_ort(model_path, artifact_dir)
     point_genai_config_at(artifact_dir, ort_path.name)
-    facts = token_facts(artifact_dir)
+    facts = token_facts(artifact_dir, genai)
     snippet = KOTLIN_SNIPPET.format(
         ort_version=onnxruntime.__version__,
         model_file=ort_path.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,14 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 from edgepack.runtime import runner
-from edgepack.targets.android import ANDROID_OPS, check_android_ops, graph_ops, make_android_bundle
+from edgepack.targets.android import (
+    ANDROID_OPS,
+    check_android_ops,
+    check_kotlin_cache_io,
+    graph_ops,
+    kotlin_empty_past,
+    make_android_bundle,
+)
 from onnx import TensorProto, helper
 from onnxruntime.capi import _pybind_state
 
@@ -174,3 +182,112 @@ def test_allow_list_matches_onnxruntime_cpu_kernels() -> None:
                 "GroupQueryAttention", "MultiHeadAttention"}  # fmt: skip
     assert {("com.microsoft", op) for op in required} <= ANDROID_OPS
     assert ("", "SimplifiedLayerNormalization") in ANDROID_OPS  # onnxruntime registers it in the ONNX domain
+
+
+@pytest.fixture(scope="module")
+def compressed_kv(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Path:
+    """stories260k for android with a MiniCache-merged 8-bit KV cache: uint8 codes, float16 scales, float
+    magnitudes and retained tokens, int64 retained positions; onnxruntime-genai cannot run it (no genai_config)."""
+    out = tmp_path_factory.mktemp("android-kv") / "kv"
+    flags = ["--wbits", "4", "--kv-merge", "minicache", "--kv-start", "2", "--kv-bits", "8"]
+    result = CliRunner().invoke(
+        cli, ["export", "--target", "android", "--model", str(stories), *flags, "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def kotlin_greedy(model: Path, prompt: list[int], steps: int) -> list[int]:
+    """EdgepackDecoder.kt's generate loop, step for step, on the Python API: each cache input starts empty in its
+    own dtype with kotlin_empty_past's shape (the Kotlin code sizes it the same way from TensorInfo), and each
+    present.X comes back as past_key_values.X. No EOS stop (stories260k's samples stop early)."""
+    session = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = [o.name for o in session.get_outputs()]
+    past = {
+        name: np.zeros(kotlin_empty_past(list(i.shape)), runner.ORT_DTYPES[i.type])
+        for name, i in inputs.items()
+        if name.startswith("past_key_values.")
+    }
+    ids, length, out = prompt, 0, []
+    for _ in range(steps + 1):
+        feeds = {
+            "input_ids": np.array([ids], np.int64),
+            "attention_mask": np.ones((1, length + len(ids)), np.int64),
+            "position_ids": np.arange(length, length + len(ids), dtype=np.int64)[None],
+            **past,
+        }
+        results = dict(
+            zip(outputs, session.run(outputs, {k: v for k, v in feeds.items() if k in inputs}), strict=True)
+        )
+        past = {name: results[name.replace("past_key_values.", "present.")] for name in past}
+        length += len(ids)
+        ids = [int(np.argmax(results["logits"][0, -1]))]
+        out += ids
+    return out
+
+
+def test_compressed_kv_bundle_decodes_like_the_runner(compressed_kv: Path, tmp_path: Path) -> None:
+    """The android bundle of a compressed-KV artifact: every file checked, no genai_config.json, and the
+    Kotlin loop's cache handling (typed empty caches, presents fed back) gives runner.py's greedy tokens."""
+    manifest = runner.verify_artifact(compressed_kv)
+    assert set(BUNDLE_FILES) <= set(manifest["files"]) and not (compressed_kv / "genai_config.json").exists()
+    session = ort.InferenceSession(str(compressed_kv / "model.ort"), providers=["CPUExecutionProvider"])
+    types = {i.type for i in session.get_inputs() if i.name.startswith("past_key_values.")}
+    assert types == {"tensor(uint8)", "tensor(float16)", "tensor(float)", "tensor(int64)"}
+    kotlin = (compressed_kv / "EdgepackDecoder.kt").read_text()
+    assert "ByteBuffer.allocateDirect(0), shape.toLongArray(), info.type" in kotlin
+    out = tmp_path / "r.json"
+    assert runner.main([str(compressed_kv), "--json", str(out), *QUICK[:1], "--gen=12", *QUICK[2:]]) == 0
+    report = json.loads(out.read_text())
+    prompt = runner.make_prompt(8, 512)[0].tolist()
+    assert report["generated_ids"] == kotlin_greedy(compressed_kv / "model.ort", prompt, 12)
+
+
+def test_compressed_kv_readme_sizes_the_cache(compressed_kv: Path, tmp_path: Path) -> None:
+    """README's bytes per token (codes + scales + merged directions and magnitudes) and per retained outlier
+    token, against the cache runner.py holds after 256 positions: the rest is whole retained tokens."""
+    readme = (compressed_kv / "README.md").read_text()
+    assert "onnxruntime-genai: not this artifact" in readme and "genai_config.json's `search`" not in readme
+    line = re.search(
+        r"(\d+) KV inputs .*?: ([\d,]+) bytes per token, plus ([\d,]+) bytes per outlier token", readme
+    )
+    assert line is not None, readme
+    per_token, per_retained = (int(line.group(i).replace(",", "")) for i in (2, 3))
+    # 4 KV heads x head_dim 8, 8-bit codes + float16 scale and low per head: layers 0, 1, 4 keep their own K and V;
+    # the merged pair 2-3 shares one direction per K and V and keeps a float magnitude per layer; a retained token
+    # costs its int64 position and float K and V in both layers
+    assert (per_token, per_retained) == (
+        3 * 2 * 4 * (8 + 2 + 2) + 2 * 4 * (8 + 2 + 2) + 4 * 4 * 4,
+        8 + 4 * 4 * 8 * 4,
+    )
+    out = tmp_path / "ctx.json"
+    assert runner.main([str(compressed_kv), "--json", str(out), *QUICK, "--context=256"]) == 0
+    kv_bytes = json.loads(out.read_text())["contexts"][0]["kv_bytes"]
+    retained, rest = divmod(kv_bytes - per_token * 256, per_retained)
+    assert rest == 0 and 0 <= retained < 256
+
+
+def test_cache_the_kotlin_loop_cannot_feed_is_refused(tmp_path: Path) -> None:
+    """A past input without its present, or with the batch on another axis, is named before anything is written."""
+    x = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, [4, "batch_size", "p", 8])
+    y = helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, None)
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Identity", [x.name], [y.name])], "g", [x], [y])
+    )
+    with pytest.raises(
+        EdgepackError, match=r"key \(shape \[4, 'batch_size', 'p', 8\]\) has its batch axis where"
+    ):
+        check_kotlin_cache_io(model)
+    x.type.tensor_type.shape.dim[0].dim_param = "batch_size"
+    x.type.tensor_type.shape.dim[1].dim_value = 4
+    y.name = "present.1.key"
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Identity", [x.name], [y.name])], "g", [x], [y])
+    )
+    with pytest.raises(EdgepackError, match=r"past_key_values\.0\.key has no present\.0\.key output"):
+        check_kotlin_cache_io(model)
+    model.graph.output[0].name = model.graph.node[0].output[0] = "present.0.key"
+    check_kotlin_cache_io(model)  # batch first, its present there: accepted
+    assert kotlin_empty_past(["batch_size", 4, "past_sequence_length", 8]) == [1, 4, 0, 8]
+    assert kotlin_empty_past(["past_retained_length"]) == [0]

@@ -9,7 +9,6 @@ import subprocess
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
@@ -18,8 +17,9 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from edgepack.cli import cli
+from edgepack.errors import EdgepackError
 from edgepack.model import load_model
-from edgepack.pipeline import SEARCH_DEFAULTS, kv_facts, search_config, token_facts
+from edgepack.pipeline import SEARCH_DEFAULTS, KVFacts, kv_facts, kv_line, search_config, token_facts
 
 og = pytest.importorskip("onnxruntime_genai")
 PROMPT = "Once upon a time, there was a little"
@@ -118,7 +118,8 @@ def test_readme_has_every_integration_item(w4_android: Path) -> None:
     session = ort.InferenceSession(str(w4_android / "model.ort"), providers=["CPUExecutionProvider"])
     kv = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
     per_token = sum(i.shape[1] * i.shape[3] * 4 for i in kv)  # float32 KV, [B, H, past, D]
-    assert kv_facts(manifest["io"]["inputs"])[1] == per_token
+    assert kv_facts(manifest["io"]["inputs"]).per_token == per_token
+    assert f"{len(kv)} KV inputs (`past_key_values.*`, float32): {per_token:,} bytes per token." in readme
     q = manifest["quality"]
     required = {
         "tokenizer files": "`tokenizer.json`",
@@ -158,12 +159,32 @@ def test_kotlin_has_a_complete_generate_loop(w4_android: Path) -> None:
 
 def test_kv_facts_counts_every_past_input() -> None:
     inputs = [{"name": "input_ids", "dtype": "int64", "shape": ["b", "s"]}] + [
-        {"name": f"past_key_values.{i}.{kind}", "dtype": "float16", "shape": ["b", "2", "p", "64"]}
+        {
+            "name": f"past_key_values.{i}.{kind}",
+            "dtype": "float16",
+            "shape": ["b", "2", "past_sequence_length", "64"],
+        }
         for i in range(3)
         for kind in ("key", "value")
     ]
-    assert kv_facts(inputs) == (6, 6 * 2 * 64 * 2, "float16")
-    assert np.isfinite(kv_facts(inputs)[1])
+    assert kv_facts(inputs) == KVFacts(6, 6 * 2 * 64 * 2, "float16", 0, 0)
+
+
+def test_kv_facts_sizes_a_channel_group_layout() -> None:
+    """4-bit codes per position, float16 scales per 32 positions, a float residual of at most 32 positions."""
+    spec = [("codes", "uint8", "past_quantized_length", "4"), ("scale", "float16", "past_group_count", "8"),
+            ("low", "float16", "past_group_count", "8"), ("residual", "float", "past_residual_length", "8")]  # fmt: skip
+    inputs = [
+        {"name": f"past_key_values.0.key.{kind}", "dtype": dtype, "shape": ["batch_size", "4", axis, d]}
+        for kind, dtype, axis, d in spec
+    ]
+    facts = kv_facts(inputs, channel_group=32)
+    assert facts == KVFacts(4, 4 * 4 + 2 * (4 * 8 * 2) / 32, "uint8, float16, float32", 4 * 8 * 4 * 32, 0)
+    assert kv_line(facts).startswith(
+        "4 KV inputs (`past_key_values.*`, uint8, float16, float32): 20 bytes per token"
+    )
+    with pytest.raises(EdgepackError, match="cache axis 'window' that the README's KV table cannot size"):
+        kv_facts([dict(inputs[0], shape=["batch_size", "4", "window", "4"])])
 
 
 def test_missing_eval_file_is_one_line_and_writes_nothing(tmp_path: Path, stories: Path) -> None:

@@ -1,2 +1,5 @@
 package ai.onnxruntime;
-public class TensorInfo implements ValueInfo { public long[] getShape() { return null; } }
+public class TensorInfo implements ValueInfo {
+  public final OnnxJavaType type = null;
+  public long[] getShape() { return null; }
+}
