@@ -1011,6 +1011,7 @@ def kv_facts(inputs: list[dict], channel_group: int = 32) -> KVFacts:
     kv = [s for s in inputs if s["name"].startswith("past_key_values.")]
     per_token = 0.0
     bounded = per_retained = 0
+    pairs: set[str] = set()  # merged pairs, by their retained length (each pair keeps its own tokens)
     for spec in kv:
         if spec["dtype"] not in KV_ITEMSIZE:
             raise EdgepackError(
@@ -1027,14 +1028,15 @@ def kv_facts(inputs: list[dict], channel_group: int = 32) -> KVFacts:
             per_token += fixed / channel_group
         elif axis == "past_residual_length":
             bounded += fixed * channel_group
-        elif axis == "past_retained_length":
+        elif axis.startswith("past_retained_length"):  # one per merged pair: past_retained_length_{a}_{b}
             per_retained += fixed
+            pairs.add(axis)
         else:
             raise EdgepackError(
                 f"{spec['name']} has a cache axis {axis!r} that the README's KV table cannot size"
             )
     dtypes = ", ".join(dict.fromkeys({"float": "float32"}.get(s["dtype"], s["dtype"]) for s in kv)) or "none"
-    return KVFacts(len(kv), per_token, dtypes, bounded, per_retained)
+    return KVFacts(len(kv), per_token, dtypes, bounded, per_retained // max(len(pairs), 1))
 
 
 def kv_line(facts: KVFacts) -> str:
@@ -1049,7 +1051,7 @@ def kv_line(facts: KVFacts) -> str:
         )
     if facts.per_retained:
         line += (
-            f", plus {facts.per_retained:,} bytes per outlier token the merged layers keep (how many depends on "
+            f", plus {facts.per_retained:,} bytes per outlier token a merged pair keeps (how many depends on "
             "the text; `runner.py --context N` measures the whole cache)"
         )
     return line + "."

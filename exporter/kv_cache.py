@@ -15,7 +15,8 @@ those into graph outputs. Attention itself (plain ops or a fused op) only ever s
   per merged pair (a, b):
     ``past_key_values.{a}_{b}.key.direction``[+ stream suffixes]  the shared SLERP direction, quantized if asked
     ``past_key_values.{a}.key.magnitude``, ``...{b}.key.magnitude`` (B, kv, P, 1) act dtype
-    ``past_key_values.{a}_{b}.retained_index`` int64 (R,): positions kept unmerged (shared by K and V)
+    ``past_key_values.{a}_{b}.retained_index`` int64 (R,): positions kept unmerged (shared by K and V;
+    R is ``past_retained_length_{a}_{b}``, one symbolic length per pair)
     ``past_key_values.{a}.key.retained``, ``...{b}.key.retained`` (B, kv, R, D): their exact vectors
   (and the same for ``value``). Every present is named ``present.`` + the input's suffix and grows along axis 2.
   ``share`` mode (the cross-layer baseline): the second layer of a pair has no KV I/O and attends over the
@@ -36,6 +37,11 @@ from edgepack.compressor.minicache import MIN_SCALE, NORM_EPS, SLERP_EPS, MiniCa
 
 PAST, PRESENT = "past_key_values.", "present."
 INT64_MAX = np.iinfo(np.int64).max
+
+
+def retained_length(a: int, c: int) -> str:
+    """The symbolic number of tokens merged pair (a, c) keeps unmerged."""
+    return f"past_retained_length_{a}_{c}"
 
 
 def graph_input(name: str, dtype: ir.DataType, shape: list) -> ir.Value:
@@ -524,7 +530,10 @@ class CompressedKV:
             if self.plan.merge == "share":
                 pasts[c] = pasts[a]
                 continue
-            index = self._input(b, f"{a}_{c}.retained_index", ir.DataType.INT64, ["past_retained_length"])
+            # Each pair keeps its own number of tokens: one symbolic length per pair (a name shared across
+            # pairs tells onnxruntime the sizes are equal, and its allocator then reuses one pair's buffer for
+            # the other's: "Shape mismatch attempting to re-use buffer" on the float16 graph).
+            index = self._input(b, f"{a}_{c}.retained_index", ir.DataType.INT64, [retained_length(a, c)])
             for layer in (a, c):
                 pasts[layer] = tuple(self._view(b, a, c, layer, k, index) for k in kinds)
         self.pasts = pasts
@@ -555,7 +564,7 @@ class CompressedKV:
         shape = ["batch_size", kv, "past_sequence_length", 1]
         mag = self._input(b, f"{layer}.{kind}.magnitude", b.ir_dtype, shape)
         kept = self._input(
-            b, f"{layer}.{kind}.retained", b.ir_dtype, ["batch_size", kv, "past_retained_length", d]
+            b, f"{layer}.{kind}.retained", b.ir_dtype, ["batch_size", kv, retained_length(a, c), d]
         )
         return MergedView(direction, mag, kept, index)
 
@@ -623,3 +632,40 @@ def make_layout(plan: MiniCachePlan | None):
     if plan is None or (not plan.pairs and plan.bits == 16):
         return PlainKV()
     return CompressedKV(plan)
+
+
+# ----------------------------------------------------------------------------- the reference's state as feeds
+
+
+def stream_arrays(stream) -> list[tuple[str, object]]:
+    """(input suffix, tensor or None) of one compressor/minicache stream, in CompressedKV's naming (``Stream``
+    and ``StaticStream.declare``); None: nothing stored yet (the caller feeds the empty past)."""
+    from edgepack.compressor.minicache import ChannelStream, StaticStream, TokenStream
+
+    if isinstance(stream, TokenStream):
+        parts = list(zip((".codes", ".scale", ".low"), stream.state or [None] * 3, strict=True))
+        return parts + ([(".residual", stream.residual)] if isinstance(stream, ChannelStream) else [])
+    if isinstance(stream, StaticStream):
+        return [("", stream.codes)]
+    return [("", stream.x)]
+
+
+def reference_past(cache) -> dict[str, np.ndarray]:
+    """The ``past_key_values.*`` feeds that hold a CompressedCache's state (compressor/minicache.py): the same
+    streams, named as CompressedKV names its inputs, so the graph can take one decode step from exactly the
+    reference's cache (exporter/parity.py). Streams with nothing stored yet are left out."""
+    feeds: dict[str, object] = {}
+    for layer, streams in cache.plain.items():
+        for kind, stream in zip(("key", "value"), streams, strict=True):
+            feeds.update({f"{PAST}{layer}.{kind}{s}": t for s, t in stream_arrays(stream)})
+    merged = cache.plan.merge == "minicache"  # share: the second layer of a pair has no cache of its own
+    for (a, c), pairs, index in zip(
+        cache.plan.pairs if merged else [], cache.merged, cache.index, strict=False
+    ):
+        for kind, pair in zip(("key", "value"), pairs, strict=True):
+            feeds.update({f"{PAST}{a}_{c}.{kind}.direction{s}": t for s, t in stream_arrays(pair.direction)})
+            for layer, magnitude, retained in zip((a, c), pair.magnitude, pair.retained, strict=True):
+                feeds[f"{PAST}{layer}.{kind}.magnitude"] = magnitude
+                feeds[f"{PAST}{layer}.{kind}.retained"] = retained
+        feeds[f"{PAST}{a}_{c}.retained_index"] = index
+    return {k: np.ascontiguousarray(t.numpy()) for k, t in feeds.items() if t is not None}

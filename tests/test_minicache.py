@@ -370,3 +370,52 @@ def test_runner_reads_any_kv_layout(model, tmp_path: Path) -> None:
     dtypes = {np.dtype(s.dtype).name for s in io.kv}
     assert dtypes == {"uint8", "float16", "float32", "int64"}
     assert all(s.present == "present." + s.past.removeprefix("past_key_values.") for s in io.kv)
+
+
+@pytest.mark.parametrize(
+    "target, flags",
+    [
+        # int8 activations + 4-bit token codes: failed parity (max |dlogit| 6.8) when the graph decoded through
+        # its own cache, where one code on a rounding boundary carried into every later step
+        ("cpu", ["--wbits", "4", "--kv-bits", "4"]),
+        # the float16 graph of two merged pairs: one symbolic retained length for both pairs made onnxruntime
+        # reuse one pair's buffer for the other's ("Shape mismatch attempting to re-use buffer")
+        ("cuda", ["--wbits", "4", "--kv-merge", "minicache", "--kv-start", "1", "--kv-bits", "8"]),
+    ],
+)
+def test_parity_steps_the_graph_from_the_reference_cache(
+    stories: Path, tmp_path: Path, target, flags
+) -> None:
+    out = tmp_path / "kv"
+    res = CliRunner().invoke(
+        cli, ["export", "--model", str(stories), "--target", target, *flags, "-o", str(out)]
+    )
+    assert res.exit_code == 0, res.output
+    parity = json.loads((out / "manifest.json").read_text())["parity"]
+    assert parity["passed"] and parity["kv_codes"] > 10_000 and parity["kv_code_error"] < 5e-4
+    assert parity["kv_code_agreement"] > 0.9 and parity["top1"] >= 0.99
+    assert parity["max_abs_logit"] < (0.1 if target == "cuda" else 1.0)
+    retained = [i for i in ir.load(out / "model.onnx").graph.inputs if i.name.endswith("retained_index")]
+    assert [str(i.shape[0]) for i in retained] == (
+        [] if target == "cpu" else ["past_retained_length_1_2", "past_retained_length_3_4"]
+    )
+
+
+def test_parity_catches_kv_codes_rounded_down(stories: Path, tmp_path: Path, monkeypatch) -> None:
+    """A graph that floors its KV codes instead of rounding them fails parity on the code comparison."""
+    from edgepack.exporter import kv_cache
+
+    original = kv_cache.quantize_groups
+
+    def floored(b, x, bits, axis):
+        codes, scale, low = original(b, x, bits, axis)
+        rounded = codes.producer().inputs[0].producer().inputs[0].producer()  # Cast <- Clip <- Round
+        rounded.op_type = "Floor"
+        return codes, scale, low
+
+    monkeypatch.setattr(kv_cache, "quantize_groups", floored)
+    out = tmp_path / "floored"
+    res = CliRunner().invoke(cli, ["export", "--model", str(stories), "--kv-bits", "4", "-o", str(out)])
+    assert res.exit_code != 0 and "parity check failed" in res.output and not out.exists()
+    error = float(res.output.split("mean |difference| ")[1].split(" ")[0])
+    assert error > 1e-2  # floor vs round: about half a step of 15, on every code that rounds up
