@@ -33,21 +33,29 @@ class Thresholds:
     max_abs_logit: float
     min_top1: float
     min_greedy: float
+    # A compressed KV cache: the mean |graph code - reference code| of the new codes, in units of a group's
+    # range (2**bits - 1 steps). It reads the two sides' mean K/V difference relative to the range, so it
+    # scales with the activations' arithmetic, not with the bits. Rounding down instead of to the nearest code
+    # reads 0.033 at 4 bits and 0.002 at 8; a wrong scale or offset, more. Measured on stories260k and
+    # mix-llama-14m (docs/results/kv.md): fp32 0 to 1.5e-7, fp16 1.4-2.1e-4, int8 activations 1e-5 to 9e-4.
+    # The bound on int8 activations (1e-2) cannot tell an 8-bit rounding error from their noise; the KV
+    # quantizer is the same ops whatever the activations, and the fp32 bound (1e-4) checks it exactly.
+    max_kv_code_error: float = 1e-4
 
 
 # Exact lowerings (float weights, or quantized codes with float activations) in fp32 match to rounding;
 # fp16 activations and int8 activation quantization (accuracy_level 4) legitimately move logits more.
 THRESHOLDS = {
     "float32": Thresholds(max_abs_logit=2e-3, min_top1=0.99, min_greedy=0.9),
-    "float16": Thresholds(max_abs_logit=0.25, min_top1=0.9, min_greedy=0.5),
-    "int8-activations": Thresholds(max_abs_logit=1.5, min_top1=0.8, min_greedy=0.25),
+    "float16": Thresholds(max_abs_logit=0.25, min_top1=0.9, min_greedy=0.5, max_kv_code_error=2e-3),
+    "int8-activations": Thresholds(max_abs_logit=1.5, min_top1=0.8, min_greedy=0.25, max_kv_code_error=1e-2),
     # A compressed KV cache (every decode step of the graph from the reference cache's state, synced_decode):
     # the step's own new tokens are still stored by each side in its own arithmetic, and the static group
     # attends over them as stored, so a code on a rounding boundary moves that step's logits. fp16 activations
     # (CPU EP, stories260k, 4- and 8-bit, MiniCache): max |dlogit| 0.03-0.05, top-1 >= 0.994; these bounds were
     # set before the steps were synced (3.0, when a flipped code carried into every later step) and are kept
     # until a GPU run measures the CUDA EP's kernels.
-    "float16-kv": Thresholds(max_abs_logit=3.0, min_top1=0.9, min_greedy=0.25),
+    "float16-kv": Thresholds(max_abs_logit=3.0, min_top1=0.9, min_greedy=0.25, max_kv_code_error=2e-3),
     # The same in fp32: 2e-5 to 2e-4, and 4.5e-3 for static int8 codes (stories260k).
     "float32-kv": Thresholds(max_abs_logit=0.05, min_top1=0.99, min_greedy=0.9),
 }
@@ -85,9 +93,10 @@ class ParityReport:
             if self.flips
             else ""
         )
+        bound = THRESHOLDS[self.thresholds].max_kv_code_error
         kv = (
             f"; new KV codes: {self.kv_code_agreement:.4f} of {self.kv_codes:,} equal to the reference's, mean"
-            f" |difference| {self.kv_code_error:.1e} of the range (<= {MAX_KV_CODE_ERROR:.0e}), at most"
+            f" |difference| {self.kv_code_error:.1e} of the range (<= {bound:.0e}), at most"
             f" {self.kv_code_max_step} steps; {self.kv_retention_mismatches} steps retaining other tokens"
             if self.kv_code_agreement is not None
             else ""
@@ -214,17 +223,9 @@ def check_parity(
             codes.error,
         )
         report.kv_code_max_step, report.kv_retention_mismatches = codes.max_step, codes.retention_mismatches
-        report.passed = report.passed and codes.error <= MAX_KV_CODE_ERROR
+        report.passed = report.passed and codes.error <= THRESHOLDS[thresholds].max_kv_code_error
         return report
     return score_pairs(pairs, thresholds, new_tokens)
-
-
-# The graph quantizes each new token's K/V itself; its codes may differ from the reference's where a value lies
-# within the two sides' arithmetic difference of a rounding boundary. Measured as the mean |graph code -
-# reference code| in units of the group's range (2**bits - 1 steps), on stories260k: 0 on fp32 activations,
-# 1-2e-4 on int8 activations (4 and 8 bits, token / channel / static groups) and on fp16 activations. Rounding
-# down instead of to nearest would read 0.033 at 4 bits and 0.002 at 8; a wrong scale or offset, more.
-MAX_KV_CODE_ERROR = 1e-3
 
 
 @dataclass
