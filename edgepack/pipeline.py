@@ -178,6 +178,8 @@ def step_bundle(job: ExportJob) -> None:
 def step_manifest(job: ExportJob) -> None:
     m = build_manifest(job.req, job.target, job.arch, job.model, job.built, job.reports, job.parity, job.out)
     m["quality"] = job.quality
+    # what the rotary tables cover; runner.py reads it here where there is no genai_config.json (a compressed KV)
+    m["context_length"] = int(job.genai["model"]["context_length"])
     m["phases"] = dict(job.phases)  # the steps before this one (the file cannot time its own writing)
     write_app_readme(job.out, m, job.genai)
     m["files"] = file_table(job.out, exclude=(PARTIAL_MARKER,))

@@ -231,14 +231,18 @@ def read_genai_config(artifact_dir: Path) -> dict:
     return config
 
 
-def context_length(artifact_dir: Path) -> int | None:
-    """The model's context length from genai_config.json (verify the artifact first), if it has one."""
+def context_length(artifact_dir: Path, manifest: dict | None = None) -> int | None:
+    """The model's context length from genai_config.json, else from the manifest (an artifact with a compressed
+    KV cache has no genai_config.json); None when neither records it. Verify the artifact first."""
+    source = artifact_dir / GENAI_CONFIG_NAME
     value = read_genai_config(artifact_dir).get("model", {}).get("context_length")
+    if value is None and manifest is not None:
+        source, value = artifact_dir / MANIFEST_NAME, manifest.get("context_length")
     try:
         return int(value) if value else None
     except (ValueError, TypeError) as exc:
         raise RunnerError(
-            f"{artifact_dir / GENAI_CONFIG_NAME} is corrupt ({exc}): re-export the artifact with `edgepack export`"
+            f"{source} is corrupt ({exc}): re-export the artifact with `edgepack export`"
         ) from exc
 
 
@@ -712,8 +716,8 @@ def check_config(config: RunConfig, context: int | None) -> None:
     longest = max((config.prompt_len, *config.sweep, *config.contexts)) + config.gen
     if context is not None and longest > context:
         raise RunnerError(
-            f"prompt length + gen = {longest} exceeds the model's context_length {context}: "
-            "lower --prompt-len, --gen or the sweep"
+            f"the longest sequence (prompt length, sweep or --context, + gen) = {longest} exceeds the model's "
+            f"context_length {context}: lower --prompt-len, --gen, the sweep or --context"
         )
 
 
@@ -723,9 +727,10 @@ def run_benchmark(
     """Verify, load and benchmark one artifact; return the JSON-ready report."""
     require_dir(artifact_dir)
     check_config(config, None)
-    listed = verify_artifact(artifact_dir)["files"] if verify else None
+    manifest = verify_artifact(artifact_dir) if verify else None
+    listed = manifest["files"] if manifest else None
     verified = len(listed) if listed else 0
-    check_config(config, context_length(artifact_dir))
+    check_config(config, context_length(artifact_dir, manifest))
     model_path = find_model_file(artifact_dir, model_file, listed)
     rss_before = _proc_status_mib("VmRSS")
     gpu_before = gpu_used_mib() if config.device == "cuda" else None

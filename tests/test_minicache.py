@@ -260,7 +260,7 @@ def test_config_rejects_bad_values() -> None:
     assert MiniCachePlan(6, "minicache", 2).pairs == [(2, 3), (4, 5)]
 
 
-def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Path) -> None:
+def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Path, capsys) -> None:
     """--kv-merge/--kv-bits end to end: parity vs the reference, manifest recipe, README, runner --context."""
     out = tmp_path / "kv"
     res = CliRunner().invoke(
@@ -309,6 +309,12 @@ def test_cli_export_kv_and_bench(stories: Path, shakespeare: Path, tmp_path: Pat
         "--threads=1",
     ]
     assert runner.main([*argv, "--context=64,200"]) == 0
+    # no genai_config.json: the context length comes from the manifest, and a context past it is refused
+    assert json.loads((out / "manifest.json").read_text())["context_length"] == 512
+    assert runner.main([*argv, "--context=64,600"]) == 2
+    assert "(prompt length, sweep or --context, + gen) = 604 exceeds the model's context_length 512" in (
+        capsys.readouterr().err
+    )
     report = json.loads(report_path.read_text())
     points = report["contexts"]
     assert [p["context"] for p in points] == [64, 200]
