@@ -86,6 +86,8 @@ case $stage in
   cp $RES /tmp/res/cuda_runtime_fpa.json
   ORT_FPA_INTB_GEMM=1 $CR --steps ort --rounds 1 --widths W4,W4-sym32 --timeout 60 \
     --out /tmp/res/cuda_runtime_fpa.json 2>&1 | grep -v "^round" | tail -20
+  # which contrib fusions (SwiGLU, MatMulNBitsMlp/Qkv) the CUDA EP runs: none has a CPU kernel in 1.32 (~5 s)
+  (cd /tmp && timeout 60 $PY "$REPO/bench/fused_ops.py" --json /tmp/res/fused_ops_cuda.json 2>&1 | tail -12)
   ;;
 6)
   cp "$REPO"/.gpu/c6/models/mix-llama-14m/model.safetensors /tmp/models/mix-llama-14m/
