@@ -407,8 +407,13 @@ def test_parity_steps_the_graph_from_the_reference_cache(
     )
 
 
-def test_parity_catches_kv_codes_rounded_down(stories: Path, tmp_path: Path, monkeypatch) -> None:
-    """A graph that floors its KV codes instead of rounding them fails parity on the code comparison."""
+def test_parity_catches_a_graph_that_stores_its_cache_wrongly(
+    stories: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Two faulty graphs fail parity on the cache comparison: one floors its KV codes instead of rounding them,
+    one stores each token's offset (low) 1% off. The second never shows in the logits: its own step attends
+    over the exact new K/V, and every next step is fed the reference's cache."""
+    import numpy as np
     from edgepack.exporter import kv_cache
 
     original = kv_cache.quantize_groups
@@ -419,9 +424,16 @@ def test_parity_catches_kv_codes_rounded_down(stories: Path, tmp_path: Path, mon
         rounded.op_type = "Floor"
         return codes, scale, low
 
-    monkeypatch.setattr(kv_cache, "quantize_groups", floored)
-    out = tmp_path / "floored"
-    res = CliRunner().invoke(cli, ["export", "--model", str(stories), "--kv-bits", "4", "-o", str(out)])
-    assert res.exit_code != 0 and "parity check failed" in res.output and not out.exists()
-    error = float(res.output.split("mean |difference| ")[1].split(" ")[0])
-    assert error > 1e-2  # floor vs round: about half a step of 15, on every code that rounds up
+    def low_off(b, x, bits, axis):
+        codes, scale, low = original(b, x, bits, axis)
+        return codes, scale, b.op("Mul", low, b.const(np.float16(1.01)))
+
+    for fault, marker, floor in (
+        (floored, "mean |difference| ", 1e-2),
+        (low_off, "new float entries ", 1e-3),
+    ):
+        monkeypatch.setattr(kv_cache, "quantize_groups", fault)
+        out = tmp_path / fault.__name__
+        res = CliRunner().invoke(cli, ["export", "--model", str(stories), "--kv-bits", "4", "-o", str(out)])
+        assert res.exit_code != 0 and "parity check failed" in res.output and not out.exists(), res.output
+        assert float(res.output.split(marker)[1].split(" ")[0]) > floor  # the bound on fp32 is 1e-4
