@@ -218,26 +218,29 @@ def check_parity(
             got = ort_decode(dec, prompt, new_tokens, forced=tokens)[1]
             pairs.append((prompt, got, ref_logits.cpu().numpy()))
     else:  # a compressed KV layout: every step from the reference cache's own state (synced_decode)
-        codes: CodeAgreement | None = None
+        stored: CacheAgreement | None = None
         for prompt in prompt_ids:
             cache = cache_factory()
-            codes = codes or CodeAgreement(cache.plan.bits)
-            pairs.append((prompt, *synced_decode(model, dec, prompt, new_tokens, cache, codes)))
+            stored = stored or CacheAgreement(cache.plan.bits)
+            pairs.append((prompt, *synced_decode(model, dec, prompt, new_tokens, cache, stored)))
         report = score_pairs(pairs, thresholds, new_tokens)
-        report.kv_codes, report.kv_code_agreement = codes.total, codes.agreement
-        report.kv_code_error, report.kv_code_max_step = codes.error, codes.max_step
-        report.kv_float_error, report.kv_past_altered = codes.float_error, codes.past_altered
-        report.kv_retention_mismatches = codes.retention_mismatches
+        report.kv_codes, report.kv_code_agreement = stored.total, stored.agreement
+        report.kv_code_error, report.kv_code_max_step = stored.error, stored.max_step
+        report.kv_float_error, report.kv_past_altered = stored.float_error, stored.past_altered
+        report.kv_retention_mismatches = stored.retention_mismatches
         bound = THRESHOLDS[thresholds].max_kv_error
         report.passed = (
-            report.passed and codes.error <= bound and codes.float_error <= bound and not codes.past_altered
+            report.passed
+            and stored.error <= bound
+            and stored.float_error <= bound
+            and not stored.past_altered
         )
         return report
     return score_pairs(pairs, thresholds, new_tokens)
 
 
 @dataclass
-class CodeAgreement:
+class CacheAgreement:
     """The cache the graph wrote vs the reference's, over every decode step (see synced_decode): the new KV
     codes, the new float entries (scales, lows, magnitudes, retained vectors, residuals, float streams), and
     the past each present must carry through unchanged."""
@@ -301,7 +304,7 @@ class CodeAgreement:
 
 
 def synced_decode(
-    model, dec: RunDecoder, prompt: list[int], new_tokens: int, cache, codes: CodeAgreement
+    model, dec: RunDecoder, prompt: list[int], new_tokens: int, cache, stored: CacheAgreement
 ) -> tuple[np.ndarray, np.ndarray]:
     """The artifact's and the reference's logits (T+N-1, V) along the reference's greedy tokens, every decode
     step of the graph taken from the reference cache's own state (exporter.kv_cache.reference_past).
@@ -310,8 +313,8 @@ def synced_decode(
     a value on a rounding boundary of the KV codes, or on a MiniCache retention threshold, may be stored
     differently. Carried forward, one such code moves every later logit by a quantization step of attention,
     which says nothing about the graph. Stepping the graph from the reference's cache keeps each step's
-    comparison to that step's own arithmetic; the codes the graph writes are compared with the reference's
-    separately (``codes``)."""
+    comparison to that step's own arithmetic; what the graph writes into its cache (codes, float entries, the
+    past carried through) is compared with the reference cache's state separately (``stored``)."""
     from edgepack.exporter.kv_cache import reference_past
 
     dtypes = {slot.past: slot.dtype for slot in dec.io.kv}
@@ -328,14 +331,14 @@ def synced_decode(
                 raise ValueError(
                     f"the reference cache holds {unknown[:3]}, which are not inputs of the graph"
                 )
-            codes.add(dec.past, past, state)  # the graph's last step vs the reference's
+            stored.add(dec.past, past, state)  # the graph's last step vs the reference's
             past = {k: v.astype(dtypes[k], copy=False) for k, v in state.items()}
             token = int(ref[-1][-1].argmax())
             dec.past, dec.length = {**dec.empty_past, **past}, len(prompt) + j
             got.append(dec.step(np.array([[token]], np.int64), all_positions=True))
             out = model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
             ref.append(out.logits[0].float().cpu().numpy())
-        codes.add(dec.past, past, reference_past(cache))
+        stored.add(dec.past, past, reference_past(cache))
     return np.concatenate(got).astype(np.float32), np.concatenate(ref)
 
 
