@@ -78,7 +78,9 @@ def export_variant(model: Path, row: dict, out: Path) -> Path:
         return folder
     steps = [] if row["wbits"] is None else [QuantConfig(wbits=row["wbits"], group_size=group)]
     build = {} if row["wbits"] is None else {"lowering": row["lowering"], "activations": row["activations"]}
-    export(ExportRequest(model, folder, recipe=Recipe(steps), parity=False, build=build))
+    export(
+        ExportRequest(model, folder, recipe=Recipe(steps), parity=False, build=build, eval_text=Path("none"))
+    )
     return folder
 
 

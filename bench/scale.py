@@ -185,7 +185,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 recipe.write_text(json.dumps({"steps": [PROBES[mode]]}))
                 cmd += ["--recipe", str(recipe), "--calib", str(SHAKESPEARE), "--no-parity"]
             else:
-                cmd += MODES[mode] + ([] if args.parity else ["--no-parity"])
+                # --eval none: export time comparable with the builder's (which measures no quality)
+                cmd += MODES[mode] + ([] if args.parity else ["--no-parity"]) + ["--eval", "none"]
             tools = [("edgepack", out, cmd)]
             if args.peer and mode in PEER_PRECISION:
                 peer = args.work / f"{name}-{mode}-genai"

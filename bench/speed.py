@@ -224,8 +224,10 @@ def build_edgepack(
     bench's, unless ``parity``)."""
     out = work / model / f"edgepack-{variant}"
     no_parity = [] if parity else ["--no-parity"]
+    # --eval none: no quality measurement (an RTN export would otherwise sample the model's own text for it),
+    # so build times compare with the builder's, which measures none
     cmd = [sys.executable, "-m", "edgepack", "export", "--model", str(model_dir), "--target", target,
-           "-o", str(out), *no_parity, "--force", *shlex.split(flags)]  # fmt: skip
+           "-o", str(out), *no_parity, "--eval", "none", "--force", *shlex.split(flags)]  # fmt: skip
     start = time.perf_counter()
     error = run_logged(cmd, work / model / f"edgepack-{variant}.log", timeout, cwd=cwd)
     art = Artifact(model, "edgepack", variant, None if error else out, flags, time.perf_counter() - start)

@@ -50,7 +50,8 @@ def export_variant(model: Path, name: str, config: dict, work: Path) -> Path:
 
     folder = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
     if not (folder / "manifest.json").is_file():
-        export(ExportRequest(model, folder, recipe=Recipe([QuantConfig(wbits=4, **config)]), parity=False))
+        recipe = Recipe([QuantConfig(wbits=4, **config)])
+        export(ExportRequest(model, folder, recipe=recipe, parity=False, eval_text=Path("none")))
     return folder
 
 

@@ -38,7 +38,7 @@ def export_row(model: Path, name: str, rng: str, config: dict, work: Path) -> Pa
     folder = work / f"{name.replace(' ', '_')}_{rng}"
     if not (folder / "manifest.json").is_file():
         recipe = Recipe([QuantConfig(**config, weight_range=rng)])
-        export(ExportRequest(model, folder, recipe=recipe, parity=False))
+        export(ExportRequest(model, folder, recipe=recipe, parity=False, eval_text=Path("none")))
     return folder
 
 

@@ -255,7 +255,9 @@ def resolve_temperature(model: nn.Module, tokenizer, config: SelfCalibConfig) ->
     return replace(config, temperature=t)
 
 
-def generate_samples(model: nn.Module, tokenizer, config: SelfCalibConfig) -> torch.Tensor:
+def generate_samples(
+    model: nn.Module, tokenizer, config: SelfCalibConfig, purpose: str = "self-calibration"
+) -> torch.Tensor:
     """``n_samples`` sequences of ``seq_len`` tokens sampled from ``model``: a LongTensor (N, T). A temperature
     of "auto" is resolved first (``resolve_temperature``; callers that record the settings resolve it
     themselves)."""
@@ -265,16 +267,15 @@ def generate_samples(model: nn.Module, tokenizer, config: SelfCalibConfig) -> to
     gen = torch.Generator().manual_seed(config.seed)
     kinds = start_kinds(config.n_samples)
     chunks = []
-    bar = tqdm(
-        range(0, config.n_samples, config.batch_size), desc="self-calibration", unit="batch", leave=False
-    )
+    bar = tqdm(range(0, config.n_samples, config.batch_size), desc=purpose, unit="batch", leave=False)
     for i in bar:
         first = _first_tokens(model, tokenizer, kinds[i : i + config.batch_size], gen)
         chunks.append(generate_batch(model, first, config, gen))
     model.train(was_training)
     ids = torch.cat(chunks)
     log.info(
-        "self-calibration: %d samples x %d tokens (T=%.2f, top-p %.2f)",
+        "%s: %d samples x %d tokens (T=%.2f, top-p %.2f)",
+        purpose,
         *ids.shape,
         config.temperature,
         config.top_p,

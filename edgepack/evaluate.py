@@ -58,7 +58,14 @@ def quality_vs_original(
     original, model, ids: torch.Tensor, text: str, seq_len: int = 256, batch_size: int = 4
 ) -> QualityReport:
     """Top-1 agreement and perplexity of ``model`` vs ``original`` over windows of ``ids`` (1-D)."""
-    inputs, targets = windows(ids, seq_len)  # (N, T), (N, T)
+    return quality_on_sequences(original, model, *windows(ids, seq_len), text, batch_size)
+
+
+@torch.no_grad()
+def quality_on_sequences(
+    original, model, inputs: torch.Tensor, targets: torch.Tensor, text: str, batch_size: int = 4
+) -> QualityReport:
+    """Top-1 agreement and perplexity of ``model`` vs ``original`` on (N, T) inputs and next-token targets."""
     agree, nll, nll_original = 0, 0.0, 0.0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i : i + batch_size], targets[i : i + batch_size]

@@ -317,7 +317,7 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         SelfCalibConfig.from_dict(req.self_calib)
     if source != "self" and not (Path(source).name == FILE_NAME and Path(source).is_file()):
         read_text(source)  # missing, a folder, binary or empty: refused before the model loads
-    if req.eval_text is not None:
+    if req.eval_text is not None and str(req.eval_text) != EVAL_NONE:
         if not Path(req.eval_text).exists():
             raise EdgepackError(
                 f"held-out text {req.eval_text} does not exist; pass a local UTF-8 text file to --eval"
@@ -662,34 +662,55 @@ def run_parity(
     return {**report.to_dict(), "provider": providers[0]}
 
 
+# Quality without held-out text: this many of the original model's own samples, drawn on a seed that no
+# calibration draw (seed 0 and up) or held-out draw (2000 and up) uses.
+OWN_QUALITY_SAMPLES = 8
+OWN_QUALITY_SEED = 7919
+EVAL_NONE = "none"  # --eval none: no quality measurement
+
+
 def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
     """Top-1 agreement and perplexity delta vs the original float model on held-out text (see evaluate.py).
 
-    The text is ``--eval FILE`` or else the calibration text's tail (the part calibration samples least);
-    without either, or for a recipe that changes no weights, the dict says why nothing was measured.
+    The text is ``--eval FILE`` or else the calibration text's tail (the part calibration samples least).
+    Without either (a self-calibrated or data-free export) it is the original model's own text: samples drawn
+    at temperature 1 on a seed no calibration draw uses, so the figure says how far the artifact moved from
+    the model on the model's own distribution, not on the user's domain (the README says so). For a recipe
+    that changes no weights the dict says why nothing was measured.
     """
-    from edgepack.evaluate import HELD_OUT, QUALITY_WINDOWS, quality_vs_original
+    from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples
+    from edgepack.evaluate import HELD_OUT, QUALITY_WINDOWS, quality_on_sequences, quality_vs_original
     from edgepack.model import load_model
     from edgepack.textdata import read_text, split_text, tokenize
 
     if not req.recipe.steps:
         return {"measured": False, "reason": "no compression: the artifact is the original float model"}
+    if str(req.eval_text) == EVAL_NONE:
+        return {"measured": False, "reason": "skipped (--eval none)"}
+    seq_len = min(256, int(getattr(model.config, "max_position_embeddings", 256)))
+    text = None
     if req.eval_text is not None:
         text, name = read_text(req.eval_text), f"{Path(req.eval_text).name} (--eval)"
     elif calib_source(req) != "self" and not str(req.calib).endswith(".json"):
         text = split_text(read_text(req.calib), HELD_OUT)[1]
         name = f"{Path(req.calib).name}, last {HELD_OUT:.0%} (held out from calibration)"
+    original = load_model(req.model_dir, trust_remote_code=req.trust_remote_code).eval()
+    if text is None:
+        own = SelfCalibConfig(
+            n_samples=OWN_QUALITY_SAMPLES, seq_len=seq_len + 1, temperature=1.0, top_p=1.0, greedy_tokens=0,
+            batch_size=OWN_QUALITY_SAMPLES, seed=OWN_QUALITY_SEED,
+        )  # fmt: skip
+        samples = generate_samples(original, tokenizer, own, purpose="quality samples")
+        name = (
+            f"the original model's own samples ({OWN_QUALITY_SAMPLES} x {seq_len} tokens at temperature 1, "
+            f"seed {OWN_QUALITY_SEED}; no held-out text was given: pass --eval FILE for your domain)"
+        )
+        report = quality_on_sequences(original, model.eval(), samples[:, :-1], samples[:, 1:], name)
     else:
-        return {
-            "measured": False,
-            "reason": "no held-out text (self-calibrated): pass --eval FILE (or --calib FILE)",
-        }
-    seq_len = min(256, int(getattr(model.config, "max_position_embeddings", 256)))
-    ids = tokenize(tokenizer, text, max_tokens=QUALITY_WINDOWS * seq_len + 1)
-    if len(ids) <= seq_len:
-        raise EdgepackError(f"held-out text {name} has {len(ids)} tokens; pass a longer --eval FILE")
-    original = load_model(req.model_dir, trust_remote_code=req.trust_remote_code)
-    report = quality_vs_original(original.eval(), model.eval(), ids, name, seq_len)
+        ids = tokenize(tokenizer, text, max_tokens=QUALITY_WINDOWS * seq_len + 1)
+        if len(ids) <= seq_len:
+            raise EdgepackError(f"held-out text {name} has {len(ids)} tokens; pass a longer --eval FILE")
+        report = quality_vs_original(original, model.eval(), ids, name, seq_len)
     log.info("quality vs original on %s: top-1 %.3f, ppl %.3f -> %.3f", name, report.top1_agreement,
              report.perplexity_original, report.perplexity)  # fmt: skip
     return {"measured": True, **report.to_dict()}

@@ -231,3 +231,35 @@ def test_kotlin_compiles_against_the_ort_java_api(w4_android: Path, tmp_path: Pa
     assert "error:" not in done.stderr
     with zipfile.ZipFile(tmp_path / "kt.jar") as jar:
         assert "EdgepackDecoder.class" in jar.namelist()
+
+
+def test_quality_without_held_out_text_is_on_the_models_own_samples(stories: Path, tmp_path: Path) -> None:
+    """A data-free export (RTN, no --calib) measures quality on the original model's own samples, reproducibly
+    (a seed no calibration draw uses); --eval none skips it."""
+    reports = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert (
+            CliRunner()
+            .invoke(cli, ["export", "--model", str(stories), "--wbits", "4", "-o", str(out)])
+            .exit_code
+            == 0
+        )
+        reports.append(json.loads((out / "manifest.json").read_text())["quality"])
+    quality = reports[0]
+    assert quality == reports[1]  # the same samples, the same figures
+    assert quality["measured"] and quality["text"].startswith(
+        "the original model's own samples (8 x 256 tokens"
+    )
+    assert quality["tokens"] == 8 * 256 and 0.3 < quality["top1_agreement"] < 1.0
+    assert (
+        quality["perplexity"] > quality["perplexity_original"] > 1.0
+    )  # W4 moves a 260k model off its own text
+    assert "pass --eval FILE for your domain" in (tmp_path / "a" / "README.md").read_text()
+    out = tmp_path / "none"
+    args = ["export", "--model", str(stories), "--wbits", "4", "--eval", "none", "-o", str(out)]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert json.loads((out / "manifest.json").read_text())["quality"] == {
+        "measured": False,
+        "reason": "skipped (--eval none)",
+    }
