@@ -280,8 +280,9 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     "--eval",
     "eval_text",
     type=click.Path(path_type=Path),
-    help="Held-out text for quality vs the original float model (default: the --calib text's last 10%, else "
-    "the original model's own samples); 'none' skips the measurement.",
+    help="Held-out text for quality vs the original float model (default: the --calib text's last 10%, else, "
+    "up to 100M parameters, the original model's own samples); 'self': those samples at any size; 'none': "
+    "no measurement.",
 )
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--no-parity", is_flag=True, help="Skip the ONNX-vs-PyTorch parity check.")

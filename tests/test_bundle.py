@@ -233,9 +233,12 @@ def test_kotlin_compiles_against_the_ort_java_api(w4_android: Path, tmp_path: Pa
         assert "EdgepackDecoder.class" in jar.namelist()
 
 
-def test_quality_without_held_out_text_is_on_the_models_own_samples(stories: Path, tmp_path: Path) -> None:
+def test_quality_without_held_out_text_is_on_the_models_own_samples(
+    stories: Path, tmp_path: Path, monkeypatch
+) -> None:
     """A data-free export (RTN, no --calib) measures quality on the original model's own samples, reproducibly
-    (a seed no calibration draw uses); --eval none skips it."""
+    (a seed no calibration draw uses); --eval none skips it; above OWN_QUALITY_LARGE parameters only
+    --eval self draws them (fewer)."""
     reports = []
     for name in ("a", "b"):
         out = tmp_path / name
@@ -255,7 +258,10 @@ def test_quality_without_held_out_text_is_on_the_models_own_samples(stories: Pat
     assert (
         quality["perplexity"] > quality["perplexity_original"] > 1.0
     )  # W4 moves a 260k model off its own text
-    assert "pass --eval FILE for your domain" in (tmp_path / "a" / "README.md").read_text()
+    assert (
+        "not how it does on your domain: pass --eval FILE for that"
+        in (tmp_path / "a" / "README.md").read_text()
+    )
     out = tmp_path / "none"
     args = ["export", "--model", str(stories), "--wbits", "4", "--eval", "none", "-o", str(out)]
     assert CliRunner().invoke(cli, args).exit_code == 0
@@ -263,3 +269,15 @@ def test_quality_without_held_out_text_is_on_the_models_own_samples(stories: Pat
         "measured": False,
         "reason": "skipped (--eval none)",
     }
+    import edgepack.pipeline
+
+    monkeypatch.setattr(edgepack.pipeline, "OWN_QUALITY_LARGE", 1000)  # stories260k as a "large" model
+    for flags, expect in (([], None), (["--eval", "self"], 4 * 128)):
+        out = tmp_path / f"large{len(flags)}"
+        args = ["export", "--model", str(stories), "--wbits", "4", *flags, "-o", str(out)]
+        assert CliRunner().invoke(cli, args).exit_code == 0
+        quality = json.loads((out / "manifest.json").read_text())["quality"]
+        if expect is None:
+            assert not quality["measured"] and "pass --eval FILE, or --eval self" in quality["reason"]
+        else:
+            assert quality["measured"] and quality["tokens"] == expect
