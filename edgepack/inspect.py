@@ -127,6 +127,20 @@ def inspect_artifact(folder: Path, as_json: bool = False) -> str:
             f"parity     max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, greedy {p['greedy']:.3f} "
             f"({p['thresholds']}, {'passed' if p['passed'] else 'FAILED'})"
         )
+    quality = m.get("quality")
+    if quality and quality.get("measured"):
+        lines.append(
+            f"quality    top-1 {quality['top1_agreement']:.3f} vs the original, perplexity "
+            f"{quality['perplexity_original']:.3f} -> {quality['perplexity']:.3f} on {quality['tokens']:,} tokens of "
+            f"{quality['text']}"
+        )
+    elif quality:
+        lines.append(f"quality    not measured: {quality.get('reason', 'no reason recorded')}")
+    if any(s["name"].startswith("past_key_values.") for s in m["io"]["inputs"]):
+        from edgepack.pipeline import kv_facts, kv_line
+
+        plan = m.get("compression", {}).get("kv", {}).get("plan", {})
+        lines.append(f"kv cache   {kv_line(kv_facts(m['io']['inputs'], plan.get('channel_group', 32)))}")
     lines.append("\nfiles")
     for name, size in m.get("file_bytes", {}).items():
         lines.append(f"  {name:32s} {size / 1e6:10.3f} MB")

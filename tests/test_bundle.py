@@ -258,10 +258,13 @@ def test_quality_without_held_out_text_is_on_the_models_own_samples(
     assert (
         quality["perplexity"] > quality["perplexity_original"] > 1.0
     )  # W4 moves a 260k model off its own text
-    assert (
-        "not how it does on your domain: pass --eval FILE for that"
-        in (tmp_path / "a" / "README.md").read_text()
-    )
+    readme = (tmp_path / "a" / "README.md").read_text()
+    assert "not how it does on your domain: pass --eval FILE for that" in readme
+    shown = (
+        CliRunner().invoke(cli, ["inspect", str(tmp_path / "a")]).output
+    )  # the same figures, and the cache
+    assert f"quality    top-1 {quality['top1_agreement']:.3f} vs the original, perplexity" in shown
+    assert "kv cache   10 KV inputs (`past_key_values.*`, float32): 1,280 bytes per token." in shown
     out = tmp_path / "none"
     args = ["export", "--model", str(stories), "--wbits", "4", "--eval", "none", "-o", str(out)]
     assert CliRunner().invoke(cli, args).exit_code == 0
