@@ -11,7 +11,7 @@
 #   bash bench/cuda_session.sh N
 #   1 (~110 s) setup, the 0.5B random model, the builder's int4, our W4
 #   2 (~35 s)  our W4-sym32                    3 (~55 s)  our W2-planes and W3-planes
-#   4 (~35 s)  our W2                          5 (~150 s) onnxruntime-gpu; ort step (2 rounds), cuda_profile.py,
+#   4 (~35 s)  our W2                          5 (~190 s) onnxruntime-gpu; ort step (2 rounds), cuda_profile.py,
 #                                                        the ort step again with ORT_FPA_INTB_GEMM=1
 #   6 (~480 s) kernel_speed.py --gemv-sweep; parity on the CUDA EP (stories260k, mix-llama-14m: W2/W3 planes,
 #              folded W4; the mix-llama-14m fold alone takes minutes). About 900 s of device time in all with
@@ -88,6 +88,11 @@ case $stage in
     --out /tmp/res/cuda_runtime_fpa.json 2>&1 | grep -v "^round" | tail -20
   # which contrib fusions (SwiGLU, MatMulNBitsMlp/Qkv) the CUDA EP runs: none has a CPU kernel in 1.32 (~5 s)
   (cd /tmp && timeout 60 $PY "$REPO/bench/fused_ops.py" --json /tmp/res/fused_ops_cuda.json 2>&1 | tail -12)
+  cp /tmp/res/* "$OUT"/
+  # compressed KV caches' parity on the CUDA EP (float16-kv bounds measured on the CPU EP only; ~30 s)
+  $CR --steps parity --widths W4-kv4,W4-minicache-kv8 --no-fold --model /tmp/models/stories260k \
+    --parity-model /tmp/models/stories260k --parity-model-fused /nonexistent --timeout 120 \
+    --out /tmp/res/cuda_parity_kv.json 2>&1 | grep -v "^|" | tail -6
   ;;
 6)
   cp "$REPO"/.gpu/c6/models/mix-llama-14m/model.safetensors /tmp/models/mix-llama-14m/
