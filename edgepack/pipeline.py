@@ -305,6 +305,14 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
     )
     kv = kinds.get("kv")
     needs_calib = needs_calib or (kv is not None and kv.merge == "minicache")
+    if get_target(req.target).dtype == "float16" and (
+        req.build.get("activations") == "int8" or (quant is not None and quant.abits == 8)
+    ):
+        raise EdgepackError(
+            f"int8 activations (--activations int8, --abits 8) are for the cpu and android targets: ONNX Runtime's "
+            f"CUDA EP runs the low-bit matmuls on float16 activations whatever the accuracy level; drop them for "
+            f"--target {req.target}"
+        )
     from edgepack.compressor.selfcalib import FILE_NAME, SelfCalibConfig
     from edgepack.textdata import read_text
 

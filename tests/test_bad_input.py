@@ -372,6 +372,16 @@ EXPORT_CASES: dict[str, tuple[Callable[[Work], list[str]], str, str]] = {
         "6MB",
     ),
     "size-budget-zero": (flags("--size-budget", "0MB"), "cannot read size", "positive size"),
+    "cuda-int8-activations": (
+        flags("--target", "cuda", "--wbits", "4", "--activations", "int8"),
+        "int8 activations (--activations int8, --abits 8) are for the cpu and android targets",
+        "drop them for --target cuda",
+    ),
+    "cuda-abits-8": (
+        flags("--target", "cuda", "--wbits", "4", "--abits", "8"),
+        "CUDA EP runs the low-bit matmuls on float16 activations",
+        "drop them",
+    ),
     "recipe-steps-a-string": (
         recipe("steps: [quantize]\n"),
         "is not a mapping",
