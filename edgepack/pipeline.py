@@ -706,8 +706,8 @@ def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
     elif req.eval_text is None and calib_source(req) != "self" and not str(req.calib).endswith(".json"):
         text = split_text(read_text(req.calib), HELD_OUT)[1]
         name = f"{Path(req.calib).name}, last {HELD_OUT:.0%} (held out from calibration)"
-    large = unique_parameter_count(model) > OWN_QUALITY_LARGE
-    if text is None and large and req.eval_text is None:
+    large = text is None and unique_parameter_count(model) > OWN_QUALITY_LARGE  # only own samples need it
+    if large and req.eval_text is None:
         return {
             "measured": False,
             "reason": f"no held-out text, and above {OWN_QUALITY_LARGE / 1e6:.0f}M parameters the original model's "

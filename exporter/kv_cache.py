@@ -658,14 +658,13 @@ def reference_past(cache) -> dict[str, np.ndarray]:
     for layer, streams in cache.plain.items():
         for kind, stream in zip(("key", "value"), streams, strict=True):
             feeds.update({f"{PAST}{layer}.{kind}{s}": t for s, t in stream_arrays(stream)})
-    merged = cache.plan.merge == "minicache"  # share: the second layer of a pair has no cache of its own
-    for (a, c), pairs, index in zip(
-        cache.plan.pairs if merged else [], cache.merged, cache.index, strict=False
-    ):
-        for kind, pair in zip(("key", "value"), pairs, strict=True):
-            feeds.update({f"{PAST}{a}_{c}.{kind}.direction{s}": t for s, t in stream_arrays(pair.direction)})
-            for layer, magnitude, retained in zip((a, c), pair.magnitude, pair.retained, strict=True):
-                feeds[f"{PAST}{layer}.{kind}.magnitude"] = magnitude
-                feeds[f"{PAST}{layer}.{kind}.retained"] = retained
-        feeds[f"{PAST}{a}_{c}.retained_index"] = index
+    if cache.plan.merge == "minicache":  # share: the second layer of a pair has no cache of its own
+        for (a, c), pairs, index in zip(cache.plan.pairs, cache.merged, cache.index, strict=True):
+            for kind, pair in zip(("key", "value"), pairs, strict=True):
+                direction = stream_arrays(pair.direction)
+                feeds.update({f"{PAST}{a}_{c}.{kind}.direction{s}": t for s, t in direction})
+                for layer, magnitude, retained in zip((a, c), pair.magnitude, pair.retained, strict=True):
+                    feeds[f"{PAST}{layer}.{kind}.magnitude"] = magnitude
+                    feeds[f"{PAST}{layer}.{kind}.retained"] = retained
+            feeds[f"{PAST}{a}_{c}.retained_index"] = index
     return {k: np.ascontiguousarray(t.numpy()) for k, t in feeds.items() if t is not None}

@@ -249,6 +249,11 @@ def context_length(artifact_dir: Path, manifest: dict | None = None) -> int | No
 # ---------------------------------------------------------------------------------------------- graph I/O
 
 
+def empty_shape(dims: list) -> tuple[int, ...]:
+    """A cache input at length 0: batch_size 1, every other symbolic axis 0, fixed axes as they are."""
+    return tuple(1 if d == "batch_size" else (d if isinstance(d, int) else 0) for d in dims)
+
+
 @dataclass(frozen=True)
 class KVSlot:
     """One cache tensor: the past input it is fed through and the present output it comes back from."""
@@ -308,7 +313,7 @@ class DecoderIO:
                     )
             if info.type not in ORT_DTYPES:
                 raise RunnerError(f"{name} has type {info.type}; the runner supports {', '.join(ORT_DTYPES)}")
-            empty = tuple(1 if d == "batch_size" else (d if isinstance(d, int) else 0) for d in shape)
+            empty = empty_shape(shape)
             slots.append(KVSlot(name, present, empty, ORT_DTYPES[info.type]))
         slots.sort(
             key=lambda s: [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"[._]", s.past)]

@@ -184,9 +184,12 @@ def graph_ops(model: onnx.ModelProto) -> set[OpKey]:
     return ops
 
 
-def check_android_ops(model_path: Path, allowed_ops: frozenset[OpKey] | None = None) -> None:
-    """Refuse, naming the ops, a model with an op outside ANDROID_OPS (or outside ``allowed_ops``, if given)."""
-    used = graph_ops(onnx.load(str(model_path), load_external_data=False))
+def check_android_ops(
+    model_path: Path, allowed_ops: frozenset[OpKey] | None = None, model: onnx.ModelProto | None = None
+) -> None:
+    """Refuse, naming the ops, a model with an op outside ANDROID_OPS (or outside ``allowed_ops``, if given);
+    ``model``: the graph at ``model_path`` when the caller has loaded it already."""
+    used = graph_ops(model if model is not None else onnx.load(str(model_path), load_external_data=False))
     no_kernel = sorted(used - ANDROID_OPS)
     not_allowed = sorted((used & ANDROID_OPS) - allowed_ops) if allowed_ops is not None else []
     problems = []
@@ -291,12 +294,11 @@ def check_kotlin_cache_io(model: onnx.ModelProto) -> None:
             continue
         present = "present." + value.name.removeprefix("past_key_values.")
         dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-        runner_empty = [1 if d == "batch_size" else (d if isinstance(d, int) else 0) for d in dims]
         if present not in outputs:
             raise EdgepackError(
                 f"{value.name} has no {present} output to feed it from: re-export the artifact with `edgepack export`"
             )
-        if kotlin_empty_past(dims) != runner_empty:
+        if tuple(kotlin_empty_past(dims)) != runner.empty_shape(dims):
             raise EdgepackError(
                 f"{value.name} (shape {dims}) has its batch axis where the generated EdgepackDecoder.kt cannot size "
                 "it: re-export without --target android, or report the command you ran"
@@ -320,8 +322,9 @@ def make_android_bundle(
         raise EdgepackError(
             f"{artifact_dir} has no model.onnx: export the artifact before bundling it for Android"
         )
-    check_android_ops(model_path, allowed_ops)
-    check_kotlin_cache_io(onnx.load(str(model_path), load_external_data=False))
+    graph = onnx.load(str(model_path), load_external_data=False)
+    check_android_ops(model_path, allowed_ops, graph)
+    check_kotlin_cache_io(graph)
     ort_path, _ = convert_to_ort(model_path, artifact_dir)
     point_genai_config_at(artifact_dir, ort_path.name)
     facts = token_facts(artifact_dir, genai)
