@@ -262,27 +262,9 @@ def plan_mixed_precision(
     ``dtype``: the target's dtype (targets/profiles.py), which the artifact stores scales and float weights in.
     Merge the result last: ``replace(config, overrides={**config.overrides, **plan})``.
     """
-    if (budget_bits_per_weight is None) == (budget_bytes is None):
-        raise EdgepackError("give exactly one budget: bits per weight (--bpw) or bytes (--size-budget)")
+    budget = quantized_budget(model, config, budget_bits_per_weight, budget_bytes, dtype)
     layers = measure_sensitivity(model, config, calib_ids, dtype)
     numel = sum(s.numel for s in layers)
-    minimum = sum(min(s.bytes.values()) for s in layers)
-    if budget_bits_per_weight is not None:
-        budget = budget_bits_per_weight * numel / 8
-        if budget < minimum:
-            raise EdgepackError(
-                f"budget {budget_bits_per_weight:g} bits per weight is below the minimum achievable "
-                f"{8 * minimum / numel:.3f} (2-bit everywhere, cheapest groups); raise --bpw"
-            )
-    else:
-        fixed = _unquantized_bytes(model, linear_sites(model, config), dtype)
-        budget = budget_bytes - fixed
-        if budget < minimum:
-            raise EdgepackError(
-                f"size budget {budget_bytes / 1e6:.2f} MB is below the minimum achievable "
-                f"{(minimum + fixed) / 1e6:.2f} MB (2-bit everywhere, cheapest groups, "
-                f"{fixed / 1e6:.2f} MB unquantized); raise --size-budget"
-            )
     chosen = choose_formats(layers, budget)
     total = sum(s.bytes[chosen[s.name]] for s in layers)
     counts = {
@@ -296,6 +278,51 @@ def plan_mixed_precision(
         sum(s.loss[chosen[s.name]] for s in layers),
     )
     return {name: {"wbits": w, "group_size": g} for name, (w, g) in chosen.items()}
+
+
+def quantized_budget(
+    model: nn.Module,
+    config: QuantConfig,
+    budget_bits_per_weight: float | None = None,
+    budget_bytes: int | None = None,
+    dtype: str = "float32",
+) -> float:
+    """Bytes the quantized weights may take under one budget; refuses, in one line, a budget that no choice of
+    formats meets. Shapes only (no data, no quantization): the pipeline calls it before drawing calibration."""
+    if (budget_bits_per_weight is None) == (budget_bytes is None):
+        raise EdgepackError("give exactly one budget: bits per weight (--bpw) or bytes (--size-budget)")
+    sites = linear_sites(model, config)
+    bit_balance = bool(config.options.get("bit_balance", False))
+    numel = sum(site.module.weight.numel() for site in sites)
+    minimum = sum(
+        min(
+            stored_bytes(
+                tuple(site.module.weight.shape), replace(site.fmt, wbits=w, group_size=g), bit_balance, dtype
+            )
+            for w, g in itertools.product(WIDTHS, GROUPS)
+        )
+        for site in sites
+    )
+    if budget_bits_per_weight is not None:
+        budget = budget_bits_per_weight * numel / 8
+        if budget < minimum:
+            raise EdgepackError(
+                f"budget {budget_bits_per_weight:g} bits per weight is below the minimum achievable "
+                f"{8 * minimum / numel:.3f} (2-bit everywhere, cheapest groups); raise --bpw"
+            )
+        return budget
+    fixed = _unquantized_bytes(model, sites, dtype)
+    budget = budget_bytes - fixed
+    if budget < minimum:
+        raise EdgepackError(
+            f"size budget {_size(budget_bytes)} is below the minimum achievable {_size(minimum + fixed)} "
+            f"(2-bit everywhere, cheapest groups, {_size(fixed)} unquantized); raise --size-budget"
+        )
+    return budget
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} KB"
 
 
 def _unquantized_bytes(model: nn.Module, sites: list[LinearSite], dtype: str = "float32") -> int:

@@ -333,7 +333,7 @@ def export(
     edgepack export --model ./my-llama --remove 0.25 --share-groups 2 --calib text.txt -o out/folded
     """
     from edgepack.model import DEFAULT_MODEL
-    from edgepack.pipeline import ExportRequest
+    from edgepack.pipeline import ExportRequest, quality_warning
     from edgepack.pipeline import export as run_export
     from edgepack.recipe import Recipe
 
@@ -385,6 +385,15 @@ def export(
             f"parity vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
             f"greedy {p['greedy']:.3f} over {p['new_tokens']} tokens{where}"
         )
+    q = m.get("quality") or {}
+    if q.get("measured"):
+        click.echo(
+            f"quality vs the original: top-1 {q['top1_agreement']:.3f}, perplexity {q['perplexity_original']:.3f} "
+            f"-> {q['perplexity']:.3f} on {q['tokens']:,} tokens of {q['text'].split(' (')[0]}"
+        )
+        warning = quality_warning(q)
+        if warning:
+            click.echo(f"edgepack: warning: {warning}", err=True)
 
 
 QUANT_DETAIL_FLAGS = (

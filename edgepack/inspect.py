@@ -134,6 +134,11 @@ def inspect_artifact(folder: Path, as_json: bool = False) -> str:
             f"{quality['perplexity_original']:.3f} -> {quality['perplexity']:.3f} on {quality['tokens']:,} tokens of "
             f"{quality['text']}"
         )
+        from edgepack.pipeline import quality_warning
+
+        warning = quality_warning(quality)
+        if warning:
+            lines.append(f"WARNING    {warning}")
     elif quality:
         lines.append(f"quality    not measured: {quality.get('reason', 'no reason recorded')}")
     if any(s["name"].startswith("past_key_values.") for s in m["io"]["inputs"]):

@@ -331,11 +331,25 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
                 f"held-out text {req.eval_text} does not exist; pass a local UTF-8 text file to --eval"
             )
         read_text(req.eval_text)  # a folder, binary or empty: refused like --calib
+    depth = int(raw_config["num_hidden_layers"])
+    kv_depth = depth  # layers the KV step will see: a block fold removes some, a width fold (or auto) may not
     if "fold" in kinds:
         from edgepack.compressor.fold_plan import removal_count, resolve_groups
 
-        depth = int(raw_config["num_hidden_layers"])
-        resolve_groups(kinds["fold"].share_group, depth - removal_count(kinds["fold"].remove, depth))
+        kept = depth - removal_count(kinds["fold"].remove, depth)
+        resolve_groups(kinds["fold"].share_group, kept)
+        if kinds["fold"].structure == "blocks":
+            kv_depth = kept
+    if (
+        kv is not None
+        and kv.merge != "none"
+        and kv.start_layer is not None
+        and kv.start_layer >= kv_depth - 1
+    ):
+        raise EdgepackError(
+            f"kv start_layer={kv.start_layer} leaves no pair to merge in a {kv_depth}-layer model"
+            f"{' (after the fold)' if kv_depth != depth else ''}; pass --kv-start {max(kv_depth - 2, 0)} or less"
+        )
 
 
 def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> dict:
@@ -401,6 +415,10 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # GPTQ on the text mixed with the model's own samples; ABQ on the text alone (the mix cost it
             # off-domain and in it on mix-llama-14m, generalization.md round 4)
             share = req.calib_self_share if step.method == "gptq" else 0.0
+            if mixed:  # a budget no format meets is refused from the shapes, before calibration is drawn
+                from edgepack.compressor.mixed import quantized_budget
+
+                quantized_budget(model, step, step.budget_bpw, step.size_budget, get_target(req.target).dtype)
             calib_ids = ids_for(step, share) if needs_calib else None
             if mixed:
                 from edgepack.compressor.mixed import plan_mixed_precision
@@ -1102,17 +1120,39 @@ def kv_line(facts: KVFacts) -> str:
     return line + "."
 
 
+# An artifact this far from its original is flagged at export, in inspect and in the app README: perplexity
+# more than doubled, or the original's next token kept at fewer than half the positions. stories260k at W3
+# (3.40 -> 6.51, top-1 0.61) stays under the line; W2 with a 2-bit head (3.40 -> 305, top-1 0.09) does not.
+COLLAPSE_PPL_RATIO = 2.0
+COLLAPSE_TOP1 = 0.5
+
+
+def quality_warning(quality: dict | None) -> str | None:
+    """One line when the measured quality says the artifact has collapsed, naming the levers; else None."""
+    if not quality or not quality.get("measured"):
+        return None
+    ratio = quality["perplexity"] / quality["perplexity_original"]
+    if ratio <= COLLAPSE_PPL_RATIO and quality["top1_agreement"] >= COLLAPSE_TOP1:
+        return None
+    return (
+        f"perplexity {quality['perplexity_original']:.3f} -> {quality['perplexity']:.3f} ({ratio:.1f}x the "
+        f"original's), top-1 agreement {quality['top1_agreement']:.3f}: this artifact may not be usable; "
+        "raise --wbits or --bpw, keep the head at 8 bits (--head-bits 8), or calibrate (--method gptq / abq)"
+    )
+
+
 def quality_text(quality: dict | None) -> str:
     """The README's quality paragraph from manifest['quality']."""
     if not quality or not quality.get("measured"):
         reason = (quality or {}).get("reason", "not measured")
         return f"Not measured: {reason}."
     q = quality
+    warning = quality_warning(q)
     return (
         f"On {q['text']} ({q['tokens']:,} tokens): top-1 agreement with the original {q['top1_agreement']:.3f}; "
         f"perplexity {q['perplexity_original']:.3f} (original) -> {q['perplexity']:.3f} "
         f"(delta {q['perplexity_delta']:+.3f}). Measured with the compressed PyTorch model, which the parity check "
-        "ties to this graph."
+        "ties to this graph." + (f"\n\n**Warning:** {warning}." if warning else "")
     )
 
 

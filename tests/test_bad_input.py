@@ -445,6 +445,24 @@ EXPORT_CASES: dict[str, tuple[Callable[[Work], list[str]], str, str]] = {
     ),
     "bad-flag-type": (flags("--wbits", "four"), "'four' is not a valid integer", "edgepack export -h"),
     "negative-bpw": (flags("--bpw", "-1", "--calib", "x"), "must be positive", "--bpw 3.0"),
+    # a budget or merge start no configuration meets: refused from the shapes, before self-calibration
+    # samples are drawn (its progress bar would be a second stderr line)
+    "loads:bpw-below-2-bit": (flags("--bpw", "1.9"), "below the minimum achievable 2.670", "raise --bpw"),
+    "loads:size-budget-too-small": (
+        flags("--size-budget", "50KB"),
+        "size budget 50.0 KB is below the minimum achievable",
+        "raise --size-budget",
+    ),
+    "kv-start-past-the-last-pair": (
+        flags("--kv-merge", "minicache", "--kv-start", "4"),
+        "kv start_layer=4 leaves no pair to merge in a 5-layer model",
+        "pass --kv-start 3 or less",
+    ),
+    "kv-start-past-the-folded-depth": (
+        flags("--remove", "0.2", "--share-groups", "2", "--kv-merge", "minicache", "--kv-start", "3"),
+        "in a 4-layer model (after the fold)",
+        "pass --kv-start 2 or less",
+    ),
 }
 
 

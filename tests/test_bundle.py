@@ -264,6 +264,7 @@ def test_quality_without_held_out_text_is_on_the_models_own_samples(
         CliRunner().invoke(cli, ["inspect", str(tmp_path / "a")]).output
     )  # the same figures, and the cache
     assert f"quality    top-1 {quality['top1_agreement']:.3f} vs the original, perplexity" in shown
+    assert "WARNING" not in shown and "**Warning:**" not in readme  # W4 moves it, but not that far
     assert "kv cache   10 KV inputs (`past_key_values.*`, float32): 1,280 bytes per token." in shown
     out = tmp_path / "none"
     args = ["export", "--model", str(stories), "--wbits", "4", "--eval", "none", "-o", str(out)]
@@ -284,3 +285,34 @@ def test_quality_without_held_out_text_is_on_the_models_own_samples(
             assert not quality["measured"] and "pass --eval FILE, or --eval self" in quality["reason"]
         else:
             assert quality["measured"] and quality["tokens"] == expect
+
+
+def test_a_collapsed_artifact_is_flagged_at_export_in_inspect_and_in_the_readme(
+    stories: Path, tmp_path: Path
+) -> None:
+    """W2 with a 2-bit head leaves stories260k at about 90x its perplexity: the export still succeeds (the
+    graph matches its PyTorch model) but says so on stderr, in `edgepack inspect` and in the app README, naming
+    the levers; a W3 export (1.8x, top-1 0.63) is not flagged."""
+    import subprocess
+    import sys
+
+    from edgepack.pipeline import COLLAPSE_PPL_RATIO, COLLAPSE_TOP1, quality_warning
+
+    out = tmp_path / "w2"
+    args = ["export", "--model", str(stories), "--wbits", "2", "--head-bits", "same", "-o", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    quality = json.loads((out / "manifest.json").read_text())["quality"]
+    assert quality["perplexity"] > COLLAPSE_PPL_RATIO * quality["perplexity_original"]
+    assert quality["top1_agreement"] < COLLAPSE_TOP1
+    warning = quality_warning(quality)
+    assert warning and "--head-bits 8" in warning and "raise --wbits" in warning
+    assert f"edgepack: warning: {warning}" in done.stderr.splitlines()
+    assert "quality vs the original: top-1" in done.stdout
+    assert f"**Warning:** {warning}." in (out / "README.md").read_text()
+    assert f"WARNING    {warning}" in CliRunner().invoke(cli, ["inspect", str(out)]).output
+    fine = {**quality, "perplexity": 1.8 * quality["perplexity_original"], "top1_agreement": 0.63}
+    assert quality_warning(fine) is None
+    assert quality_warning({"measured": False, "reason": "skipped (--eval none)"}) is None
