@@ -452,11 +452,7 @@ def decode_nll(
     total, count, stats = 0.0, 0, {}
     for row in ids:
         cache = CompressedCache(plan) if plan is not None else DynamicCache()
-        logits = []
-        for s in range(0, row.numel() - 1, chunk):
-            step = row[s : min(s + chunk, row.numel() - 1)][None]
-            logits.append(model(input_ids=step, past_key_values=cache, use_cache=True).logits[0].float())
-        logits = torch.cat(logits)
+        logits = cached_logits(model, row[:-1], cache, chunk)
         total += torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").item()
         count += row.numel() - 1
         if plan is not None:
@@ -467,6 +463,22 @@ def decode_nll(
                 "retained_fraction": cache.retained_fraction(),
             }
     return total, count, stats
+
+
+def cached_logits(model, row: torch.Tensor, cache, chunk: int = 1) -> torch.Tensor:
+    """(T, V) float logits of the 1-D ``row`` fed ``chunk`` tokens per step through ``cache``."""
+    logits = []
+    for s in range(0, row.numel(), chunk):
+        step = row[s : s + chunk][None]
+        logits.append(model(input_ids=step, past_key_values=cache, use_cache=True).logits[0].float())
+    return torch.cat(logits)
+
+
+@torch.no_grad()
+def decode_logits(model, ids: torch.Tensor, plan: MiniCachePlan, chunk: int = 1) -> torch.Tensor:
+    """(N, T, V) logits of ``ids`` (N, T), each row decoded ``chunk`` tokens per step through its own
+    CompressedCache: what the artifact computes when it generates (quality vs the original uses it)."""
+    return torch.stack([cached_logits(model, row, CompressedCache(plan), chunk) for row in ids])
 
 
 def decode_perplexity(

@@ -4,6 +4,7 @@ perplexity, and how a compressed model compares with the original float model on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -55,22 +56,37 @@ class QualityReport:
 
 @torch.no_grad()
 def quality_vs_original(
-    original, model, ids: torch.Tensor, text: str, seq_len: int = 256, batch_size: int = 4
+    original,
+    model,
+    ids: torch.Tensor,
+    text: str,
+    seq_len: int = 256,
+    batch_size: int = 4,
+    logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> QualityReport:
     """Top-1 agreement and perplexity of ``model`` vs ``original`` over windows of ``ids`` (1-D)."""
-    return quality_on_sequences(original, model, *windows(ids, seq_len), text, batch_size)
+    return quality_on_sequences(original, model, *windows(ids, seq_len), text, batch_size, logits_of)
 
 
 @torch.no_grad()
 def quality_on_sequences(
-    original, model, inputs: torch.Tensor, targets: torch.Tensor, text: str, batch_size: int = 4
+    original,
+    model,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    text: str,
+    batch_size: int = 4,
+    logits_of: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> QualityReport:
-    """Top-1 agreement and perplexity of ``model`` vs ``original`` on (N, T) inputs and next-token targets."""
+    """Top-1 agreement and perplexity of ``model`` vs ``original`` on (N, T) inputs and next-token targets.
+
+    ``logits_of``: how the compressed side computes (B, T, V) logits of (B, T) ids, when not one forward pass of
+    ``model`` (a compressed KV cache: token by token through it, minicache.decode_logits)."""
     agree, nll, nll_original = 0, 0.0, 0.0
     for i in range(0, len(inputs), batch_size):
         x, y = inputs[i : i + batch_size], targets[i : i + batch_size]
         ref = original(input_ids=x).logits.float()  # (B, T, V)
-        out = model(input_ids=x).logits.float()  # (B, T, V)
+        out = (logits_of(x) if logits_of is not None else model(input_ids=x).logits).float()  # (B, T, V)
         agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
         nll += nll_sum(out, y)
         nll_original += nll_sum(ref, y)

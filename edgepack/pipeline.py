@@ -150,7 +150,7 @@ def step_parity(job: ExportJob) -> None:
 
 
 def step_quality(job: ExportJob) -> None:
-    job.quality = measure_quality(job.req, float_model(job), job.tokenizer)
+    job.quality = measure_quality(job.req, float_model(job), job.tokenizer, kv_plan(job.reports))
 
 
 def step_side_files(job: ExportJob) -> None:
@@ -180,6 +180,8 @@ def step_manifest(job: ExportJob) -> None:
     m["quality"] = job.quality
     # what the rotary tables cover; runner.py reads it here where there is no genai_config.json (a compressed KV)
     m["context_length"] = int(job.genai["model"]["context_length"])
+    # BOS rule, EOS ids and context: what runner.py --prompt and `edgepack generate` feed and stop by
+    m["tokens"] = dataclasses.asdict(token_facts(job.out, job.genai))
     m["phases"] = dict(job.phases)  # the steps before this one (the file cannot time its own writing)
     write_app_readme(job.out, m, job.genai)
     m["files"] = file_table(job.out, exclude=(PARTIAL_MARKER,))
@@ -693,11 +695,14 @@ def run_parity(
 OWN_QUALITY_SAMPLES = 8
 OWN_QUALITY_SEED = 7919
 OWN_QUALITY_LARGE = 100_000_000  # above: own samples only with --eval self, and 4 x 128 tokens, not 8 x 256
+KV_QUALITY_WINDOWS = (
+    8  # held-out windows decoded token by token through a compressed KV cache (4 above LARGE)
+)
 EVAL_NONE = "none"  # --eval none: no quality measurement
 EVAL_SELF = "self"  # --eval self: on the original model's own samples, at any size
 
 
-def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
+def measure_quality(req: ExportRequest, model, tokenizer, plan=None) -> dict:
     """Top-1 agreement and perplexity delta vs the original float model on held-out text (see evaluate.py).
 
     The text is ``--eval FILE`` or else the calibration text's tail (the part calibration samples least).
@@ -707,6 +712,10 @@ def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
     README says so). By default that runs only up to OWN_QUALITY_LARGE parameters: it loads a second copy of
     the model and samples token by token (a 0.5B model: +41 s and 7.2 GB peak RSS against a 17 s, 3.3 GB
     export). For a recipe that changes no weights, or ``--eval none``, the dict says why nothing was measured.
+
+    With a compressed KV cache (``plan``, a MiniCachePlan that merges or quantizes), the compressed side decodes
+    each sequence one token at a time through it, as the artifact does when it generates, so the figure counts
+    what the cache loses too (a full-sequence forward pass would attend over float keys and values).
     """
     from edgepack.compressor.selfcalib import SelfCalibConfig, generate_samples
     from edgepack.evaluate import HELD_OUT, QUALITY_WINDOWS, quality_on_sequences, quality_vs_original
@@ -733,6 +742,14 @@ def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
             "--eval self",
         }
     original = load_model(req.model_dir, trust_remote_code=req.trust_remote_code).eval()
+    logits_of, through = None, ""
+    if plan is not None and (plan.merge != "none" or plan.bits != 16):
+        from edgepack.compressor.minicache import decode_logits
+
+        def logits_of(ids):
+            return decode_logits(model, ids, plan)
+
+        through = "; through the compressed KV cache, one token per step"
     if text is None:
         n, length = (OWN_QUALITY_SAMPLES // 2, seq_len // 2) if large else (OWN_QUALITY_SAMPLES, seq_len)
         own = SelfCalibConfig(
@@ -745,12 +762,19 @@ def measure_quality(req: ExportRequest, model, tokenizer) -> dict:
             f"{OWN_QUALITY_SEED}; how far the artifact moved from the model, not how it does on your domain: "
             "pass --eval FILE for that)"
         )
-        report = quality_on_sequences(original, model.eval(), samples[:, :-1], samples[:, 1:], name)
+        name = name[:-1] + through + ")"
+        report = quality_on_sequences(
+            original, model.eval(), samples[:, :-1], samples[:, 1:], name, logits_of=logits_of
+        )
     else:
-        ids = tokenize(tokenizer, text, max_tokens=QUALITY_WINDOWS * seq_len + 1)
+        n_windows = QUALITY_WINDOWS
+        if logits_of is not None:  # one forward pass per token: fewer windows (a 0.5B model: ~0.1 s a token)
+            n_windows = KV_QUALITY_WINDOWS // (2 if unique_parameter_count(model) > OWN_QUALITY_LARGE else 1)
+        ids = tokenize(tokenizer, text, max_tokens=n_windows * seq_len + 1)
         if len(ids) <= seq_len:
             raise EdgepackError(f"held-out text {name} has {len(ids)} tokens; pass a longer --eval FILE")
-        report = quality_vs_original(original, model.eval(), ids, name, seq_len)
+        name += f" ({through[2:]})" if through else ""
+        report = quality_vs_original(original, model.eval(), ids, name, seq_len, logits_of=logits_of)
     log.info("quality vs original on %s: top-1 %.3f, ppl %.3f -> %.3f", name, report.top1_agreement,
              report.perplexity_original, report.perplexity)  # fmt: skip
     return {"measured": True, **report.to_dict()}
@@ -1048,7 +1072,8 @@ ANDROID_README = """
   The quantized matmuls (com.microsoft.MatMulNBits / GatherBlockQuantized) run only on the CPU EP, and every
   partition boundary copies activations between the accelerator and the CPU at each token, so NNAPI/CoreML would
   be slower than the CPU EP's ARM64 kernels here.
-- `runner.py`: the same benchmark on a device with Python + onnxruntime + numpy (`python runner.py . --threads 4`).
+- `runner.py`: the same benchmark on a device with Python + onnxruntime + numpy (`python runner.py . --threads 4`);
+  with the `tokenizers` package it also continues a prompt (`python runner.py . --prompt "..." --gen 64`).
 """
 
 

@@ -14,6 +14,8 @@ from edgepack.runtime.runner import (
     RunnerError,
     check_output_file,
     max_threads,
+    prompt_summary,
+    run_prompt,
     write_report,
 )
 from edgepack.targets.devices import PROFILES, get_profile
@@ -145,3 +147,58 @@ def bench(
     if plot_path is not None:
         plot_latency(report, plot_path)
         click.echo(f"wrote {plot_path}")
+
+
+@click.command("generate")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="text to continue")
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    help="stop after this many new tokens (or at EOS, or at the context length)",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="0 = greedy (what parity checks), else sample",
+)
+@click.option("--top-p", type=click.FloatRange(min=0, min_open=True, max=1), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="sampling seed")
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="intra-op threads (0: ONNX Runtime's)")
+@click.option("--device", type=click.Choice(list(DEVICES)), default="cpu", show_default=True)
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="write ids, text and timings here",
+)
+def generate(
+    artifact: Path,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    threads: int,
+    device: str,
+    json_path: Path | None,
+) -> None:
+    """Continue PROMPT with ARTIFACT through ONNX Runtime (the runner's decode loop: every KV layout, compressed
+    caches included) and print the text, why it stopped and its speed. Greedy unless --temperature > 0."""
+    if threads > max_threads():
+        raise EdgepackError(f"--threads {threads} is more than twice this host's {os.cpu_count()} CPUs")
+    try:
+        if json_path is not None:
+            check_output_file(json_path, "--json", (artifact,))
+        config = RunConfig(threads=threads, gen=max_new_tokens, device=device)
+        report = run_prompt(artifact, prompt, config, temperature, top_p, seed)
+        if json_path is not None:
+            write_report(json_path, report)
+    except RunnerError as e:
+        raise EdgepackError(str(e)) from e
+    click.echo(prompt_summary(report))

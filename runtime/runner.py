@@ -804,6 +804,200 @@ def run_benchmark(
     return report
 
 
+# ---------------------------------------------------------------------------------------------- text in, text out
+
+
+@dataclass(frozen=True)
+class TokenRules:
+    """What the decoder is fed and when it stops: manifest.json's "tokens" (edgepack writes it at export)."""
+
+    bos_id: int | None
+    add_bos: bool  # transformers' tokenizer puts BOS first: so does this runner
+    eos_ids: tuple[int, ...]
+    context_length: int
+
+    @classmethod
+    def from_manifest(cls, manifest: dict, artifact_dir: Path) -> TokenRules:
+        tokens = manifest.get("tokens")
+        if not isinstance(tokens, dict):
+            raise RunnerError(
+                f"{artifact_dir / MANIFEST_NAME} records no token rules (BOS, EOS): the artifact was exported by "
+                "an older edgepack; re-export it to generate text from a prompt"
+            )
+        try:
+            bos = tokens["bos_id"]
+            return cls(
+                bos_id=None if bos is None else int(bos),
+                add_bos=bool(tokens["add_bos"]),
+                eos_ids=tuple(int(i) for i in tokens["eos_ids"]),
+                context_length=int(tokens["context_length"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunnerError(
+                f"{artifact_dir / MANIFEST_NAME} has corrupt token rules ({exc!r}): re-export the artifact"
+            ) from exc
+
+
+def load_tokenizer(artifact_dir: Path):
+    """The artifact's tokenizer.json through the ``tokenizers`` package (the one import outside numpy and
+    onnxruntime, and only for --prompt)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as exc:
+        raise RunnerError(
+            "--prompt needs the tokenizers package to read tokenizer.json: pip install tokenizers"
+        ) from exc
+    path = artifact_dir / "tokenizer.json"
+    if not path.is_file():
+        raise RunnerError(
+            f"{artifact_dir} has no tokenizer.json: re-export the artifact with `edgepack export`"
+        )
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises its own Exception type for an unreadable file
+        raise RunnerError(f"{path} cannot be read ({exc}): re-export the artifact") from exc
+
+
+def encode_prompt(tokenizer, rules: TokenRules, text: str) -> list[int]:
+    """The ids transformers' tokenizer gives ``text``: BOS (when the model's tokenizer adds it), then the text."""
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return ([rules.bos_id] if rules.add_bos and rules.bos_id is not None else []) + list(ids)
+
+
+def next_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0; else a sample from softmax(logits / T) cut to the top-p nucleus."""
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if temperature == 0:
+        return int(np.argmax(logits))
+    z = (logits - logits.max()) / temperature
+    probs = np.exp(z)
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = int(np.searchsorted(np.cumsum(probs[order]), top_p) + 1)  # the smallest prefix holding top_p
+    kept = order[:keep]
+    return int(rng.choice(kept, p=probs[kept] / probs[kept].sum()))
+
+
+@dataclass
+class Completion:
+    """One prompt's continuation: its ids, why it stopped, and how long prefill and each step took."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    stop: str  # "eos", "max_new_tokens" or "context"
+    prefill_s: float
+    step_s: list[float]
+
+
+def complete(
+    decoder: Decoder,
+    prompt_ids: list[int],
+    rules: TokenRules,
+    max_new: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> Completion:
+    """Prefill the prompt, then decode up to ``max_new`` tokens: stop before an EOS id (not emitted) or at the
+    context length, as the app README's stop rule says."""
+    rng = np.random.default_rng(seed)
+    decoder.reset()
+    start = time.perf_counter()
+    token = next_token(decoder.step(np.array([prompt_ids], np.int64)), temperature, top_p, rng)
+    prefill_s, step_s, ids = time.perf_counter() - start, [], []
+    while True:
+        if token in rules.eos_ids:
+            return Completion(prompt_ids, ids, "eos", prefill_s, step_s)
+        ids.append(token)
+        if len(ids) == max_new:
+            return Completion(prompt_ids, ids, "max_new_tokens", prefill_s, step_s)
+        if len(prompt_ids) + len(ids) >= rules.context_length:  # the next step has no position left
+            return Completion(prompt_ids, ids, "context", prefill_s, step_s)
+        start = time.perf_counter()
+        token = next_token(decoder.step(np.array([[token]], np.int64)), temperature, top_p, rng)
+        step_s.append(time.perf_counter() - start)
+
+
+def run_prompt(
+    artifact_dir: Path,
+    text: str,
+    config: RunConfig,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    verify: bool = True,
+    model_file: str | None = None,
+) -> dict:
+    """Verify and load one artifact, then continue ``text`` (up to ``config.gen`` new tokens): the report holds
+    the continuation's text and ids, why it stopped, TTFT and decode tokens/s."""
+    require_dir(artifact_dir)
+    if not temperature >= 0:
+        raise RunnerError(f"--temperature {temperature} must be 0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        raise RunnerError(f"--top-p {top_p} must be in (0, 1], e.g. 0.9")
+    if config.gen < 1:
+        raise RunnerError("--gen (the most new tokens) must be at least 1")
+    manifest = verify_artifact(artifact_dir) if verify else read_manifest(artifact_dir)
+    rules = TokenRules.from_manifest(manifest, artifact_dir)
+    tokenizer = load_tokenizer(artifact_dir)
+    prompt_ids = encode_prompt(tokenizer, rules, text)
+    if not prompt_ids:
+        raise RunnerError("--prompt is empty and the model has no BOS token to start from: pass some text")
+    if len(prompt_ids) >= rules.context_length:
+        raise RunnerError(
+            f"the prompt is {len(prompt_ids)} tokens, and the model's context is {rules.context_length}: "
+            "pass a shorter --prompt"
+        )
+    config = RunConfig(**{**config.__dict__, "prompt_len": len(prompt_ids), "runs": 1, "warmup": 0})
+    check_config(config, None)
+    model_path = find_model_file(artifact_dir, model_file, manifest["files"] if verify else None)
+    session = make_session(model_path, config)
+    io = DecoderIO.from_session(session, read_genai_config(artifact_dir))
+    layout = (
+        declared_kv_layout(read_genai_config(artifact_dir), io)
+        if config.kv_layout == "auto"
+        else config.kv_layout
+    )
+    capacity = RunConfig(
+        **{**config.__dict__, "gen": min(config.gen, rules.context_length - len(prompt_ids))}
+    )
+    decoder = KV_LAYOUTS[layout].decoder(session, io, capacity)
+    done = complete(decoder, prompt_ids, rules, config.gen, temperature, top_p, seed)
+    return {
+        "runner_version": RUNNER_VERSION,
+        "artifact": str(artifact_dir.resolve()),
+        "model_file": model_path.name,
+        "provider": session.get_providers()[0],
+        "threads": config.threads,
+        "prompt": text,
+        "prompt_ids": done.prompt_ids,
+        "ids": done.ids,
+        "text": continuation(tokenizer, done.prompt_ids, done.ids),
+        "stop": done.stop,
+        "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed} if temperature else "greedy",
+        "ttft_ms": done.prefill_s * 1e3,
+        "decode_tok_s": len(done.step_s) / sum(done.step_s) if done.step_s else None,
+    }
+
+
+def continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text ``ids`` add after the prompt: decoded with the prompt, so a word-initial space that a
+    SentencePiece-style decoder drops at the start of a sequence is kept."""
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)
+    return whole[len(head) :] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def prompt_summary(report: dict) -> str:
+    """The prompt and its continuation, then one line of counts and speed."""
+    speed = f", decode {report['decode_tok_s']:.1f} tok/s" if report["decode_tok_s"] else ""
+    return (
+        f"{report['prompt']}{report['text']}\n"
+        f"-- {len(report['ids'])} new tokens ({report['stop']}; prompt {len(report['prompt_ids'])} tokens), "
+        f"TTFT {report['ttft_ms']:.1f} ms{speed}, {report['sampling'] if isinstance(report['sampling'], str) else 'sampled'}"
+    )
+
+
 def context_point(decoder: Decoder, context: int, vocab: int | None, config: RunConfig) -> dict:
     """Fill ``context`` tokens (chunked prefill), then time ``gen`` decode steps: KV bytes, peak RSS, tok/s."""
     decoder.reset()
@@ -892,6 +1086,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="auto",
         help="KV cache layout (auto = genai_config.json's past_present_share_buffer: shared, else concat)",
     )
+    parser.add_argument(
+        "--prompt",
+        default=None,
+        help="continue this text instead of benchmarking (up to --gen new tokens; needs the tokenizers package)",
+    )
+    parser.add_argument("--temperature", type=float, default=0.0, help="--prompt: 0 = greedy, else sample")
+    parser.add_argument("--top-p", type=float, default=1.0, help="--prompt: nucleus when sampling")
+    parser.add_argument("--seed", type=int, default=0, help="--prompt: sampling seed")
     parser.add_argument("--no-verify", action="store_true", help="skip the manifest.json checksum check")
     parser.add_argument("--json", type=Path, default=None, help="write the full report here")
     return parser.parse_args(argv)
@@ -922,13 +1124,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json is not None:
             check_output_file(args.json, "--json", (args.artifact,))
-        report = run_benchmark(args.artifact, config, verify=not args.no_verify, model_file=args.model_file)
+        if args.prompt is not None:
+            report = run_prompt(
+                args.artifact,
+                args.prompt,
+                config,
+                args.temperature,
+                args.top_p,
+                args.seed,
+                verify=not args.no_verify,
+                model_file=args.model_file,
+            )
+        else:
+            report = run_benchmark(
+                args.artifact, config, verify=not args.no_verify, model_file=args.model_file
+            )
         if args.json is not None:
             write_report(args.json, report)
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(summary(report))
+    print(prompt_summary(report) if args.prompt is not None else summary(report))
     return 0
 
 

@@ -135,6 +135,13 @@ def test_bundle_runner_in_a_clean_venv(artifact: Path, clean_venv: Path, tmp_pat
     local = tmp_path / "local.json"
     assert runner.main([str(artifact), "--json", str(local), *QUICK]) == 0
     assert report["generated_ids"] == json.loads(local.read_text())["generated_ids"]
+    # --prompt reads tokenizer.json through the tokenizers package, which this venv lacks: one line naming it
+    done = subprocess.run(
+        [str(clean_venv), "runner.py", ".", "--prompt", "Once"], cwd=artifact, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "error: --prompt needs the tokenizers package to read tokenizer.json: pip install tokenizers"
+    )
 
 
 def test_rebundling_keeps_the_manifest_consistent(artifact: Path, tmp_path: Path) -> None:
@@ -242,6 +249,28 @@ def test_compressed_kv_bundle_decodes_like_the_runner(compressed_kv: Path, tmp_p
     report = json.loads(out.read_text())
     prompt = runner.make_prompt(8, 512)[0].tolist()
     assert report["generated_ids"] == kotlin_greedy(compressed_kv / "model.ort", prompt, 12)
+
+
+def test_compressed_kv_bundle_continues_a_prompt(compressed_kv: Path, tmp_path: Path) -> None:
+    """runner.py --prompt in the bundle (no genai_config.json, so onnxruntime-genai cannot run it): the prompt's
+    ids with BOS, then the same tokens as the Kotlin loop's cache handling gives from those ids."""
+    out = tmp_path / "p.json"
+    args = [
+        str(compressed_kv),
+        "--prompt",
+        "Once upon a time",
+        "--gen",
+        "16",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
+    assert runner.main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["prompt_ids"][0] == 1 and report["stop"] in ("max_new_tokens", "eos")
+    steps = len(report["ids"]) - 1
+    assert kotlin_greedy(compressed_kv / "model.ort", report["prompt_ids"], steps) == report["ids"]
 
 
 def test_compressed_kv_readme_sizes_the_cache(compressed_kv: Path, tmp_path: Path) -> None:

@@ -437,3 +437,36 @@ def test_parity_catches_a_graph_that_stores_its_cache_wrongly(
         res = CliRunner().invoke(cli, ["export", "--model", str(stories), "--kv-bits", "4", "-o", str(out)])
         assert res.exit_code != 0 and "parity check failed" in res.output and not out.exists(), res.output
         assert float(res.output.split(marker)[1].split(" ")[0]) > floor  # the bound on fp32 is 1e-4
+
+
+def test_quality_vs_the_original_decodes_through_the_compressed_cache(
+    model, stories: Path, shakespeare: Path, ids: torch.Tensor
+) -> None:
+    """The export's quality figure counts what a compressed KV cache loses: the compressed side decodes one token
+    at a time through it, as the artifact generates. A full forward pass (what it did before) attends over float
+    keys and values, so a float model with an int4 cache read as the original itself (top-1 1.000)."""
+    from edgepack.compressor.minicache import decode_logits
+    from transformers import AutoTokenizer
+
+    from edgepack.pipeline import ExportRequest, measure_quality
+    from edgepack.recipe import Recipe
+
+    # the decode path itself: a plan that compresses nothing gives the forward pass's logits
+    with torch.no_grad():
+        plain = decode_logits(model, ids[:, :24], MiniCachePlan(5))
+        torch.testing.assert_close(plain, model(input_ids=ids[:, :24]).logits.float(), atol=1e-4, rtol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(str(stories))
+    step = KVCacheConfig(bits=4)
+    req = ExportRequest(stories, Path("unused"), recipe=Recipe(steps=[step]), eval_text=shakespeare)
+    int4 = MiniCachePlan(5, bits=4)
+    full = measure_quality(req, model, tokenizer)  # the weights are the original's: no cache, no change
+    cached = measure_quality(req, model, tokenizer, int4)
+    assert full["top1_agreement"] == 1.0 and full["perplexity"] == full["perplexity_original"]
+    assert "through the compressed KV cache" in cached["text"] and cached["tokens"] == 8 * 256
+    assert cached["perplexity"] > 1.01 * cached["perplexity_original"] and cached["top1_agreement"] < 0.98
+    # the same figure as the MiniCache reference's own decode perplexity on those 8 windows of 256 tokens
+    from edgepack.textdata import read_text, tokenize
+
+    tokens = tokenize(tokenizer, read_text(shakespeare), max_tokens=8 * 256 + 1)
+    rows = torch.stack([tokens[k * 256 : (k + 1) * 256 + 1] for k in range(8)])
+    assert cached["perplexity"] == pytest.approx(decode_perplexity(model, rows, int4)[0], abs=1e-3)

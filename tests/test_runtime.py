@@ -187,7 +187,8 @@ def test_bench_cuda_profile_without_cuda(artifact: Path) -> None:
 
 
 def test_runner_imports_only_stdlib_numpy_onnxruntime() -> None:
-    """runner.py is copied alone into device bundles: nothing from edgepack, torch or other packages."""
+    """runner.py is copied alone into device bundles: nothing from edgepack, torch or other packages (tokenizers
+    only when --prompt asks for text)."""
     tree = ast.parse(Path(runner.__file__).read_text())
     modules = {
         alias.name.split(".")[0]
@@ -200,4 +201,72 @@ def test_runner_imports_only_stdlib_numpy_onnxruntime() -> None:
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module
     }
-    assert modules - set(sys.stdlib_module_names) == {"numpy", "onnxruntime"}
+    assert modules - set(sys.stdlib_module_names) == {"numpy", "onnxruntime", "tokenizers"}
+    # tokenizers only inside load_tokenizer (--prompt): a bundle without it still benchmarks
+    lazy = [
+        f.name
+        for f in ast.walk(tree)
+        if isinstance(f, ast.FunctionDef)
+        for node in ast.walk(f)
+        if isinstance(node, ast.ImportFrom) and node.module == "tokenizers"
+    ]
+    assert lazy == ["load_tokenizer"]
+    top = {n.module for n in tree.body if isinstance(n, ast.ImportFrom)} | {
+        a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names
+    }
+    assert "tokenizers" not in top
+
+
+def test_generate_continues_a_prompt_like_transformers(artifact: Path, stories: Path, tmp_path: Path) -> None:
+    """`edgepack generate` and `runner.py --prompt` on the fp32 artifact: the same BOS rule, the same greedy
+    tokens and text as transformers' generate on the original model; sampling is seeded; bad options are one
+    line."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokens = json.loads((artifact / "manifest.json").read_text())["tokens"]
+    assert tokens == {"bos_id": 1, "add_bos": True, "eos_ids": [2], "context_length": 512}
+    tokenizer = AutoTokenizer.from_pretrained(str(stories))
+    ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = AutoModelForCausalLM.from_pretrained(str(stories)).generate(
+            ids, max_new_tokens=40, do_sample=False
+        )
+    expected = out[0, ids.shape[1] :].tolist()
+    report = tmp_path / "g.json"
+    args = ["generate", str(artifact), "--prompt", "Once upon a time", "--max-new-tokens", "40"]
+    result = CliRunner().invoke(cli, [*args, "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    got = json.loads(report.read_text())
+    assert got["prompt_ids"] == ids[0].tolist() and got["ids"] == expected[: len(got["ids"])]
+    assert got["stop"] == ("max_new_tokens" if len(got["ids"]) == 40 else "eos")
+    assert got["text"] == tokenizer.decode(expected, skip_special_tokens=True)[: len(got["text"])]
+    assert result.output.startswith("Once upon a time" + got["text"]) and "new tokens" in result.output
+    assert (
+        runner.main([str(artifact), "--prompt", "Once upon a time", "--gen", "40", "--json", str(report)])
+        == 0
+    )
+    assert json.loads(report.read_text())["ids"] == got["ids"]
+    sampled = [
+        runner.run_prompt(artifact, "Once upon a time", runner.RunConfig(gen=24), 1.0, 0.9, seed)["ids"]
+        for seed in (0, 0, 1)
+    ]
+    assert sampled[0] == sampled[1] != sampled[2]  # seeded: the same seed, the same tokens
+    for flags, message in (
+        (["--temperature", "-1"], "--temperature"),
+        (["--top-p", "0"], "--top-p"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+    ):
+        bad = CliRunner().invoke(cli, [*args[:4], *flags])
+        assert bad.exit_code == 2 and message in bad.output, bad.output
+    long = CliRunner().invoke(cli, ["generate", str(artifact), "--prompt", "word " * 600])
+    assert long.exit_code == 2 and "pass a shorter --prompt" in long.output and "Traceback" not in long.output
+
+
+def test_generate_stops_at_the_context(artifact_copy: Path) -> None:
+    """The stop rule at the end of the rotary tables: prompt + new tokens never exceed the context length."""
+    rules = runner.TokenRules(bos_id=1, add_bos=True, eos_ids=(), context_length=20)
+    session = ort.InferenceSession(str(artifact_copy / "model.onnx"), providers=["CPUExecutionProvider"])
+    decoder = RunDecoder(session, DecoderIO.from_session(session))
+    done = runner.complete(decoder, [1, 403, 407, 261, 378], rules, max_new=100)
+    assert done.stop == "context" and len(done.prompt_ids) + len(done.ids) == 20
