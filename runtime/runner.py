@@ -942,7 +942,9 @@ def run_prompt(
     tokenizer = load_tokenizer(artifact_dir)
     prompt_ids = encode_prompt(tokenizer, rules, text)
     if not prompt_ids:
-        raise RunnerError("--prompt is empty and the model has no BOS token to start from: pass some text")
+        raise RunnerError(
+            "--prompt is empty and this model's tokenizer adds no BOS token to start from: pass some text"
+        )
     if len(prompt_ids) >= rules.context_length:
         raise RunnerError(
             f"the prompt is {len(prompt_ids)} tokens, and the model's context is {rules.context_length}: "
