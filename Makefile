@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh machine (each creates the venv when it is missing):
-#   make demo   set up, then export the embedded default model (stories260k) to out/default and benchmark it
+#   make demo   set up, then export the embedded default model (stories260k) to out/default, benchmark it and
+#               continue a prompt with it
 #   make test   set up, then run the test suite (what .ci/run runs)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -17,6 +18,7 @@ demo: setup
 	$(VENV)/bin/edgepack export --target cpu -o out/default --force
 	$(VENV)/bin/edgepack inspect out/default
 	$(VENV)/bin/edgepack bench out/default --threads 2 --runs 3
+	$(VENV)/bin/edgepack generate out/default --prompt "Once upon a time" --max-new-tokens 48
 
 test: setup
 	$(VENV)/bin/pytest -q
