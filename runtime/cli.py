@@ -196,9 +196,23 @@ def generate(
         if json_path is not None:
             check_output_file(json_path, "--json", (artifact,))
         config = RunConfig(threads=threads, gen=max_new_tokens, device=device)
-        report = run_prompt(artifact, prompt, config, temperature, top_p, seed)
+        started = []
+
+        def stream(
+            piece: str,
+        ) -> None:  # the prompt once the artifact is verified and loaded, then each piece
+            if not started:
+                click.echo(prompt, nl=False)
+                started.append(True)
+            click.echo(piece, nl=False)
+
+        report = run_prompt(artifact, prompt, config, temperature, top_p, seed, stream=stream)
         if json_path is not None:
             write_report(json_path, report)
     except RunnerError as e:
+        if started:
+            click.echo("")  # end the streamed line before the error line
         raise EdgepackError(str(e)) from e
-    click.echo(prompt_summary(report))
+    if not started:
+        click.echo(prompt, nl=False)
+    click.echo(prompt_summary(report, streamed=True))

@@ -897,9 +897,11 @@ def complete(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> Completion:
     """Prefill the prompt, then decode up to ``max_new`` tokens: stop before an EOS id (not emitted) or at the
-    context length, as the app README's stop rule says."""
+    context length, as the app README's stop rule says. ``on_token`` sees the ids so far after each new one
+    (outside the timed calls)."""
     rng = np.random.default_rng(seed)
     decoder.reset()
     start = time.perf_counter()
@@ -909,6 +911,8 @@ def complete(
         if token in rules.eos_ids:
             return Completion(prompt_ids, ids, "eos", prefill_s, step_s)
         ids.append(token)
+        if on_token is not None:
+            on_token(ids)
         if len(ids) == max_new:
             return Completion(prompt_ids, ids, "max_new_tokens", prefill_s, step_s)
         if len(prompt_ids) + len(ids) >= rules.context_length:  # the next step has no position left
@@ -927,9 +931,11 @@ def run_prompt(
     seed: int = 0,
     verify: bool = True,
     model_file: str | None = None,
+    stream: Callable[[str], None] | None = None,
 ) -> dict:
     """Verify and load one artifact, then continue ``text`` (up to ``config.gen`` new tokens): the report holds
-    the continuation's text and ids, why it stopped, TTFT and decode tokens/s."""
+    the continuation's text and ids, why it stopped, TTFT and decode tokens/s. ``stream`` receives the
+    continuation piece by piece as it is decoded (held back while a multi-byte character is incomplete)."""
     require_dir(artifact_dir)
     if not temperature >= 0:
         raise RunnerError(f"--temperature {temperature} must be 0 (greedy) or more")
@@ -964,7 +970,20 @@ def run_prompt(
         **{**config.__dict__, "gen": min(config.gen, rules.context_length - len(prompt_ids))}
     )
     decoder = KV_LAYOUTS[layout].decoder(session, io, capacity)
-    done = complete(decoder, prompt_ids, rules, config.gen, temperature, top_p, seed)
+    shown = [""]
+
+    def show(ids: list[int]) -> None:
+        now = continuation(tokenizer, prompt_ids, ids)
+        if not now.endswith("\ufffd") and now.startswith(shown[0]):  # complete characters, and append-only
+            stream(now[len(shown[0]) :])
+            shown[0] = now
+
+    done = complete(
+        decoder, prompt_ids, rules, config.gen, temperature, top_p, seed, show if stream is not None else None
+    )
+    final = continuation(tokenizer, done.prompt_ids, done.ids)
+    if stream is not None and final.startswith(shown[0]):
+        stream(final[len(shown[0]) :])
     return {
         "runner_version": RUNNER_VERSION,
         "artifact": str(artifact_dir.resolve()),
@@ -974,7 +993,7 @@ def run_prompt(
         "prompt": text,
         "prompt_ids": done.prompt_ids,
         "ids": done.ids,
-        "text": continuation(tokenizer, done.prompt_ids, done.ids),
+        "text": final,
         "stop": done.stop,
         "sampling": {"temperature": temperature, "top_p": top_p, "seed": seed} if temperature else "greedy",
         "ttft_ms": done.prefill_s * 1e3,
@@ -990,11 +1009,12 @@ def continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
     return whole[len(head) :] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def prompt_summary(report: dict) -> str:
-    """The prompt and its continuation, then one line of counts and speed."""
+def prompt_summary(report: dict, streamed: bool = False) -> str:
+    """The prompt and its continuation (unless ``streamed`` already showed them), then one line of counts and
+    speed."""
     speed = f", decode {report['decode_tok_s']:.1f} tok/s" if report["decode_tok_s"] else ""
     return (
-        f"{report['prompt']}{report['text']}\n"
+        ("" if streamed else f"{report['prompt']}{report['text']}") + "\n"
         f"-- {len(report['ids'])} new tokens ({report['stop']}; prompt {len(report['prompt_ids'])} tokens), "
         f"TTFT {report['ttft_ms']:.1f} ms{speed}, {report['sampling'] if isinstance(report['sampling'], str) else 'sampled'}"
     )
@@ -1126,6 +1146,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.json is not None:
             check_output_file(args.json, "--json", (args.artifact,))
+        started: list[bool] = []
+
+        def stream(
+            piece: str,
+        ) -> None:  # the prompt once the artifact is verified and loaded, then each piece
+            if not started:
+                print(args.prompt, end="", flush=True)
+                started.append(True)
+            print(piece, end="", flush=True)
+
         if args.prompt is not None:
             report = run_prompt(
                 args.artifact,
@@ -1136,6 +1166,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.seed,
                 verify=not args.no_verify,
                 model_file=args.model_file,
+                stream=stream,
             )
         else:
             report = run_benchmark(
@@ -1144,9 +1175,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             write_report(args.json, report)
     except RunnerError as exc:
+        if started:
+            print(flush=True)  # end the streamed line before the error line
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(prompt_summary(report) if args.prompt is not None else summary(report))
+    if args.prompt is not None and not started:
+        print(args.prompt, end="")
+    print(prompt_summary(report, streamed=True) if args.prompt is not None else summary(report))
     return 0
 
 

@@ -252,6 +252,9 @@ def test_generate_continues_a_prompt_like_transformers(artifact: Path, stories: 
         for seed in (0, 0, 1)
     ]
     assert sampled[0] == sampled[1] != sampled[2]  # seeded: the same seed, the same tokens
+    pieces: list[str] = []  # streamed as decoded: the pieces add up to the continuation
+    streamed = runner.run_prompt(artifact, "Once upon a time", runner.RunConfig(gen=24), stream=pieces.append)
+    assert len(pieces) > 10 and "".join(pieces) == streamed["text"] == got["text"][: len(streamed["text"])]
     for flags, message in (
         (["--temperature", "-1"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
