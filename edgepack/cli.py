@@ -392,7 +392,7 @@ def export(
             f"quality vs the original: top-1 {q['top1_agreement']:.3f}, perplexity {q['perplexity_original']:.3f} "
             f"-> {q['perplexity']:.3f} on {q['tokens']:,} tokens of {q['text'].split(' (')[0]}"
         )
-        warning = quality_warning(q)
+        warning = quality_warning(q, m.get("recipe"))
         if warning:
             click.echo(f"edgepack: warning: {warning}", err=True)
 

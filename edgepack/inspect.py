@@ -136,7 +136,7 @@ def inspect_artifact(folder: Path, as_json: bool = False) -> str:
         )
         from edgepack.pipeline import quality_warning
 
-        warning = quality_warning(quality)
+        warning = quality_warning(quality, m.get("recipe"))
         if warning:
             lines.append(f"WARNING    {warning}")
     elif quality:

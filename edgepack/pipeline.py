@@ -1152,27 +1152,44 @@ COLLAPSE_PPL_RATIO = 2.0
 COLLAPSE_TOP1 = 0.5
 
 
-def quality_warning(quality: dict | None) -> str | None:
-    """One line when the measured quality says the artifact has collapsed, naming the levers; else None."""
+# The levers of each recipe step that move an artifact back towards its original, for quality_warning.
+QUALITY_LEVERS = {
+    "fold": "remove fewer blocks (--remove) or share fewer (--share-groups)",
+    "quantize": "raise --wbits or --bpw, keep the head at 8 bits (--head-bits 8), or calibrate (--method gptq / abq)",
+}  # a kv step's levers follow its merge and bits (quality_warning)
+
+
+def quality_warning(quality: dict | None, recipe: dict | None = None) -> str | None:
+    """One line when the measured quality says the artifact has collapsed, naming the levers of the steps the
+    recipe (manifest["recipe"]) ran; else None."""
     if not quality or not quality.get("measured"):
         return None
     ratio = quality["perplexity"] / quality["perplexity_original"]
     if ratio <= COLLAPSE_PPL_RATIO and quality["top1_agreement"] >= COLLAPSE_TOP1:
         return None
+    steps = {s.get("kind"): s for s in (recipe or {}).get("steps", [])} or {"quantize": {}}
+    levers = [QUALITY_LEVERS[k] for k in ("fold", "quantize") if k in steps]
+    kv = steps.get("kv")
+    if kv is not None:
+        kv_levers = (
+            ["merge from a later layer (--kv-start)"] if kv.get("merge", "none") != "none" else []
+        ) + (["keep 8 bits of the KV cache (--kv-bits 8)"] if kv.get("bits", 16) < 8 else [])
+        levers += [" or ".join(kv_levers)] if kv_levers else []
+    levers = "; ".join(levers)
     return (
         f"perplexity {quality['perplexity_original']:.3f} -> {quality['perplexity']:.3f} ({ratio:.1f}x the "
         f"original's), top-1 agreement {quality['top1_agreement']:.3f}: this artifact may not be usable; "
-        "raise --wbits or --bpw, keep the head at 8 bits (--head-bits 8), or calibrate (--method gptq / abq)"
+        f"{levers or QUALITY_LEVERS['quantize']}"
     )
 
 
-def quality_text(quality: dict | None) -> str:
-    """The README's quality paragraph from manifest['quality']."""
+def quality_text(quality: dict | None, recipe: dict | None = None) -> str:
+    """The README's quality paragraph from manifest['quality'] (and ['recipe'], for the warning's levers)."""
     if not quality or not quality.get("measured"):
         reason = (quality or {}).get("reason", "not measured")
         return f"Not measured: {reason}."
     q = quality
-    warning = quality_warning(q)
+    warning = quality_warning(q, recipe)
     return (
         f"On {q['text']} ({q['tokens']:,} tokens): top-1 agreement with the original {q['top1_agreement']:.3f}; "
         f"perplexity {q['perplexity_original']:.3f} (original) -> {q['perplexity']:.3f} "
@@ -1263,7 +1280,7 @@ def write_app_readme(folder: Path, m: dict, genai: dict | None = None) -> None:
             f"`{k}` {json.dumps(search[k])}"
             for k in ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
         ),  # fmt: skip
-        quality=quality_text(m.get("quality")),
+        quality=quality_text(m.get("quality"), m.get("recipe")),
         inputs=rows(m["io"]["inputs"]),
         outputs=rows(m["io"]["outputs"]),
         logits_dtype={"float": "float32"}.get(logits_dtype, logits_dtype),

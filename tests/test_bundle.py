@@ -307,8 +307,22 @@ def test_a_collapsed_artifact_is_flagged_at_export_in_inspect_and_in_the_readme(
     quality = json.loads((out / "manifest.json").read_text())["quality"]
     assert quality["perplexity"] > COLLAPSE_PPL_RATIO * quality["perplexity_original"]
     assert quality["top1_agreement"] < COLLAPSE_TOP1
-    warning = quality_warning(quality)
-    assert warning and "--head-bits 8" in warning and "raise --wbits" in warning
+    recipe = json.loads((out / "manifest.json").read_text())["recipe"]
+    warning = quality_warning(quality, recipe)
+    assert (
+        warning and "--head-bits 8" in warning and "raise --wbits" in warning and "--kv-start" not in warning
+    )
+    # the levers follow the steps the recipe ran
+    steps = {"steps": [{"kind": "fold"}, {"kind": "kv", "merge": "minicache", "bits": 4}]}
+    warned = quality_warning(quality, steps)
+    assert (
+        "--remove" in warned
+        and "--kv-start" in warned
+        and "--kv-bits 8" in warned
+        and "--wbits" not in warned
+    )
+    steps["steps"][1]["bits"] = 8  # already 8-bit: merging is the cache's only lever
+    assert "--kv-bits" not in quality_warning(quality, steps)
     assert f"edgepack: warning: {warning}" in done.stderr.splitlines()
     assert "quality vs the original: top-1" in done.stdout
     assert f"**Warning:** {warning}." in (out / "README.md").read_text()
