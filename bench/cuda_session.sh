@@ -93,6 +93,12 @@ case $stage in
   $CR --steps parity --widths W4-kv4,W4-minicache-kv8 --no-fold --model /tmp/models/stories260k \
     --parity-model /tmp/models/stories260k --parity-model-fused /nonexistent --timeout 120 \
     --out /tmp/res/cuda_parity_kv.json 2>&1 | grep -v "^|" | tail -6
+  # edgepack generate on the CUDA EP vs the CPU EP, one compressed-KV artifact: greedy ids in the JSONs (~10 s)
+  G=/tmp/cache/cuda/parity/stories260k/edgepack-W4-minicache-kv8
+  for d in cuda cpu; do
+    (cd /tmp && PYTHONPATH=/tmp/ep:$PYTHONPATH timeout 60 $PY -m edgepack generate $G --device $d \
+      --prompt "Once upon a time" --max-new-tokens 32 --json /tmp/res/cuda_generate_$d.json 2>&1 | tail -2)
+  done
   ;;
 6)
   cp "$REPO"/.gpu/c6/models/mix-llama-14m/model.safetensors /tmp/models/mix-llama-14m/
