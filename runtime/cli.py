@@ -192,20 +192,19 @@ def generate(
     caches included) and print the text, why it stopped and its speed. Greedy unless --temperature > 0."""
     if threads > max_threads():
         raise EdgepackError(f"--threads {threads} is more than twice this host's {os.cpu_count()} CPUs")
+    started: list[bool] = []
+
+    def stream(piece: str) -> None:
+        """The prompt once the artifact is verified and loaded, then each piece of the continuation."""
+        if not started:
+            click.echo(prompt, nl=False)
+            started.append(True)
+        click.echo(piece, nl=False)
+
     try:
         if json_path is not None:
             check_output_file(json_path, "--json", (artifact,))
         config = RunConfig(threads=threads, gen=max_new_tokens, device=device)
-        started = []
-
-        def stream(
-            piece: str,
-        ) -> None:  # the prompt once the artifact is verified and loaded, then each piece
-            if not started:
-                click.echo(prompt, nl=False)
-                started.append(True)
-            click.echo(piece, nl=False)
-
         report = run_prompt(artifact, prompt, config, temperature, top_p, seed, stream=stream)
         if json_path is not None:
             write_report(json_path, report)

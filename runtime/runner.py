@@ -1143,19 +1143,18 @@ def main(argv: list[str] | None = None) -> int:
         contexts,
         args.kv_layout,
     )
+    started: list[bool] = []
+
+    def stream(piece: str) -> None:
+        """The prompt once the artifact is verified and loaded, then each piece of the continuation."""
+        if not started:
+            print(args.prompt, end="", flush=True)
+            started.append(True)
+        print(piece, end="", flush=True)
+
     try:
         if args.json is not None:
             check_output_file(args.json, "--json", (args.artifact,))
-        started: list[bool] = []
-
-        def stream(
-            piece: str,
-        ) -> None:  # the prompt once the artifact is verified and loaded, then each piece
-            if not started:
-                print(args.prompt, end="", flush=True)
-                started.append(True)
-            print(piece, end="", flush=True)
-
         if args.prompt is not None:
             report = run_prompt(
                 args.artifact,

@@ -259,6 +259,7 @@ def test_generate_continues_a_prompt_like_transformers(artifact: Path, stories: 
         (["--temperature", "-1"], "--temperature"),
         (["--top-p", "0"], "--top-p"),
         (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--json", str(tmp_path / "missing" / "g.json")], "does not exist"),
     ):
         bad = CliRunner().invoke(cli, [*args[:4], *flags])
         assert bad.exit_code == 2 and message in bad.output, bad.output
