@@ -196,7 +196,7 @@ def compressed_kv(tmp_path_factory: pytest.TempPathFactory, stories: Path) -> Pa
     """stories260k for android with a MiniCache-merged 8-bit KV cache: uint8 codes, float16 scales, float
     magnitudes and retained tokens, int64 retained positions; onnxruntime-genai cannot run it (no genai_config)."""
     out = tmp_path_factory.mktemp("android-kv") / "kv"
-    flags = ["--wbits", "4", "--kv-merge", "minicache", "--kv-start", "2", "--kv-bits", "8"]
+    flags = ["--wbits", "4", "--kv-merge", "minicache", "--kv-start", "2", "--kv-bits", "8", "--eval", "none"]
     result = CliRunner().invoke(
         cli, ["export", "--target", "android", "--model", str(stories), *flags, "-o", str(out)]
     )

@@ -326,7 +326,7 @@ def test_cli_export_static_kv(mix: Path, shakespeare: Path, tmp_path: Path) -> N
     """--kv-group static end to end on mix-llama-14m (fused form): calibrated per-channel scales in the plan,
     GroupQueryAttention's int4 cache in the graph, parity against the reference, the runner decodes it."""
     out = tmp_path / "static"
-    flags = ["--kv-bits", "4", "--kv-group", "static", "--calib", str(shakespeare)]
+    flags = ["--kv-bits", "4", "--kv-group", "static", "--calib", str(shakespeare), "--eval", "none"]
     res = CliRunner().invoke(cli, ["export", "--model", str(mix), *flags, "-o", str(out)])
     assert res.exit_code == 0, res.output
     m = json.loads((out / "manifest.json").read_text())
@@ -394,8 +394,8 @@ def test_parity_steps_the_graph_from_the_reference_cache(
 ) -> None:
     out = tmp_path / "kv"
     res = CliRunner().invoke(
-        cli, ["export", "--model", str(stories), "--target", target, *flags, "-o", str(out)]
-    )
+        cli, ["export", "--model", str(stories), "--target", target, *flags, "--eval", "none", "-o", str(out)]
+    )  # quality through the cache: test_quality_vs_the_original_decodes_through_the_compressed_cache
     assert res.exit_code == 0, res.output
     parity = json.loads((out / "manifest.json").read_text())["parity"]
     assert parity["passed"] and parity["kv_codes"] > 10_000 and parity["kv_code_error"] < 5e-4
