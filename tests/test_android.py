@@ -142,6 +142,35 @@ def test_bundle_runner_in_a_clean_venv(artifact: Path, clean_venv: Path, tmp_pat
     assert done.returncode == 2 and done.stderr.strip() == (
         "error: --prompt needs the tokenizers package to read tokenizer.json: pip install tokenizers"
     )
+    # with it (still no edgepack, torch or transformers): the same continuation as in this process
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "--python",
+        str(clean_venv),
+        "install",
+        "-q",
+        "--no-compile",
+        "tokenizers",
+    ]
+    installed = subprocess.run(pip, capture_output=True, text=True)
+    if installed.returncode != 0:
+        if any(pattern in installed.stderr for pattern in NETWORK_ERRORS):
+            pytest.skip("cannot install tokenizers into the clean venv (network)")
+        pytest.fail(f"pip install tokenizers failed: {installed.stderr.strip().splitlines()[-1:]}")
+    args = ["runner.py", ".", "--prompt", "Once upon a time", "--gen", "16", "--threads", "1"]
+    done = subprocess.run(
+        [str(clean_venv), *args, "--json", str(tmp_path / "p.json")],
+        cwd=artifact,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    here = runner.run_prompt(artifact, "Once upon a time", runner.RunConfig(threads=1, gen=16))
+    device = json.loads((tmp_path / "p.json").read_text())
+    assert device["ids"] == here["ids"] and device["text"] == here["text"] and len(here["ids"]) > 3
+    assert done.stdout.startswith("Once upon a time" + here["text"])
 
 
 def test_rebundling_keeps_the_manifest_consistent(artifact: Path, tmp_path: Path) -> None:
