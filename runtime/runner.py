@@ -6,6 +6,9 @@ verbatim into the Android/Linux hand-off bundle and must run there as
 
     python runner.py ARTIFACT_DIR --json out.json
 
+With ``--prompt TEXT`` it continues a text instead (greedy, or sampled with ``--temperature``), by the token rules
+the export recorded in manifest.json; only then does it import the ``tokenizers`` package, for tokenizer.json.
+
 It verifies the artifact's checksums (manifest.json) before loading, loads ``model.ort`` when the folder has one
 (else ``model.onnx``), and reports medians and spread of time to first token, prefill and decode tokens/s, the
 process's own peak RSS, model load time and, on CUDA, GPU memory. A bad artifact or option prints one line on
