@@ -440,7 +440,7 @@ def test_parity_catches_a_graph_that_stores_its_cache_wrongly(
 
 
 def test_quality_vs_the_original_decodes_through_the_compressed_cache(
-    model, stories: Path, shakespeare: Path, ids: torch.Tensor
+    model, stories: Path, shakespeare: Path, ids: torch.Tensor, monkeypatch
 ) -> None:
     """The export's quality figure counts what a compressed KV cache loses: the compressed side decodes one token
     at a time through it, as the artifact generates. A full forward pass (what it did before) attends over float
@@ -470,3 +470,12 @@ def test_quality_vs_the_original_decodes_through_the_compressed_cache(
     tokens = tokenize(tokenizer, read_text(shakespeare), max_tokens=8 * 256 + 1)
     rows = torch.stack([tokens[k * 256 : (k + 1) * 256 + 1] for k in range(8)])
     assert cached["perplexity"] == pytest.approx(decode_perplexity(model, rows, int4)[0], abs=1e-3)
+    # a large model (here: stories260k called large) decodes 4 windows, 16 tokens per step
+    import edgepack.pipeline
+
+    monkeypatch.setattr(edgepack.pipeline, "OWN_QUALITY_LARGE", 1000)
+    large = measure_quality(req, model, tokenizer, int4)
+    assert "16 tokens per step" in large["text"] and large["tokens"] == 4 * 256
+    assert large["perplexity"] == pytest.approx(
+        decode_perplexity(model, rows[:4], int4, chunk=16)[0], abs=1e-3
+    )
