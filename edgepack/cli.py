@@ -85,12 +85,12 @@ def fail(message: str) -> None:
 def cli(verbose: int) -> None:
     """Fold, quantize and export Hugging Face decoder LLMs to small, fast ONNX artifacts.
 
-      \b
-      edgepack export   build an artifact from a local model folder for a target
-      edgepack inspect  verify an artifact's checksums and show its size breakdown
-      edgepack targets  list deployment targets
-      edgepack bench    measure latency and memory of an artifact
-    edgepack generate continue a prompt with an artifact (greedy or sampled)
+    \b
+    edgepack export    build an artifact from a local model folder for a target
+    edgepack inspect   verify an artifact's checksums and show its size breakdown
+    edgepack targets   list deployment targets
+    edgepack bench     measure latency and memory of an artifact
+    edgepack generate  continue a prompt with an artifact (greedy or sampled)
     """
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
