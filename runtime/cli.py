@@ -34,6 +34,15 @@ def parse_contexts(text: str) -> tuple[int, ...]:
     return values
 
 
+def check_threads(threads: int | None) -> None:
+    """--threads of bench and generate: at most twice the host's CPUs (more only thrashes it)."""
+    if threads is not None and threads > max_threads():
+        raise EdgepackError(
+            f"--threads {threads} is more than twice this host's {os.cpu_count()} CPUs; pass at most "
+            f"{max_threads()}, or leave it out for the default"
+        )
+
+
 @click.command("bench")
 @click.argument("artifact", type=click.Path(path_type=Path))
 @click.option(
@@ -113,11 +122,7 @@ def bench(
     """Benchmark ARTIFACT (prefill + greedy decode through the KV cache), each artifact in a fresh process."""
     device_profile = get_profile(profile) if profile else None
     artifacts = [artifact] if compare is None else [artifact, compare]
-    if threads is not None and threads > max_threads():
-        raise EdgepackError(
-            f"--threads {threads} is more than twice this host's {os.cpu_count()} CPUs; pass at most "
-            f"{max_threads()}, or leave it out for the default"
-        )
+    check_threads(threads)
     for flag, path in (("--json", json_path), ("--plot", plot_path)):
         if path is not None:
             try:
@@ -190,8 +195,7 @@ def generate(
 ) -> None:
     """Continue PROMPT with ARTIFACT through ONNX Runtime (the runner's decode loop: every KV layout, compressed
     caches included) and print the text, why it stopped and its speed. Greedy unless --temperature > 0."""
-    if threads > max_threads():
-        raise EdgepackError(f"--threads {threads} is more than twice this host's {os.cpu_count()} CPUs")
+    check_threads(threads)
     started: list[bool] = []
 
     def stream(piece: str) -> None:
