@@ -535,13 +535,19 @@ def choose_t(model, cfg: KVCacheConfig, kv: list, start: int, calib_ids: torch.T
     return min(trials)[1], [{"t": t, "ppl": ppl} for ppl, t in trials]
 
 
+def check_start_layer(cfg: KVCacheConfig, depth: int, where: str = "") -> None:
+    """Refuse a merge start that leaves no (l, l+1) pair in a ``depth``-layer model (``where``: e.g. after a fold)."""
+    if cfg.merge != "none" and cfg.start_layer is not None and cfg.start_layer >= depth - 1:
+        raise EdgepackError(
+            f"kv start_layer={cfg.start_layer} leaves no pair to merge in a {depth}-layer model{where}; "
+            f"pass --kv-start {max(depth - 2, 0)} or less"
+        )
+
+
 def plan_kv_cache(model, cfg: KVCacheConfig, calib_ids: torch.Tensor | None) -> tuple[MiniCachePlan, dict]:
     """Resolve a KVCacheConfig on calibration ids (N, T): start layer by perplexity budget, per-pair thresholds."""
     n = model.config.num_hidden_layers
-    if cfg.start_layer is not None and cfg.start_layer >= n - 1 and cfg.merge != "none":
-        raise EdgepackError(
-            f"kv start_layer={cfg.start_layer} leaves no pair to merge in a {n}-layer model; pass at most {n - 2}"
-        )
+    check_start_layer(cfg, n)
     static = cfg.group == "static" and cfg.bits != 16
     if (cfg.merge != "none" or static) and calib_ids is None:
         raise EdgepackError(

@@ -342,16 +342,10 @@ def precheck(req: ExportRequest, raw_config: dict) -> None:
         resolve_groups(kinds["fold"].share_group, kept)
         if kinds["fold"].structure == "blocks":
             kv_depth = kept
-    if (
-        kv is not None
-        and kv.merge != "none"
-        and kv.start_layer is not None
-        and kv.start_layer >= kv_depth - 1
-    ):
-        raise EdgepackError(
-            f"kv start_layer={kv.start_layer} leaves no pair to merge in a {kv_depth}-layer model"
-            f"{' (after the fold)' if kv_depth != depth else ''}; pass --kv-start {max(kv_depth - 2, 0)} or less"
-        )
+    if kv is not None:
+        from edgepack.compressor.minicache import check_start_layer
+
+        check_start_layer(kv, kv_depth, " (after the fold)" if kv_depth != depth else "")
 
 
 def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> dict:
