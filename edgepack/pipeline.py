@@ -729,7 +729,8 @@ def measure_quality(req: ExportRequest, model, tokenizer, plan=None) -> dict:
     elif req.eval_text is None and calib_source(req) != "self" and not str(req.calib).endswith(".json"):
         text = split_text(read_text(req.calib), HELD_OUT)[1]
         name = f"{Path(req.calib).name}, last {HELD_OUT:.0%} (held out from calibration)"
-    large = text is None and unique_parameter_count(model) > OWN_QUALITY_LARGE  # only own samples need it
+    big = unique_parameter_count(model) > OWN_QUALITY_LARGE
+    large = text is None and big  # own samples of a big model: a second copy of it, and fewer samples
     if large and req.eval_text is None:
         return {
             "measured": False,
@@ -739,11 +740,9 @@ def measure_quality(req: ExportRequest, model, tokenizer, plan=None) -> dict:
         }
     original = load_model(req.model_dir, trust_remote_code=req.trust_remote_code).eval()
     logits_of, through = None, ""
-    big = False
     if plan is not None and (plan.merge != "none" or plan.bits != 16):
         from edgepack.compressor.minicache import decode_logits
 
-        big = unique_parameter_count(model) > OWN_QUALITY_LARGE
         chunk = KV_QUALITY_CHUNK if big else 1
 
         def logits_of(ids):
@@ -761,9 +760,8 @@ def measure_quality(req: ExportRequest, model, tokenizer, plan=None) -> dict:
         name = (
             f"the original model's own samples ({n} x {length} tokens at temperature 1, seed "
             f"{OWN_QUALITY_SEED}; how far the artifact moved from the model, not how it does on your domain: "
-            "pass --eval FILE for that)"
+            f"pass --eval FILE for that{through})"
         )
-        name = name[:-1] + through + ")"
         report = quality_on_sequences(
             original, model.eval(), samples[:, :-1], samples[:, 1:], name, logits_of=logits_of
         )

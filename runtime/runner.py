@@ -36,7 +36,7 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -869,9 +869,9 @@ def encode_prompt(tokenizer, rules: TokenRules, text: str) -> list[int]:
 
 def next_token(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
     """Greedy at temperature 0; else a sample from softmax(logits / T) cut to the top-p nucleus."""
-    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
     if temperature == 0:
         return int(np.argmax(logits))
+    logits = np.asarray(logits, dtype=np.float64).reshape(-1)
     z = (logits - logits.max()) / temperature
     probs = np.exp(z)
     probs /= probs.sum()
@@ -959,19 +959,15 @@ def run_prompt(
             f"the prompt is {len(prompt_ids)} tokens, and the model's context is {rules.context_length}: "
             "pass a shorter --prompt"
         )
-    config = RunConfig(**{**config.__dict__, "prompt_len": len(prompt_ids), "runs": 1, "warmup": 0})
+    config = replace(config, prompt_len=len(prompt_ids), runs=1, warmup=0)
     check_config(config, None)
     model_path = find_model_file(artifact_dir, model_file, manifest["files"] if verify else None)
     session = make_session(model_path, config)
-    io = DecoderIO.from_session(session, read_genai_config(artifact_dir))
-    layout = (
-        declared_kv_layout(read_genai_config(artifact_dir), io)
-        if config.kv_layout == "auto"
-        else config.kv_layout
-    )
-    capacity = RunConfig(
-        **{**config.__dict__, "gen": min(config.gen, rules.context_length - len(prompt_ids))}
-    )
+    genai = read_genai_config(artifact_dir)
+    io = DecoderIO.from_session(session, genai)
+    layout = declared_kv_layout(genai, io) if config.kv_layout == "auto" else config.kv_layout
+    # a shared KV buffer holds the prompt and at most what the context leaves for new tokens
+    capacity = replace(config, gen=min(config.gen, rules.context_length - len(prompt_ids)))
     decoder = KV_LAYOUTS[layout].decoder(session, io, capacity)
     shown = [""]
 
