@@ -607,6 +607,24 @@ def fmt_values(values: list[float | None], digits: int = 1) -> str:
     return " / ".join(fmt(v, digits) for v in present) if present else "—"
 
 
+GOAL_TESTS = {">=": float.__ge__, "<=": float.__le__, ">": float.__gt__, "<": float.__lt__}
+
+
+def at_goal(values: list[float | None], goal: str) -> str:
+    """How many of the per-round ``values`` meet ``goal`` (e.g. ">= 1.1"), as 'k of n'; '—' without a goal.
+    A ratio at the edge of a goal is decided by the host's noise round by round; the count says how often."""
+    present = [float(v) for v in values if v is not None]
+    if not goal or not present:
+        return "—"
+    op, bound = goal.split()
+    return f"{sum(GOAL_TESTS[op](v, float(bound)) for v in present)} of {len(present)}"
+
+
+def median_of(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    return fmt(statistics.median(present), 3) if present else "—"  # 3 digits: a goal edge reads true
+
+
 def markdown(result: dict) -> str:
     """The results tables: one per model and thread count (one column group per round), then the ratios."""
     rows = [Measurement(**r) for r in result["measurements"]]
@@ -648,9 +666,14 @@ def markdown(result: dict) -> str:
         lines.append("")
         ratios = [x for x in result["ratios"] if x["model"] == model and x["threads"] == threads]
         if ratios:
-            lines += ["| ratio (same round) | per round | goal |", "|---|---|---|"]
             lines += [
-                f"| {x['ratio']} | {fmt_values(x['per_round'], 2)} | {x['goal'] or '—'} |" for x in ratios
+                "| ratio (same round) | per round | median | rounds at goal | goal |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {x['ratio']} | {fmt_values(x['per_round'], 2)} | {median_of(x['per_round'])} | "
+                f"{at_goal(x['per_round'], x['goal'])} | {x['goal'] or '—'} |"
+                for x in ratios
             ]
             lines.append("")
         agree = [

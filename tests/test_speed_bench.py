@@ -121,6 +121,7 @@ def test_measure_rows_ratios_and_tables(stories_fp32: Path, builder_gqa: tuple[P
     table = speed.markdown(result)
     assert "| builder fp32 | onnxruntime-genai |" in table and "failed: build failed" in table
     assert "| fp32 builder / edgepack |" in table and "identical for all 2 pairs" in table
+    assert "| ratio (same round) | per round | median | rounds at goal | goal |" in table
 
 
 def test_variant_option_and_llama_skip_message(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -133,6 +134,14 @@ def test_variant_option_and_llama_skip_message(monkeypatch: pytest.MonkeyPatch, 
     assert speed.llama_missing().startswith("llama.cpp skipped: ")
     assert speed.main(["--builder", "int8", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]) == 2
     assert not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_ratio_rows_count_the_rounds_at_goal() -> None:
+    """A ratio near its goal is decided by noise round by round: the table gives the median and the count."""
+    assert speed.at_goal([1.2, 1.05, None, 1.1], ">= 1.1") == "2 of 3"
+    assert speed.at_goal([0.99, 1.0], "< 1") == "1 of 2" and speed.at_goal([1.0, 1.02], "<= 1") == "1 of 2"
+    assert speed.at_goal([1.3], "") == "—" and speed.at_goal([None], ">= 2") == "—"
+    assert speed.median_of([1.2, None, 1.0, 1.1]) == "1.100" and speed.median_of([None]) == "—"
 
 
 def test_parse_llama_bench_json() -> None:
