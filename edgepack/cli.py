@@ -376,6 +376,8 @@ def export(
         f"{result.seconds:.1f} s)"
     )
     if m["parity"]:
+        from edgepack.inspect import parity_flips
+
         p = m["parity"]
         where = ""
         target_ep = m["target"]["execution_provider"]
@@ -384,7 +386,7 @@ def export(
             where = f" (on {p['provider']}: this host has no {target_ep}; check on the device)"
         click.echo(
             f"parity vs PyTorch: max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, "
-            f"greedy {p['greedy']:.3f} over {p['new_tokens']} tokens{where}"
+            f"greedy {p['greedy']:.3f} over {p['new_tokens']} tokens{parity_flips(p)}{where}"
         )
     q = m.get("quality") or {}
     if q.get("measured"):

@@ -70,6 +70,15 @@ def tensor_group(name: str, fam: Family) -> str:
     return "other"
 
 
+def parity_flips(parity: dict) -> str:
+    """ "; K of N top-1 flips at near-ties" when the parity check saw any: a flip where the reference's top two
+    logits are closer than the rounding error is a near-tie, where greedy decodes part ("greedy 0.667" alone
+    would read as a disagreement); "" without flips."""
+    if not parity.get("flips"):
+        return ""
+    return f"; {parity.get('flips_at_ties', 0)} of {parity['flips']} top-1 flips at near-ties"
+
+
 def fold_summary(fold: dict) -> str:
     """One line: what the fold removed (blocks, or MLP width) and, for structure auto, what it weighed."""
     width = fold.get("width")
@@ -125,7 +134,7 @@ def inspect_artifact(folder: Path, as_json: bool = False) -> str:
         p = m["parity"]
         lines.append(
             f"parity     max |dlogit| {p['max_abs_logit']:.2e}, top-1 {p['top1']:.3f}, greedy {p['greedy']:.3f} "
-            f"({p['thresholds']}, {'passed' if p['passed'] else 'FAILED'})"
+            f"({p['thresholds']}, {'passed' if p['passed'] else 'FAILED'}){parity_flips(p)}"
         )
     quality = m.get("quality")
     if quality and quality.get("measured"):
