@@ -1221,10 +1221,23 @@ def round21_auto_rows() -> list[tuple[str, str, dict, str | None]]:
     return rows
 
 
+def round22_e2e_rows() -> list[tuple[str, str, dict, str | None]]:
+    """Round 22: round 21's tuned GPTQ W3 g128 row with the end-to-end scale tuning run for up to 8 epochs
+    instead of 4 (its held-out stop still applies), on the model's own samples at temperature auto alone and
+    mixed into each real text; run with --n-samples 128 beside round 21's rows at 128."""
+    rows = []
+    for name, kind, cfg, source in round21_auto_rows():
+        if kind == "gptq" and name.startswith("GPTQ W3 g128"):
+            options = {**cfg["options"], "e2e": {"epochs": 8}}
+            rows.append((name.replace(", e2e", ", e2e 8 epochs"), kind, {**cfg, "options": options}, source))
+    return rows
+
+
 HEAD_DAMPS = (1.0, 10.0)  # round 8: the tied head's dampening, in units of its Hessian's mean diagonal
 
 HEAD8_PARTS = ("head8", "abq8", "w4g64", "w4g64-off", "actorder")  # round 2
-ROUND3_PARTS = (  # and rounds 4 to 21, which come first on the page
+ROUND3_PARTS = (  # and rounds 4 to 22, which come first on the page
+    "round22-e2e8",
     "round21-auto",
     "round13-temp",
     "round10-e2e",
@@ -1282,6 +1295,7 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
     "round4-temp": round4_temp_rows,
     "round13-temp": round13_temp_rows,
     "round21-auto": round21_auto_rows,
+    "round22-e2e8": round22_e2e_rows,
     "round4-mix": round4_mix_rows,
     "round4-abq": round4_abq_rows,
     "round4-abq-w4": round4_abq_w4_rows,
