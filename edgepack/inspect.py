@@ -71,9 +71,9 @@ def tensor_group(name: str, fam: Family) -> str:
 
 
 def parity_flips(parity: dict) -> str:
-    """ "; K of N top-1 flips at near-ties" when the parity check saw any: a flip where the reference's top two
-    logits are closer than the rounding error is a near-tie, where greedy decodes part ("greedy 0.667" alone
-    would read as a disagreement); "" without flips."""
+    """The parity line's suffix '; K of N top-1 flips at near-ties' when the check saw any flip, else ''. A flip
+    where the reference's top two logits are closer than the rounding error is a near-tie; greedy decodes part
+    there, and "greedy 0.667" alone would read as a disagreement."""
     if not parity.get("flips"):
         return ""
     return f"; {parity.get('flips_at_ties', 0)} of {parity['flips']} top-1 flips at near-ties"

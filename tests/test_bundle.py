@@ -325,7 +325,7 @@ def test_a_collapsed_artifact_is_flagged_at_export_in_inspect_and_in_the_readme(
     assert "--kv-bits" not in quality_warning(quality, steps)
     assert f"edgepack: warning: {warning}" in done.stderr.splitlines()
     assert "quality vs the original: top-1" in done.stdout
-    # the parity line counts its top-1 flips and how many fell at near-ties (this export has two on x86-64)
+    # the parity line counts its top-1 flips and how many fell at near-ties (int8 activations flip a few)
     parity = json.loads((out / "manifest.json").read_text())["parity"]
     line = next(x for x in done.stdout.splitlines() if x.startswith("parity vs PyTorch"))
     counted = f"; {parity['flips_at_ties']} of {parity['flips']} top-1 flips at near-ties"
