@@ -119,6 +119,11 @@ class MiniCachePlan:
     static_scales: list = field(default_factory=list)  # group "static": per layer [K, V] scales (kv, D)
 
     @property
+    def active(self) -> bool:
+        """Whether the cache differs from a float one (it merges or quantizes), as KVCacheConfig.active."""
+        return self.merge != "none" or self.bits != 16
+
+    @property
     def pairs(self) -> list[tuple[int, int]]:
         """Merged (l, l+1) pairs from start_layer on; an odd last layer stays unmerged."""
         if self.merge == "none" or self.start_layer is None:

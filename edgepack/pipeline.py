@@ -740,7 +740,7 @@ def measure_quality(req: ExportRequest, model, tokenizer, plan=None) -> dict:
         }
     original = load_model(req.model_dir, trust_remote_code=req.trust_remote_code).eval()
     logits_of, through = None, ""
-    if plan is not None and (plan.merge != "none" or plan.bits != 16):
+    if plan is not None and plan.active:
         from edgepack.compressor.minicache import decode_logits
 
         chunk = KV_QUALITY_CHUNK if big else 1

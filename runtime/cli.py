@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ from edgepack.runtime.bench import BACKENDS, TORCH_BACKEND, import_pyplot, plot_
 from edgepack.runtime.bench import bench as run_bench
 from edgepack.runtime.runner import (
     DEVICES,
+    PromptStream,
     RunConfig,
     RunnerError,
     check_output_file,
@@ -196,15 +198,7 @@ def generate(
     """Continue PROMPT with ARTIFACT through ONNX Runtime (the runner's decode loop: every KV layout, compressed
     caches included) and print the text, why it stopped and its speed. Greedy unless --temperature > 0."""
     check_threads(threads)
-    started: list[bool] = []
-
-    def stream(piece: str) -> None:
-        """The prompt once the artifact is verified and loaded, then each piece of the continuation."""
-        if not started:
-            click.echo(prompt, nl=False)
-            started.append(True)
-        click.echo(piece, nl=False)
-
+    stream = PromptStream(prompt, partial(click.echo, nl=False))
     try:
         if json_path is not None:
             check_output_file(json_path, "--json", (artifact,))
@@ -213,9 +207,7 @@ def generate(
         if json_path is not None:
             write_report(json_path, report)
     except RunnerError as e:
-        if started:
-            click.echo("")  # end the streamed line before the error line
+        stream.end_line()
         raise EdgepackError(str(e)) from e
-    if not started:
-        click.echo(prompt, nl=False)
+    stream("")  # the prompt, when no piece was streamed
     click.echo(prompt_summary(report, streamed=True))

@@ -1000,6 +1000,24 @@ def run_prompt(
     }
 
 
+class PromptStream:
+    """Writes the prompt once the artifact is verified and loaded, then each piece of the continuation
+    (``run_prompt``'s ``stream``); ``end_line`` closes a streamed line before an error line."""
+
+    def __init__(self, prompt: str, write: Callable[[str], None]):
+        self.prompt, self.write, self.started = prompt, write, False
+
+    def __call__(self, piece: str) -> None:
+        if not self.started:
+            self.write(self.prompt)
+            self.started = True
+        self.write(piece)
+
+    def end_line(self) -> None:
+        if self.started:
+            self.write("\n")
+
+
 def continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
     """The text ``ids`` add after the prompt: decoded with the prompt, so a word-initial space that a
     SentencePiece-style decoder drops at the start of a sequence is kept."""
@@ -1142,15 +1160,7 @@ def main(argv: list[str] | None = None) -> int:
         contexts,
         args.kv_layout,
     )
-    started: list[bool] = []
-
-    def stream(piece: str) -> None:
-        """The prompt once the artifact is verified and loaded, then each piece of the continuation."""
-        if not started:
-            print(args.prompt, end="", flush=True)
-            started.append(True)
-        print(piece, end="", flush=True)
-
+    stream = PromptStream(args.prompt, partial(print, end="", flush=True))
     try:
         if args.json is not None:
             check_output_file(args.json, "--json", (args.artifact,))
@@ -1173,12 +1183,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.json is not None:
             write_report(args.json, report)
     except RunnerError as exc:
-        if started:
-            print(flush=True)  # end the streamed line before the error line
+        stream.end_line()
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.prompt is not None and not started:
-        print(args.prompt, end="")
+    if args.prompt is not None:
+        stream("")  # the prompt, when no piece was streamed
     print(prompt_summary(report, streamed=True) if args.prompt is not None else summary(report))
     return 0
 
