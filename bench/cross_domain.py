@@ -100,16 +100,22 @@ class Row:
 class Data:
     """One model's calibration sets (per source) and evaluation ids (per text)."""
 
-    def __init__(self, model, tok, n_samples: int, eval_tokens: int, seed: int = 0):
+    def __init__(
+        self, model, tok, n_samples: int, eval_tokens: int, seed: int = 0, top_p: float | None = None
+    ):
         shakes_head, shakes_tail = split_text(read_text(SHARED / "data" / "tinyshakespeare.txt"), 0.1)
         wiki_head, wiki_tail = split_text(read_text(SHARED / "data" / "wikitext2-raw-test.txt"), 0.5)
         self.model, self.tok, self.n_samples, self.seed = model, tok, n_samples, seed
+        self.top_p = (
+            top_p  # the own samples' nucleus (None: the pipeline's, which "auto" raises to 1.0 on heating)
+        )
         self.calib = {
             "shakespeare": calibration_samples(tok, shakes_head, n_samples, SEQ_LEN, seed),
             "wikitext2": calibration_samples(tok, wiki_head, n_samples, SEQ_LEN, seed),
         }
         self.self_seconds = 0.0
         self.temperatures: dict[str, float] = {}  # each self source's sampling temperature ("auto" resolved)
+        self.top_ps: dict[str, float] = {}  # and its top-p
         self._own: torch.Tensor | None = None  # the float model's own prose (own_text), sampled on first use
         self.eval = {
             "shakespeare_tail": tokenize(tok, shakes_tail, eval_tokens + 1),
@@ -128,9 +134,11 @@ class Data:
             spec, _, count = source.partition("x")
             t = spec.split("@")[1] if "@" in spec else None  # self@auto: the default, resolved per model
             temperature = {} if t is None else {"temperature": t if t == AUTO else float(t)}
-            config = SelfCalibConfig(int(count or self.n_samples), SEQ_LEN, seed=self.seed, **temperature)
+            config = SelfCalibConfig(
+                int(count or self.n_samples), SEQ_LEN, seed=self.seed, top_p=self.top_p, **temperature
+            )
             config = resolve_temperature(self.model, self.tok, config)
-            self.temperatures[source] = config.temperature
+            self.temperatures[source], self.top_ps[source] = config.temperature, config.top_p
             self.calib[source] = generate_samples(self.model, self.tok, config)
             self.self_seconds += time.perf_counter() - t0
         return self.calib[source]
@@ -1072,7 +1080,9 @@ def run_auto(model, data: Data, name: str, kwargs: dict, source: str, scores: di
     channels, held = data.ids(own_source), None
     if apart:  # as edgepack.pipeline.held_out_samples draws them (and timed with the fold, as there)
         t = data.temperatures[own_source]  # the own samples' temperature, "auto" resolved once
-        own = SelfCalibConfig(data.n_samples, SEQ_LEN, seed=data.seed, temperature=t)
+        own = SelfCalibConfig(
+            data.n_samples, SEQ_LEN, seed=data.seed, temperature=t, top_p=data.top_ps[own_source]
+        )
         held = generate_samples(model, data.tok, held_out_config(own, config.held_out))
     report = fold(m, config, data.ids(source), channel_ids=channels, held_ids=held)
     seconds = round(time.perf_counter() - t0, 1)
@@ -1361,7 +1371,7 @@ QUANT_PARTS = {  # --part name -> its rows (quantization parts; the others are f
 def bench(name: str, part: str, args: argparse.Namespace) -> None:
     model_dir = SHARED / "models" / name
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
-    data = Data(model, tok, args.n_samples, args.eval_tokens, args.seed)
+    data = Data(model, tok, args.n_samples, args.eval_tokens, args.seed, args.self_top_p)
     meta = {
         "model": name,
         "part": part,
@@ -1375,7 +1385,8 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         + ("" if set(args.sources) == set(SOURCES) else f" --sources {','.join(args.sources)}")
         + (f" --rows '{';'.join(args.rows)}'" if args.rows else "")
         + (f" --tag={args.tag}" if args.tag else "")
-        + (f" --seed {args.seed}" if args.seed else ""),
+        + (f" --seed {args.seed}" if args.seed else "")
+        + (f" --self-top-p {args.self_top_p}" if args.self_top_p is not None else ""),
     }
     rows = [Row(part, "fp32", None, data.ppl(model))]
     path = args.out / f"cross_domain_{part}{args.tag}_{name}.json"
@@ -1418,6 +1429,7 @@ def bench(name: str, part: str, args: argparse.Namespace) -> None:
         meta["load_end"] = [round(x, 2) for x in os.getloadavg()]
         meta["self_calibration_s"] = round(data.self_seconds, 1)
         meta["self_temperatures"] = data.temperatures
+        meta["self_top_p"] = data.top_ps
         save(path, meta, rows)
     write_page(args.out)
 
@@ -2040,6 +2052,13 @@ def main() -> None:
     ap.add_argument("--rows", default="", help="only these rows, by name (separated by ';'; default: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="draw of the calibration windows and self samples")
+    ap.add_argument(
+        "--self-top-p",
+        type=float,
+        default=None,
+        help="the own samples' nucleus top-p (default: the pipeline's, 0.95, or 1.0 where auto heats; rounds "
+        "before 23 drew auto at 0.95)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--page-only", action="store_true")
     args = ap.parse_args()

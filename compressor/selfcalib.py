@@ -11,8 +11,10 @@ the result is written into the artifact (``calib_self.json``: settings, token id
 sampling distribution at 1.6 is narrow. A pilot batch measures the mean entropy of softmax(logits / T) over the
 sampled steps; when it is under ``entropy_target`` x ln(vocabulary), T is raised until it is not
 (``resolve_temperature``). stories260k (TinyStories: 0.40 ln V at 1.6) goes to about 2.5; mix-llama-14m (about
-0.67 ln V at 1.6) keeps 1.6. It is not the default: on stories260k it moves the quantized model away from the
-float model on its own prose (round 21 of docs/results/generalization.md).
+0.67 ln V at 1.6) keeps 1.6. Where it heats, the samples are drawn from the whole distribution (top-p 1.0
+unless one is given): the entropy it solves for is that distribution's, and a nucleus cut would remove the tail
+the heat reaches into (round 23). It is not the default: on stories260k it moves the quantized model away from
+the float model on its own prose (rounds 21 and 23 of docs/results/generalization.md).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ STARTS = ("bos", "model", "uniform")  # the mix of first tokens, in round-robin 
 HELD_OUT_SEED_OFFSET = 2000
 AUTO = "auto"  # the temperature chosen from the model's sampling entropy (resolve_temperature)
 AUTO_MIN_TEMPERATURE = 1.6  # "auto" never samples cooler than the default
+DEFAULT_TOP_P = 0.95  # the nucleus of a fixed temperature (and of "auto" where it stays at the minimum)
 # the pilot batch's fixed-point iterations (each samples the batch at the T solved from the last one's logits;
 # they settle within 0.01-0.03 in two or three) and the float bytes of logits a pilot keeps to solve on
 PILOT_ITERATIONS = 4
@@ -60,7 +63,10 @@ class SelfCalibConfig:
     # ln(vocabulary). stories260k's self cells of the cross-domain goal close at T = 2.5 against round 10's
     # text calibrations (round 13), which is 0.65 of its ln V; mix-llama-14m is above it at 1.6
     entropy_target: float = 0.65
-    top_p: float = 0.95
+    # None: DEFAULT_TOP_P, or 1.0 where "auto" heats the temperature. The entropy "auto" solves for is the whole
+    # distribution's, and a nucleus cut removes the tail it heats into: at 1.0 stories260k's self-calibrated
+    # W3 g128 ends 5% closer to the float model by KL off its domain (round 23)
+    top_p: float | None = None
     greedy_tokens: int = 2  # after the first token (LLM-QAT: a few deterministic steps, then sampling)
     batch_size: int = 16
     seed: int = 0
@@ -77,7 +83,7 @@ class SelfCalibConfig:
                 f"self-calibration entropy_target={self.entropy_target} must be in (0, 1) (a fraction of "
                 "ln(vocabulary)), e.g. 0.65"
             )
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise EdgepackError(f"calibration top_p={self.top_p} must be in (0, 1], e.g. 0.95")
         for name in ("n_samples", "batch_size"):
             if getattr(self, name) < 1:
@@ -216,23 +222,27 @@ def _pilot_logits(model: nn.Module, tokenizer, config: SelfCalibConfig) -> torch
 
 
 def resolve_temperature(model: nn.Module, tokenizer, config: SelfCalibConfig) -> SelfCalibConfig:
-    """``config`` with ``temperature="auto"`` made a number: ``AUTO_MIN_TEMPERATURE`` if the first batch it
-    draws there has a mean sampling entropy of at least ``entropy_target`` x ln(vocabulary), else the T at which
-    it does (fixed point: the batch is drawn at T, T solved on its logits, up to ``PILOT_ITERATIONS`` times;
-    rounded to 0.01). A number is returned unchanged. Costs one batch of sampling (more when it heats)."""
+    """``config`` with its sampling made numbers. A number of temperature is kept, and ``top_p=None`` becomes
+    ``DEFAULT_TOP_P``. ``temperature="auto"`` becomes ``AUTO_MIN_TEMPERATURE`` if the first batch drawn there
+    (at ``DEFAULT_TOP_P`` unless a top-p is given) has a mean sampling entropy of at least ``entropy_target`` x
+    ln(vocabulary); else the T at which it does (fixed point: the batch is drawn at T, T solved on its logits, up
+    to ``PILOT_ITERATIONS`` times; rounded to 0.01), and ``top_p=None`` becomes 1.0 there: the heated batches
+    sample the whole distribution whose entropy was solved for. Costs one batch of sampling (more when it heats).
+    """
     if config.temperature != AUTO:
-        return config
+        return config if config.top_p is not None else replace(config, top_p=DEFAULT_TOP_P)
     was_training = model.training
     model.eval()
     vocab = model.get_output_embeddings().weight.shape[0]
     target = config.entropy_target * math.log(vocab)
-    t = AUTO_MIN_TEMPERATURE
+    t, top_p = AUTO_MIN_TEMPERATURE, config.top_p or DEFAULT_TOP_P
     # one bar step per pilot batch drawn (a large model spends a while on each)
     bar = tqdm(total=PILOT_ITERATIONS, desc="self-calibration temperature", unit="pilot", leave=False)
-    logits = _pilot_logits(model, tokenizer, replace(config, temperature=t))
+    logits = _pilot_logits(model, tokenizer, replace(config, temperature=t, top_p=top_p))
     bar.update()
     at_min = sampling_entropy(logits, t)
     if at_min < target:
+        top_p = config.top_p or 1.0
         for i in range(PILOT_ITERATIONS):
             t_next = max(AUTO_MIN_TEMPERATURE, solve_temperature(logits, target))
             settled = abs(t_next - t) < 0.02
@@ -240,19 +250,20 @@ def resolve_temperature(model: nn.Module, tokenizer, config: SelfCalibConfig) ->
             bar.set_postfix(T=f"{t:.2f}")
             if settled or i == PILOT_ITERATIONS - 1:
                 break
-            logits = _pilot_logits(model, tokenizer, replace(config, temperature=t))
+            logits = _pilot_logits(model, tokenizer, replace(config, temperature=t, top_p=top_p))
             bar.update()
     bar.close()
     model.train(was_training)
     t = round(t, 2)
     log.info(
-        "self-calibration temperature auto: %.2f (sampling entropy at %.1f: %.2f of ln V; target %.2f)",
+        "self-calibration temperature auto: %.2f, top-p %.2f (sampling entropy at %.1f: %.2f of ln V; target %.2f)",
         t,
+        top_p,
         AUTO_MIN_TEMPERATURE,
         at_min / math.log(vocab),
         config.entropy_target,
     )
-    return replace(config, temperature=t)
+    return replace(config, temperature=t, top_p=top_p)
 
 
 def generate_samples(

@@ -245,7 +245,11 @@ def parse_groups(text: str | None) -> int | list[list[int]] | None:
     "further on its own prose.",
 )
 @click.option(
-    "--calib-top-p", type=float, default=0.95, show_default=True, help="--calib self: nucleus top-p."
+    "--calib-top-p",
+    type=float,
+    default=None,
+    help="--calib self: nucleus top-p. Default 0.95, or 1.0 where --calib-temperature auto heats the sampling "
+    "(it solves for the whole distribution's entropy).",
 )
 @click.option(
     "--calib-self-share",

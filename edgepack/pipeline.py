@@ -378,12 +378,8 @@ def compress(model, tokenizer, req: ExportRequest, out: Path | None = None) -> d
             # auto judges its candidates on own samples that none is built on: drawn apart, so every candidate
             # is the plain fold of its structure and the winner is kept as built; at the temperature the
             # calibration draw resolved "auto" to (the same model and sizes: no second pilot)
-            drawn = own_sample_temperature({k: v for k, v in reports.items() if k not in before}, req)
-            held_req = (
-                dataclasses.replace(req, self_calib={**req.self_calib, "temperature": drawn})
-                if drawn
-                else req
-            )
+            drawn = own_sample_settings({k: v for k, v in reports.items() if k not in before}, req)
+            held_req = dataclasses.replace(req, self_calib={**req.self_calib, **drawn}) if drawn else req
             held = held_out_samples(model, tokenizer, held_req, step) if step.structure == "auto" else None
             reports["fold"] = fold(model, step, cure_ids, channel_ids=channels, held_ids=held).to_dict()
         elif kind == "quantize":
@@ -459,10 +455,10 @@ def plan_kv(
     return {"plan": plan.to_dict(), "search": search}
 
 
-def own_sample_temperature(reports: dict, req: ExportRequest) -> float | None:
-    """The number the latest calibration draw of the model's own samples in ``reports`` (the step's
-    "calibration*" entries, as ``calibration_ids`` records them) resolved ``--calib-temperature auto`` to;
-    None when the request names a number or no own samples were drawn."""
+def own_sample_settings(reports: dict, req: ExportRequest) -> dict | None:
+    """The temperature and top-p the latest calibration draw of the model's own samples in ``reports`` (the
+    step's "calibration*" entries, as ``calibration_ids`` records them) resolved ``--calib-temperature auto``
+    to; None when the request names a number or no own samples were drawn."""
     from edgepack.compressor.selfcalib import AUTO
 
     if req.self_calib.get("temperature") != AUTO:
@@ -472,7 +468,7 @@ def own_sample_temperature(reports: dict, req: ExportRequest) -> float | None:
         if key.startswith("calibration") and isinstance(report, dict):
             own = report if "temperature" in report else report.get("self")
             if own and own.get("temperature") not in (None, AUTO):
-                drawn = own["temperature"]  # reports keep insertion order: the latest draw wins
+                drawn = {k: own[k] for k in ("temperature", "top_p")}  # insertion order: the latest draw wins
     return drawn
 
 

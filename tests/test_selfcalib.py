@@ -15,6 +15,7 @@ import torch
 from edgepack.compressor.fold_importance import mean_nll
 from edgepack.compressor.selfcalib import (
     AUTO,
+    DEFAULT_TOP_P,
     FILE_NAME,
     SelfCalibConfig,
     _pilot_logits,
@@ -82,19 +83,23 @@ def test_auto_temperature_heats_a_narrow_model_and_keeps_a_broad_one(setup, mix,
     model, tok = setup
     config = SelfCalibConfig(16, 256, seed=0, temperature=AUTO)
     hot = resolve_temperature(model, tok, config)
-    assert 2.3 < hot.temperature < 2.8 and hot.entropy_target == 0.65
+    # heated, it samples the whole distribution whose entropy it solved for (no nucleus cut)
+    assert 2.3 < hot.temperature < 2.8 and hot.entropy_target == 0.65 and hot.top_p == 1.0
     ln_v = math.log(model.config.vocab_size)
-    at = {t: sampling_entropy(_pilot_logits(model, tok, replace(config, temperature=t)), t) / ln_v
-          for t in (1.6, hot.temperature)}  # fmt: skip
+    at = {t: sampling_entropy(_pilot_logits(model, tok, replace(config, temperature=t, top_p=p)), t) / ln_v
+          for t, p in ((1.6, DEFAULT_TOP_P), (hot.temperature, 1.0))}  # fmt: skip
     assert at[1.6] < 0.5 and at[hot.temperature] == pytest.approx(0.65, abs=0.02)
-    assert resolve_temperature(model, tok, replace(config, temperature=1.2)).temperature == 1.2
+    fixed = resolve_temperature(model, tok, replace(config, temperature=1.2))
+    assert (fixed.temperature, fixed.top_p) == (1.2, DEFAULT_TOP_P) == (1.2, 0.95)
+    given = resolve_temperature(model, tok, replace(config, top_p=0.9))  # a top-p the user gave is kept
+    assert given.top_p == 0.9 and 2.3 < given.temperature < 2.8
     auto = replace(SMALL, temperature=AUTO)
     assert torch.equal(
         generate_samples(model, tok, auto),
         generate_samples(model, tok, resolve_temperature(model, tok, auto)),
     )
-    broad = load_model(mix)
-    assert resolve_temperature(broad, load_tokenizer(mix), config).temperature == 1.6
+    broad = resolve_temperature(load_model(mix), load_tokenizer(mix), config)
+    assert (broad.temperature, broad.top_p) == (1.6, DEFAULT_TOP_P)
     # the pipeline records the number "auto" resolved to (calib_self.json and the manifest reproduce it)
     req = ExportRequest(model_dir=Path("unused"), out_dir=tmp_path, self_calib={"temperature": AUTO})
     reports: dict = {}
@@ -105,6 +110,7 @@ def test_auto_temperature_heats_a_narrow_model_and_keeps_a_broad_one(setup, mix,
     assert (
         ids.shape == (4, 64) and 2.3 < reports["calibration"]["temperature"] == settings["temperature"] < 2.8
     )
+    assert reports["calibration"]["top_p"] == settings["top_p"] == 1.0
 
 
 def test_generation_is_seeded_mixed_and_model_like(setup, shakespeare):
@@ -274,4 +280,7 @@ def test_auto_temperature_is_resolved_once_per_fold_step(stories, tmp_path, monk
     assert len(resolved) == 1 and 2.0 < resolved[0] < 3.0  # stories260k heats (see above)
     held = [c for c in drawn if c.seed != drawn[0].seed]
     assert len(held) == 1 and held[0].temperature == resolved[0] == reports["calibration"]["temperature"]
+    assert (
+        held[0].top_p == reports["calibration"]["top_p"] == 1.0
+    )  # and its top-p (heated: the whole distribution)
     assert reports["fold"]["structure_check"]["held_out_samples"] == 1
