@@ -187,9 +187,11 @@ def generate_batch(
     gen: torch.Generator,
     keep: list | None = None,
     keep_every: int = 1,
+    entropy: list | None = None,
 ) -> torch.Tensor:
     """Continue ``first`` (B,) to (B, seq_len) tokens with the KV cache: greedy, then nucleus sampling. With
-    ``keep``, the logits (B, V) of every ``keep_every``-th sampled step are appended to it."""
+    ``keep``, the logits (B, V) of every ``keep_every``-th sampled step are appended to it. With ``entropy``,
+    the mean sampling entropy (nats, whole distribution at the temperature) of each sampled step is appended."""
     device = next(model.parameters()).device
     ids = first.to(device)[:, None]  # (B, 1)
     out = model(input_ids=ids, use_cache=True)
@@ -200,6 +202,8 @@ def generate_batch(
         else:
             if keep is not None and (t - config.greedy_tokens - 1) % keep_every == 0:
                 keep.append(logits.float().cpu())
+            if entropy is not None:
+                entropy.append(sampling_entropy(logits, config.temperature))
             nxt = nucleus_sample(logits, config.temperature, config.top_p, gen)
         ids = torch.cat([ids, nxt[:, None]], 1)
         if t < config.seq_len - 1:
@@ -267,11 +271,16 @@ def resolve_temperature(model: nn.Module, tokenizer, config: SelfCalibConfig) ->
 
 
 def generate_samples(
-    model: nn.Module, tokenizer, config: SelfCalibConfig, purpose: str = "self-calibration"
+    model: nn.Module,
+    tokenizer,
+    config: SelfCalibConfig,
+    purpose: str = "self-calibration",
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """``n_samples`` sequences of ``seq_len`` tokens sampled from ``model``: a LongTensor (N, T). A temperature
     of "auto" is resolved first (``resolve_temperature``; callers that record the settings resolve it
-    themselves)."""
+    themselves). With ``stats``, ``stats["sampling_entropy"]`` is set to the draw's mean sampling entropy as a
+    fraction of ln(vocabulary), the measure "auto" heats by."""
     config = resolve_temperature(model, tokenizer, config)
     was_training = model.training
     model.eval()
@@ -279,11 +288,15 @@ def generate_samples(
     kinds = start_kinds(config.n_samples)
     chunks = []
     bar = tqdm(range(0, config.n_samples, config.batch_size), desc=purpose, unit="batch", leave=False)
+    entropy: list[float] | None = [] if stats is not None else None
     for i in bar:
         first = _first_tokens(model, tokenizer, kinds[i : i + config.batch_size], gen)
-        chunks.append(generate_batch(model, first, config, gen))
+        chunks.append(generate_batch(model, first, config, gen, entropy=entropy))
     model.train(was_training)
     ids = torch.cat(chunks)
+    if stats is not None and entropy:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        stats["sampling_entropy"] = round(sum(entropy) / len(entropy) / math.log(vocab), 3)
     log.info(
         "%s: %d samples x %d tokens (T=%.2f, top-p %.2f)",
         purpose,
@@ -292,6 +305,20 @@ def generate_samples(
         config.top_p,
     )
     return ids
+
+
+def narrow_samples_hint(config: SelfCalibConfig, entropy: float | None) -> str | None:
+    """One line for a user whose own samples, drawn at a fixed temperature, carry less sampling entropy than
+    ``entropy_target`` (the draw "auto" would heat): how to calibrate for text outside the model's domain.
+    None when the draw is broad enough or was unmeasured."""
+    if entropy is None or entropy >= config.entropy_target:
+        return None
+    return (
+        f"the model's own calibration samples at T={config.temperature:g} are narrow ({entropy:.2f} of ln "
+        f"vocabulary, under {config.entropy_target:g}): if it will run on text outside its own domain, "
+        "--calib-temperature auto calibrates closer to the float model there (and further on its own prose; "
+        "docs/results/generalization.md rounds 21 and 23)"
+    )
 
 
 def held_out_config(config: SelfCalibConfig, fraction: float) -> SelfCalibConfig:

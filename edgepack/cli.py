@@ -401,6 +401,9 @@ def export(
         warning = quality_warning(q, m.get("recipe"))
         if warning:
             click.echo(f"edgepack: warning: {warning}", err=True)
+    for key, report in (m.get("compression") or {}).items():
+        if key.startswith("calibration") and isinstance(report, dict) and report.get("note"):
+            click.echo(f"note: {report['note']}")
 
 
 QUANT_DETAIL_FLAGS = (

@@ -508,10 +508,14 @@ def calibration_ids(
     if source == selfcalib.SELF:
         config = selfcalib.SelfCalibConfig.sized(n, seq, req.self_calib)
         config = selfcalib.resolve_temperature(model, tokenizer, config)  # "auto" recorded as its number
-        ids = selfcalib.generate_samples(model, tokenizer, config)
+        stats: dict = {}
+        ids = selfcalib.generate_samples(model, tokenizer, config, stats=stats)
         if out is not None:
             selfcalib.write_samples(out, ids, tokenizer, config)
-        reports[key] = {"source": source, "file": selfcalib.FILE_NAME, **dataclasses.asdict(config)}
+        reports[key] = {"source": source, "file": selfcalib.FILE_NAME, **dataclasses.asdict(config), **stats}
+        hint = selfcalib.narrow_samples_hint(config, stats.get("sampling_entropy"))
+        if hint and req.self_calib.get("temperature") != selfcalib.AUTO:  # shown by `edgepack export`
+            reports[key]["note"] = hint
         return ids
     if Path(source).name == selfcalib.FILE_NAME:  # reproduce an earlier self-calibrated export
         ids = selfcalib.read_samples(Path(source))

@@ -22,6 +22,7 @@ from edgepack.compressor.selfcalib import (
     generate_samples,
     held_out_config,
     mix_samples,
+    narrow_samples_hint,
     nucleus_sample,
     read_samples,
     resolve_temperature,
@@ -98,8 +99,17 @@ def test_auto_temperature_heats_a_narrow_model_and_keeps_a_broad_one(setup, mix,
         generate_samples(model, tok, auto),
         generate_samples(model, tok, resolve_temperature(model, tok, auto)),
     )
-    broad = resolve_temperature(load_model(mix), load_tokenizer(mix), config)
+    broad_model, broad_tok = load_model(mix), load_tokenizer(mix)
+    broad = resolve_temperature(broad_model, broad_tok, config)
     assert (broad.temperature, broad.top_p) == (1.6, DEFAULT_TOP_P)
+    # the whole draw measures what the pilot did: broad at 1.6, so no note (stories260k's: see the export test)
+    stats: dict = {}
+    generate_samples(broad_model, broad_tok, broad, stats=stats)
+    assert (
+        0.65 < stats["sampling_entropy"] < 0.75
+        and narrow_samples_hint(broad, stats["sampling_entropy"]) is None
+    )
+    assert "0.40 of ln vocabulary" in narrow_samples_hint(broad, 0.4)
     # the pipeline records the number "auto" resolved to (calib_self.json and the manifest reproduce it)
     req = ExportRequest(model_dir=Path("unused"), out_dir=tmp_path, self_calib={"temperature": AUTO})
     reports: dict = {}
@@ -110,7 +120,9 @@ def test_auto_temperature_heats_a_narrow_model_and_keeps_a_broad_one(setup, mix,
     assert (
         ids.shape == (4, 64) and 2.3 < reports["calibration"]["temperature"] == settings["temperature"] < 2.8
     )
-    assert reports["calibration"]["top_p"] == settings["top_p"] == 1.0
+    assert (
+        reports["calibration"]["top_p"] == settings["top_p"] == 1.0 and "note" not in reports["calibration"]
+    )
 
 
 def test_generation_is_seeded_mixed_and_model_like(setup, shakespeare):
@@ -147,6 +159,9 @@ def test_export_self_calibrates_by_default_and_reproduces(stories, tmp_path):
     m = json.loads((tmp_path / "a" / "manifest.json").read_text())
     calib = m["compression"]["calibration"]
     assert calib["source"] == "self" and calib["file"] == FILE_NAME and calib["temperature"] == 1.6
+    # TinyStories' own samples at 1.6 are narrow (the measure "auto" heats by): the export says what to do
+    assert 0.3 < calib["sampling_entropy"] < 0.5 and calib["note"] in r.stdout
+    assert "--calib-temperature auto" in calib["note"] and "0.65" in calib["note"] and "note:" not in r.stderr
     stored = tmp_path / "a" / FILE_NAME
     assert m["files"][FILE_NAME] == sha256_file(stored)
     data = json.loads(stored.read_text())
@@ -157,7 +172,7 @@ def test_export_self_calibrates_by_default_and_reproduces(stories, tmp_path):
     r = cli(*args, "--calib", str(stored), "-o", str(tmp_path / "b"))
     assert r.returncode == 0, r.stderr
     m2 = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert m2["compression"]["calibration"]["source"] == str(stored)
+    assert m2["compression"]["calibration"]["source"] == str(stored) and "note:" not in r.stdout
     assert m2["files"]["model.onnx"] == m["files"]["model.onnx"], "same samples, same weights"
     assert FILE_NAME not in m2["files"]
 
@@ -268,9 +283,9 @@ def test_auto_temperature_is_resolved_once_per_fold_step(stories, tmp_path, monk
     drawn = []
     original_generate = selfcalib.generate_samples
 
-    def recording(model, tokenizer, config):
+    def recording(model, tokenizer, config, **kwargs):
         drawn.append(config)
-        return original_generate(model, tokenizer, config)
+        return original_generate(model, tokenizer, config, **kwargs)
 
     monkeypatch.setattr(selfcalib, "resolve_temperature", counting)
     monkeypatch.setattr(selfcalib, "generate_samples", recording)
