@@ -1234,8 +1234,8 @@ def round21_auto_rows() -> list[tuple[str, str, dict, str | None]]:
 
 
 def round24_mix_rows() -> list[tuple[str, str, dict, str | None]]:
-    """Round 24: round 21's rows with the own samples half at 1.6 (top-p 0.95) and half
-    at the temperature auto resolves to (top-p 1.0 where it heats), "self@mix", alone and in each real text."""
+    """Round 24: round 21's rows with the own samples half at 1.6 (top-p 0.95) and half at the temperature auto
+    resolves to (top-p 1.0 where it heats), "self@mix", alone and mixed into each real text."""
     return [(n, k, c, s.replace(f"self@{AUTO}", "self@mix")) for n, k, c, s in round21_auto_rows()]
 
 
